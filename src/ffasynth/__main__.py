@@ -1,0 +1,3 @@
+from ffasynth.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `ffasynth` command line: thin verbs over the library. Each sub-module adds one group.
+
+Errors the user can act on (FFASynthError) print as one line and exit 2; set FFASYNTH_DEBUG=1 for
+the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from ffasynth import __version__
+from ffasynth.cli import data as data_cli
+from ffasynth.errors import FFASynthError
+
+app = typer.Typer(
+    name="ffasynth",
+    help="Synthesise fluorescein angiograms (FFA) from retinal photographs with latent diffusion (StableFFA).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_cli.app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ffasynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """ffasynth: photograph → synthetic fluorescein angiogram."""
+
+
+def main() -> None:
+    try:
+        app()
+    except FFASynthError as error:
+        if os.environ.get("FFASYNTH_DEBUG"):
+            raise
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,210 @@
+"""Read any image the field hands us; write images atomically.
+
+`read_image` returns a float32 tensor (C, H, W) with values in [0, 1] and a known channel count.
+Every failure is an `ImageReadError` whose message names the file and the cause.
+
+Intensity conventions (explicit, as in medical imaging):
+- 8-bit data is divided by 255; 16-bit data (`I;16*`, or `I` with values <= 65535) by 65535.
+- 32-bit float images must already lie in [0, 1].
+- Alpha is composited over black (transparent = outside the field of view), then dropped.
+- A 3-channel image whose channels are equal (FFA stored as RGB) is "grey" and, with
+  `channels=None`, returned with one channel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ffasynth.errors import ImageReadError
+from ffasynth.files import atomic_write
+
+IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; UWF frames are ~12 MP
+MAX_PIXELS_ENV = "FFASYNTH_MAX_PIXELS"
+# ITU-R BT.601 luma, as Pillow's "L" conversion uses.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+# A truncated file must be an error, never silently half-grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel-count limit in force: the argument, else $FFASYNTH_MAX_PIXELS, else the default."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    env = os.environ.get(MAX_PIXELS_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} is not a number") from None
+    return DEFAULT_MAX_PIXELS
+
+
+def _sniff_non_image(path: Path) -> str | None:
+    """A friendlier cause for files Pillow cannot identify (text, HTML saved as .jpg...)."""
+    head = path.read_bytes()[:512]
+    stripped = head.lstrip().lower()
+    if stripped.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
+        return "not an image: the file is HTML/XML text (a web page saved under an image name?)"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "not an image: the file is plain text"
+    return None
+
+
+def _open_checked(path: Path, limit: int) -> Image.Image:
+    if not path.exists():
+        raise ImageReadError(path, "no such file")
+    if path.is_dir():
+        raise ImageReadError(path, "is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    # Pillow's own decompression-bomb guard stays on, at least as strict as our limit.
+    if Image.MAX_IMAGE_PIXELS is None or limit < Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageReadError(path, f"too large: over the limit of {limit} pixels ({MAX_PIXELS_ENV})") from None
+    except UnidentifiedImageError:
+        cause = _sniff_non_image(path) or "not an image, or a format Pillow cannot decode"
+        raise ImageReadError(path, cause) from None
+    except OSError as error:
+        raise ImageReadError(path, f"cannot open ({error})") from None
+    width, height = image.size
+    if width * height > limit:
+        image.close()
+        raise ImageReadError(
+            path, f"too large: {width}x{height} = {width * height} pixels, limit {limit} ({MAX_PIXELS_ENV})"
+        )
+    if width < 1 or height < 1:
+        raise ImageReadError(path, f"has no pixels ({width}x{height})")
+    return image
+
+
+def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the header, EXIF orientation applied, without decoding pixels."""
+    path = Path(path)
+    with _open_checked(path, max_pixels_limit(max_pixels)) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:  # a broken EXIF block does not change the pixel grid
+            orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _to_array(image: Image.Image, path: Path) -> np.ndarray:
+    """Decode to float32 (H, W, C) in [0, 1], C in {1, 3}."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    elif mode == "PA":
+        image = image.convert("LA")
+    mode = image.mode
+
+    if mode.startswith("I;16") or mode == "I":
+        data = np.asarray(image).astype(np.float64)
+        if mode == "I" and data.size and (data.min() < 0 or data.max() > 65535):
+            raise ImageReadError(path, "32-bit integer image with values outside the 16-bit range")
+        return (data / 65535.0).astype(np.float32)[..., None]
+    if mode == "F":
+        data = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
+            raise ImageReadError(path, "floating-point image with values outside [0, 1]; convert it to 8/16-bit")
+        return data[..., None]
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        data = np.asarray(image, dtype=np.float32) / 255.0
+        if data.ndim == 2:
+            data = data[..., None]
+        if mode in ("LA", "RGBA"):  # composite over black: transparent = no signal
+            data = data[..., :-1] * data[..., -1:]
+        return data
+    raise ImageReadError(path, f"unsupported image mode {mode!r}")
+
+
+def is_grey(rgb: np.ndarray, tolerance: float = 2.5 / 255) -> bool:
+    """True when an (H, W, 3) image carries no colour (channels equal up to JPEG-level noise)."""
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return float(np.quantile(spread, 0.999)) <= tolerance * 2 and float(spread.mean()) <= tolerance / 2
+
+
+def to_grey(rgb: np.ndarray) -> np.ndarray:
+    weights = np.asarray(LUMA_WEIGHTS, dtype=np.float32)
+    return (rgb[..., :3] @ weights)[..., None]
+
+
+def read_image(
+    path: str | os.PathLike,
+    channels: int | None = None,
+    max_pixels: int | None = None,
+) -> torch.Tensor:
+    """Read one image as float32 (C, H, W) in [0, 1].
+
+    channels: None keeps the natural count (1 for grey, including grey stored as RGB; 3 for
+    colour); 1 converts colour to luma; 3 repeats grey.
+    """
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, not {channels!r}")
+    path = Path(path)
+    image = _open_checked(path, max_pixels_limit(max_pixels))
+    try:
+        with image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            data = _to_array(image, path)
+    except ImageReadError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        text = str(error)
+        cause = "truncated or corrupt image data" if "truncat" in text.lower() else f"corrupt image data ({text})"
+        raise ImageReadError(path, cause) from None
+    except MemoryError:
+        raise ImageReadError(path, "not enough memory to decode it") from None
+
+    if data.shape[-1] == 3 and channels != 3:
+        grey = is_grey(data)
+        if grey:  # FFA stored as RGB: average away JPEG-level channel noise
+            data = data.mean(axis=-1, keepdims=True)
+        elif channels == 1:
+            data = to_grey(data)
+    elif data.shape[-1] == 1 and channels == 3:
+        data = np.repeat(data, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 0, 1))).clamp_(0.0, 1.0)
+
+
+def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, H, W) float in [0, 1] → (H, W) or (H, W, 3) uint8, rounded."""
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a [0, 1] (C, H, W) tensor or uint8 array as an 8-bit image, atomically.
+    The format follows the suffix (PNG recommended: lossless)."""
+    path = Path(path)
+    array = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 else to_uint8(image)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ImageReadError(path, f"unknown image suffix {path.suffix!r} for writing")
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))

@@ -1,0 +1,316 @@
+"""Find source/target pairs in the layouts the field uses, and report everything that is wrong.
+
+Layouts (auto-detected, or chosen):
+- `uwf`: `N.ext` is the source photo, `N.1.ext` the early-phase FFA, `N.2.ext` the late-phase FFA
+  (any image suffix, any depth of sub-folders; the id is the path without suffix, e.g. `train/3`).
+  An optional `labels.csv` (`id,label[,...]`) beside the images gives labels.
+- `isfahan`: `N.jpg` and `N-N.jpg` in `normal/` and `abnormal/` folders (the folder is the label).
+  The folders swap which file is the photo; we decide by content (the angiogram is the grey one)
+  and fall back to the folder's convention when both look alike.
+- `manifest`: a CSV `source,target[,phase][,label][,id]` (`pairs.csv` / `manifest.csv` in the
+  folder, or the CSV itself), paths relative to the CSV.
+
+`check_pairs` never stops at the first bad file: it returns the valid pairs and every problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ffasynth.data.io import IMAGE_SUFFIXES, image_size, is_image_file, read_image
+from ffasynth.errors import ImageReadError, PairError
+
+LAYOUTS = ("uwf", "isfahan", "manifest")
+MANIFEST_NAMES = ("pairs.csv", "manifest.csv")
+UWF_PHASES = {"1": "early", "2": "late"}
+_SUFFIX = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+_UWF_SOURCE = re.compile(rf"^(?P<id>[^.]+)\.(?:{_SUFFIX})$", re.IGNORECASE)
+_UWF_TARGET = re.compile(rf"^(?P<id>[^.]+)\.(?P<phase>\d)\.(?:{_SUFFIX})$", re.IGNORECASE)
+_ISF_PLAIN = re.compile(rf"^(?P<n>\d+)\.(?:{_SUFFIX})$", re.IGNORECASE)
+_ISF_DASH = re.compile(rf"^(?P<n>\d+)-(?P<m>\d+)\.(?:{_SUFFIX})$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One registered source photo and one target angiogram of the same eye."""
+
+    id: str
+    source: Path
+    target: Path
+    phase: str | None = None
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}@{self.phase}" if self.phase else self.id
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # unpaired-source, unpaired-target, unreadable, size-mismatch, colour-target, ...
+    path: str
+    message: str
+
+
+@dataclass
+class PairReport:
+    root: Path
+    layout: str
+    pairs: list[Pair] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> list[Path]:
+        return sorted({p.source for p in self.pairs})
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.pairs)
+
+    def summary(self) -> str:
+        return f"{len(self.pairs)} pairs ok, {len(self.problems)} problems ({len(self.sources)} sources)"
+
+    def to_json(self) -> dict:
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "summary": self.summary(),
+            "n_pairs": len(self.pairs),
+            "n_sources": len(self.sources),
+            "pairs": [
+                {
+                    **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(p).items()},
+                    "size": self.sizes.get(str(p.source)),
+                }
+                for p in self.pairs
+            ],
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def _find_manifest(root: Path) -> Path | None:
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return root
+    for name in MANIFEST_NAMES:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def detect_layout(root: str | Path) -> str:
+    root = Path(root)
+    if not root.exists():
+        raise PairError(f"{root}: no such folder")
+    if _find_manifest(root):
+        return "manifest"
+    names = [p.name for p in _image_files(root)]
+    if any(_UWF_TARGET.match(n) for n in names):
+        return "uwf"
+    if any(_ISF_DASH.match(n) for n in names):
+        return "isfahan"
+    raise PairError(
+        f"{root}: no known pair layout (uwf N.bmp/N.1.bmp, isfahan N.jpg/N-N.jpg, or a pairs.csv manifest); "
+        "choose one with --layout or write a manifest"
+    )
+
+
+def _read_labels(root: Path) -> dict[str, str]:
+    path = root / "labels.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"id", "label"} <= set(rows[0]):
+        raise PairError(f"{path}: needs the columns id,label")
+    return {row["id"].strip(): row["label"].strip() for row in rows}
+
+
+def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
+    sources: dict[str, Path] = {}
+    targets: dict[str, dict[str, Path]] = defaultdict(dict)
+    problems: list[Problem] = []
+    for path in _image_files(root):
+        rel = path.relative_to(root)
+        parent = "" if rel.parent == Path(".") else f"{rel.parent.as_posix()}/"
+        if m := _UWF_TARGET.match(path.name):
+            phase = UWF_PHASES.get(m["phase"], f"phase{m['phase']}")
+            targets[parent + m["id"]][phase] = path
+        elif m := _UWF_SOURCE.match(path.name):
+            sources[parent + m["id"]] = path
+        else:
+            problems.append(Problem("unrecognised-name", str(path), "name fits neither N.ext nor N.k.ext"))
+    labels = _read_labels(root)
+    pairs = []
+    for pair_id in sorted(set(sources) | set(targets), key=_natural_key):
+        if pair_id not in targets:
+            problems.append(Problem("unpaired-source", str(sources[pair_id]), f"no target {pair_id}.1/.2 found"))
+            continue
+        if pair_id not in sources:
+            for path in targets[pair_id].values():
+                problems.append(Problem("unpaired-target", str(path), f"no source image {pair_id}.<ext> found"))
+            continue
+        for phase, target in sorted(targets[pair_id].items()):
+            pairs.append(Pair(pair_id, sources[pair_id], target, phase, labels.get(pair_id)))
+    return pairs, problems
+
+
+def _is_grey_file(path: Path) -> bool | None:
+    try:
+        return read_image(path).shape[0] == 1
+    except ImageReadError:
+        return None
+
+
+def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
+    plain: dict[tuple[str, str], Path] = {}
+    dashed: dict[tuple[str, str], Path] = {}
+    problems: list[Problem] = []
+    for path in _image_files(root):
+        folder = path.parent.relative_to(root).as_posix()
+        if m := _ISF_DASH.match(path.name):
+            if m["n"] != m["m"]:
+                problems.append(Problem("unrecognised-name", str(path), "expected N-N with the same N twice"))
+                continue
+            dashed[(folder, m["n"])] = path
+        elif m := _ISF_PLAIN.match(path.name):
+            plain[(folder, m["n"])] = path
+        else:
+            problems.append(Problem("unrecognised-name", str(path), "name fits neither N.jpg nor N-N.jpg"))
+    pairs = []
+    for key in sorted(set(plain) | set(dashed), key=lambda k: (k[0], int(k[1]))):
+        folder, number = key
+        if key not in plain or key not in dashed:
+            lone = plain.get(key) or dashed[key]
+            problems.append(Problem("unpaired-source", str(lone), f"no partner for image {number} in {folder or '.'}"))
+            continue
+        label = Path(folder).name.lower() or None
+        # Folder convention: in abnormal/ the plain file is the photo; in normal/ the dashed one.
+        source, target = (plain[key], dashed[key]) if label != "normal" else (dashed[key], plain[key])
+        grey_source, grey_target = _is_grey_file(source), _is_grey_file(target)
+        if grey_source and grey_target is False:  # content wins: the angiogram is the grey image
+            source, target = target, source
+        pair_id = f"{folder}/{number}" if folder not in ("", ".") else number
+        pairs.append(Pair(pair_id, source, target, None, label))
+    return pairs, problems
+
+
+def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
+    base = manifest.parent
+    try:
+        with manifest.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise PairError(f"{manifest}: cannot read the manifest ({error})") from None
+    if not rows or not {"source", "target"} <= {c.strip() for c in rows[0]}:
+        raise PairError(f"{manifest}: a manifest needs a header with at least the columns source,target")
+    pairs, problems = [], []
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        if not row["source"] or not row["target"]:
+            problems.append(Problem("manifest", f"{manifest}:{line}", "empty source or target"))
+            continue
+        source, target = base / row["source"], base / row["target"]
+        missing = [p for p in (source, target) if not p.is_file()]
+        for path in missing:
+            problems.append(Problem("missing-file", str(path), f"listed in {manifest.name} line {line}, not found"))
+        if missing:
+            continue
+        pair_id = row.get("id") or Path(row["source"]).with_suffix("").as_posix()
+        pairs.append(Pair(pair_id, source, target, row.get("phase") or None, row.get("label") or None))
+    return pairs, problems
+
+
+def discover_pairs(root: str | Path, layout: str = "auto") -> tuple[str, list[Pair], list[Problem]]:
+    """Pairs by file naming only (no pixels read, except isfahan's role check)."""
+    root = Path(root)
+    if not root.exists():
+        raise PairError(f"{root}: no such folder")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "uwf":
+        return layout, *_discover_uwf(root)
+    if layout == "isfahan":
+        return layout, *_discover_isfahan(root)
+    if layout == "manifest":
+        manifest = _find_manifest(root)
+        if manifest is None:
+            raise PairError(f"{root}: no manifest ({' or '.join(MANIFEST_NAMES)}) found")
+        return layout, *_discover_manifest(manifest)
+    raise PairError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+
+
+def check_pairs(
+    root: str | Path, layout: str = "auto", decode: bool = True, max_pixels: int | None = None
+) -> PairReport:
+    """Discover pairs and validate every file: readable (fully decoded when `decode`), source and
+    target of the same size, target grey. Invalid pairs are dropped and each cause reported once."""
+    layout, candidates, problems = discover_pairs(root, layout)
+    report = PairReport(Path(root), layout, problems=list(problems))
+    info: dict[Path, tuple[tuple[int, int], int] | None] = {}
+
+    def inspect(path: Path):
+        if path not in info:
+            try:
+                if decode:
+                    image = read_image(path, max_pixels=max_pixels)
+                    info[path] = ((image.shape[2], image.shape[1]), image.shape[0])
+                else:
+                    info[path] = (image_size(path, max_pixels), 0)
+                report.sizes[str(path)] = info[path][0]
+            except ImageReadError as error:
+                info[path] = None
+                report.problems.append(Problem("unreadable", str(path), error.cause))
+        return info[path]
+
+    reported: set[tuple[str, Path]] = set()
+    for pair in candidates:
+        source, target = inspect(pair.source), inspect(pair.target)
+        if source is None or target is None:
+            continue
+        if source[0] != target[0]:
+            if ("size", pair.target) not in reported:
+                reported.add(("size", pair.target))
+                report.problems.append(
+                    Problem(
+                        "size-mismatch",
+                        str(pair.target),
+                        f"target is {target[0][0]}x{target[0][1]} but source {pair.source.name} is "
+                        f"{source[0][0]}x{source[0][1]} (register or resize the pair)",
+                    )
+                )
+            continue
+        if decode and target[1] == 3:
+            if ("colour", pair.target) not in reported:
+                reported.add(("colour", pair.target))
+                report.problems.append(
+                    Problem("colour-target", str(pair.target), "target is a colour image; an FFA should be grey")
+                )
+            continue
+        report.pairs.append(pair)
+    return report
+
+
+def load_pairs(
+    root: str | Path, layout: str = "auto", phase: str = "both", max_pixels: int | None = None
+) -> list[Pair]:
+    """Valid pairs for training/evaluation, filtered by phase ('early', 'late' or 'both').
+    Raises PairError (naming the folder and the first problem) when none is usable."""
+    report = check_pairs(root, layout, decode=False, max_pixels=max_pixels)
+    pairs = [p for p in report.pairs if phase == "both" or p.phase in (None, phase)]
+    if not pairs:
+        first = f"; first problem: {report.problems[0].path}: {report.problems[0].message}" if report.problems else ""
+        raise PairError(f"{root}: no usable {'' if phase == 'both' else phase + '-phase '}pairs{first}")
+    return pairs
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

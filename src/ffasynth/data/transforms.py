@@ -1,0 +1,108 @@
+"""Paired transforms: one random crop, the same flips, normalisation to [-1, 1], field-of-view mask.
+
+Everything that is random takes an explicit `torch.Generator`, so a sample is a pure function of
+(seed, epoch, index): resumed runs and any number of workers see the same crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def fov_mask(source: torch.Tensor, threshold: float = 0.04, smooth: int = 7) -> torch.Tensor:
+    """(C, H, W) in [0, 1] → (1, H, W) float {0, 1}: pixels brighter than `threshold` after a
+    `smooth`-pixel box blur (so dark vessels and pupil-edge noise inside the field stay inside)."""
+    brightness = source.amax(dim=0, keepdim=True)[None]
+    if smooth > 1:
+        brightness = F.avg_pool2d(brightness, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
+    return (brightness[0] > threshold).float()
+
+
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad with zeros (black) symmetrically to at least height x width."""
+    pad_h, pad_w = max(0, height - image.shape[-2]), max(0, width - image.shape[-1])
+    if pad_h == 0 and pad_w == 0:
+        return image
+    return F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def _integral(mask: torch.Tensor) -> torch.Tensor:
+    """Summed-area table with a zero first row/column: box sums in O(1)."""
+    return F.pad(mask[0].double().cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+
+def choose_crop(
+    mask: torch.Tensor, size: int, generator: torch.Generator, min_fraction: float, attempts: int
+) -> tuple[int, int]:
+    """Top-left of a size x size crop; up to `attempts` uniform draws, the first with at least
+    `min_fraction` of its pixels inside the mask wins, else the best one seen."""
+    height, width = mask.shape[-2:]
+    table = _integral(mask)
+    best, best_fraction = (0, 0), -1.0
+    for _ in range(attempts):
+        top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+        inside = table[top + size, left + size] - table[top, left + size] - table[top + size, left] + table[top, left]
+        fraction = float(inside) / (size * size)
+        if fraction >= min_fraction:
+            return top, left
+        if fraction > best_fraction:
+            best, best_fraction = (top, left), fraction
+    return best
+
+
+@dataclass
+class PairedTransform:
+    crop_size: int = 768
+    hflip: bool = True
+    vflip: bool = False
+    min_fov_fraction: float = 0.5
+    crop_attempts: int = 10
+    fov_threshold: float = 0.04
+
+    @classmethod
+    def from_config(cls, data_config) -> PairedTransform:
+        return cls(
+            crop_size=data_config.crop_size,
+            hflip=data_config.hflip,
+            vflip=data_config.vflip,
+            min_fov_fraction=data_config.min_fov_fraction,
+            crop_attempts=data_config.crop_attempts,
+            fov_threshold=data_config.fov_threshold,
+        )
+
+    def __call__(
+        self, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """source (Cs, H, W), target (Ct, H, W) in [0, 1] → crops in [-1, 1] and a (1, h, w) FOV mask."""
+        if source.shape[-2:] != target.shape[-2:]:
+            raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in size")
+        mask = fov_mask(source, self.fov_threshold)
+        size = self.crop_size
+        source, target, mask = (pad_to(x, size, size) for x in (source, target, mask))
+        top, left = choose_crop(mask, size, generator, self.min_fov_fraction, self.crop_attempts)
+        crops = [x[:, top : top + size, left : left + size] for x in (source, target, mask)]
+        flips = torch.rand(2, generator=generator)
+        if self.hflip and flips[0] < 0.5:
+            crops = [x.flip(-1) for x in crops]
+        if self.vflip and flips[1] < 0.5:
+            crops = [x.flip(-2) for x in crops]
+        source, target, mask = crops
+        return {
+            "source": normalise(source),
+            "target": normalise(target),
+            "mask": mask.contiguous(),
+        }
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] → [-1, 1] (the VAE's input range)."""
+    return (image * 2.0 - 1.0).contiguous()
+
+
+def denormalise(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] → [0, 1], clamped."""
+    return ((image + 1.0) / 2.0).clamp(0.0, 1.0)
