@@ -29,9 +29,8 @@ class DataConfig:
     crop_size: int = 768
     hflip: bool = True
     vflip: bool = False
-    # Crops are re-drawn until this fraction lies inside the field of view (black border avoided).
+    # Crops are drawn among windows with at least this fraction inside the field of view.
     min_fov_fraction: float = 0.5
-    crop_attempts: int = 10
     fov_threshold: float = 0.04  # source intensity (0-1) above which a pixel is inside the FOV
     max_pixels: int = 64_000_000
     cache_images: bool = True
@@ -39,7 +38,6 @@ class DataConfig:
     def validate(self) -> None:
         _require(self.crop_size >= 8, "data.crop_size", "must be at least 8")
         _require(0.0 <= self.min_fov_fraction <= 1.0, "data.min_fov_fraction", "must be in [0, 1]")
-        _require(self.crop_attempts >= 1, "data.crop_attempts", "must be at least 1")
         _require(0.0 <= self.fov_threshold < 1.0, "data.fov_threshold", "must be in [0, 1)")
         _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
 

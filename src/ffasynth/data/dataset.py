@@ -58,12 +58,14 @@ class PairDataset(Dataset):
 
     def _read(self, path, channels: int) -> torch.Tensor:
         key = (str(path), channels)
-        if key in self._images:
-            return self._images[key].float()
-        image = read_image(path, channels=channels, max_pixels=self.max_pixels)
-        if self.cache:  # half precision: 8-bit data is exact, 16-bit loses little
-            self._images[key] = image.half()
-        return image
+        cached = self._images.get(key)
+        if cached is None:
+            image = read_image(path, channels=channels, max_pixels=self.max_pixels)
+            # uint16 codes: exact for 8-bit (k/255 = 257k/65535) and 16-bit data, half of float32's memory.
+            cached = (image * 65535.0).round().to(torch.int32).to(torch.uint16)
+            if self.cache:
+                self._images[key] = cached
+        return cached.to(torch.float32) / 65535.0
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole source (3, H, W) and target (1, H, W) in [0, 1]."""

@@ -69,9 +69,8 @@ def _open_checked(path: Path, limit: int) -> Image.Image:
         raise ImageReadError(path, "is a folder, not an image file")
     if path.stat().st_size == 0:
         raise ImageReadError(path, "empty file (0 bytes)")
-    # Pillow's own decompression-bomb guard stays on, at least as strict as our limit.
-    if Image.MAX_IMAGE_PIXELS is None or limit < Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limit
+    # Pillow's own decompression-bomb guard stays on, set to our limit (its warning becomes an error).
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -34,24 +34,32 @@ def _integral(mask: torch.Tensor) -> torch.Tensor:
     return F.pad(mask[0].double().cumsum(0).cumsum(1), (1, 0, 1, 0))
 
 
-def choose_crop(
-    mask: torch.Tensor, size: int, generator: torch.Generator, min_fraction: float, attempts: int
-) -> tuple[int, int]:
-    """Top-left of a size x size crop; up to `attempts` uniform draws, the first with at least
-    `min_fraction` of its pixels inside the mask wins, else the best one seen."""
+def choose_crop(mask: torch.Tensor, size: int, generator: torch.Generator, min_fraction: float) -> tuple[int, int]:
+    """Top-left of a size x size crop, uniform over the positions (on a grid of stride ~size/16)
+    whose crop has at least `min_fraction` of its pixels inside the mask; the best position when
+    none has."""
     height, width = mask.shape[-2:]
+    stride = max(1, size // 16)
     table = _integral(mask)
-    best, best_fraction = (0, 0), -1.0
-    for _ in range(attempts):
-        top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-        left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
-        inside = table[top + size, left + size] - table[top, left + size] - table[top + size, left] + table[top, left]
-        fraction = float(inside) / (size * size)
-        if fraction >= min_fraction:
-            return top, left
-        if fraction > best_fraction:
-            best, best_fraction = (top, left), fraction
-    return best
+    tops = torch.arange(0, height - size + 1, stride)
+    lefts = torch.arange(0, width - size + 1, stride)
+    t, lo = tops[:, None], lefts[None, :]
+    inside = table[t + size, lo + size] - table[t, lo + size] - table[t + size, lo] + table[t, lo]
+    fraction = inside / (size * size)
+    valid = (fraction >= min_fraction).flatten().nonzero().flatten()
+    if len(valid) == 0:
+        flat = int(fraction.flatten().argmax())
+    else:
+        flat = int(valid[torch.randint(0, len(valid), (1,), generator=generator)])
+    top, left = int(tops[flat // len(lefts)]), int(lefts[flat % len(lefts)])
+    if stride > 1:  # jitter within the grid cell, kept only if the crop stays good enough
+        jitter = torch.randint(0, stride, (2,), generator=generator)
+        top_j, left_j = min(top + int(jitter[0]), height - size), min(left + int(jitter[1]), width - size)
+        box = table[top_j + size, left_j + size] - table[top_j, left_j + size]
+        box = box - table[top_j + size, left_j] + table[top_j, left_j]
+        if float(box) / (size * size) >= min(min_fraction, float(fraction.flatten()[flat])):
+            top, left = top_j, left_j
+    return top, left
 
 
 @dataclass
@@ -60,7 +68,6 @@ class PairedTransform:
     hflip: bool = True
     vflip: bool = False
     min_fov_fraction: float = 0.5
-    crop_attempts: int = 10
     fov_threshold: float = 0.04
 
     @classmethod
@@ -70,7 +77,6 @@ class PairedTransform:
             hflip=data_config.hflip,
             vflip=data_config.vflip,
             min_fov_fraction=data_config.min_fov_fraction,
-            crop_attempts=data_config.crop_attempts,
             fov_threshold=data_config.fov_threshold,
         )
 
@@ -83,7 +89,7 @@ class PairedTransform:
         mask = fov_mask(source, self.fov_threshold)
         size = self.crop_size
         source, target, mask = (pad_to(x, size, size) for x in (source, target, mask))
-        top, left = choose_crop(mask, size, generator, self.min_fov_fraction, self.crop_attempts)
+        top, left = choose_crop(mask, size, generator, self.min_fov_fraction)
         crops = [x[:, top : top + size, left : left + size] for x in (source, target, mask)]
         flips = torch.rand(2, generator=generator)
         if self.hflip and flips[0] < 0.5:

@@ -1,0 +1,90 @@
+"""The config tree (presets, YAML, key=value overrides) and the data CLI verbs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ffasynth.cli import app
+from ffasynth.config import load_config, save_config
+from ffasynth.errors import ConfigError
+
+runner = CliRunner()
+
+
+def test_presets_yaml_roundtrip_and_overrides(tmp_path):
+    config = load_config(preset="tiny", overrides=["data.crop_size=64", "data.hflip=false", "seed=7"])
+    assert (config.data.crop_size, config.data.hflip, config.seed) == (64, False, 7)
+    assert load_config(preset="sd15").data.crop_size == 768
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == config
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.crop_sise=64", "data.crop_sise"),
+        ("data.crop_size=big", "data.crop_size"),
+        ("data.crop_size=4", "data.crop_size"),
+        ("data.layout=zigzag", "data.layout"),
+        ("data.hflip=3", "data.hflip"),
+        ("preset=huge", "preset"),
+        ("nokey", "nokey"),
+    ],
+)
+def test_bad_config_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_help_lists_verbs():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "data" in result.output
+    result = runner.invoke(app, ["data", "--help"])
+    assert "check" in result.output and "phantom" in result.output
+
+
+def test_phantom_then_check_json(tmp_path):
+    result = runner.invoke(app, ["data", "phantom", str(tmp_path / "ph"), "--n", "4", "--size", "48"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "ph"), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "8 pairs ok, 0 problems" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_pairs"] == 8 and report["n_sources"] == 4 and report["problems"] == []
+
+
+def test_check_exit_code_1_without_valid_pairs(tmp_path):
+    (tmp_path / "1.png").write_bytes(b"")
+    (tmp_path / "1.1.png").write_bytes(b"")
+    result = runner.invoke(app, ["data", "check", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "0 pairs ok, 2 problems" in result.output
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    process = subprocess.run(
+        [sys.executable, "-m", "ffasynth", "data", "check", str(tmp_path)], capture_output=True, text=True
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip().startswith("error:") and "no known pair layout" in process.stderr
+    assert "Traceback" not in process.stderr and len(process.stderr.strip().splitlines()) == 1
+
+
+def test_real_uwf_check_cli(shared_data):
+    result = runner.invoke(app, ["data", "check", str(shared_data / "uwf-slo-ffa")])
+    assert result.exit_code == 0
+    assert "14 pairs ok, 0 problems (7 sources)" in result.output

@@ -1,0 +1,176 @@
+"""The image reader: every format and mode the field uses, and a corpus of bad files that must
+each give one ImageReadError naming the file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ffasynth.data.io import is_grey, read_image, save_image
+from ffasynth.errors import ImageReadError
+
+
+def _gradient(h=24, w=32) -> np.ndarray:
+    y, x = np.mgrid[:h, :w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 127 // (w + h - 2)], -1).astype(np.uint8)
+
+
+def test_rgb_png_roundtrip_exact(tmp_path):
+    rgb = _gradient()
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    assert image.dtype == torch.float32 and image.shape == (3, 24, 32)
+    assert torch.equal((image * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(rgb))
+
+
+def test_grey_stored_as_rgb_is_reduced_to_one_channel(tmp_path):
+    grey = _gradient()[..., 0]
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "ffa.bmp")
+    image = read_image(tmp_path / "ffa.bmp")
+    assert image.shape == (1, 24, 32)
+    assert torch.allclose(image[0] * 255, torch.from_numpy(grey).float(), atol=1e-3)
+    assert read_image(tmp_path / "ffa.bmp", channels=3).shape == (3, 24, 32)
+
+
+def test_grey_jpeg_saved_as_rgb_counts_as_grey(tmp_path):
+    grey = _gradient()[..., 1]
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "ffa.jpg", quality=85)
+    assert read_image(tmp_path / "ffa.jpg").shape[0] == 1
+
+
+def test_colour_stays_colour_and_converts_to_luma(tmp_path):
+    rgb = _gradient()
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    assert read_image(tmp_path / "photo.png").shape[0] == 3
+    luma = read_image(tmp_path / "photo.png", channels=1)
+    expected = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255
+    assert luma.shape == (1, 24, 32) and np.allclose(luma[0].numpy(), expected, atol=1e-5)
+    assert not is_grey(rgb.astype(np.float32) / 255)
+
+
+def test_jpeg_data_behind_bmp_name(tmp_path):
+    Image.fromarray(_gradient()).save(tmp_path / "fake.bmp", format="JPEG")
+    assert read_image(tmp_path / "fake.bmp").shape == (3, 24, 32)
+
+
+@pytest.mark.parametrize("suffix", ["tif", "png"])
+def test_16_bit_grey_uses_full_range(tmp_path, suffix):
+    data = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(data).save(tmp_path / f"deep.{suffix}")
+    image = read_image(tmp_path / f"deep.{suffix}")
+    assert image.shape == (1, 1, 4)
+    assert np.allclose(image[0, 0].numpy(), data[0] / 65535.0, atol=1e-6)
+
+
+def test_rgba_composited_over_black(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 1] = 100
+    rgba[..., 3] = 255
+    rgba[0, 0, 3] = 0  # transparent pixel → black
+    rgba[1, 1, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    assert image.shape == (3, 4, 4)
+    assert image[:, 0, 0].abs().max() == 0
+    assert image[0, 2, 2] == pytest.approx(200 / 255, abs=1e-6)
+    assert image[0, 1, 1] == pytest.approx(200 / 255 * 128 / 255, abs=1e-6)
+
+
+def test_la_palette_and_bilevel_modes(tmp_path):
+    Image.fromarray(_gradient()).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(_gradient()[..., 0]).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(_gradient()[..., 0]).convert("1").save(tmp_path / "b.png")
+    assert read_image(tmp_path / "p.png").shape[1:] == (24, 32)
+    assert read_image(tmp_path / "la.png").shape == (1, 24, 32)
+    assert set(read_image(tmp_path / "b.png").unique().tolist()) <= {0.0, 1.0}
+
+
+def test_cmyk_jpeg_reads_as_rgb(tmp_path):
+    Image.fromarray(_gradient()).convert("CMYK").save(tmp_path / "c.jpg")
+    assert read_image(tmp_path / "c.jpg").shape == (3, 24, 32)
+
+
+def test_exif_orientation_applied(tmp_path):
+    rgb = _gradient(10, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.fromarray(rgb).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    image = read_image(tmp_path / "rot.jpg")
+    assert image.shape == (3, 20, 10)
+    # After a clockwise turn the left column (dark red) becomes the top row.
+    assert image[0, 0, :].mean() < image[0, -1, :].mean()
+
+
+def test_one_pixel_image_is_fine(tmp_path):
+    Image.fromarray(np.full((1, 1), 77, np.uint8)).save(tmp_path / "dot.png")
+    assert read_image(tmp_path / "dot.png").shape == (1, 1, 1)
+
+
+def _truncated_jpeg(path):
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def _truncated_png(path):
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+BAD_FILES = {
+    "truncated.jpg": (_truncated_jpeg, "truncated"),
+    "truncated.png": (_truncated_png, "truncated"),
+    "empty.png": (lambda p: p.write_bytes(b""), "empty file"),
+    "notes.png": (lambda p: p.write_text("patient notes, not a picture\n"), "plain text"),
+    "page.jpg": (lambda p: p.write_text("<!DOCTYPE html><html><body>404</body></html>"), "HTML"),
+    "garbage.bmp": (lambda p: p.write_bytes(bytes(range(256)) * 4), "not an image"),
+    "missing.png": (lambda p: None, "no such file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_file_gives_one_error_naming_the_file(tmp_path, name):
+    make, cause = BAD_FILES[name]
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path)
+    message = str(caught.value)
+    assert name in message and cause.lower() in message.lower(), message
+    assert "\n" not in message
+
+
+def test_pixel_bomb_over_the_limit_is_refused(tmp_path):
+    Image.new("L", (300, 300)).save(tmp_path / "bomb.png")  # PNG compresses this to a few hundred bytes
+    with pytest.raises(ImageReadError, match="bomb.png: too large"):
+        read_image(tmp_path / "bomb.png", max_pixels=50_000)
+    assert read_image(tmp_path / "bomb.png", max_pixels=100_000).shape == (1, 300, 300)
+
+
+def test_pixel_limit_from_environment(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setenv("FFASYNTH_MAX_PIXELS", "5000")
+    with pytest.raises(ImageReadError, match="too large"):
+        read_image(tmp_path / "big.png")
+
+
+def test_save_image_is_lossless_png_and_leaves_no_temp_files(tmp_path):
+    image = torch.rand(1, 16, 16)
+    save_image(image, tmp_path / "out.png")
+    again = read_image(tmp_path / "out.png")
+    assert torch.allclose(again, (image * 255).round() / 255, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_real_uwf_images_read_with_expected_channels(shared_data):
+    folder = shared_data / "uwf-slo-ffa" / "train"
+    source = read_image(folder / "1.bmp")
+    target = read_image(folder / "1.1.bmp")
+    assert source.shape == (3, 682, 853)
+    assert target.shape == (1, 682, 853)

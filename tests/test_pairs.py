@@ -1,0 +1,127 @@
+"""Pair discovery and `check_pairs`: layouts, labels, and every planted problem reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffasynth.data.pairs import check_pairs, detect_layout, discover_pairs, load_pairs
+from ffasynth.errors import PairError
+
+
+def _write(path, size=(40, 30), colour=True, value=100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    if colour:
+        data = np.stack([np.full((h, w), value), rng.integers(0, 80, (h, w)), np.full((h, w), 4)], -1)
+    else:
+        data = np.repeat(rng.integers(0, 255, (h, w, 1)), 3, -1)
+    Image.fromarray(data.astype(np.uint8)).save(path)
+
+
+def test_real_uwf_folder_has_seven_sources_each_with_both_phases(shared_data):
+    report = check_pairs(shared_data / "uwf-slo-ffa")
+    assert report.layout == "uwf"
+    assert report.problems == []
+    assert len(report.sources) == 7
+    phases = {}
+    for pair in report.pairs:
+        phases.setdefault(pair.id, set()).add(pair.phase)
+    assert sorted(phases) == sorted(["train/1", "train/2", "train/3", "train/4", "test/7", "test/8", "test/10"])
+    assert all(p == {"early", "late"} for p in phases.values())
+    assert report.summary().startswith("14 pairs ok, 0 problems")
+
+
+def test_planted_problems_are_each_reported(tmp_path):
+    _write(tmp_path / "1.bmp")
+    _write(tmp_path / "1.1.bmp", colour=False)
+    _write(tmp_path / "1.2.bmp", colour=False)
+    _write(tmp_path / "2.bmp")  # unpaired source
+    _write(tmp_path / "3.1.bmp", colour=False)  # unpaired target
+    _write(tmp_path / "4.bmp")
+    _write(tmp_path / "4.1.bmp", size=(41, 30), colour=False)  # size mismatch
+    _write(tmp_path / "5.bmp")
+    (tmp_path / "5.1.bmp").write_bytes(b"")  # unreadable target
+    _write(tmp_path / "6.bmp")
+    _write(tmp_path / "6.1.bmp", colour=True)  # colour where an FFA is expected
+    (tmp_path / "notes.txt").write_text("ignored: not an image")
+
+    report = check_pairs(tmp_path)
+    assert [(p.id, p.phase) for p in report.pairs] == [("1", "early"), ("1", "late")]
+    kinds = {(problem.kind, problem.path.rsplit("/", 1)[-1]) for problem in report.problems}
+    assert kinds == {
+        ("unpaired-source", "2.bmp"),
+        ("unpaired-target", "3.1.bmp"),
+        ("size-mismatch", "4.1.bmp"),
+        ("unreadable", "5.1.bmp"),
+        ("colour-target", "6.1.bmp"),
+    }
+    assert report.summary().startswith("2 pairs ok, 5 problems")
+    assert report.to_json()["n_pairs"] == 2
+
+
+def test_truncated_file_found_only_when_decoding(tmp_path):
+    _write(tmp_path / "1.png")
+    _write(tmp_path / "1.1.png", colour=False)
+    data = (tmp_path / "1.1.png").read_bytes()
+    (tmp_path / "1.1.png").write_bytes(data[: len(data) // 2])
+    assert [p.kind for p in check_pairs(tmp_path).problems] == ["unreadable"]
+    assert check_pairs(tmp_path, decode=False).problems == []
+
+
+def test_labels_csv_attaches_labels(phantom_dir):
+    pairs = load_pairs(phantom_dir, phase="early")
+    assert len(pairs) == 10 and all(p.phase == "early" for p in pairs)
+    labels = dict(line.split(",")[:2] for line in (phantom_dir / "labels.csv").read_text().splitlines()[1:])
+    assert all(p.label == labels[p.id] for p in pairs)
+
+
+def test_manifest_layout_with_missing_file(tmp_path):
+    _write(tmp_path / "imgs" / "a.png")
+    _write(tmp_path / "imgs" / "a_ffa.png", colour=False)
+    (tmp_path / "pairs.csv").write_text(
+        "source,target,phase,label\nimgs/a.png,imgs/a_ffa.png,late,brvo\nimgs/b.png,imgs/b_ffa.png,,\n"
+    )
+    report = check_pairs(tmp_path)
+    assert report.layout == "manifest"
+    assert [(p.id, p.phase, p.label) for p in report.pairs] == [("imgs/a", "late", "brvo")]
+    assert sorted(p.kind for p in report.problems) == ["missing-file", "missing-file"]
+
+
+def test_manifest_without_required_columns_is_refused(tmp_path):
+    (tmp_path / "pairs.csv").write_text("photo,angio\na.png,b.png\n")
+    with pytest.raises(PairError, match="source,target"):
+        check_pairs(tmp_path)
+
+
+def test_isfahan_roles_follow_content_and_folder_gives_label(tmp_path):
+    # abnormal/: plain file is the photo; normal/: the dashed one is the photo (roles swapped)
+    _write(tmp_path / "abnormal" / "1.jpg", colour=True)
+    _write(tmp_path / "abnormal" / "1-1.jpg", colour=False)
+    _write(tmp_path / "normal" / "2-2.jpg", colour=True)
+    _write(tmp_path / "normal" / "2.jpg", colour=False)
+    _write(tmp_path / "normal" / "3.jpg", colour=True)  # content contradicts the convention
+    _write(tmp_path / "normal" / "3-3.jpg", colour=False)
+    assert detect_layout(tmp_path) == "isfahan"
+    layout, pairs, problems = discover_pairs(tmp_path)
+    assert problems == []
+    roles = {p.id: (p.source.name, p.target.name, p.label) for p in pairs}
+    assert roles == {
+        "abnormal/1": ("1.jpg", "1-1.jpg", "abnormal"),
+        "normal/2": ("2-2.jpg", "2.jpg", "normal"),
+        "normal/3": ("3.jpg", "3-3.jpg", "normal"),
+    }
+
+
+def test_unknown_layout_and_empty_folder_errors(tmp_path):
+    _write(tmp_path / "photo.png")
+    with pytest.raises(PairError, match="no known pair layout"):
+        detect_layout(tmp_path)
+    with pytest.raises(PairError, match="no such folder"):
+        check_pairs(tmp_path / "nope")
+    _write(tmp_path / "7.png")
+    _write(tmp_path / "7.1.png", size=(10, 10), colour=False)
+    with pytest.raises(PairError, match="no usable pairs"):
+        load_pairs(tmp_path)

@@ -1,0 +1,79 @@
+"""Paired crops, flips, padding, FOV-aware crop choice, and the Dataset built on them."""
+
+from __future__ import annotations
+
+import torch
+
+from ffasynth.data.dataset import PairDataset
+from ffasynth.data.pairs import load_pairs
+from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask
+
+
+def _pair(h=60, w=80):
+    # Target is a deterministic function of source position: crops agree iff they are the same window.
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    coord = (ys * w + xs).float() / (h * w)
+    source = torch.stack([coord, 1 - coord, torch.full_like(coord, 0.5)])
+    return source, coord[None].clone()
+
+
+def test_source_and_target_get_the_same_crop_and_flip():
+    source, target = _pair()
+    transform = PairedTransform(crop_size=32, hflip=True, vflip=True, min_fov_fraction=0.0)
+    for seed in range(20):
+        item = transform(source, target, torch.Generator().manual_seed(seed))
+        assert item["source"].shape == (3, 32, 32) and item["target"].shape == (1, 32, 32)
+        assert torch.allclose(item["source"][0], item["target"][0], atol=1e-6)
+        assert item["source"].min() >= -1 and item["source"].max() <= 1
+
+
+def test_same_generator_seed_same_crop_different_seed_differs():
+    source, target = _pair()
+    transform = PairedTransform(crop_size=24, min_fov_fraction=0.0)
+    first = transform(source, target, torch.Generator().manual_seed(3))
+    again = transform(source, target, torch.Generator().manual_seed(3))
+    other = transform(source, target, torch.Generator().manual_seed(4))
+    assert torch.equal(first["target"], again["target"])
+    assert not torch.equal(first["target"], other["target"])
+
+
+def test_small_images_are_padded_not_crashed_on():
+    source, target = _pair(20, 30)
+    item = PairedTransform(crop_size=48, hflip=False)(source, target, torch.Generator().manual_seed(0))
+    assert item["source"].shape == (3, 48, 48)
+    assert item["mask"].sum() > 0 and item["mask"].sum() < 48 * 48  # padding is outside the FOV
+    assert torch.equal(denormalise(item["target"])[item["mask"] == 0], torch.zeros(int((item["mask"] == 0).sum())))
+
+
+def test_crops_avoid_black_border():
+    mask = torch.zeros(1, 100, 100)
+    mask[:, 60:, 60:] = 1  # only the bottom-right corner is inside the field of view
+    hits, positions = 0, set()
+    for seed in range(30):
+        top, left = choose_crop(mask, 30, torch.Generator().manual_seed(seed), 0.9)
+        hits += float(mask[0, top : top + 30, left : left + 30].sum()) / 900 >= 0.9 - 1e-9
+        positions.add((top, left))
+    assert hits == 30
+    assert len(positions) > 10  # uniform among the good windows, not one fixed window
+
+
+def test_fov_mask_keeps_dark_vessels_inside_field():
+    image = torch.zeros(3, 50, 50)
+    image[:, 10:40, 10:40] = 0.5
+    image[:, 24:26, 10:40] = 0.02  # a dark vessel crossing the field
+    mask = fov_mask(image, threshold=0.04)
+    assert mask[0, 25, 25] == 1 and mask[0, 2, 2] == 0
+
+
+def test_dataset_items_are_deterministic_per_epoch(phantom_dir):
+    pairs = load_pairs(phantom_dir, phase="both")
+    dataset = PairDataset(pairs, PairedTransform(crop_size=32), seed=1)
+    assert len(dataset) == 20
+    item = dataset[3]
+    assert item["source"].shape == (3, 32, 32) and item["target"].shape == (1, 32, 32)
+    assert item["phase"] in (0, 1) and item["label"]
+    assert torch.equal(dataset[3]["target"], item["target"])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[3]["target"], item["target"])
+    whole = PairDataset(pairs)[0]
+    assert whole["source"].shape == (3, 64, 64)
