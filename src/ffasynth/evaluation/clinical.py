@@ -1,0 +1,378 @@
+"""Clinical validation: does adding synthetic FFA help a disease classifier?
+
+Cross-validated (stratified, grouped by eye so an eye's images never sit on both sides of a
+split) training of a timm classifier on:
+- `source-only`: the photographs;
+- `real-only`: the real angiograms (the upper reference);
+- `source+real`: photographs with their real angiograms;
+- `source+synthetic`: photographs with synthetic angiograms (a folder of generated images).
+Two inputs are fused by stacking channels (`stack`: one backbone, 3+1 input channels) or by two
+backbones whose pooled features are concatenated (`two-branch`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffasynth.data.io import IMAGE_SUFFIXES, is_image_file, read_image
+from ffasynth.data.pairs import check_pairs, detect_layout
+from ffasynth.errors import FFASynthError, ImageReadError, PairError, WeightsNotFoundError
+
+MODES: dict[str, tuple[str, ...]] = {
+    "source-only": ("source",),
+    "real-only": ("real",),
+    "source+real": ("source", "real"),
+    "source+synthetic": ("source", "synthetic"),
+}
+CHANNELS = {"source": 3, "real": 1, "synthetic": 1}
+FUSIONS = ("stack", "two-branch")
+
+
+@dataclass
+class LabelledEye:
+    """One labelled example; `group` keeps images of the same eye in the same fold."""
+
+    id: str
+    group: str
+    label: str
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+def load_labelled(root: str | Path) -> list[LabelledEye]:
+    """Labelled examples from a pair folder with labels (uwf + labels.csv, isfahan, manifest with a
+    label column: photo = source, angiogram = real) or from class folders of angiograms
+    (`root/<label>/*.jpg`, e.g. ffa-labelled/02.disease_diagnosis)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PairError(f"{root}: no such folder")
+    try:
+        detect_layout(root)
+        paired = True
+    except PairError:
+        paired = False
+    if paired:
+        report = check_pairs(root, decode=False)
+        eyes: dict[str, LabelledEye] = {}
+        for pair in report.pairs:
+            if pair.label is None:
+                continue
+            if pair.id not in eyes:  # one example per eye: the early phase when there are two
+                eyes[pair.id] = LabelledEye(pair.id, pair.id, pair.label, {"source": pair.source, "real": pair.target})
+        if not eyes:
+            raise PairError(f"{root}: pairs found but none has a label (labels.csv id,label or a manifest label column)")
+        return list(eyes.values())
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and any(is_image_file(f) for f in p.iterdir()))
+    if len(classes) < 2:
+        raise PairError(f"{root}: neither labelled pairs nor at least two class folders of images")
+    return [
+        LabelledEye(f"{c.name}/{f.stem}", f"{c.name}/{f.stem}", c.name, {"real": f})
+        for c in classes
+        for f in sorted(c.iterdir())
+        if is_image_file(f)
+    ]
+
+
+def attach_synthetic(eyes: list[LabelledEye], folder: str | Path) -> list[str]:
+    """Match generated images to eyes by file stem (`7.png`, `7_ffa.png` → eye `7`, also `train/7`).
+    Returns the ids with no synthetic image (those eyes are dropped by the caller)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PairError(f"{folder}: no such folder of synthetic images")
+    found = {}
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith("_uncertainty.png"):
+            stem = re.sub(r"_ffa$", "", path.stem)
+            found[path.relative_to(folder).with_name(stem).as_posix()] = path
+            found.setdefault(stem, path)
+    missing = []
+    for eye in eyes:
+        match = found.get(eye.id) or found.get(Path(eye.id).name)
+        if match is None:
+            missing.append(eye.id)
+        else:
+            eye.images["synthetic"] = match
+    return missing
+
+
+class TwoBranch(nn.Module):
+    """Two backbones (one per input), pooled features concatenated, one linear head."""
+
+    def __init__(self, branches: list[nn.Module], channels: list[int], num_classes: int):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.channels = channels
+        self.head = nn.Linear(sum(b.num_features for b in branches), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.channels, dim=1)
+        return self.head(torch.cat([b(p) for b, p in zip(self.branches, parts, strict=True)], dim=1))
+
+
+def build_classifier(
+    backbone: str, in_chans: list[int], num_classes: int, fusion: str = "stack", weights: str | Path | None = None
+) -> nn.Module:
+    """A timm classifier; `weights` (a .safetensors state dict of the backbone) if given, else
+    random initialisation (the CLI warns)."""
+    import timm
+
+    if fusion not in FUSIONS:
+        raise FFASynthError(f"unknown fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
+
+    def one(channels: int, classes: int) -> nn.Module:
+        model = timm.create_model(backbone, pretrained=False, in_chans=channels, num_classes=classes)
+        if weights is not None:
+            _load_backbone(model, Path(weights))
+        return model
+
+    if fusion == "stack" or len(in_chans) == 1:
+        return one(sum(in_chans), num_classes)
+    return TwoBranch([one(c, 0) for c in in_chans], in_chans, num_classes)
+
+
+def _load_backbone(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise WeightsNotFoundError(f"classifier weights {path} not found; put a timm .safetensors file there")
+    state = load_file(path)
+    own = model.state_dict()
+    # Keep what fits: the first conv is averaged/repeated to the input channels, the head is new.
+    for key, value in list(state.items()):
+        if key not in own:
+            state.pop(key)
+        elif own[key].shape != value.shape:
+            if value.ndim == 4 and value.shape[0] == own[key].shape[0] and value.shape[2:] == own[key].shape[2:]:
+                mean = value.mean(dim=1, keepdim=True)
+                state[key] = mean.repeat(1, own[key].shape[1], 1, 1) * value.shape[1] / own[key].shape[1]
+            else:
+                state.pop(key)
+    model.load_state_dict(state, strict=False)
+
+
+def _load_inputs(eyes: list[LabelledEye], inputs: tuple[str, ...], size: int) -> torch.Tensor:
+    """(N, C, size, size) in [-1, 1]: each input resized (antialiased) and channel-concatenated."""
+    batch = []
+    for eye in eyes:
+        parts = []
+        for name in inputs:
+            image = read_image(eye.images[name], channels=CHANNELS[name])
+            image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            parts.append(image[0] * 2 - 1)
+        batch.append(torch.cat(parts))
+    return torch.stack(batch)
+
+
+@dataclass
+class ClinicalSettings:
+    mode: str = "real-only"
+    fusion: str = "stack"
+    folds: int = 5
+    backbone: str = "resnet10t"
+    image_size: int = 128
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    weights: str | None = None
+
+
+@dataclass
+class ClinicalResult:
+    settings: ClinicalSettings
+    classes: list[str]
+    fold_metrics: list[dict[str, float]]
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    fold_of: np.ndarray
+    ids: list[str]
+    skipped: list[str]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        names = self.fold_metrics[0].keys()
+        return {
+            n: {"mean": float(np.mean([m[n] for m in self.fold_metrics])), "std": float(np.std([m[n] for m in self.fold_metrics]))}
+            for n in names
+        }
+
+    def confusion(self) -> np.ndarray:
+        from sklearn.metrics import confusion_matrix
+
+        return confusion_matrix(self.y_true, self.probabilities.argmax(1), labels=range(len(self.classes)))
+
+
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and one-vs-rest macro AUC (scikit-learn). AUC is NaN when a class is
+    absent from y_true (it is undefined there)."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    predicted = probabilities.argmax(1)
+    labels = list(range(n_classes))
+    metrics = {
+        "accuracy": float(accuracy_score(y_true, predicted)),
+        "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
+    }
+    present = np.unique(y_true)
+    if len(present) < 2:
+        metrics["auc_ovr"] = float("nan")
+    elif n_classes == 2:
+        metrics["auc_ovr"] = float(roc_auc_score(y_true, probabilities[:, 1]))
+    elif len(present) == n_classes:
+        metrics["auc_ovr"] = float(roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels))
+    else:  # one-vs-rest over the classes present in this fold
+        aucs = [roc_auc_score(y_true == c, probabilities[:, c]) for c in present]
+        metrics["auc_ovr"] = float(np.mean(aucs))
+    return metrics
+
+
+def make_folds(labels: np.ndarray, groups: list[str], folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold where all images of one group (eye/patient) fall in one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    smallest = int(np.bincount(labels).min())
+    if folds < 2 or folds > smallest:
+        raise FFASynthError(f"--folds {folds} must be between 2 and the smallest class size ({smallest})")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
+def _train_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: ClinicalSettings, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * max(1, -(-len(x) // settings.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr, total_steps=steps, pct_start=0.2)
+    # Balanced classes per epoch: weight the loss by inverse class frequency.
+    counts = torch.bincount(y, minlength=int(y.max()) + 1).clamp(min=1).float()
+    class_weight = counts.sum() / (len(counts) * counts)
+    model.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            if len(index) < 2:  # batch norm needs two samples
+                continue
+            batch = x[index]
+            flips = torch.rand(2, generator=generator)
+            if flips[0] < 0.5:
+                batch = batch.flip(-1)
+            if flips[1] < 0.5:
+                batch = batch.flip(-2)
+            loss = F.cross_entropy(model(batch), y[index], weight=class_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    model.eval()
+    outputs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
+    return torch.cat(outputs).numpy()
+
+
+def run_clinical(
+    eyes: list[LabelledEye],
+    settings: ClinicalSettings,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClinicalResult:
+    if settings.mode not in MODES:
+        raise FFASynthError(f"unknown mode {settings.mode!r}; choose from {', '.join(MODES)}")
+    inputs = MODES[settings.mode]
+    usable, skipped = [], []
+    for eye in eyes:
+        (usable if all(name in eye.images for name in inputs) else skipped).append(eye)
+    if not usable:
+        raise FFASynthError(f"no labelled example has the inputs {', '.join(inputs)} that mode {settings.mode} needs")
+    torch.manual_seed(settings.seed)
+    loaded, unreadable = [], []
+    for eye in usable:
+        try:
+            loaded.append((eye, _load_inputs([eye], inputs, settings.image_size)[0]))
+        except ImageReadError as error:
+            unreadable.append(f"{eye.id} ({error})")
+    usable = [eye for eye, _ in loaded]
+    x = torch.stack([t for _, t in loaded])
+    classes = sorted({eye.label for eye in usable})
+    if len(classes) < 2:
+        raise FFASynthError(f"need at least two classes, found {classes}")
+    y = torch.tensor([classes.index(eye.label) for eye in usable])
+    splits = make_folds(y.numpy(), [eye.group for eye in usable], settings.folds, settings.seed)
+    probabilities = np.zeros((len(usable), len(classes)), np.float32)
+    fold_of = np.zeros(len(usable), np.int64)
+    fold_metrics = []
+    channels = [CHANNELS[name] for name in inputs]
+    base = build_classifier(settings.backbone, channels, len(classes), settings.fusion, settings.weights)
+    for fold, (train, test) in enumerate(splits):
+        torch.manual_seed(settings.seed + fold)
+        model = copy.deepcopy(base)
+        _train_one(model, x[train], y[train], settings, settings.seed + fold)
+        probabilities[test] = _predict(model, x[test], settings.batch_size)
+        fold_of[test] = fold
+        fold_metrics.append(classification_metrics(y[test].numpy(), probabilities[test], len(classes)))
+        if progress is not None:
+            progress(fold + 1, len(splits))
+    return ClinicalResult(
+        settings, classes, fold_metrics, y.numpy(), probabilities, fold_of, [e.id for e in usable],
+        [e.id for e in skipped] + unreadable,
+    )
+
+
+def plot_roc(result: ClinicalResult, path: str | Path) -> Path:
+    """One-vs-rest ROC curves pooled over folds, one line per class, AUC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import auc, roc_curve
+
+    from ffasynth.files import atomic_write
+
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for index, name in enumerate(result.classes):
+        truth = result.y_true == index
+        if truth.all() or not truth.any():
+            continue
+        fpr, tpr, _ = roc_curve(truth, result.probabilities[:, index])
+        axis.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
+    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {result.settings.mode}")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_confusion(result: ClinicalResult, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ffasynth.files import atomic_write
+
+    matrix = result.confusion()
+    figure, axis = plt.subplots(figsize=(5, 4.5), dpi=100)
+    axis.imshow(matrix, cmap="Blues")
+    ticks = range(len(result.classes))
+    axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Confusion, {result.settings.mode}")
+    axis.set_xticklabels(result.classes, rotation=30, ha="right")
+    axis.set_yticklabels(result.classes)
+    for i in ticks:
+        for j in ticks:
+            axis.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                      color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return Path(path)
