@@ -43,18 +43,155 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Shapes for random initialisation (defaults: exactly SD1.5 + CLIP ViT-L/14) and where real weights are.
+
+    pretrained: an SD1.5 diffusers folder, a hub id, or a single-file .safetensors checkpoint (U-Net + VAE).
+    vae: a `ffasynth train vae` run folder or a diffusers VAE folder; replaces pretrained's VAE.
+    image_encoder: a CLIP vision folder (or one with an image_encoder/ subfolder) or a hub id.
+    """
+
+    pretrained: str | None = None
+    vae: str | None = None
+    image_encoder: str | None = None
+    unet_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    unet_layers_per_block: int = 2
+    unet_attention_heads: int = 8
+    unet_norm_groups: int = 32
+    cross_attention_dim: int = 768
+    vae_channels: tuple[int, ...] = (128, 256, 512, 512)
+    vae_layers_per_block: int = 2
+    vae_norm_groups: int = 32
+    latent_channels: int = 4
+    latent_scaling: float = 0.18215
+    clip_hidden_size: int = 1024
+    clip_layers: int = 24
+    clip_heads: int = 16
+    clip_intermediate_size: int = 4096
+    clip_patch_size: int = 14
+    clip_image_size: int = 224
+    # Conditioning paths (ablations): CLIP tokens into cross-attention, source latent concatenated to conv_in.
+    use_clip: bool = True
+    clip_tokens: Literal["embed", "patches"] = "embed"
+    use_concat: bool = True
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    # FFA phases the U-Net is told about (early/late, a zero-initialised embedding); 0 = no phase input.
+    num_phases: int = 2
+
+    def validate(self) -> None:
+        _require(len(self.unet_channels) >= 2, "model.unet_channels", "needs at least two levels")
+        _require(len(self.vae_channels) >= 1, "model.vae_channels", "needs at least one level")
+        for key in ("unet_channels", "vae_channels"):
+            groups = self.unet_norm_groups if key == "unet_channels" else self.vae_norm_groups
+            bad = [c for c in getattr(self, key) if c % groups]
+            _require(not bad, f"model.{key}", f"must be multiples of the norm groups ({groups}), not {bad}")
+        _require(self.use_clip or self.use_concat, "model.use_clip", "or model.use_concat must be true")
+        _require(0 <= self.num_phases <= 16, "model.num_phases", "must be between 0 and 16")
+        _require(self.clip_hidden_size % self.clip_heads == 0, "model.clip_hidden_size", "must divide by clip_heads")
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage's loop shares (`training/loop.py`)."""
+
+    max_steps: int = 10_000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 1e-5
+    lr_warmup_steps: int = 500
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999  # 0 = no EMA
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "gradient_accumulation", "save_every", "sample_every", "log_every"):
+            _require(getattr(self, key) >= 1, f"{self._section}.{key}", "must be at least 1")
+        _require(self.lr > 0, f"{self._section}.lr", "must be positive")
+        _require(0.0 <= self.ema_decay < 1.0, f"{self._section}.ema_decay", "must be in [0, 1)")
+        _require(self.keep_checkpoints >= 1, f"{self._section}.keep_checkpoints", "must be at least 1")
+        _require(self.lr_warmup_steps >= 0, f"{self._section}.lr_warmup_steps", "must be >= 0")
+
+    _section = "train"
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    """Stage 0: train the VAE (encoder + decoder) on source and target crops when no pretrained one exists."""
+
+    kl_weight: float = 1e-6
+    lr: float = 2e-4
+    lr_warmup_steps: int = 50
+    ema_decay: float = 0.0
+    _section = "vae"
+
+
+@dataclass
+class Stage1Config(TrainConfig):
+    """Stage 1: the denoising U-Net on target latents, conditioned on the source."""
+
+    offset_noise_strength: float = 0.1  # noise + s·randn(B, C, 1, 1); 0 = off
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting (5.0 is the paper's choice); None = off
+    conditioning_dropout: float = 0.05  # drop the source (both paths) for image classifier-free guidance
+    num_train_timesteps: int = 1000
+    lr: float = 1e-5
+    _section = "stage1"
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.offset_noise_strength >= 0, "stage1.offset_noise_strength", "must be >= 0")
+        _require(0.0 <= self.conditioning_dropout < 1.0, "stage1.conditioning_dropout", "must be in [0, 1)")
+        _require(self.snr_gamma is None or self.snr_gamma > 0, "stage1.snr_gamma", "must be positive or null")
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
 
     def validate(self) -> None:
         _require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
 
 
-# Presets are plain override dictionaries applied on top of the defaults.
+_TINY_LOOP = {"batch_size": 8, "save_every": 100, "sample_every": 100, "log_every": 10}
+# Presets are plain override dictionaries applied on top of the defaults (which are SD1.5's).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"data": {"crop_size": 128}},
+    "tiny": {
+        "data": {"crop_size": 128},
+        "model": {
+            "unet_channels": [32, 64, 64],
+            "unet_layers_per_block": 1,
+            "unet_attention_heads": 2,
+            "unet_norm_groups": 8,
+            "cross_attention_dim": 64,
+            "vae_channels": [16, 32, 64],
+            "vae_layers_per_block": 1,
+            "vae_norm_groups": 8,
+            "clip_hidden_size": 64,
+            "clip_layers": 2,
+            "clip_heads": 4,
+            "clip_intermediate_size": 128,
+            "clip_patch_size": 8,
+            "clip_image_size": 64,
+        },
+        "vae": {**_TINY_LOOP, "batch_size": 4, "max_steps": 600, "lr": 1e-3},
+        "stage1": {**_TINY_LOOP, "max_steps": 600, "lr": 5e-4, "lr_warmup_steps": 50, "ema_decay": 0.99},
+    },
     "sd15": {"data": {"crop_size": 768}},
 }
 
@@ -103,6 +240,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"config value {key}={value!r} must be a number")
     if hint is str:
         if isinstance(value, str):

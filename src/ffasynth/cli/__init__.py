@@ -13,6 +13,7 @@ import typer
 
 from ffasynth import __version__
 from ffasynth.cli import data as data_cli
+from ffasynth.cli import train as train_cli
 from ffasynth.errors import FFASynthError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.add_typer(train_cli.app, name="train")
 
 
 def _version(value: bool) -> None:
@@ -38,7 +40,21 @@ def _root(
     """ffasynth: photograph → synthetic fluorescein angiogram."""
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages only; the libraries' per-shard bars and notices are noise here."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main() -> None:
+    if not os.environ.get("FFASYNTH_DEBUG"):
+        _quiet_libraries()
     try:
         app()
     except FFASynthError as error:

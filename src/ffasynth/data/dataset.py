@@ -79,17 +79,58 @@ class PairDataset(Dataset):
             )
         return source, target
 
-    def generator(self, index: int) -> torch.Generator:
+    def generator(self, index: int, epoch: int | None = None) -> torch.Generator:
         # One stream per (seed, epoch, index); the large odd multipliers keep streams apart.
-        seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % (2**63 - 1)
+        epoch = self.epoch if epoch is None else epoch
+        seed = (self.seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1)
         return torch.Generator().manual_seed(seed)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """key: an index (crop drawn for the current epoch) or (index, epoch) from a StreamBatchSampler."""
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         pair = self.pairs[index]
         source, target = self.load(index)
         if self.transform is not None:
-            item = self.transform(source, target, self.generator(index))
+            item = self.transform(source, target, self.generator(index, epoch))
         else:
             item = {"source": normalise(source), "target": normalise(target), "mask": fov_mask(source)}
         item.update(phase=phase_index(pair.phase), label=pair.label or "", id=pair.id, index=index)
         return item
+
+
+class StreamBatchSampler:
+    """Micro-batches from an endless stream of per-epoch permutations, addressed by position.
+
+    Micro-batch m of process `rank` (of `world`) holds stream positions
+    [(m·world + rank)·B, … + B); position p is item perm_e[p mod N] of epoch e = p div N, where
+    perm_e is seeded by (seed, e). So any micro-batch is known without replaying the ones before
+    it: a resumed run continues exactly where it stopped, and N < B still works.
+    Yields lists of (index, epoch) keys for PairDataset.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if size < 1:
+            raise PairError("the dataset has no pairs")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.rank, self.world = start, rank, world
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._perms[epoch]
+
+    def batch(self, micro_batch: int) -> list[tuple[int, int]]:
+        first = (micro_batch * self.world + self.rank) * self.batch_size
+        keys = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.size)
+            keys.append((self._perm(epoch)[offset], epoch))
+        return keys
+
+    def __iter__(self):
+        micro_batch = self.start
+        while True:
+            yield self.batch(micro_batch)
+            micro_batch += 1

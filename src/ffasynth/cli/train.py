@@ -1,0 +1,138 @@
+"""`ffasynth train ...`: stage 0 (VAE), stage 1 (U-Net)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ffasynth.config import Config, load_config
+
+app = typer.Typer(
+    help="Train the model: `vae` (stage 0, when no pretrained VAE), `stage1` (U-Net).", no_args_is_help=True
+)
+
+DATA = typer.Option(..., "--data", help="Folder of registered pairs (its train/ subfolder is used when present).")
+OUT = typer.Option(..., "--out", help="Run folder to write (config, checkpoints, samples, logs).")
+CONFIG = typer.Option(None, "--config", help="YAML config file (see `configs/`).")
+PRESET = typer.Option(None, "--preset", help="tiny (CPU, seconds) or sd15 (the paper's scale).")
+RESUME = typer.Option(False, "--resume", help="Continue from the run's newest complete checkpoint and config.")
+MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps in total.")
+BATCH = typer.Option(None, "--batch-size", help="Crops per step (per process).")
+RESOLUTION = typer.Option(None, "--resolution", help="Crop size in pixels (data.crop_size).")
+SAVE_EVERY = typer.Option(None, "--save-every", help="Checkpoint every N steps.")
+SEED = typer.Option(None, "--seed", help="Seed for crops, noise and initialisation.")
+OVERRIDES = typer.Argument(None, help="Any config field as key=value, e.g. stage1.lr=1e-4 model.use_clip=false.")
+QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+
+
+def resolve_config(
+    section: str,
+    out: Path,
+    config_file: Path | None,
+    preset: str | None,
+    resume: bool,
+    flags: dict,
+    overrides: list[str] | None,
+) -> Config:
+    """Defaults ← preset ← --config (or, with --resume, the run's saved config) ← flags ← key=value."""
+    saved = out / "config.yaml"
+    base = saved if resume and saved.is_file() and config_file is None else config_file
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    extra = [e.replace("train.", f"{section}.") for e in extra]
+    return load_config(base, preset, extra + list(overrides or []))
+
+
+def _flags(max_steps, batch_size, resolution, save_every, seed) -> dict:
+    return {
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "data.crop_size": resolution,
+        "train.save_every": save_every,
+        "seed": seed,
+    }
+
+
+@app.command("vae")
+def train_vae(
+    data: Path = DATA,
+    out: Path = OUT,
+    config_file: Path | None = CONFIG,
+    preset: str | None = PRESET,
+    resume: bool = RESUME,
+    max_steps: int | None = MAX_STEPS,
+    batch_size: int | None = BATCH,
+    resolution: int | None = RESOLUTION,
+    save_every: int | None = SAVE_EVERY,
+    seed: int | None = SEED,
+    quiet: bool = QUIET,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Stage 0: train a VAE on source and target crops (L1 + small KL). Writes RUN/vae/ for `--vae RUN`."""
+    from diffusers import AutoencoderKL
+
+    from ffasynth.models.components import vae_config
+    from ffasynth.training.loop import train
+    from ffasynth.training.run import load_training_data, prepare_run
+    from ffasynth.training.vae import VAETask
+
+    config = resolve_config(
+        "vae", out, config_file, preset, resume, _flags(max_steps, batch_size, resolution, save_every, seed), overrides
+    )
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "vae", data, resume)
+    typer.echo(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
+    import torch
+
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(**vae_config(config.model))
+    result = train(VAETask(vae, config.vae, dataset), dataset, config.vae, run_dir, config.seed, resume, not quiet)
+    typer.echo(f"done: {result.step} steps; VAE in {run_dir / 'vae'} (scaling factor {vae.config.scaling_factor:.4f})")
+
+
+@app.command("stage1")
+def train_stage1(
+    data: Path = DATA,
+    out: Path = OUT,
+    config_file: Path | None = CONFIG,
+    preset: str | None = PRESET,
+    vae: str | None = typer.Option(None, "--vae", help="A `train vae` run or diffusers VAE folder (model.vae)."),
+    resume: bool = RESUME,
+    max_steps: int | None = MAX_STEPS,
+    batch_size: int | None = BATCH,
+    resolution: int | None = RESOLUTION,
+    save_every: int | None = SAVE_EVERY,
+    seed: int | None = SEED,
+    quiet: bool = QUIET,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Stage 1: train the denoising U-Net on FFA latents, conditioned on the photo (CLIP tokens and/or
+    the concatenated source latent), with offset noise. VAE and CLIP stay frozen."""
+    from ffasynth.training.loop import train
+    from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
+    from ffasynth.training.stage1 import build_stage1, trainable_parameters
+
+    flags = _flags(max_steps, batch_size, resolution, save_every, seed)
+    if vae is not None:
+        flags["model.vae"] = str(Path(vae).resolve()) if Path(vae).exists() else vae
+    config = resolve_config("stage1", out, config_file, preset, resume, flags, overrides)
+    if config.model.pretrained is None and config.model.vae is None:
+        typer.secho(
+            "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents mean "
+            "nothing; train one first with `ffasynth train vae`",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "stage1", data, resume)
+    task = build_stage1(config)
+    save_model_folder(run_dir, task.components)
+    typer.echo(
+        f"{len(dataset)} training pairs; {trainable_parameters(task) / 1e6:.2f} M trainable parameters; run {run_dir}"
+    )
+    result = train(task, dataset, config.stage1, run_dir, config.seed, resume, not quiet)
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else ({}, {})
+    summary = (
+        f"loss {first.get('loss/main', float('nan')):.4f} → {last.get('loss/main', float('nan')):.4f}" if first else ""
+    )
+    typer.echo(f"done: {result.step} steps {summary}; skipped {result.skipped_steps}; checkpoint {result.checkpoint}")

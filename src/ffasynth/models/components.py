@@ -1,0 +1,198 @@
+"""Build the model's components from a config: VAE, denoising U-Net (with the 8-channel conv_in
+surgery), CLIP image encoder + its preprocessing, and the training noise scheduler.
+
+Shapes come from `ModelConfig` (defaults = SD1.5 + CLIP ViT-L/14; the `tiny` preset shrinks them)
+when a component has no weights to load; `model.pretrained`, `model.vae` and `model.image_encoder`
+point at real weights (see `models/loading.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from ffasynth.config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class Components:
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    image_encoder: CLIPVisionModelWithProjection | None
+    image_processor: CLIPImageProcessor | None
+    scheduler: DDPMScheduler
+    # Where each frozen component came from ("" = random init, saved with the run).
+    sources: dict[str, str]
+
+
+def unet_config(model: ModelConfig, in_channels: int | None = None) -> dict:
+    """UNet2DConditionModel arguments; the defaults of ModelConfig give exactly SD1.5's U-Net."""
+    levels = len(model.unet_channels)
+    return {
+        "sample_size": 64,
+        "in_channels": in_channels or model.latent_channels,
+        "out_channels": model.latent_channels,
+        "layers_per_block": model.unet_layers_per_block,
+        "block_out_channels": list(model.unet_channels),
+        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
+        "attention_head_dim": model.unet_attention_heads,
+        "norm_num_groups": model.unet_norm_groups,
+        "cross_attention_dim": model.cross_attention_dim,
+    }
+
+
+def vae_config(model: ModelConfig) -> dict:
+    """AutoencoderKL arguments; the defaults give SD1.5's VAE (downsampling 2^(levels-1) = 8)."""
+    levels = len(model.vae_channels)
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(model.vae_channels),
+        "layers_per_block": model.vae_layers_per_block,
+        "latent_channels": model.latent_channels,
+        "norm_num_groups": model.vae_norm_groups,
+        "sample_size": 512,
+        "scaling_factor": model.latent_scaling,
+    }
+
+
+def clip_config(model: ModelConfig) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=model.clip_hidden_size,
+        intermediate_size=model.clip_intermediate_size,
+        num_hidden_layers=model.clip_layers,
+        num_attention_heads=model.clip_heads,
+        image_size=model.clip_image_size,
+        patch_size=model.clip_patch_size,
+        projection_dim=model.cross_attention_dim,
+    )
+
+
+def clip_processor(image_size: int) -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> UNet2DConditionModel:
+    """conv_in: C → C + extra input channels; the new weights are zero, so the output is unchanged
+    for any content in the new channels until training moves them (InstructPix2Pix's surgery)."""
+    old = unet.conv_in
+    new = nn.Conv2d(
+        old.in_channels + extra_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        dtype=old.weight.dtype,
+        device=old.weight.device,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+    return unet
+
+
+def add_phase_embedding(unet: UNet2DConditionModel, num_phases: int) -> None:
+    """Give the U-Net an FFA-phase input (early/late) added to its time embedding, zero-initialised
+    so a pretrained U-Net's output is unchanged until training moves it."""
+    if not num_phases or getattr(unet, "class_embedding", None) is not None:
+        return
+    unet.class_embedding = nn.Embedding(num_phases, unet.time_embedding.linear_2.out_features)
+    nn.init.zeros_(unet.class_embedding.weight)
+    unet.register_to_config(num_class_embeds=num_phases)
+
+
+def unet_in_channels(model: ModelConfig) -> int:
+    return model.latent_channels * (2 if model.use_concat else 1)
+
+
+def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDPMScheduler:
+    """SD1.5's noise schedule (scaled-linear β from 0.00085 to 0.012)."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def set_attention(unet: UNet2DConditionModel, attention: str) -> None:
+    """SDPA (torch's fused attention, the default) or the eager maths, for comparison and debugging."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def build_components(config: Config, *, random_weights: bool = False) -> Components:
+    """Everything stage 1 needs, from real weights where the config names them, else random init.
+
+    The U-Net always ends with `unet_in_channels(config.model)` input channels (8 with the source
+    latent concatenated), widened by zero-initialised channels when loaded with 4.
+    """
+    from ffasynth.models import loading
+
+    model = config.model
+    sources = {"unet": "", "vae": "", "image_encoder": ""}
+    if model.pretrained and not random_weights:
+        unet, vae = loading.load_unet_and_vae(model.pretrained, model)
+        sources["unet"] = sources["vae"] = model.pretrained
+    else:
+        unet = UNet2DConditionModel(**unet_config(model))
+        vae = AutoencoderKL(**vae_config(model))
+    if model.vae and not random_weights:
+        vae = loading.load_vae(model.vae)
+        sources["vae"] = model.vae
+    wanted = unet_in_channels(model)
+    if unet.config.in_channels == model.latent_channels and wanted > model.latent_channels:
+        widen_conv_in(unet, wanted - model.latent_channels)
+    elif unet.config.in_channels != wanted:
+        from ffasynth.errors import ConfigError
+
+        raise ConfigError(
+            f"the U-Net has {unet.config.in_channels} input channels but model.use_concat={model.use_concat} "
+            f"needs {wanted}"
+        )
+    add_phase_embedding(unet, model.num_phases)
+    image_encoder = processor = None
+    if model.use_clip:
+        if model.image_encoder and not random_weights:
+            image_encoder, processor = loading.load_image_encoder(model.image_encoder)
+            sources["image_encoder"] = model.image_encoder
+        else:
+            image_encoder = CLIPVisionModelWithProjection(clip_config(model))
+            processor = clip_processor(model.clip_image_size)
+    set_attention(unet, model.attention)
+    vae.requires_grad_(False)
+    if image_encoder is not None:
+        image_encoder.requires_grad_(False).eval()
+    vae.eval()
+    scheduler = training_scheduler(config.stage1.num_train_timesteps, config.stage1.prediction_type)
+    return Components(vae, unet, image_encoder, processor, scheduler, sources)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,125 @@
+"""The source photo as conditioning: CLIP image tokens for every cross-attention layer, and the
+source's VAE latent concatenated to the noisy latent (8-channel conv_in). Either path can be off;
+"off" and "dropped" (classifier-free guidance) both mean zeros, which carry no information."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+
+def to_vae_input(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images with 1 (FFA) or 3 (photo) channels → the VAE's 3 channels."""
+    return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+
+
+def from_vae_output(image: torch.Tensor) -> torch.Tensor:
+    """The VAE's 3 decoded channels → one grey angiogram channel (their mean), still in [-1, 1]."""
+    return image.mean(dim=1, keepdim=True)
+
+
+def encode_latents(
+    vae: AutoencoderKL, image: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False
+) -> torch.Tensor:
+    """z = scaling · E(x): the posterior's mode, or a sample from it (the target during training)."""
+    posterior = vae.encode(to_vae_input(image).to(vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mode()
+    return latents * vae.config.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """x = D(z / scaling) as a grey image in [-1, 1]."""
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return from_vae_output(image).clamp(-1.0, 1.0)
+
+
+class SourceConditioner(nn.Module):
+    """source (B, 3, H, W) in [-1, 1] → cond_tokens (B, T, cross_attention_dim) and source latents.
+
+    clip_tokens="embed": the projected image embedding as one token (what SD image variation feeds
+    SD1.5; 768-d = its cross-attention width, so no new weights). "patches": the last hidden states
+    (CLS + patches) through a learned linear projection. A projection is also learned when the
+    encoder's width differs from the U-Net's.
+    """
+
+    def __init__(
+        self,
+        image_encoder: CLIPVisionModelWithProjection | None,
+        image_processor: CLIPImageProcessor | None,
+        cross_attention_dim: int,
+        use_clip: bool = True,
+        use_concat: bool = True,
+        clip_tokens: str = "embed",
+    ):
+        super().__init__()
+        if use_clip and (image_encoder is None or image_processor is None):
+            raise ValueError("use_clip needs an image encoder and its processor")
+        self.image_encoder = image_encoder if use_clip else None
+        self.image_processor = image_processor
+        self.cross_attention_dim = cross_attention_dim
+        self.use_clip = use_clip
+        self.use_concat = use_concat
+        self.clip_tokens = clip_tokens
+        self.projection: nn.Linear | None = None
+        if use_clip:
+            width = (
+                image_encoder.config.hidden_size if clip_tokens == "patches" else image_encoder.config.projection_dim
+            )
+            if clip_tokens == "patches" or width != cross_attention_dim:
+                self.projection = nn.Linear(width, cross_attention_dim)
+
+    def clip_pixels(self, source: torch.Tensor) -> torch.Tensor:
+        """The CLIP processor's recipe on tensors: resize shortest side, centre crop, normalise."""
+        processor = self.image_processor
+        size = processor.crop_size["height"]
+        pixels = (source.float() + 1.0) / 2.0
+        height, width = pixels.shape[-2:]
+        scale = size / min(height, width)
+        new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+        pixels = F.interpolate(pixels, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+        pixels = pixels[..., top : top + size, left : left + size].clamp(0.0, 1.0)
+        mean = torch.tensor(processor.image_mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(processor.image_std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def clip_features(self, source: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's output before any learned projection: (B, 1, proj) or (B, 1+P, hidden)."""
+        encoder = self.image_encoder
+        output = encoder(pixel_values=self.clip_pixels(source).to(encoder.dtype))
+        features = output.last_hidden_state if self.clip_tokens == "patches" else output.image_embeds.unsqueeze(1)
+        return features.float()
+
+    def project(self, features: torch.Tensor, projection: nn.Module | None = None) -> torch.Tensor:
+        projection = projection if projection is not None else self.projection
+        return features if projection is None else projection(features.to(projection.weight.dtype))
+
+    def tokens(self, source: torch.Tensor) -> torch.Tensor:
+        if not self.use_clip:
+            return source.new_zeros(source.shape[0], 1, self.cross_attention_dim)
+        return self.project(self.clip_features(source))
+
+    def source_latents(self, vae: AutoencoderKL, source: torch.Tensor) -> torch.Tensor | None:
+        return encode_latents(vae, source) if self.use_concat else None
+
+    def forward(
+        self, vae: AutoencoderKL, source: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond_tokens, source_latents). keep: (B,) bool; False rows get the null (zero) condition."""
+        tokens = self.tokens(source)
+        latents = self.source_latents(vae, source)
+        if keep is not None:
+            tokens = tokens * keep.view(-1, 1, 1).to(tokens.dtype)
+            if latents is not None:
+                latents = latents * keep.view(-1, 1, 1, 1).to(latents.dtype)
+        return tokens, latents
+
+    @staticmethod
+    def unet_input(noisy_latents: torch.Tensor, source_latents: torch.Tensor | None) -> torch.Tensor:
+        """conv_in's input: the noisy latent, then the source latent (channel order matters)."""
+        if source_latents is None:
+            return noisy_latents
+        return torch.cat([noisy_latents, source_latents.to(noisy_latents.dtype)], dim=1)

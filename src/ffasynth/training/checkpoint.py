@@ -1,0 +1,174 @@
+"""Checkpoints: safetensors weights + JSON state, written to a temporary folder and renamed, so a
+run killed at any instant leaves its newest complete checkpoint loadable. No pickle anywhere.
+
+Layout of RUN/checkpoints/step-000120/:
+  <module>.safetensors        trainable weights (e.g. unet, projection, decoder, discriminator)
+  <module>.ema.safetensors    their exponential moving average, when kept
+  optimizer-<name>.safetensors + .json   AdamW moments (tensors) and param groups (JSON)
+  state.json                  step, LR-schedule position, counters; written last
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_folder
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ExponentialMovingAverage:
+    """shadow ← decay·shadow + (1 − decay)·param, with decay warmed up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: p.detach().clone().float() for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for name in self.shadow:
+            self.shadow[name].copy_(state[name])
+        self.updates = updates
+
+
+def module_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A contiguous, de-aliased CPU copy (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, str(folder / f"optimizer-{name}.safetensors"))
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    (folder / f"optimizer-{name}.json").write_text(json.dumps(meta, default=list))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str) -> None:
+    tensors = load_file(str(folder / f"optimizer-{name}.safetensors"))
+    meta = json.loads((folder / f"optimizer-{name}.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    for key, value in meta["scalars"].items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders with their state.json written, oldest first; temporary folders are skipped."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    emas: dict[str, ExponentialMovingAverage],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write RUN/checkpoints/step-N atomically, then prune to the newest `keep`."""
+
+    def fill(folder: Path) -> None:
+        for name, module in modules.items():
+            save_file(module_state(module), str(folder / f"{name}.safetensors"))
+        for name, ema in emas.items():
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / f"{name}.ema.safetensors"))
+        for name, optimizer in optimizers.items():
+            save_optimizer(optimizer, folder, name)
+        ema_updates = {name: ema.updates for name, ema in emas.items()}
+        (folder / "state.json").write_text(json.dumps({**state, "step": step, "ema_updates": ema_updates}, indent=1))
+
+    path = atomic_folder(Path(run_dir) / "checkpoints" / f"step-{step:06d}", fill)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(
+    folder: Path,
+    modules: dict[str, nn.Module],
+    emas: dict[str, ExponentialMovingAverage],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict:
+    """Restore everything save_checkpoint wrote; returns state.json's contents."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        for name, module in modules.items():
+            module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+        for name, ema in emas.items():
+            ema.load_state_dict(load_file(str(folder / f"{name}.ema.safetensors")), state["ema_updates"][name])
+        for name, optimizer in optimizers.items():
+            load_optimizer(optimizer, folder, name)
+    except (OSError, KeyError, ValueError, RuntimeError) as error:
+        raise FFASynthError(f"checkpoint {folder} cannot be resumed ({str(error).splitlines()[0]})") from None
+    return state
+
+
+def load_weights(folder: Path, name: str, module: nn.Module, ema: bool = True) -> bool:
+    """Load one module's weights from a checkpoint, the EMA copy when asked and present.
+    Returns whether EMA weights were used."""
+    from ffasynth.models.loading import load_safetensors_into
+
+    ema_path = folder / f"{name}.ema.safetensors"
+    if ema and ema_path.is_file():
+        weights = load_file(str(ema_path))
+        with torch.no_grad():
+            params = dict(module.named_parameters())
+            missing = [k for k in weights if k not in params]
+            if missing:
+                raise FFASynthError(f"{ema_path} does not fit the {name} (e.g. {missing[0]})")
+            load_safetensors_into(module, folder / f"{name}.safetensors", name)
+            for key, value in weights.items():
+                params[key].copy_(value.to(params[key].dtype))
+        return True
+    load_safetensors_into(module, folder / f"{name}.safetensors", name)
+    return False

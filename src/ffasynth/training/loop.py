@@ -1,0 +1,284 @@
+"""The training loop every stage shares (VAE stage 0, stage 1, stage 2, the pix2pix baseline).
+
+A stage is a `Task`: its trainable modules, how to compute each optimizer's loss on a batch, and
+what to draw in sample grids. The loop owns the rest: accelerate (devices, DDP, mixed precision),
+AdamW with warm-up, gradient accumulation and clipping, EMA, atomic checkpoints and exact resume,
+non-finite-loss guarding, a progress bar, TensorBoard, metrics.jsonl and sample grids.
+
+Every random draw a task makes comes from `generator`, seeded by (seed, step, micro-batch,
+optimizer, process), and the data stream is addressed by position: a resumed run repeats the
+uninterrupted run's numbers exactly, with no RNG state to save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ffasynth.config import TrainConfig
+from ffasynth.data.dataset import StreamBatchSampler
+from ffasynth.errors import FFASynthError
+from ffasynth.training import checkpoint as ckpt
+
+
+class TrainingError(FFASynthError):
+    """A run cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is intact."""
+
+
+class Task:
+    """What a training stage defines. Subclasses set `trainable` (name → module) before training."""
+
+    name = "task"
+    trainable: dict[str, nn.Module]
+    ema_names: tuple[str, ...] = ()
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        """optimizer name → the trainable modules it updates; stepped in this order each step."""
+        return {"main": list(self.trainable)}
+
+    def learning_rates(self, base_lr: float) -> dict[str, float]:
+        return {name: base_lr for name in self.optimizer_groups()}
+
+    def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move every module; frozen ones may use weight_dtype (fp16/bf16 under mixed precision)."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        raise FFASynthError(f"gradient checkpointing is not available for {self.name}")
+
+    def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """Columns of a sample grid, each (B, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def finish(self, run_dir: Path) -> None:
+        """Called once after the last step (e.g. to export a model folder)."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+    checkpoint: Path | None = None
+
+
+def step_generator(seed: int, step: int, micro: int, optimizer: int, rank: int, device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{optimizer}/{rank}".encode()).hexdigest()
+    return torch.Generator(device=device).manual_seed(int(digest[:15], 16))
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to 1, then constant or cosine decay to 0 at max_steps."""
+    if step < config.lr_warmup_steps:
+        return (step + 1) / config.lr_warmup_steps
+    if config.lr_schedule == "cosine":
+        progress = (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _grid(columns: list[torch.Tensor]) -> torch.Tensor:
+    """Rows = batch items, columns = the task's images, grey repeated to RGB; in [0, 1]."""
+    height = max(c.shape[-2] for c in columns)
+    width = max(c.shape[-1] for c in columns)
+    cells = []
+    for column in columns:
+        column = ((column.detach().float().cpu() + 1.0) / 2.0).clamp(0, 1)
+        column = column.expand(-1, 3, -1, -1) if column.shape[1] == 1 else column[:, :3]
+        column = nn.functional.pad(column, (0, width - column.shape[-1], 0, height - column.shape[-2]))
+        cells.append(column)
+    rows = [torch.cat([c[i] for c in cells], dim=-1) for i in range(cells[0].shape[0])]
+    return torch.cat(rows, dim=-2)
+
+
+def train(
+    task: Task,
+    dataset,
+    config: TrainConfig,
+    run_dir: str | Path,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+    sample_items: int = 4,
+) -> TrainResult:
+    from accelerate import Accelerator
+    from safetensors.torch import save_file  # noqa: F401  (checkpoint writer's dependency, fail early)
+    from tqdm.auto import tqdm
+
+    from ffasynth.data.io import save_image
+
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    task.to(device, weight_dtype)
+    if config.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
+
+    groups = task.optimizer_groups()
+    rates = task.learning_rates(config.lr)
+    optimizers = {
+        name: torch.optim.AdamW(
+            [p for m in modules for p in task.trainable[m].parameters() if p.requires_grad],
+            lr=rates[name],
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+        for name, modules in groups.items()
+    }
+    raw = dict(task.trainable)  # unwrapped modules: what checkpoints and EMA see
+    emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
+    for name in raw:
+        task.trainable[name] = accelerator.prepare(raw[name])
+    optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
+
+    start, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
+    if resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None:
+            unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
+            state = ckpt.load_checkpoint(latest, unwrapped, emas, optimizers)
+            start = state["step"]
+            accelerator.print(f"resuming {run_dir} from {latest.name}")
+    if start >= config.max_steps:
+        accelerator.print(f"{run_dir} already has {start} steps (max_steps={config.max_steps}); nothing to do")
+        task.finish(run_dir)
+        return TrainResult(start, checkpoint=ckpt.latest_checkpoint(run_dir))
+
+    sampler = StreamBatchSampler(
+        len(dataset),
+        config.batch_size,
+        seed,
+        start=start * config.gradient_accumulation,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+    )
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda"
+    )
+    stream = iter(loader)
+    preview = _to_device(
+        torch.utils.data.default_collate([dataset[(i, 0)] for i in range(min(sample_items, len(dataset)))]), device
+    )
+
+    writer = None
+    if accelerator.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "logs"))
+    metrics_file = run_dir / "metrics.jsonl"
+    result = TrainResult(start, skipped_steps=state["skipped_steps"])
+    bar = tqdm(
+        total=config.max_steps,
+        initial=start,
+        disable=not (progress and accelerator.is_local_main_process),
+        desc=task.name,
+    )
+    window: list[dict] = []
+    tick = time.perf_counter()
+    for step in range(start, config.max_steps):
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_factor(step, config)
+        micro_batches = [_to_device(next(stream), device) for _ in range(config.gradient_accumulation)]
+        logs: dict[str, float] = {}
+        finite = True
+        for index, (name, optimizer) in enumerate(optimizers.items()):
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            for micro, batch in enumerate(micro_batches):
+                generator = step_generator(seed, step, micro, index, accelerator.process_index, device)
+                with accelerator.autocast():
+                    loss, parts = task.loss(batch, step, generator, name)
+                if not torch.isfinite(loss).all():
+                    finite = False
+                    break
+                accelerator.backward(loss / config.gradient_accumulation)
+                for key, value in {f"loss/{name}": loss.item(), **parts}.items():
+                    logs[key] = logs.get(key, 0.0) + float(value) / config.gradient_accumulation
+            if not finite:
+                break
+            params = [p for m in groups[name] for p in task.trainable[m].parameters() if p.requires_grad]
+            if config.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                if not torch.isfinite(torch.as_tensor(norm)):
+                    finite = False
+                    break
+                logs[f"grad_norm/{name}"] = float(norm)
+            optimizer.step()
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if not finite:
+            state["skipped_steps"] += 1
+            state["bad_in_a_row"] += 1
+            result.skipped_steps = state["skipped_steps"]
+            if state["bad_in_a_row"] >= config.max_bad_steps:
+                latest = ckpt.latest_checkpoint(run_dir)
+                raise TrainingError(
+                    f"{task.name}: the loss was not finite for {state['bad_in_a_row']} steps in a row at step {step}; "
+                    f"stopped (last good checkpoint: {latest or 'none'}); try a lower learning rate"
+                )
+        else:
+            state["bad_in_a_row"] = 0
+            for name, ema in emas.items():
+                ema.update(raw[name])
+        done = step + 1
+        logs.update(
+            step=done, lr=optimizers[next(iter(optimizers))].param_groups[0]["lr"], skipped=state["skipped_steps"]
+        )
+        window.append(logs)
+        if done % config.log_every == 0 or done == config.max_steps:
+            elapsed = time.perf_counter() - tick
+            images = len(window) * config.batch_size * config.gradient_accumulation * accelerator.num_processes
+            summary = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1] if k != "step"}
+            summary.update(step=done, images_per_s=images / max(elapsed, 1e-9))
+            if accelerator.is_main_process:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(summary) + "\n")
+                for key, value in summary.items():
+                    if key != "step":
+                        writer.add_scalar(key, value, done)
+            result.losses.append(summary)
+            main_loss = next((v for k, v in summary.items() if k.startswith("loss/")), float("nan"))
+            bar.set_postfix(loss=f"{main_loss:.4f}", lr=f"{summary['lr']:.2e}", img_s=f"{summary['images_per_s']:.1f}")
+            window, tick = [], time.perf_counter()
+        bar.update(1)
+        sample_now = done % config.sample_every == 0 or done == config.max_steps
+        if sample_now and accelerator.is_main_process:
+            with torch.no_grad():
+                columns = task.samples(preview, step_generator(seed, done, 0, 99, 0, device))
+            save_image(_grid(columns), run_dir / "samples" / f"step-{done:06d}.png")
+            writer.add_image("samples", _grid(columns), done)
+        if done % config.save_every == 0 or done == config.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
+                saved = {k: v for k, v in state.items() if k != "step"}
+                result.checkpoint = ckpt.save_checkpoint(
+                    run_dir, done, unwrapped, emas, optimizers, saved, config.keep_checkpoints
+                )
+            accelerator.wait_for_everyone()
+        result.step = done
+    bar.close()
+    if writer is not None:
+        writer.close()
+    for name in raw:
+        task.trainable[name] = raw[name]
+    if accelerator.is_main_process:
+        task.finish(run_dir)
+    return result

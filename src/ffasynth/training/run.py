@@ -1,0 +1,142 @@
+"""Run folders: what a training run writes besides checkpoints, and how a later stage, `export` or
+inference rebuilds the model from one.
+
+RUN/
+  config.yaml   the resolved config;  run.json  kind, data, versions, where frozen weights came from
+  model/        unet/config.json, vae/ (the frozen VAE, whole), image_encoder/ (whole when it was
+                randomly initialised; otherwise run.json names its source)
+  checkpoints/  see training/checkpoint.py;  samples/  logs/  metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ffasynth.config import Config, load_config, save_config
+from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_write_text
+from ffasynth.models.components import Components, add_phase_embedding, set_attention, training_scheduler
+from ffasynth.models.conditioning import SourceConditioner
+from ffasynth.training import checkpoint as ckpt
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import transformers
+
+    from ffasynth import __version__
+
+    return {
+        "ffasynth": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def load_training_data(data_dir: str | Path, config: Config):
+    """The training pairs of DATA (its train/ split when there is one) as random paired crops."""
+    from ffasynth.data.dataset import PairDataset
+    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.transforms import PairedTransform
+
+    data_dir = Path(data_dir)
+    root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
+    pairs = load_pairs(root, layout=config.data.layout, phase=config.data.phase)
+    return PairDataset(
+        pairs,
+        PairedTransform.from_config(config.data),
+        seed=config.seed,
+        cache=config.data.cache_images,
+        max_pixels=config.data.max_pixels,
+    )
+
+
+def prepare_run(out: str | Path, config: Config, kind: str, data_dir: str | Path, resume: bool) -> Path:
+    run_dir = Path(out)
+    if run_dir.exists() and ckpt.complete_checkpoints(run_dir) and not resume:
+        raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info.update(kind=kind, data=str(Path(data_dir).resolve()), versions=versions())
+    atomic_write_text(info_path, json.dumps(info, indent=1))
+    return run_dir
+
+
+def run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FFASynthError(f"{run_dir} is not an ffasynth run folder (no run.json)")
+    return json.loads(path.read_text())
+
+
+def save_model_folder(run_dir: Path, components: Components) -> None:
+    """The architecture and the frozen parts, so the run can be rebuilt without the original sources."""
+    model_dir = Path(run_dir) / "model"
+    components.unet.save_config(model_dir / "unet")
+    components.vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+    if components.image_encoder is not None and not components.sources.get("image_encoder"):
+        components.image_encoder.save_pretrained(model_dir / "image_encoder", safe_serialization=True)
+        components.image_processor.save_pretrained(model_dir / "image_encoder")
+    info = run_info(run_dir)
+    info["sources"] = components.sources
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info, indent=1))
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    components: Components
+    conditioner: SourceConditioner
+    checkpoint: Path
+    ema: bool
+
+
+def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Path | None = None) -> LoadedRun:
+    """Rebuild the stage-1 model of a run from its newest complete checkpoint (or the one given)."""
+    from ffasynth.models import loading
+
+    run_dir = Path(run_dir)
+    info = run_info(run_dir)
+    if info.get("kind") != "stage1":
+        raise FFASynthError(f"{run_dir} is a '{info.get('kind')}' run, not a stage-1 run")
+    config = load_config(run_dir / "config.yaml")
+    folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if folder is None:
+        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    model_dir = run_dir / "model"
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
+    add_phase_embedding(unet, config.model.num_phases)
+    used_ema = ckpt.load_weights(folder, "unet", unet, ema=ema)
+    set_attention(unet, config.model.attention)
+    vae = loading.load_vae(str(model_dir / "vae"))
+    encoder = processor = None
+    if config.model.use_clip:
+        source = info.get("sources", {}).get("image_encoder") or str(model_dir / "image_encoder")
+        encoder, processor = loading.load_image_encoder(source)
+    conditioner = SourceConditioner(
+        encoder,
+        processor,
+        unet.config.cross_attention_dim,
+        use_clip=config.model.use_clip,
+        use_concat=config.model.use_concat,
+        clip_tokens=config.model.clip_tokens,
+    )
+    if conditioner.projection is not None:
+        ckpt.load_weights(folder, "projection", conditioner.projection, ema=ema)
+    for module in (unet, vae, conditioner):
+        module.requires_grad_(False).eval()
+    scheduler = training_scheduler(config.stage1.num_train_timesteps, config.stage1.prediction_type)
+    components = Components(vae, unet, encoder, processor, scheduler, info.get("sources", {}))
+    return LoadedRun(config, components, conditioner, folder, used_ema)

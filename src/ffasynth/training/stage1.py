@@ -1,0 +1,169 @@
+"""Stage 1: train the denoising U-Net on target-FFA latents, conditioned on the source photo.
+
+VAE and CLIP are frozen; the U-Net (and the CLIP token projection, if any) learn. One step:
+  z0 = s·E(target);  ε' = ε + s_off·n, n ~ N(0, 1) of shape (B, C, 1, 1)   (offset noise)
+  z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε';  loss = ‖U([z_t ⊕ s·E(source)], t, CLIP(source)) − y‖²,
+  y = ε' (epsilon) or √ᾱ_t ε' − √(1−ᾱ_t) z0 (v), optionally min-SNR-γ weighted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ffasynth.config import Stage1Config
+from ffasynth.models.components import Components
+from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents
+from ffasynth.training.loop import Task
+
+
+def offset_noise(latents: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """ε + s·n with n ~ N(0, 1) per (sample, channel): shifts each channel's mean, so the model can
+    learn the target's overall brightness (dark FFA backgrounds) that plain ε cannot move."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if strength > 0:
+        shift = torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + strength * shift
+    return noise
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = ᾱ_t / (1 − ᾱ_t)."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    return alphas / (1.0 - alphas)
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1) for v."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.minimum(ratio, torch.full_like(ratio, gamma))
+    return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
+
+
+def phase_labels(batch: dict, num_phases: int, device) -> torch.Tensor | None:
+    if not num_phases:
+        return None
+    return torch.as_tensor(batch["phase"], device=device).long().clamp(0, num_phases - 1)
+
+
+class Stage1Task(Task):
+    name = "stage1"
+
+    def __init__(self, components: Components, conditioner: SourceConditioner, config: Stage1Config, num_phases: int):
+        self.components = components
+        self.conditioner = conditioner
+        self.config = config
+        self.num_phases = num_phases
+        self.trainable = {"unet": components.unet}
+        if conditioner.projection is not None:
+            self.trainable["projection"] = conditioner.projection
+        self.ema_names = tuple(self.trainable)
+        self.components.unet.train()
+
+    def to(self, device, weight_dtype) -> None:
+        frozen = [self.components.vae] + ([self.conditioner.image_encoder] if self.conditioner.use_clip else [])
+        for module in frozen:  # frozen parts in the mixed-precision dtype: half the memory, no gradients needed
+            module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+        self.components.unet.to(device)
+        if self.conditioner.projection is not None:
+            self.conditioner.projection.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.components.unet.enable_gradient_checkpointing()
+
+    def _condition(self, batch: dict, keep: torch.Tensor | None):
+        """(cond_tokens, source_latents); the frozen encoders run without grad, the projection with."""
+        conditioner, source = self.conditioner, batch["source"]
+        with torch.no_grad():
+            features = conditioner.clip_features(source) if conditioner.use_clip else None
+            source_latents = conditioner.source_latents(self.components.vae, source)
+        if features is None:
+            tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
+        else:
+            tokens = conditioner.project(features, self.trainable.get("projection"))
+        if keep is not None:
+            tokens = tokens * keep.view(-1, 1, 1).to(tokens.dtype)
+            if source_latents is not None:
+                source_latents = source_latents * keep.view(-1, 1, 1, 1).to(source_latents.dtype)
+        return tokens, source_latents
+
+    def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
+        scheduler, vae, unet = self.components.scheduler, self.components.vae, self.trainable["unet"]
+        target = batch["target"]
+        batch_size = target.shape[0]
+        with torch.no_grad():
+            latents = encode_latents(vae, target, generator, sample=True).float()
+        keep = torch.rand(batch_size, generator=generator, device=target.device) >= self.config.conditioning_dropout
+        tokens, source_latents = self._condition(batch, keep)
+        noise = offset_noise(latents, self.config.offset_noise_strength, generator)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=target.device
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if self.config.prediction_type == "v_prediction":
+            wanted = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            wanted = noise
+        prediction = unet(
+            SourceConditioner.unet_input(noisy, source_latents),
+            timesteps,
+            encoder_hidden_states=tokens.to(noisy.dtype),
+            class_labels=phase_labels(batch, self.num_phases, target.device),
+        ).sample
+        per_sample = F.mse_loss(prediction.float(), wanted.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(
+                scheduler, timesteps, self.config.snr_gamma, self.config.prediction_type
+            )
+        return per_sample.mean(), {}
+
+    @torch.no_grad()
+    def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """source | real FFA | generated (20 DDIM steps from noise, the model's own sampler)."""
+        from diffusers import DDIMScheduler
+
+        unet = self.components.unet
+        was_training = unet.training
+        unet.eval()
+        sampler = DDIMScheduler.from_config(self.components.scheduler.config)
+        sampler.set_timesteps(20, device=batch["source"].device)
+        tokens, source_latents = self._condition(batch, None)
+        vae = self.components.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (batch["source"].shape[0], vae.config.latent_channels) + tuple(
+            s // factor for s in batch["source"].shape[-2:]
+        )
+        latents = torch.randn(shape, generator=generator, device=batch["source"].device)
+        labels = phase_labels(batch, self.num_phases, latents.device)
+        for t in sampler.timesteps:
+            model_input = SourceConditioner.unet_input(latents, source_latents)
+            prediction = unet(model_input, t, encoder_hidden_states=tokens, class_labels=labels).sample
+            latents = sampler.step(prediction, t, latents).prev_sample
+        unet.train(was_training)
+        return [batch["source"], batch["target"], decode_latents(vae, latents).float()]
+
+    def finish(self, run_dir: Path) -> None:
+        pass
+
+
+def trainable_parameters(task: Stage1Task) -> int:
+    return sum(p.numel() for m in task.trainable.values() for p in m.parameters() if p.requires_grad)
+
+
+def build_stage1(config) -> Stage1Task:
+    """Components (seeded random init where nothing is loaded), the conditioner and the task."""
+    from ffasynth.models.components import build_components
+
+    torch.manual_seed(config.seed)
+    components = build_components(config)
+    conditioner = SourceConditioner(
+        components.image_encoder,
+        components.image_processor,
+        components.unet.config.cross_attention_dim,
+        use_clip=config.model.use_clip,
+        use_concat=config.model.use_concat,
+        clip_tokens=config.model.clip_tokens,
+    )
+    return Stage1Task(components, conditioner, config.stage1, config.model.num_phases)

@@ -1,0 +1,255 @@
+"""Model components: conv_in surgery, conditioning paths, offset noise, weight loading formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from ffasynth.config import load_config
+from ffasynth.errors import WeightsNotFoundError
+from ffasynth.models import loading
+from ffasynth.models.components import (
+    add_phase_embedding,
+    build_components,
+    count_parameters,
+    unet_config,
+    vae_config,
+    widen_conv_in,
+)
+from ffasynth.models.conditioning import SourceConditioner
+from ffasynth.training.stage1 import min_snr_weights, offset_noise, snr
+from tests.ldm_format import unet_to_ldm, vae_to_ldm
+
+MICRO = [
+    "model.unet_channels=[16,32]",
+    "model.unet_attention_heads=2",
+    "model.cross_attention_dim=32",
+    "model.vae_channels=[8,16]",
+    "model.clip_hidden_size=32",
+    "model.clip_intermediate_size=64",
+    "model.clip_image_size=32",
+]
+
+
+def micro_config(*extra):
+    return load_config(preset="tiny", overrides=MICRO + list(extra))
+
+
+def test_zero_initialised_conv_in_leaves_the_unet_output_unchanged():
+    torch.manual_seed(0)
+    model = micro_config().model
+    unet = UNet2DConditionModel(**unet_config(model)).eval()
+    latents, tokens = torch.randn(2, 4, 16, 16), torch.randn(2, 1, 32)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        before = unet(latents, t, encoder_hidden_states=tokens).sample
+        widen_conv_in(unet, 4)
+        after = unet(torch.cat([latents, 5 * torch.randn(2, 4, 16, 16)], 1), t, encoder_hidden_states=tokens).sample
+    assert unet.config.in_channels == 8 and unet.conv_in.weight.shape[1] == 8
+    assert torch.allclose(before, after, atol=1e-6, rtol=0), (before - after).abs().max()
+    assert unet.conv_in.weight[:, 4:].abs().sum() == 0
+
+
+def test_phase_embedding_starts_at_zero_and_then_separates_phases():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config(micro_config().model)).eval()
+    x, t, h = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 1, 32)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=h).sample
+        add_phase_embedding(unet, 2)
+        early = unet(x, t, encoder_hidden_states=h, class_labels=torch.tensor([0])).sample
+        assert torch.allclose(plain, early, atol=1e-6)
+        unet.class_embedding.weight.normal_()
+        late = unet(x, t, encoder_hidden_states=h, class_labels=torch.tensor([1])).sample
+        early = unet(x, t, encoder_hidden_states=h, class_labels=torch.tensor([0])).sample
+    assert not torch.allclose(early, late, atol=1e-4)
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.1, 0.5])
+def test_offset_noise_adds_the_stated_variance_to_channel_means(strength):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.zeros(4000, 4, 8, 8)
+    noise = offset_noise(latents, strength, generator)
+    channel_means = noise.mean(dim=(2, 3))
+    expected = 1 / 64 + strength**2  # mean of 64 unit normals + the shared offset
+    assert channel_means.var().item() == pytest.approx(expected, rel=0.05)
+    assert noise.var().item() == pytest.approx(1 + strength**2, rel=0.03)
+
+
+def test_min_snr_weights_follow_the_formula():
+    components = build_components(micro_config(), random_weights=True)
+    scheduler = components.scheduler
+    t = torch.tensor([0, 100, 500, 999])
+    ratio = snr(scheduler, t)
+    alphas = scheduler.alphas_cumprod[t]
+    assert torch.allclose(ratio, alphas / (1 - alphas))
+    eps = min_snr_weights(scheduler, t, 5.0, "epsilon")
+    assert torch.allclose(eps, torch.clamp(ratio, max=5.0) / ratio)
+    assert eps[0] < 1 and eps[-1] == pytest.approx(1.0)  # low t (high SNR) is down-weighted
+
+
+def _conditioner(config, components):
+    return SourceConditioner(
+        components.image_encoder,
+        components.image_processor,
+        components.unet.config.cross_attention_dim,
+        use_clip=config.model.use_clip,
+        use_concat=config.model.use_concat,
+        clip_tokens=config.model.clip_tokens,
+    )
+
+
+def _predict(components, conditioner, source, noisy):
+    tokens, source_latents = conditioner(components.vae, source)
+    with torch.no_grad():
+        return components.unet(
+            SourceConditioner.unet_input(noisy, source_latents),
+            torch.tensor([300, 300]),
+            encoder_hidden_states=tokens,
+            class_labels=torch.tensor([0, 0]),
+        ).sample
+
+
+@pytest.mark.parametrize(
+    "clip,concat,tokens",
+    [(True, False, "embed"), (True, False, "patches"), (False, True, "embed"), (True, True, "embed")],
+)
+def test_each_conditioning_path_carries_the_source_and_nothing_when_off(clip, concat, tokens):
+    torch.manual_seed(0)
+    config = micro_config(
+        f"model.use_clip={str(clip).lower()}", f"model.use_concat={str(concat).lower()}", f"model.clip_tokens={tokens}"
+    )
+    components = build_components(config, random_weights=True)
+    if concat:  # training moves the zero-initialised source channels; emulate that
+        torch.nn.init.normal_(components.unet.conv_in.weight, std=0.1)
+    conditioner = _conditioner(config, components).eval()
+    assert (components.image_encoder is not None) == clip
+    source_a, source_b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    noisy = torch.randn(2, 4, 16, 16)
+    out_a = _predict(components, conditioner, source_a, noisy)
+    out_b = _predict(components, conditioner, source_b, noisy)
+    assert not torch.allclose(out_a, out_b, atol=1e-5), "the source does not reach the U-Net"
+    tokens_a, latents_a = conditioner(components.vae, source_a)
+    tokens_b, latents_b = conditioner(components.vae, source_b)
+    assert torch.equal(tokens_a, tokens_b) != clip  # off → identical (zero) tokens whatever the source
+    assert (latents_a is None) != concat
+    assert components.unet.config.in_channels == (8 if concat else 4)
+    expected_tokens = 1 if (not clip or tokens == "embed") else (32 // 8) ** 2 + 1
+    assert tokens_a.shape == (2, expected_tokens, 32)
+    dropped_tokens, dropped_latents = conditioner(components.vae, source_a, keep=torch.tensor([False, True]))
+    assert dropped_tokens[0].abs().sum() == 0 and torch.equal(dropped_tokens[1], tokens_a[1])
+    if concat:
+        assert dropped_latents[0].abs().sum() == 0
+
+
+def test_clip_preprocessing_matches_the_processor_on_a_square_image():
+    config = micro_config()
+    components = build_components(config, random_weights=True)
+    conditioner = _conditioner(config, components)
+    image = torch.rand(1, 3, 32, 32)
+    ours = conditioner.clip_pixels(image * 2 - 1)
+    reference = components.image_processor(
+        images=image[0].permute(1, 2, 0).numpy(), do_rescale=False, return_tensors="pt"
+    ).pixel_values
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def _tiny_sd(model):
+    torch.manual_seed(1)
+    return UNet2DConditionModel(**unet_config(model)), AutoencoderKL(**vae_config(model))
+
+
+def test_diffusers_folder_roundtrip(tmp_path):
+    model = micro_config().model
+    unet, vae = _tiny_sd(model)
+    unet.save_pretrained(tmp_path / "sd" / "unet")
+    vae.save_pretrained(tmp_path / "sd" / "vae")
+    loaded_unet, loaded_vae = loading.load_unet_and_vae(str(tmp_path / "sd"), model)
+    for a, b in ((unet, loaded_unet), (vae, loaded_vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        loading.load_unet_and_vae(str(tmp_path / "sd"), model)
+
+
+def test_single_file_checkpoint_in_the_original_layout_roundtrips(tmp_path):
+    layers = ["model.unet_layers_per_block=2", "model.vae_layers_per_block=2"]
+    config = micro_config(*layers)
+    model = config.model
+    unet, vae = _tiny_sd(model)
+    checkpoint = {
+        **unet_to_ldm(unet.state_dict(), model.unet_layers_per_block, len(model.unet_channels)),
+        **vae_to_ldm(vae.state_dict(), len(model.vae_channels)),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(
+            8
+        ),  # SD files carry CLIP text too
+    }
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.0.in_layers") for k in checkpoint)
+    path = tmp_path / "sd15-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
+    loaded_unet, loaded_vae = loading.load_unet_and_vae(str(path), model)
+    for a, b in ((unet, loaded_unet), (vae, loaded_vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k].reshape(sa[k].shape)) for k in sa)
+    # the whole stage-1 build path accepts it too, and widens conv_in
+    components = build_components(micro_config(*layers, f"model.pretrained={path}"))
+    assert components.unet.config.in_channels == 8 and components.sources["unet"] == str(path)
+
+
+def test_bad_weight_files_fail_in_one_sentence(tmp_path):
+    model = micro_config().model
+    pickle_file = tmp_path / "model.ckpt"
+    pickle_file.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(WeightsNotFoundError, match="pickle"):
+        loading.load_unet_and_vae(str(pickle_file), model)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsNotFoundError, match="junk.safetensors"):
+        loading.load_unet_and_vae(str(junk), model)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    with pytest.raises(WeightsNotFoundError, match="not a single-file Stable Diffusion"):
+        loading.load_unet_and_vae(str(other), model)
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        loading.load_unet_and_vae(str(tmp_path / "missing-folder" / "x"), model)
+    with pytest.raises(WeightsNotFoundError, match="image encoder"):
+        loading.load_image_encoder(str(tmp_path))
+
+
+def test_hub_id_without_internet_fails_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsNotFoundError) as info:
+        loading.load_unet_and_vae("ffasynth-test/not-a-real-model", micro_config().model)
+    message = str(info.value)
+    assert "huggingface-cli download ffasynth-test/not-a-real-model" in message and "\n" not in message
+
+
+def test_clip_folder_roundtrip_with_the_image_variation_layout(tmp_path):
+    config = micro_config()
+    components = build_components(config, random_weights=True)
+    components.image_encoder.save_pretrained(tmp_path / "image_encoder")
+    components.image_processor.save_pretrained(tmp_path / "feature_extractor")
+    encoder, processor = loading.load_image_encoder(str(tmp_path))
+    assert processor.crop_size == components.image_processor.crop_size
+    a, b = components.image_encoder.state_dict(), encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sd15_preset_has_exactly_sd15_shapes():
+    config = load_config(preset="sd15", overrides=["model.num_phases=0"])
+    unet = UNet2DConditionModel(**unet_config(config.model))
+    assert count_parameters(unet) == 859_520_964  # SD1.5's U-Net
+    widen_conv_in(unet, 4)
+    assert count_parameters(unet) == 859_520_964 + 4 * 320 * 3 * 3  # + the source latent's input weights
+    add_phase_embedding(unet, 2)
+    assert count_parameters(unet) == 859_520_964 + 4 * 320 * 9 + 2 * 1280
+    del unet
+    assert count_parameters(AutoencoderKL(**vae_config(config.model))) == 83_653_863  # SD1.5's VAE

@@ -1,0 +1,208 @@
+"""The shared training loop through stage 0 and stage 1: exact resume, atomic checkpoints,
+non-finite losses, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ffasynth.cli import app
+from ffasynth.config import load_config
+from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.loop import Task, TrainingError, train
+from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
+from ffasynth.training.stage1 import build_stage1
+from tests.test_models import MICRO
+
+TRAIN = [
+    "stage1.batch_size=2",
+    "stage1.log_every=1",
+    "stage1.sample_every=100",
+    "stage1.lr_warmup_steps=2",
+    "stage1.ema_decay=0.9",
+    "data.crop_size=32",
+    "seed=3",
+]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=4, size=48, seed=5)
+
+
+def _run(pairs, run_dir, max_steps, resume=False, extra=()):
+    config = load_config(
+        preset="tiny", overrides=MICRO + TRAIN + [f"stage1.max_steps={max_steps}", "stage1.save_every=3", *extra]
+    )
+    dataset = load_training_data(pairs, config)
+    prepare_run(run_dir, config, "stage1", pairs, resume)
+    task = build_stage1(config)
+    save_model_folder(run_dir, task.components)
+    return train(task, dataset, config.stage1, run_dir, config.seed, resume=resume, progress=False)
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss/main"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_repeats_the_uninterrupted_run_exactly(pairs, tmp_path):
+    whole = _run(pairs, tmp_path / "whole", 7)
+    _run(pairs, tmp_path / "split", 4)  # stops after step 4; newest checkpoint = step 4
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "split")] == ["step-000003", "step-000004"]
+    # a kill after step 4's checkpoint but before the next leaves only complete checkpoints behind
+    (tmp_path / "split" / "checkpoints" / ".step-000006.abc.tmp").mkdir()
+    resumed = _run(pairs, tmp_path / "split", 7, resume=True)
+    assert resumed.step == whole.step == 7
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+    for name in ("unet.safetensors", "unet.ema.safetensors", "optimizer-main.safetensors"):
+        a = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000007" / name))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "step-000007" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # keep_checkpoints=2 pruned the older ones
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "whole")] == ["step-000006", "step-000007"]
+
+
+def test_a_checkpoint_cut_mid_write_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-000010").mkdir(parents=True)
+    (root / "step-000010" / "state.json").write_text("{}")
+    (root / "step-000020").mkdir()  # renamed folders always hold state.json; this one lacks it
+    (root / ".step-000030.x1.tmp").mkdir()
+    (root / "notes").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-000010"
+
+
+def test_finished_run_loads_back_for_inference(pairs, tmp_path):
+    _run(pairs, tmp_path / "run", 3)
+    loaded = load_stage1_run(tmp_path / "run")
+    assert loaded.ema and loaded.checkpoint.name == "step-000003"
+    weights = load_file(str(loaded.checkpoint / "unet.ema.safetensors"))
+    state = loaded.components.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    assert loaded.components.unet.config.in_channels == 8
+    raw = load_stage1_run(tmp_path / "run", ema=False)
+    assert not torch.equal(raw.components.unet.conv_in.weight, loaded.components.unet.conv_in.weight)
+
+
+def test_existing_run_is_not_overwritten_without_resume(pairs, tmp_path):
+    _run(pairs, tmp_path / "run", 3)
+    with pytest.raises(Exception, match="--resume"):
+        _run(pairs, tmp_path / "run", 3)
+
+
+class _Exploding(Task):
+    name = "exploding"
+
+    def __init__(self, bad_from: int):
+        self.layer = torch.nn.Linear(2, 1)
+        self.trainable = {"layer": self.layer}
+        self.bad_from = bad_from
+
+    def to(self, device, weight_dtype):
+        self.layer.to(device)
+
+    def loss(self, batch, step, generator, optimizer):
+        loss = self.trainable["layer"](torch.ones(1, 2)).sum() ** 2
+        return (loss * float("nan") if step >= self.bad_from else loss), {}
+
+    def samples(self, batch, generator):
+        return [batch["target"]]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
+    config = load_config(
+        preset="tiny",
+        overrides=[
+            "data.crop_size=32",
+            "stage1.save_every=2",
+            "stage1.max_bad_steps=3",
+            "stage1.max_steps=20",
+            "stage1.batch_size=1",
+        ],
+    )
+    dataset = load_training_data(pairs, config)
+    with pytest.raises(TrainingError, match="not finite for 3 steps"):
+        train(_Exploding(bad_from=4), dataset, config.stage1, tmp_path, progress=False)
+    # steps 5-6 were skipped (weights untouched, counted) before step 7 made it three in a row
+    good, latest = ckpt.complete_checkpoints(tmp_path)
+    assert (good.name, latest.name) == ("step-000004", "step-000006")
+    assert json.loads((latest / "state.json").read_text())["skipped_steps"] == 2
+    assert torch.equal(
+        load_file(str(good / "layer.safetensors"))["weight"], load_file(str(latest / "layer.safetensors"))["weight"]
+    )
+
+
+def test_train_cli_runs_vae_then_stage1_and_refuses_bad_values(pairs, tmp_path):
+    runner = CliRunner()
+    tiny = MICRO + ["data.crop_size=32", "vae.batch_size=2", "stage1.batch_size=2"]
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "vae",
+            "--data",
+            str(pairs),
+            "--out",
+            str(tmp_path / "vae"),
+            "--preset",
+            "tiny",
+            "--max-steps",
+            "2",
+            "--quiet",
+            *tiny,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    vae_folder = tmp_path / "vae" / "vae"
+    assert (vae_folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((vae_folder / "config.json").read_text())["scaling_factor"] != 0.18215  # measured, not SD's
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "stage1",
+            "--data",
+            str(pairs),
+            "--out",
+            str(tmp_path / "s1"),
+            "--preset",
+            "tiny",
+            "--vae",
+            str(tmp_path / "vae"),
+            "--max-steps",
+            "2",
+            "--quiet",
+            *tiny,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s1" / "samples" / "step-000002.png").is_file()
+    saved = load_config(tmp_path / "s1" / "config.yaml")
+    assert saved.stage1.max_steps == 2 and saved.model.vae == str((tmp_path / "vae").resolve())
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "stage1",
+            "--data",
+            str(pairs),
+            "--out",
+            str(tmp_path / "s1"),
+            "--resume",
+            "--max-steps",
+            "3",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert ckpt.latest_checkpoint(tmp_path / "s1").name == "step-000003"
+    shutil.rmtree(tmp_path / "s1")
+    for bad, key in (("stage1.offset_noise_strength=-1", "offset_noise_strength"), ("stage1.nope=1", "stage1.nope")):
+        result = runner.invoke(app, ["train", "stage1", "--data", str(pairs), "--out", str(tmp_path / "s1"), bad])
+        assert result.exit_code != 0 and key in str(result.exception), result.output
