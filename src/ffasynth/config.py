@@ -145,6 +145,7 @@ class Stage1Config(TrainConfig):
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5.0 is the paper's choice); None = off
     conditioning_dropout: float = 0.05  # drop the source (both paths) for image classifier-free guidance
     num_train_timesteps: int = 1000
+    sample_steps: int = 20  # DDIM steps for the sample grids written during training
     lr: float = 1e-5
     _section = "stage1"
 
@@ -156,6 +157,33 @@ class Stage1Config(TrainConfig):
 
 
 @dataclass
+class Stage2Config(TrainConfig):
+    """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + adaptive-weight PatchGAN)."""
+
+    latents: Literal["encoder", "unet", "mix"] = "mix"
+    unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
+    rec_loss: Literal["l1", "l2"] = "l1"
+    lpips_weight: float = 1.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"
+    weights_dir: str | None = None  # LPIPS backbone files; default $FFASYNTH_WEIGHTS_DIR or the torch hub cache
+    adv_weight: float = 0.5
+    disc_start: int = 2000
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr_factor: float = 1.0
+    lr: float = 1e-5
+    ema_decay: float = 0.0
+    _section = "stage2"
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.lpips_weight >= 0, "stage2.lpips_weight", "must be >= 0")
+        _require(self.adv_weight >= 0, "stage2.adv_weight", "must be >= 0")
+        _require(self.unet_max_timestep >= 1, "stage2.unet_max_timestep", "must be at least 1")
+        _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     seed: int = 0
@@ -163,6 +191,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
     def validate(self) -> None:
         _require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -191,6 +220,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "vae": {**_TINY_LOOP, "batch_size": 4, "max_steps": 600, "lr": 1e-3},
         "stage1": {**_TINY_LOOP, "max_steps": 600, "lr": 5e-4, "lr_warmup_steps": 50, "ema_decay": 0.99},
+        # lpips_weight 0: the tiny preset runs with no downloaded weights (LPIPS needs VGG16)
+        "stage2": {
+            **_TINY_LOOP,
+            "batch_size": 4,
+            "max_steps": 300,
+            "lr": 2e-4,
+            "lr_warmup_steps": 20,
+            "disc_start": 100,
+            "lpips_weight": 0.0,
+            "disc_channels": 16,
+        },
     },
     "sd15": {"data": {"crop_size": 768}},
 }

@@ -136,3 +136,53 @@ def train_stage1(
         f"loss {first.get('loss/main', float('nan')):.4f} → {last.get('loss/main', float('nan')):.4f}" if first else ""
     )
     typer.echo(f"done: {result.step} steps {summary}; skipped {result.skipped_steps}; checkpoint {result.checkpoint}")
+
+
+@app.command("stage2")
+def train_stage2(
+    from_run: Path = typer.Option(
+        ..., "--from", help="The stage-1 run whose U-Net latents the decoder learns to decode."
+    ),
+    data: Path = DATA,
+    out: Path = OUT,
+    config_file: Path | None = CONFIG,
+    resume: bool = RESUME,
+    no_ema: bool = typer.Option(False, "--no-ema", help="Use the stage-1 U-Net's raw weights, not its EMA."),
+    max_steps: int | None = MAX_STEPS,
+    batch_size: int | None = BATCH,
+    resolution: int | None = RESOLUTION,
+    save_every: int | None = SAVE_EVERY,
+    seed: int | None = SEED,
+    quiet: bool = QUIET,
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + PatchGAN with adaptive weight) on real FFA
+    crops, decoding encoder latents and/or the frozen U-Net's one-step estimates. Reports the decoder's
+    reconstruction PSNR on the test images before and after."""
+    from ffasynth.training.loop import train
+    from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run
+    from ffasynth.training.stage2 import Stage2Task, reconstruction_report, record_stage1
+
+    stage1 = load_stage1_run(from_run, ema=not no_ema)
+    base = config_file or (
+        out / "config.yaml" if resume and (out / "config.yaml").is_file() else from_run / "config.yaml"
+    )
+    config = resolve_config(
+        "stage2", out, base, None, False, _flags(max_steps, batch_size, resolution, save_every, seed), overrides
+    )
+    lpips = None
+    if config.stage2.lpips_weight > 0:
+        from ffasynth.weights import build_lpips
+
+        lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "stage2", data, resume)
+    record_stage1(run_dir, stage1)
+    task = Stage2Task(stage1, config.stage2, lpips)
+    typer.echo(f"{len(dataset)} training pairs; decoding {config.stage2.latents} latents; run {run_dir}")
+    result = train(task, dataset, config.stage2, run_dir, config.seed, resume, not quiet)
+    report = reconstruction_report(run_dir, data, config, task)
+    typer.echo(
+        f"done: {result.step} steps; decoder PSNR on {report['images']} {report['split']} FFA images: "
+        f"{report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after; checkpoint {result.checkpoint}"
+    )

@@ -140,3 +140,24 @@ def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Pat
     scheduler = training_scheduler(config.stage1.num_train_timesteps, config.stage1.prediction_type)
     components = Components(vae, unet, encoder, processor, scheduler, info.get("sources", {}))
     return LoadedRun(config, components, conditioner, folder, used_ema)
+
+
+def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
+    """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in)."""
+    run_dir = Path(run_dir)
+    info = run_info(run_dir)
+    if info.get("kind") != "stage2":
+        return load_stage1_run(run_dir, ema=ema)
+    from ffasynth.training.stage2 import Decoder
+
+    stage1_dir = info.get("stage1_run")
+    if not stage1_dir or not Path(stage1_dir).is_dir():
+        raise FFASynthError(f"{run_dir} is a stage-2 run whose stage-1 run {stage1_dir} is gone; put it back there")
+    folder = ckpt.latest_checkpoint(run_dir)
+    if folder is None:
+        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=info.get("stage1_checkpoint"))
+    ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
+    loaded.components.vae.requires_grad_(False).eval()
+    loaded.components.sources["decoder"] = str(folder)
+    return loaded

@@ -121,14 +121,14 @@ class Stage1Task(Task):
 
     @torch.no_grad()
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
-        """source | real FFA | generated (20 DDIM steps from noise, the model's own sampler)."""
+        """source | real FFA | generated (DDIM from noise, `sample_steps` steps)."""
         from diffusers import DDIMScheduler
 
         unet = self.components.unet
         was_training = unet.training
         unet.eval()
         sampler = DDIMScheduler.from_config(self.components.scheduler.config)
-        sampler.set_timesteps(20, device=batch["source"].device)
+        sampler.set_timesteps(self.config.sample_steps, device=batch["source"].device)
         tokens, source_latents = self._condition(batch, None)
         vae = self.components.vae
         factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,0 +1,234 @@
+"""Stage 2: fine-tune only the VAE decoder so the latents stage 1 produces decode into sharp,
+faithful angiograms. Encoder, U-Net and CLIP stay frozen (bit-identical after the run).
+
+Latents to decode (`stage2.latents`): "encoder" z = s·E(real FFA); "unet" the frozen U-Net's
+one-step estimate ẑ0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t from the noised target latent, conditioned on the
+photo (what the decoder sees at inference); "mix" half of each.
+
+decoder loss = |x̂ − x|₁ (or ²) + λ_p·LPIPS(x̂, x) + w·λ_adv·(−D(x̂)),
+  w = ‖∇_last rec‖ / (‖∇_last adv‖ + 1e-4)  (LDM's adaptive weight, last = the decoder's conv_out)
+discriminator loss (hinge) = relu(1 − D(x)) + relu(1 + D(x̂)), from `disc_start` on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ffasynth.config import Stage2Config
+from ffasynth.models.conditioning import SourceConditioner, encode_latents, from_vae_output
+from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
+from ffasynth.training.loop import Task
+from ffasynth.training.run import LoadedRun
+from ffasynth.training.stage1 import phase_labels
+
+
+class Decoder(nn.Module):
+    """The trainable part of the VAE: post_quant_conv + decoder, z (scaled) → 3-channel image."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv
+        self.decoder = vae.decoder
+        self.scaling_factor = vae.config.scaling_factor
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents / self.scaling_factor))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """ẑ0 from ε̂: (z_t − √(1−ᾱ)·ε̂)/√ᾱ; from v̂: √ᾱ·z_t − √(1−ᾱ)·v̂."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
+    return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
+
+
+class Stage2Task(Task):
+    name = "stage2"
+
+    def __init__(self, stage1: LoadedRun, config: Stage2Config, lpips: nn.Module | None):
+        self.stage1 = stage1
+        self.config = config
+        self.lpips = lpips
+        vae = stage1.components.vae
+        vae.requires_grad_(False)
+        self.original_vae = copy.deepcopy(vae).cpu()  # untouched, for the before/after comparison
+        self.decoder = Decoder(vae)
+        self.decoder.requires_grad_(True).train()
+        self.discriminator = NLayerDiscriminator(
+            in_channels=1, base_channels=config.disc_channels, n_layers=config.disc_layers
+        )
+        self.trainable = {"decoder": self.decoder, "discriminator": self.discriminator}
+        self.ema_names = ("decoder",)
+        if config.lpips_weight > 0 and lpips is None:
+            raise ValueError("lpips_weight > 0 needs an LPIPS module")
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"decoder": ["decoder"], "discriminator": ["discriminator"]}
+
+    def learning_rates(self, base_lr: float) -> dict[str, float]:
+        return {"decoder": base_lr, "discriminator": base_lr * self.config.disc_lr_factor}
+
+    def to(self, device, weight_dtype) -> None:
+        components = self.stage1.components
+        components.vae.to(device)
+        components.unet.to(device, dtype=weight_dtype)
+        if self.stage1.conditioner.use_clip:
+            self.stage1.conditioner.to(device, dtype=weight_dtype)
+        self.discriminator.to(device)
+        if self.lpips is not None:
+            self.lpips.to(device)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.stage1.components.vae.enable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Per-item choice of encoder latents or the U-Net's one-step estimate (see module docstring)."""
+        components, conditioner = self.stage1.components, self.stage1.conditioner
+        target, source = batch["target"], batch["source"]
+        latents = encode_latents(components.vae, target).float()
+        mode = self.config.latents
+        use_unet = torch.rand(latents.shape[0], generator=generator, device=latents.device)
+        use_unet = use_unet < {"encoder": 0.0, "unet": 1.0, "mix": 0.5}[mode]
+        if use_unet.any():
+            scheduler = components.scheduler
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            high = min(self.config.unet_max_timestep, scheduler.config.num_train_timesteps)
+            timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator, device=latents.device)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            tokens, source_latents = conditioner(components.vae, source)
+            unet = components.unet
+            prediction = unet(
+                SourceConditioner.unet_input(noisy, source_latents).to(unet.dtype),
+                timesteps,
+                encoder_hidden_states=tokens.to(unet.dtype),
+                class_labels=phase_labels(batch, self.stage1.config.model.num_phases, latents.device),
+            ).sample.float()
+            estimate = predicted_x0(scheduler, noisy, prediction, timesteps)
+            latents = torch.where(use_unet.view(-1, 1, 1, 1), estimate, latents)
+        return latents
+
+    def reconstruction_terms(self, decoded: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        grey = from_vae_output(decoded.float())
+        error = grey - target.float()
+        terms = {"rec": error.abs().mean() if self.config.rec_loss == "l1" else error.pow(2).mean()}
+        if self.config.lpips_weight > 0:
+            terms["lpips"] = self.lpips(grey.clamp(-1, 1), target.float()).mean()
+        return terms
+
+    def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
+        target = batch["target"]
+        latents = self.latents(batch, generator)
+        adversarial = step >= self.config.disc_start and self.config.adv_weight > 0
+        decoder, discriminator = self.trainable["decoder"], self.trainable["discriminator"]
+        if optimizer == "discriminator":
+            if not adversarial:  # nothing to learn yet; a zero loss that still touches every parameter
+                return sum(p.sum() for p in discriminator.parameters()) * 0.0, {}
+            with torch.no_grad():
+                fake = from_vae_output(decoder(latents).float())
+            real_logits, fake_logits = discriminator(target.float()), discriminator(fake)
+            loss = hinge_d_loss(real_logits, fake_logits)
+            return loss, {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+        decoded = decoder(latents)
+        terms = self.reconstruction_terms(decoded, target)
+        reconstruction = terms["rec"] + self.config.lpips_weight * terms.get("lpips", 0.0)
+        logs = {k: v.item() for k, v in terms.items()}
+        if not adversarial:
+            return reconstruction, logs
+        generator_loss = -discriminator(from_vae_output(decoded.float())).mean()
+        weight = adaptive_weight(reconstruction, generator_loss, self.decoder.last_layer) * self.config.adv_weight
+        logs.update(g_loss=generator_loss.item(), adv_weight=float(weight))
+        return reconstruction + weight * generator_loss, logs
+
+    @torch.no_grad()
+    def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """real FFA | decoded encoder latent | decoded one-step U-Net estimate."""
+        was_training = self.decoder.training
+        self.decoder.eval()
+        encoded = encode_latents(self.stage1.components.vae, batch["target"]).float()
+        mode, self.config.latents = self.config.latents, "unet"
+        try:
+            estimated = self.latents(batch, generator)
+        finally:
+            self.config.latents = mode
+        columns = [batch["target"]] + [from_vae_output(self.decoder(z)).clamp(-1, 1) for z in (encoded, estimated)]
+        self.decoder.train(was_training)
+        return columns
+
+    def finish(self, run_dir: Path) -> None:
+        pass
+
+
+def record_stage1(run_dir: Path, stage1: LoadedRun) -> None:
+    """run.json names the stage-1 run and checkpoint this decoder was tuned for."""
+    from ffasynth.files import atomic_write_text
+
+    info_path = Path(run_dir) / "run.json"
+    info = json.loads(info_path.read_text())
+    info["stage1_run"] = str(Path(stage1.checkpoint).parent.parent.resolve())
+    info["stage1_checkpoint"] = str(Path(stage1.checkpoint).resolve())
+    atomic_write_text(info_path, json.dumps(info, indent=1))
+
+
+@torch.no_grad()
+def decoder_psnr(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> float:
+    """Mean PSNR (dB, range [0, 1]) of x vs D(E(x)) over whole FFA images (1, H, W) in [-1, 1],
+    padded to the VAE's multiple; `decoder` None = the VAE's own decoder."""
+    from ffasynth.data.transforms import pad_to
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    values = []
+    for image in images:
+        height, width = image.shape[-2:]
+        padded = pad_to(image, -(-height // factor) * factor, -(-width // factor) * factor)[None]
+        latents = encode_latents(vae, padded)
+        decoded = decoder(latents) if decoder is not None else vae.decode(latents / vae.config.scaling_factor).sample
+        grey = from_vae_output(decoded.float()).clamp(-1, 1)[..., :height, :width]
+        mse = F.mse_loss((grey + 1) / 2, (image[None] + 1) / 2).item()
+        values.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
+    return sum(values) / len(values)
+
+
+def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Task, max_images: int = 16) -> dict:
+    """Decoder PSNR of real FFA (test split when present) with the original vs the fine-tuned decoder;
+    stored in run.json under "decoder_psnr"."""
+    from ffasynth.data.dataset import PairDataset
+    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.transforms import normalise
+    from ffasynth.files import atomic_write_text
+    from ffasynth.training import checkpoint as ckpt
+
+    data_dir = Path(data_dir)
+    split = "test" if (data_dir / "test").is_dir() else "train"
+    root = data_dir / "test" if split == "test" else (data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
+    pairs = load_pairs(root, layout=config.data.layout, phase=config.data.phase)[:max_images]
+    dataset = PairDataset(pairs, cache=False, max_pixels=config.data.max_pixels)
+    images = [normalise(dataset.load(i)[1]) for i in range(len(dataset))]
+    vae = task.stage1.components.vae.to("cpu").float()
+    tuned = copy.deepcopy(task.decoder).cpu().float()
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        ckpt.load_weights(latest, "decoder", tuned, ema=True)
+    original_vae = task.original_vae
+    report = {
+        "split": split,
+        "images": len(images),
+        "before_db": decoder_psnr(original_vae, None, images),
+        "after_db": decoder_psnr(vae, tuned.eval(), images),
+    }
+    info_path = Path(run_dir) / "run.json"
+    info = json.loads(info_path.read_text())
+    info["decoder_psnr"] = report
+    atomic_write_text(info_path, json.dumps(info, indent=1))
+    return report
