@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -101,6 +102,14 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete the temporary folders a killed save left behind (never a complete checkpoint)."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for path in root.glob(".step-*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
@@ -148,7 +157,7 @@ def load_checkpoint(
             ema.load_state_dict(load_file(str(folder / f"{name}.ema.safetensors")), state["ema_updates"][name])
         for name, optimizer in optimizers.items():
             load_optimizer(optimizer, folder, name)
-    except (OSError, KeyError, ValueError, RuntimeError) as error:
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as error:
         raise FFASynthError(f"checkpoint {folder} cannot be resumed ({str(error).splitlines()[0]})") from None
     return state
 

@@ -106,6 +106,15 @@ def _grid(columns: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from (they will be logged again)."""
+    if path.is_file():
+        from ffasynth.files import atomic_write_text
+
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def train(
     task: Task,
     dataset,
@@ -148,13 +157,18 @@ def train(
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
 
     start, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
+    metrics_file = run_dir / "metrics.jsonl"
     if resume:
+        if accelerator.is_main_process:
+            ckpt.remove_partial_checkpoints(run_dir)
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
             unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
             state = ckpt.load_checkpoint(latest, unwrapped, emas, optimizers)
             start = state["step"]
             accelerator.print(f"resuming {run_dir} from {latest.name}")
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_file, start)
     if start >= config.max_steps:
         accelerator.print(f"{run_dir} already has {start} steps (max_steps={config.max_steps}); nothing to do")
         task.finish(run_dir)
@@ -181,7 +195,6 @@ def train(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "logs"))
-    metrics_file = run_dir / "metrics.jsonl"
     result = TrainResult(start, skipped_steps=state["skipped_steps"])
     bar = tqdm(
         total=config.max_steps,
@@ -269,9 +282,16 @@ def train(
             if accelerator.is_main_process:
                 unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
                 saved = {k: v for k, v in state.items() if k != "step"}
-                result.checkpoint = ckpt.save_checkpoint(
-                    run_dir, done, unwrapped, emas, optimizers, saved, config.keep_checkpoints
-                )
+                try:
+                    result.checkpoint = ckpt.save_checkpoint(
+                        run_dir, done, unwrapped, emas, optimizers, saved, config.keep_checkpoints
+                    )
+                except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
+                    previous = ckpt.latest_checkpoint(run_dir) or "none"
+                    raise TrainingError(
+                        f"could not write the step-{done} checkpoint in {run_dir / 'checkpoints'} "
+                        f"({error.strerror or error}); the previous one ({previous}) is intact; free space and --resume"
+                    ) from None
             accelerator.wait_for_everyone()
         result.step = done
     bar.close()
