@@ -88,3 +88,13 @@ def test_real_uwf_check_cli(shared_data):
     result = runner.invoke(app, ["data", "check", str(shared_data / "uwf-slo-ffa")])
     assert result.exit_code == 0
     assert "14 pairs ok, 0 problems (7 sources)" in result.output
+
+
+def test_every_shipped_config_file_loads():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        config = load_config(path)
+        assert config.preset in ("tiny", "sd15"), path
