@@ -186,3 +186,13 @@ def test_register_cli_on_a_named_folder(mixed_folder, tmp_path):
     assert bad.exit_code == 2 and "thin-plate" in bad.output
     half = runner.invoke(app, ["data", "register", str(tmp_path / "in"), "--out", str(out), "--source", "photo"])
     assert half.exit_code == 2 and "--target" in half.output
+
+
+def test_unreadable_pair_is_reported_not_fatal(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "1.png").write_bytes(b"")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(root / "1.1.png")
+    (row,) = register_folder(root, tmp_path / "out")
+    assert row.status == "unreadable" and "empty file" in row.reason
+    assert (tmp_path / "out" / "registration.csv").is_file() and not (tmp_path / "out" / "1-early.png").exists()

@@ -140,8 +140,9 @@ def checkerboard(aligned: AlignedPair, tiles: int = 8) -> np.ndarray:
 
 
 def output_stem(pair: Pair) -> str:
-    """The aligned pair's id: the input id, with "-<phase>" when the input has phases."""
-    return f"{pair.id}-{pair.phase}" if pair.phase else pair.id
+    """The aligned pair's id: the input id, with "-<phase>" when the input has phases ("." would
+    end the id in the uwf layout, so it becomes "_")."""
+    return (f"{pair.id}-{pair.phase}" if pair.phase else pair.id).replace(".", "_")
 
 
 def _target_suffix(pair: Pair) -> str:

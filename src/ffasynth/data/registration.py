@@ -329,6 +329,9 @@ def register_pair(
         raise ValueError(f"unknown model {params.model!r}; choose one of {', '.join(MODELS)}")
     source_view = _prepare(to_numpy(source), dark_vessels=True, params=params)
     target_view = _prepare(to_numpy(target), dark_vessels=False, params=params)
+    if not source_view.fov.any() or not target_view.fov.any():
+        reason = "no field of view found (an image is black or nearly so)"
+        return Registration(np.eye(3), params.model, 0.0, 0, 0, 0.0, "none", 0, [reason])
     src, dst = _keypoint_matches(source_view, target_view, params.ratio)
 
     starts = [("search", matrix) for matrix in _grid_starts(source_view, target_view, params)]
