@@ -125,3 +125,36 @@ def test_unknown_layout_and_empty_folder_errors(tmp_path):
     _write(tmp_path / "7.1.png", size=(10, 10), colour=False)
     with pytest.raises(PairError, match="no usable pairs"):
         load_pairs(tmp_path)
+
+
+def test_named_layout_one_pair_per_folder(tmp_path):
+    root = tmp_path / "eyes"
+    _write(root / "cfp.jpg")
+    _write(root / "ffa.jpg", colour=False)
+    _write(root / "left" / "cfp.png")
+    _write(root / "left" / "FFA.png", colour=False)
+    _write(root / "right" / "cfp.jpg")  # no angiogram beside it
+    assert detect_layout(root) == "named"
+    layout, pairs, problems = discover_pairs(root)
+    assert layout == "named"
+    assert [(p.id, p.source.name, p.target.name) for p in pairs] == [
+        ("eyes", "cfp.jpg", "ffa.jpg"),
+        ("left", "cfp.png", "FFA.png"),
+    ]
+    assert [(p.kind, p.path.rsplit("/", 2)[-2]) for p in problems] == [("unpaired-source", "right")]
+
+    _write(root / "other" / "photo.png")
+    _write(root / "other" / "angio.png", colour=False)
+    _, pairs, _ = discover_pairs(root, "named", names=("photo", "angio"))
+    assert [p.id for p in pairs] == ["other"]
+    with pytest.raises(PairError, match="must differ"):
+        discover_pairs(root, "named", names=("ffa", "FFA"))
+
+
+def test_underscore_and_hidden_folders_are_not_data(tmp_path):
+    _write(tmp_path / "1.png")
+    _write(tmp_path / "1.1.png", colour=False)
+    _write(tmp_path / "_checkerboards" / "1.png")  # quality-control images
+    _write(tmp_path / ".aligned.x.tmp" / "2.png")  # a temporary folder a kill left behind
+    report = check_pairs(tmp_path)
+    assert [p.id for p in report.pairs] == ["1"] and report.problems == []

@@ -1,4 +1,4 @@
-"""`ffasynth data ...`: inspect pair folders and generate phantom data."""
+"""`ffasynth data ...`: inspect pair folders, register unaligned pairs, generate phantom data."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ffasynth.data.alignment import REPORT_NAME, RegistrationRow, register_folder
 from ffasynth.data.pairs import LAYOUTS, check_pairs
 from ffasynth.data.phantom import DISEASES, write_phantom_dataset
+from ffasynth.data.registration import MODELS, RegistrationParams
 from ffasynth.files import atomic_write_text
 
-app = typer.Typer(help="Inspect, check and generate paired photo/FFA data.", no_args_is_help=True)
+app = typer.Typer(help="Inspect, check, register and generate paired photo/FFA data.", no_args_is_help=True)
 
 
 @app.command("check")
@@ -85,3 +87,60 @@ def phantom(
             out, n, size, seed, chosen, test_fraction, progress=lambda done: progress.update(task, completed=done)
         )
     typer.echo(f"wrote {n} phantom pairs ({size}x{size}, early + late FFA) to {out}")
+
+
+@app.command("register")
+def register(
+    folder: Path = typer.Argument(..., help="Folder of unregistered pairs (any layout `data check` knows)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder for the aligned pairs (uwf layout), registration.csv, and _checkerboards/."
+    ),
+    model: str = typer.Option("affine", help=f"Transform model: {', '.join(MODELS)}."),
+    layout: str = typer.Option("auto", help=f"Pair layout: auto, {', '.join(LAYOUTS)}."),
+    source: str | None = typer.Option(
+        None, "--source", help="One pair per folder: the source photo's file stem (e.g. cfp); needs --target."
+    ),
+    target: str | None = typer.Option(
+        None, "--target", help="One pair per folder: the angiogram's file stem (e.g. ffa)."
+    ),
+    min_score: float = typer.Option(
+        RegistrationParams.min_score, min=0.0, max=1.0, help="Flag pairs whose vessel-agreement score is lower."
+    ),
+    min_inliers: int = typer.Option(
+        RegistrationParams.min_inliers, min=0, help="Flag pairs with fewer agreeing vessel tiles."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace OUT when it exists and is not empty."),
+) -> None:
+    """Align each photo onto its angiogram from the vessel tree, crop both to the common field of
+    view, and write the trustworthy pairs to OUT; untrustworthy ones are flagged in
+    OUT/registration.csv with the reason. A cfp.jpg + ffa.jpg folder is found as the `named` layout.
+
+    Exit code 0 when at least one pair was aligned, 1 otherwise.
+    """
+    if model not in MODELS:
+        raise typer.BadParameter(f"unknown model {model!r}; choose one of {', '.join(MODELS)}", param_hint="--model")
+    if (source is None) != (target is None):
+        raise typer.BadParameter("give both --source and --target, or neither", param_hint="--source/--target")
+    params = RegistrationParams(model=model, min_score=min_score, min_inliers=min_inliers)
+    names = (source, target) if source and target else None
+    with Progress(transient=True) as progress:
+        task = progress.add_task("registering", total=None)
+
+        def advance(done: int, total: int, row: RegistrationRow) -> None:
+            progress.update(task, completed=done, total=total, description=f"registered {row.id}")
+
+        rows = register_folder(folder, out, params, layout, names, overwrite, progress=advance)
+    console = Console()
+    table = Table(title=f"{folder} → {out}")
+    for column in ("id", "phase", "status", "score", "inliers", "overlap", "seconds", "reason"):
+        table.add_column(column)
+    for row in rows:
+        style = "green" if row.status == "aligned" else "red"
+        table.add_row(
+            row.id, row.phase or "-", f"[{style}]{row.status}[/{style}]", f"{row.score:.2f}",
+            f"{row.inliers}/{row.tiles}", f"{row.overlap:.0%}", f"{row.seconds:.1f}", row.reason,
+        )  # fmt: skip
+    console.print(table)
+    aligned = sum(row.status == "aligned" for row in rows)
+    console.print(f"{aligned} of {len(rows)} pairs aligned; report: {out / REPORT_NAME}")
+    raise typer.Exit(0 if aligned else 1)

@@ -9,6 +9,12 @@ Layouts (auto-detected, or chosen):
   and fall back to the folder's convention when both look alike.
 - `manifest`: a CSV `source,target[,phase][,label][,id]` (`pairs.csv` / `manifest.csv` in the
   folder, or the CSV itself), paths relative to the CSV.
+- `named`: one pair per folder, the source and target named by role: `cfp.<ext>` and `ffa.<ext>`
+  by default, or any two names given (`names=("photo", "angio")`); the id is the folder's path
+  (the root folder's own name for a pair at the root).
+
+Files under folders whose name starts with `.` or `_` (temporary folders, quality-control images)
+are not data and are skipped.
 
 `check_pairs` never stops at the first bad file: it returns the valid pairs and every problem.
 """
@@ -24,7 +30,8 @@ from pathlib import Path
 from ffasynth.data.io import IMAGE_SUFFIXES, image_size, is_image_file, read_image
 from ffasynth.errors import ImageReadError, PairError
 
-LAYOUTS = ("uwf", "isfahan", "manifest")
+LAYOUTS = ("uwf", "isfahan", "manifest", "named")
+NAMED_DEFAULT = ("cfp", "ffa")  # the `named` layout's source and target file stems
 MANIFEST_NAMES = ("pairs.csv", "manifest.csv")
 UWF_PHASES = {"1": "early", "2": "late"}
 _SUFFIX = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
@@ -94,7 +101,11 @@ class PairReport:
 
 
 def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    def is_data(path: Path) -> bool:
+        folders = path.relative_to(root).parts[:-1]
+        return not path.name.startswith(".") and not any(part.startswith((".", "_")) for part in folders)
+
+    return sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and is_data(p))
 
 
 def _find_manifest(root: Path) -> Path | None:
@@ -117,9 +128,11 @@ def detect_layout(root: str | Path) -> str:
         return "uwf"
     if any(_ISF_DASH.match(n) for n in names):
         return "isfahan"
+    if _named_folders(root, NAMED_DEFAULT):
+        return "named"
     raise PairError(
-        f"{root}: no known pair layout (uwf N.bmp/N.1.bmp, isfahan N.jpg/N-N.jpg, or a pairs.csv manifest); "
-        "choose one with --layout or write a manifest"
+        f"{root}: no known pair layout (uwf N.bmp/N.1.bmp, isfahan N.jpg/N-N.jpg, named cfp.jpg/ffa.jpg, "
+        "or a pairs.csv manifest); choose one with --layout or write a manifest"
     )
 
 
@@ -229,8 +242,44 @@ def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
     return pairs, problems
 
 
-def discover_pairs(root: str | Path, layout: str = "auto") -> tuple[str, list[Pair], list[Problem]]:
-    """Pairs by file naming only (no pixels read, except isfahan's role check)."""
+def _named_folders(root: Path, names: tuple[str, str]) -> dict[Path, dict[str, list[Path]]]:
+    """Folder → {role stem: files} for every folder holding a file named by either role."""
+    wanted = {name.lower() for name in names}
+    found: dict[Path, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    for path in _image_files(root):
+        if path.stem.lower() in wanted:
+            found[path.parent][path.stem.lower()].append(path)
+    return found
+
+
+def _discover_named(root: Path, names: tuple[str, str]) -> tuple[list[Pair], list[Problem]]:
+    source_name, target_name = (name.lower() for name in names)
+    if source_name == target_name:
+        raise PairError(f"the source and target names must differ (both {source_name!r})")
+    pairs, problems = [], []
+    for folder, files in sorted(_named_folders(root, names).items()):
+        pair_id = root.resolve().name if folder == root else folder.relative_to(root).as_posix()
+        sources, targets = files.get(source_name, []), files.get(target_name, [])
+        if len(sources) != 1 or len(targets) != 1:
+            lone = (sources + targets)[0]
+            kind = (
+                "ambiguous"
+                if len(sources) > 1 or len(targets) > 1
+                else "unpaired-" + ("source" if sources else "target")
+            )
+            problems.append(
+                Problem(kind, str(lone), f"needs exactly one {source_name}.<ext> and one {target_name}.<ext>")
+            )
+            continue
+        pairs.append(Pair(pair_id, sources[0], targets[0]))
+    return pairs, problems
+
+
+def discover_pairs(
+    root: str | Path, layout: str = "auto", names: tuple[str, str] | None = None
+) -> tuple[str, list[Pair], list[Problem]]:
+    """Pairs by file naming only (no pixels read, except isfahan's role check). `names` are the
+    source and target stems of the `named` layout (default cfp, ffa)."""
     root = Path(root)
     if not root.exists():
         raise PairError(f"{root}: no such folder")
@@ -245,6 +294,8 @@ def discover_pairs(root: str | Path, layout: str = "auto") -> tuple[str, list[Pa
         if manifest is None:
             raise PairError(f"{root}: no manifest ({' or '.join(MANIFEST_NAMES)}) found")
         return layout, *_discover_manifest(manifest)
+    if layout == "named":
+        return layout, *_discover_named(root, names or NAMED_DEFAULT)
     raise PairError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
 
 
