@@ -13,6 +13,7 @@ import typer
 
 from ffasynth import __version__
 from ffasynth.cli import data as data_cli
+from ffasynth.cli import evaluate as evaluate_cli
 from ffasynth.errors import FFASynthError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.command("evaluate")(evaluate_cli.evaluate_command)
 
 
 def _version(value: bool) -> None:
