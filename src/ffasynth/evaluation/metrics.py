@@ -164,7 +164,11 @@ def paired_scores(
         scores["ssim"] = float(ssim_map[0][inside].mean()) if mask is not None else float(score)
     if "ms_ssim" in metrics:
         rows, cols = inside[0].any(dim=1).nonzero().flatten(), inside[0].any(dim=0).nonzero().flatten()
-        box = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        box = (
+            (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+            if len(rows)
+            else ...
+        )
         real_box, fake_box = (real * inside)[box], (fake * inside)[box]
         if len(rows) and min(real_box.shape[-2:]) >= MS_SSIM_MIN_SIDE:
             scores["ms_ssim"] = float(
@@ -184,12 +188,14 @@ def paired_scores(
     return scores
 
 
-def sample_patches(image: torch.Tensor, count: int, size: int, key: str, seed: int) -> list[torch.Tensor]:
+def sample_patches(
+    image: torch.Tensor, count: int, size: int, key: str, seed: int, fov_threshold: float = 0.04
+) -> list[torch.Tensor]:
     """`count` crops of size x size, each with at least half its pixels inside the image's field of
     view; positions depend only on (seed, key), so identical images give identical crops."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
     image = pad_to(image, size, size)
-    mask = fov_mask(image)
+    mask = fov_mask(image, fov_threshold)
     crops = []
     for _ in range(count):
         top, left = choose_crop(mask, size, generator, min_fraction=0.5)
@@ -285,7 +291,9 @@ def _distribution_images(paths: list[Path], keys: list[str], settings: EvalSetti
             unreadable.append(str(error))
             continue
         if settings.patches > 0:
-            images.extend(sample_patches(image, settings.patches, settings.patch_size, key, settings.seed))
+            images.extend(
+                sample_patches(image, settings.patches, settings.patch_size, key, settings.seed, settings.fov_threshold)
+            )
         else:
             images.append(image)
     return images, unreadable

@@ -130,6 +130,13 @@ def _summary_table(evaluation: Evaluation) -> tuple[list[str], list[list], dict[
     return columns, rows, best
 
 
+def _mean_std(mean: float, std: float) -> str:
+    if math.isinf(mean):
+        return "inf"
+    std = 0.0 if abs(std) < 1e-9 * max(abs(mean), 1e-12) else std  # float round-off of a zero spread
+    return f"{mean:.4g} ± {std:.2g}"
+
+
 def _file_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
 
@@ -181,6 +188,8 @@ def _write_csv(evaluation: Evaluation, path: Path) -> None:
 
 
 def build_report(evaluation: Evaluation, folder: Path) -> Report:
+    """The evaluation as a generic Report: metrics, what was skipped and why, the image grid,
+    per-image scores, pairing, conventions, software."""
     names = ", ".join(m.name for m in evaluation.methods)
     report = Report("ffasynth evaluation", intro=f"Generated angiograms ({names}) against {evaluation.real_dir}.")
     columns, rows, best = _summary_table(evaluation)
@@ -192,17 +201,15 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
             reasons.setdefault(reason, []).append(LABELS[metric])
         report.add_text("Skipped metrics", "\n".join(f"{', '.join(m)}: {r}" for r, m in reasons.items()))
     warnings = evaluation.warnings + [f"{m.name}: {w}" for m in evaluation.methods for w in m.warnings]
+    pair_sets = {m.name: {row["key"] for row in m.per_image} for m in evaluation.methods}
+    if len({frozenset(keys) for keys in pair_sets.values()}) > 1:
+        counts = ", ".join(f"{name} {len(keys)}" for name, keys in pair_sets.items())
+        warnings.append(f"the methods were scored on different pairs ({counts}): paired means are not like for like")
     if warnings:
         report.add_text("Warnings", "\n".join(warnings))
-    report.add_text("How these numbers were computed", conventions(evaluation))
-    for m in evaluation.methods:
-        lines = [f"{m.fake_dir}: {m.pairing.summary()}."]
-        if m.pairing.missing_fake:
-            lines.append("Real images without a generated partner: " + ", ".join(m.pairing.missing_fake))
-        if m.pairing.unmatched_fake:
-            lines.append("Generated images without a real partner: " + ", ".join(m.pairing.unmatched_fake))
-        lines += m.pairing.notes
-        report.add_text(f"Pairing: {m.name}", "\n".join(lines))
+    grid_columns, grid_rows = _grid_images(evaluation, folder)
+    if grid_rows:
+        report.add_grid("Source | real | generated | difference", grid_columns, grid_rows)
     metrics = [k for k in PAIRED_METRICS if any(k in row for m in evaluation.methods for row in m.per_image)]
     for m in evaluation.methods:
         if m.per_image:
@@ -213,11 +220,16 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
             report.add_table(
                 f"Per image: {m.name}", ["image", "size", "FOV fraction", *map(LABELS.get, metrics)], per_image
             )
-    grid_columns, grid_rows = _grid_images(evaluation, folder)
-    if grid_rows:
-        report.add_grid("Source | real | generated | difference", grid_columns, grid_rows)
-    software = software_versions()
-    report.add_text("Software", ", ".join(f"{k} {v}" for k, v in software.items()))
+    for m in evaluation.methods:
+        lines = [f"{m.fake_dir}: {m.pairing.summary()}."]
+        if m.pairing.missing_fake:
+            lines.append("Real images without a generated partner: " + ", ".join(m.pairing.missing_fake))
+        if m.pairing.unmatched_fake:
+            lines.append("Generated images without a real partner: " + ", ".join(m.pairing.unmatched_fake))
+        lines += m.pairing.notes
+        report.add_text(f"Pairing: {m.name}", "\n".join(lines))
+    report.add_text("How these numbers were computed", conventions(evaluation))
+    report.add_text("Software", ", ".join(f"{k} {v}" for k, v in software_versions().items()))
     return report
 
 

@@ -164,11 +164,10 @@ class Report:
                 head = "".join(f"<th>{_e(c)}</th>" for c in ["", *section.columns])
                 parts.append(f"<table class='grid'><tr>{head}</tr>")
                 for label, images in section.rows:
-                    cells = []
-                    for column, path in zip(section.columns, images, strict=True):
-                        cells.append(
-                            f"<td>{_thumb(*assets.add(path), f'{label} {column}')}</td>" if path else "<td></td>"
-                        )
+                    cells = [
+                        f"<td>{_thumb(*assets.add(path), f'{label} {column}')}</td>" if path else "<td>–</td>"
+                        for column, path in zip(section.columns, images, strict=True)
+                    ]
                     parts.append(f"<tr><th>{_e(label)}</th>{''.join(cells)}</tr>")
                 parts.append("</table><p class='note'>Click a thumbnail for the full-size image.</p>")
             parts.append("</section>")
