@@ -68,9 +68,7 @@ def load_labelled(root: str | Path) -> list[LabelledEye]:
             if pair.id not in eyes:  # one example per eye: the early phase when there are two
                 eyes[pair.id] = LabelledEye(pair.id, pair.id, pair.label, {"source": pair.source, "real": pair.target})
         if not eyes:
-            raise PairError(
-                f"{root}: pairs found but none has a label (labels.csv id,label or a manifest label column)"
-            )
+            raise PairError(f"{root}: pairs found but none has a label (labels.csv id,label or a manifest label column)")
         return list(eyes.values())
     classes = sorted(p for p in root.iterdir() if p.is_dir() and any(is_image_file(f) for f in p.iterdir()))
     if len(classes) < 2:
@@ -202,10 +200,7 @@ class ClinicalResult:
     def summary(self) -> dict[str, dict[str, float]]:
         names = self.fold_metrics[0].keys()
         return {
-            n: {
-                "mean": float(np.mean([m[n] for m in self.fold_metrics])),
-                "std": float(np.std([m[n] for m in self.fold_metrics])),
-            }
+            n: {"mean": float(np.mean([m[n] for m in self.fold_metrics])), "std": float(np.std([m[n] for m in self.fold_metrics]))}
             for n in names
         }
 
@@ -232,9 +227,7 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, n_clas
     elif n_classes == 2:
         metrics["auc_ovr"] = float(roc_auc_score(y_true, probabilities[:, 1]))
     elif len(present) == n_classes:
-        metrics["auc_ovr"] = float(
-            roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels)
-        )
+        metrics["auc_ovr"] = float(roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels))
     else:  # one-vs-rest over the classes present in this fold
         aucs = [roc_auc_score(y_true == c, probabilities[:, c]) for c in present]
         metrics["auc_ovr"] = float(np.mean(aucs))
@@ -329,13 +322,7 @@ def run_clinical(
         if progress is not None:
             progress(fold + 1, len(splits))
     return ClinicalResult(
-        settings,
-        classes,
-        fold_metrics,
-        y.numpy(),
-        probabilities,
-        fold_of,
-        [e.id for e in usable],
+        settings, classes, fold_metrics, y.numpy(), probabilities, fold_of, [e.id for e in usable],
         [e.id for e in skipped] + unreadable,
     )
 
@@ -383,14 +370,8 @@ def plot_confusion(result: ClinicalResult, path: str | Path) -> Path:
     axis.set_yticklabels(result.classes)
     for i in ticks:
         for j in ticks:
-            axis.text(
-                j,
-                i,
-                str(matrix[i, j]),
-                ha="center",
-                va="center",
-                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-            )
+            axis.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                      color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
