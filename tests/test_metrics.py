@@ -1,0 +1,216 @@
+"""Weights location/loading and the metrics, with random-valued backbones in the real file formats."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fake_weights import write_inception, write_torchvision
+from ffasynth.data.io import save_image
+from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.errors import FFASynthError, WeightsNotFoundError
+from ffasynth.evaluation.metrics import (
+    EvalSettings,
+    _distribution_images,
+    distribution_scores,
+    evaluate,
+    inception_features,
+    paired_scores,
+    read_grey,
+    sample_patches,
+)
+from ffasynth.evaluation.pairing import real_images
+from ffasynth.weights import KNOWN_WEIGHTS, WEIGHTS_ENV, build_inception, build_lpips, locate, resolve_weights_dir
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    write_inception(folder)
+    write_torchvision(folder, "alexnet")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ffa_dir(tmp_path_factory):
+    """Three phantom eyes, 6 real FFA; at 200 px their field of view spans the 176 px MS-SSIM needs."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("ffa"), n=3, size=200, seed=1)
+
+
+@pytest.fixture(scope="session")
+def lpips_alex(weights_dir):
+    return build_lpips("alex", weights_dir)
+
+
+@pytest.fixture(scope="session")
+def inception(weights_dir):
+    return build_inception(weights_dir)
+
+
+@pytest.fixture(scope="session")
+def real_ffa(ffa_dir):
+    return [read_grey(path)[0] for path in real_images(ffa_dir)[0].values()]
+
+
+def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = int(3 * sigma)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel[:, None] * kernel[None, :] / kernel.sum() ** 2
+    return F.conv2d(F.pad(image[None], (radius,) * 4, mode="reflect"), kernel[None, None])[0]
+
+
+def noise(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    return (image + sigma * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+
+
+def test_weights_folder_argument_env_then_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    assert resolve_weights_dir() == tmp_path / "hub" / "checkpoints"
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "env"))
+    assert resolve_weights_dir() == tmp_path / "env"
+    assert resolve_weights_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_missing_weights_say_which_file_goes_where(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as caught:
+        locate("alexnet", tmp_path)
+    message = str(caught.value)
+    spec = KNOWN_WEIGHTS["alexnet"]
+    assert "\n" not in message and spec.filename in message and str(tmp_path) in message and spec.url in message
+
+
+def test_weights_in_the_wrong_format_are_named(tmp_path):
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / KNOWN_WEIGHTS["alexnet"].filename)
+    with pytest.raises(FFASynthError, match="do not match"):
+        build_lpips("alex", tmp_path)
+    (tmp_path / KNOWN_WEIGHTS["inception"].filename).write_bytes(b"not a checkpoint")
+    with pytest.raises(FFASynthError, match="not a readable tensor-only state dict"):
+        build_inception(tmp_path)
+
+
+def test_lpips_is_differentiable_zero_on_identity_and_frozen(lpips_alex):
+    lpips = lpips_alex
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 1, 64, 64, generator=generator) * 2 - 1).requires_grad_(True)
+    y = torch.rand(2, 1, 64, 64, generator=generator) * 2 - 1
+    distance = lpips(x, y)
+    assert distance.shape == (2,) and (distance > 0).all()
+    distance.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lpips.parameters())
+    assert torch.equal(lpips(y, y), torch.zeros(2))
+    assert torch.allclose(lpips(x, y), lpips(x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)))  # grey → 3 channels
+    torch.nn.Sequential(lpips).train()
+    assert not lpips.training and not lpips.model.training  # dropout never switches on
+    inside = torch.zeros(2, 1, 64, 64)
+    inside[..., :32] = 1
+    changed_outside = x.detach().clone()
+    changed_outside[..., 48:] = -1
+    assert lpips(changed_outside, x.detach(), inside).abs().max() < lpips(changed_outside, x.detach()).min()
+
+
+@pytest.mark.slow
+def test_lpips_vgg_loads_the_torchvision_file(tmp_path):
+    write_torchvision(tmp_path, "vgg16")
+    lpips = build_lpips("vgg", tmp_path)
+    x = torch.rand(1, 3, 48, 48, requires_grad=True)
+    lpips(x * 2 - 1, torch.zeros(1, 3, 48, 48)).sum().backward()
+    assert x.grad.abs().sum() > 0 and lpips(x, x).item() == 0.0
+
+
+def test_inception_gives_2048_features(inception):
+    features = inception(torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8))[0]
+    assert features.shape == (2, 2048) and features.std() > 0
+
+
+def test_paired_metrics_identical_and_masked():
+    image = torch.rand(1, 180, 190, generator=torch.Generator().manual_seed(0))
+    scores = paired_scores(image, image.clone())
+    assert scores["psnr"] == math.inf and scores["ssim"] == pytest.approx(1.0) and scores["ms_ssim"] == pytest.approx(1)
+    mask = torch.zeros(1, 180, 190)
+    mask[:, :, :100] = 1
+    altered = image.clone()
+    altered[:, :, 120:] = 0.0  # a difference outside the field of view only
+    masked = paired_scores(image, altered, mask, ("psnr", "ssim"))
+    assert masked["psnr"] == math.inf and masked["ssim"] > 0.97
+    assert paired_scores(image, altered, None, ("psnr",))["psnr"] < 15
+    small = paired_scores(image[:, :64, :64], image[:, :64, :64], metrics=("ms_ssim",))
+    assert math.isnan(small["ms_ssim"])  # under 176 px: reported as not computed, never a crash
+
+
+@pytest.mark.parametrize(("degrade", "levels"), [(blur, (0.7, 1.5, 3.0)), (noise, (0.03, 0.08, 0.2))])
+def test_paired_metrics_worsen_monotonically(real_ffa, lpips_alex, degrade, levels):
+    means = []
+    for level in levels:
+        rows = [paired_scores(real, degrade(real, level), lpips=lpips_alex) for real in real_ffa]
+        means.append({k: sum(r[k] for r in rows) / len(rows) for k in rows[0]})
+    for better, worse in zip(means, means[1:], strict=False):
+        assert worse["psnr"] < better["psnr"] and worse["ssim"] < better["ssim"]
+        assert worse["ms_ssim"] < better["ms_ssim"] and worse["lpips"] > better["lpips"]
+
+
+@pytest.mark.slow
+def test_distribution_metrics_worsen_monotonically(real_ffa, inception):
+    real_features = inception_features(real_ffa, inception)
+    same, _ = distribution_scores(real_features, inception_features([r.clone() for r in real_ffa], inception))
+    scores = [same]
+    for sigma in (1.5, 4.0):
+        fake_features = inception_features([blur(r, sigma) for r in real_ffa], inception)
+        scores.append(distribution_scores(real_features, fake_features)[0])
+    fids, kids = [s["fid"] for s in scores], [s["kid"] for s in scores]
+    assert abs(fids[0]) < 1e-3 * fids[1] and abs(kids[0]) < 0.1 * kids[1]
+    assert fids == sorted(fids) and kids == sorted(kids)
+
+
+def test_patches_are_reproducible_and_inside_the_field(ffa_dir):
+    image = torch.zeros(1, 120, 200)
+    image[:, 30:90, 40:160] = 0.8  # 30% of the frame is inside the field
+    first = sample_patches(image, 8, 48, "7.1", seed=3)
+    assert len(first) == 8 and all(p.shape == (1, 48, 48) for p in first)
+    assert all(float((p > 0).float().mean()) >= 0.4 for p in first)  # >= half inside the (7-px blurred) mask
+    assert all(torch.equal(a, b) for a, b in zip(first, sample_patches(image, 8, 48, "7.1", seed=3), strict=True))
+    reals = real_images(ffa_dir)[0]
+    settings = EvalSettings(patches=3, patch_size=64)
+    images, unreadable = _distribution_images(list(reals.values()), list(reals), settings)
+    assert len(images) == 3 * len(reals) and not unreadable  # the count each FID/KID rests on
+
+
+@pytest.fixture(scope="module")
+def identical_evaluation(ffa_dir, weights_dir, tmp_path_factory):
+    """Generated = copies of the real FFA, written as <key>_ffa.png (translate's naming)."""
+    fake = tmp_path_factory.mktemp("same")
+    for key, path in real_images(ffa_dir)[0].items():
+        shutil.copyfile(path, fake / f"{key}_ffa.png")
+    return evaluate(ffa_dir, {"same": fake}, EvalSettings(weights_dir=str(weights_dir)))
+
+
+@pytest.mark.slow
+def test_identical_sets_score_perfectly(identical_evaluation):
+    method = identical_evaluation.methods[0]
+    assert len(method.per_image) == 6 and not identical_evaluation.skipped
+    assert method.summary["psnr"]["mean"] == math.inf
+    assert method.summary["ssim"]["mean"] == pytest.approx(1.0)
+    assert method.summary["ms_ssim"]["mean"] == pytest.approx(1.0)
+    assert method.summary["lpips"]["mean"] == 0.0
+    assert abs(method.distribution["fid"]) < 1e-3 and abs(method.distribution["kid"]) < 1e-3
+    assert method.n_features == {"real": 6, "fake": 6}
+    assert any("fewer than the 2048 feature dimensions" in w for w in method.warnings)
+
+
+def test_missing_weights_skip_only_their_metrics(ffa_dir, tmp_path):
+    fake = tmp_path / "blurred"
+    fake.mkdir()
+    for key, path in real_images(ffa_dir)[0].items():
+        save_image(blur(read_grey(path)[0], 1.0), fake / f"{key}.jpg")
+    evaluation = evaluate(ffa_dir, {"blur": fake}, EvalSettings(weights_dir=str(tmp_path / "empty")))
+    assert set(evaluation.skipped) == {"lpips", "fid", "kid"}
+    assert all("\n" not in reason and ".pth" in reason for reason in evaluation.skipped.values())
+    method = evaluation.methods[0]
+    assert set(method.summary) == {"psnr", "ssim", "ms_ssim"} and method.summary["psnr"]["mean"] < 40
+    assert not method.distribution
