@@ -137,3 +137,43 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
     assert not torch.equal(b.vae.decoder.conv_out.weight, a.vae.decoder.conv_out.weight)
     saved = load_file(str(ckpt.latest_checkpoint(tmp_path / "s2") / "decoder.safetensors"))
     assert torch.equal(saved["decoder.conv_out.weight"], a.vae.decoder.conv_out.weight)
+
+
+def test_stage2_with_the_real_lpips_gives_the_decoder_perceptual_gradient(stage1_run, tmp_path):
+    from ffasynth.weights import build_lpips
+    from tests.fake_weights import write_torchvision
+
+    write_torchvision(tmp_path, "alexnet")
+    lpips = build_lpips("alex", tmp_path)
+    pairs, run = stage1_run
+    config = load_config(run / "config.yaml", overrides=STAGE2 + ["stage2.lpips_weight=1", "stage2.lpips_net=alex"])
+    task = Stage2Task(load_stage1_run(run), config.stage2, lpips)
+    batch = {"source": torch.rand(2, 3, 32, 32) * 2 - 1, "target": torch.rand(2, 1, 32, 32) * 2 - 1, "phase": [0, 0]}
+    decoded = task.decoder(task.latents(batch, torch.Generator().manual_seed(0)))
+    term = task.reconstruction_terms(decoded, batch["target"])["lpips"]
+    grads = torch.autograd.grad(term, list(task.decoder.parameters()), allow_unused=True)
+    assert term.item() > 0 and sum(g.abs().sum() for g in grads if g is not None) > 0
+    assert not any(p.requires_grad for p in lpips.parameters())  # the metric's own weights stay frozen
+
+
+def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):
+    pairs, run = stage1_run
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "stage2",
+            "--from",
+            str(run),
+            "--data",
+            str(pairs),
+            "--out",
+            str(tmp_path / "s2"),
+            "--max-steps",
+            "1",
+            "stage2.lpips_weight=1",
+            f"stage2.weights_dir={tmp_path / 'empty'}",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "vgg16-397923af.pth" in str(result.exception) and "\n" not in str(result.exception)
