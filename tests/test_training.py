@@ -206,3 +206,9 @@ def test_train_cli_runs_vae_then_stage1_and_refuses_bad_values(pairs, tmp_path):
     for bad, key in (("stage1.offset_noise_strength=-1", "offset_noise_strength"), ("stage1.nope=1", "stage1.nope")):
         result = runner.invoke(app, ["train", "stage1", "--data", str(pairs), "--out", str(tmp_path / "s1"), bad])
         assert result.exit_code != 0 and key in str(result.exception), result.output
+
+
+def test_a_time_budget_ends_the_run_with_a_checkpoint(pairs, tmp_path):
+    result = _run(pairs, tmp_path / "run", 50, extra=["stage1.max_minutes=0.00001", "stage1.save_every=100"])
+    assert result.step == 1 and ckpt.latest_checkpoint(tmp_path / "run").name == "step-000001"
+    assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()

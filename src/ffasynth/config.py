@@ -113,6 +113,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when it runs out
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "gradient_accumulation", "save_every", "sample_every", "log_every"):

@@ -203,7 +203,8 @@ def train(
         desc=task.name,
     )
     window: list[dict] = []
-    tick = time.perf_counter()
+    tick = began = time.perf_counter()
+    deadline = began + 60.0 * config.max_minutes if config.max_minutes else None
     for step in range(start, config.max_steps):
         for optimizer in optimizers.values():
             for group in optimizer.param_groups:
@@ -251,11 +252,16 @@ def train(
             for name, ema in emas.items():
                 ema.update(raw[name])
         done = step + 1
+        # a time budget ends the run like max_steps would (log, sample, checkpoint); all processes agree
+        out_of_time = deadline is not None and bool(
+            accelerator.gather(torch.tensor([int(time.perf_counter() > deadline)], device=device)).any()
+        )
+        last = done == config.max_steps or out_of_time
         logs.update(
             step=done, lr=optimizers[next(iter(optimizers))].param_groups[0]["lr"], skipped=state["skipped_steps"]
         )
         window.append(logs)
-        if done % config.log_every == 0 or done == config.max_steps:
+        if done % config.log_every == 0 or last:
             elapsed = time.perf_counter() - tick
             images = len(window) * config.batch_size * config.gradient_accumulation * accelerator.num_processes
             summary = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1] if k != "step"}
@@ -271,13 +277,13 @@ def train(
             bar.set_postfix(loss=f"{main_loss:.4f}", lr=f"{summary['lr']:.2e}", img_s=f"{summary['images_per_s']:.1f}")
             window, tick = [], time.perf_counter()
         bar.update(1)
-        sample_now = done % config.sample_every == 0 or done == config.max_steps
+        sample_now = done % config.sample_every == 0 or last
         if sample_now and accelerator.is_main_process:
             with torch.no_grad():
                 columns = task.samples(preview, step_generator(seed, done, 0, 99, 0, device))
             save_image(_grid(columns), run_dir / "samples" / f"step-{done:06d}.png")
             writer.add_image("samples", _grid(columns), done)
-        if done % config.save_every == 0 or done == config.max_steps:
+        if done % config.save_every == 0 or last:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
@@ -294,6 +300,9 @@ def train(
                     ) from None
             accelerator.wait_for_everyone()
         result.step = done
+        if out_of_time:
+            accelerator.print(f"{task.name}: time budget of {config.max_minutes:g} min reached at step {done}")
+            break
     bar.close()
     if writer is not None:
         writer.close()
