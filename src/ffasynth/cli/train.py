@@ -53,6 +53,12 @@ def _flags(max_steps, batch_size, resolution, save_every, seed) -> dict:
     }
 
 
+def _say(message: str) -> None:
+    typer.secho(
+        message, err=message.startswith("warning"), fg=typer.colors.YELLOW if message.startswith("warning") else None
+    )
+
+
 @app.command("vae")
 def train_vae(
     data: Path = DATA,
@@ -69,25 +75,11 @@ def train_vae(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Stage 0: train a VAE on source and target crops (L1 + small KL). Writes RUN/vae/ for `--vae RUN`."""
-    from diffusers import AutoencoderKL
+    from ffasynth.training.stages import run_vae
 
-    from ffasynth.models.components import vae_config
-    from ffasynth.training.loop import train
-    from ffasynth.training.run import load_training_data, prepare_run
-    from ffasynth.training.vae import VAETask
-
-    config = resolve_config(
-        "vae", out, config_file, preset, resume, _flags(max_steps, batch_size, resolution, save_every, seed), overrides
-    )
-    dataset = load_training_data(data, config)
-    run_dir = prepare_run(out, config, "vae", data, resume)
-    typer.echo(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
-    import torch
-
-    torch.manual_seed(config.seed)
-    vae = AutoencoderKL(**vae_config(config.model))
-    result = train(VAETask(vae, config.vae, dataset), dataset, config.vae, run_dir, config.seed, resume, not quiet)
-    typer.echo(f"done: {result.step} steps; VAE in {run_dir / 'vae'} (scaling factor {vae.config.scaling_factor:.4f})")
+    flags = _flags(max_steps, batch_size, resolution, save_every, seed)
+    config = resolve_config("vae", out, config_file, preset, resume, flags, overrides)
+    run_vae(config, data, out, resume, not quiet, _say)
 
 
 @app.command("stage1")
@@ -108,34 +100,13 @@ def train_stage1(
 ) -> None:
     """Stage 1: train the denoising U-Net on FFA latents, conditioned on the photo (CLIP tokens and/or
     the concatenated source latent), with offset noise. VAE and CLIP stay frozen."""
-    from ffasynth.training.loop import train
-    from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
-    from ffasynth.training.stage1 import build_stage1, trainable_parameters
+    from ffasynth.training.stages import run_stage1
 
     flags = _flags(max_steps, batch_size, resolution, save_every, seed)
     if vae is not None:
         flags["model.vae"] = str(Path(vae).resolve()) if Path(vae).exists() else vae
     config = resolve_config("stage1", out, config_file, preset, resume, flags, overrides)
-    if config.model.pretrained is None and config.model.vae is None:
-        typer.secho(
-            "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents mean "
-            "nothing; train one first with `ffasynth train vae`",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
-    dataset = load_training_data(data, config)
-    run_dir = prepare_run(out, config, "stage1", data, resume)
-    task = build_stage1(config)
-    save_model_folder(run_dir, task.components)
-    typer.echo(
-        f"{len(dataset)} training pairs; {trainable_parameters(task) / 1e6:.2f} M trainable parameters; run {run_dir}"
-    )
-    result = train(task, dataset, config.stage1, run_dir, config.seed, resume, not quiet)
-    first, last = (result.losses[0], result.losses[-1]) if result.losses else ({}, {})
-    summary = (
-        f"loss {first.get('loss/main', float('nan')):.4f} → {last.get('loss/main', float('nan')):.4f}" if first else ""
-    )
-    typer.echo(f"done: {result.step} steps {summary}; skipped {result.skipped_steps}; checkpoint {result.checkpoint}")
+    run_stage1(config, data, out, resume, not quiet, _say)
 
 
 @app.command("stage2")
@@ -159,30 +130,10 @@ def train_stage2(
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + PatchGAN with adaptive weight) on real FFA
     crops, decoding encoder latents and/or the frozen U-Net's one-step estimates. Reports the decoder's
     reconstruction PSNR on the test images before and after."""
-    from ffasynth.training.loop import train
-    from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run
-    from ffasynth.training.stage2 import Stage2Task, reconstruction_report, record_stage1
+    from ffasynth.training.stages import run_stage2
 
-    stage1 = load_stage1_run(from_run, ema=not no_ema)
-    base = config_file or (
-        out / "config.yaml" if resume and (out / "config.yaml").is_file() else from_run / "config.yaml"
-    )
-    config = resolve_config(
-        "stage2", out, base, None, False, _flags(max_steps, batch_size, resolution, save_every, seed), overrides
-    )
-    lpips = None
-    if config.stage2.lpips_weight > 0:
-        from ffasynth.weights import build_lpips
-
-        lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
-    dataset = load_training_data(data, config)
-    run_dir = prepare_run(out, config, "stage2", data, resume)
-    record_stage1(run_dir, stage1)
-    task = Stage2Task(stage1, config.stage2, lpips)
-    typer.echo(f"{len(dataset)} training pairs; decoding {config.stage2.latents} latents; run {run_dir}")
-    result = train(task, dataset, config.stage2, run_dir, config.seed, resume, not quiet)
-    report = reconstruction_report(run_dir, data, config, task)
-    typer.echo(
-        f"done: {result.step} steps; decoder PSNR on {report['images']} {report['split']} FFA images: "
-        f"{report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after; checkpoint {result.checkpoint}"
-    )
+    saved = out / "config.yaml"
+    base = config_file or (saved if resume and saved.is_file() else from_run / "config.yaml")
+    flags = _flags(max_steps, batch_size, resolution, save_every, seed)
+    config = resolve_config("stage2", out, base, None, False, flags, overrides)
+    run_stage2(config, from_run, data, out, resume, not quiet, _say, ema=not no_ema)

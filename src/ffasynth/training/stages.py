@@ -1,0 +1,94 @@
+"""One function per training stage, from a resolved config to a finished run folder: what the
+`train` verbs and `quickstart` call. `say` receives one-line progress messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ffasynth.config import Config
+from ffasynth.training.loop import TrainResult, train
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def run_vae(
+    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
+) -> TrainResult:
+    """Stage 0: a VAE on source and target crops; RUN/vae/ is the diffusers folder to pass as --vae."""
+    from diffusers import AutoencoderKL
+
+    from ffasynth.models.components import vae_config
+    from ffasynth.training.run import load_training_data, prepare_run
+    from ffasynth.training.vae import VAETask
+
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "vae", data, resume)
+    say(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(**vae_config(config.model))
+    result = train(VAETask(vae, config.vae, dataset), dataset, config.vae, run_dir, config.seed, resume, progress)
+    say(f"done: {result.step} steps; VAE in {run_dir / 'vae'} (latent scaling factor {vae.config.scaling_factor:.4f})")
+    return result
+
+
+def run_stage1(
+    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
+) -> TrainResult:
+    """Stage 1: the U-Net on target latents, conditioned on the source."""
+    from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
+    from ffasynth.training.stage1 import build_stage1, trainable_parameters
+
+    if config.model.pretrained is None and config.model.vae is None:
+        say(
+            "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents "
+            "mean nothing; train one first with `ffasynth train vae`"
+        )
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "stage1", data, resume)
+    task = build_stage1(config)
+    save_model_folder(run_dir, task.components)
+    say(f"{len(dataset)} training pairs; {trainable_parameters(task) / 1e6:.2f} M trainable parameters; run {run_dir}")
+    result = train(task, dataset, config.stage1, run_dir, config.seed, resume, progress)
+    if result.losses:
+        first, last = result.losses[0]["loss/main"], result.losses[-1]["loss/main"]
+        say(f"done: {result.step} steps; loss {first:.4f} → {last:.4f}; skipped {result.skipped_steps}")
+    return result
+
+
+def run_stage2(
+    config: Config,
+    stage1_dir: Path,
+    data: Path,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    say: Callable = _quiet,
+    ema: bool = True,
+) -> tuple[TrainResult, dict]:
+    """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR."""
+    from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run
+    from ffasynth.training.stage2 import Stage2Task, reconstruction_report, record_stage1
+
+    stage1 = load_stage1_run(stage1_dir, ema=ema)
+    lpips = None
+    if config.stage2.lpips_weight > 0:
+        from ffasynth.weights import build_lpips
+
+        lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "stage2", data, resume)
+    record_stage1(run_dir, stage1)
+    task = Stage2Task(stage1, config.stage2, lpips)
+    say(f"{len(dataset)} training pairs; decoding {config.stage2.latents} latents; run {run_dir}")
+    result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
+    report = reconstruction_report(run_dir, data, config, task)
+    say(
+        f"done: {result.step} steps; decoder PSNR on {report['images']} {report['split']} FFA images: "
+        f"{report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after"
+    )
+    return result, report
