@@ -17,6 +17,7 @@ from ffasynth.data.io import read_image, save_image
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
 from ffasynth.translate import collect_inputs, output_stems, uncertainty_rgb
+from tests.test_stage2 import STAGE2
 from tests.test_training import _run
 
 runner = CliRunner()
@@ -54,6 +55,32 @@ def test_export_writes_a_pipeline_folder_with_a_model_card(trained, exported, tm
     assert not torch.equal(raw_unet["conv_in.weight"], unet["conv_in.weight"])
     assert "raw (non-EMA)" in (raw / "README.md").read_text()
     assert runner.invoke(app, ["export", str(trained), str(raw)]).exit_code == 0  # an earlier export is replaced
+
+
+def test_a_stage2_run_exports_its_stage1_model_with_the_tuned_decoder(trained, exported, tmp_path):
+    info = json.loads((trained / "run.json").read_text())
+    stage2 = tmp_path / "s2"
+    result = runner.invoke(
+        app,
+        ["train", "stage2", "--from", str(trained), "--data", info["data"], "--out", str(stage2), "--max-steps", "2"]
+        + ["--quiet", *STAGE2],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pipe2"
+    assert runner.invoke(app, ["export", str(stage2), str(out)]).exit_code == 0
+    tuned = load_file(str(stage2 / "checkpoints" / "step-000002" / "decoder.safetensors"))
+    vae = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(vae["decoder.conv_out.weight"], tuned["decoder.conv_out.weight"])
+    stage1_vae = load_file(str(exported / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(vae["decoder.conv_out.weight"], stage1_vae["decoder.conv_out.weight"])
+    assert torch.equal(vae["encoder.conv_in.weight"], stage1_vae["encoder.conv_in.weight"])
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(
+        unet["conv_in.weight"],
+        load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
+    )
+    card = (out / "README.md").read_text()
+    assert "stage-2 run" in card and "decoder reconstruction PSNR" in card and "step 3 of 3" in card
 
 
 def test_export_refuses_other_runs_and_foreign_folders(trained, tmp_path):

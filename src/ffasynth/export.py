@@ -1,18 +1,17 @@
 """A training run → a self-contained FFASynthesisPipeline folder (diffusers format, safetensors) with
 a README.md model card.
 
-Which runs can be exported is the table `RUN_LOADERS` (run.json "kind" → how to rebuild its model).
-Stage 2 is one more entry: a "stage2" loader calls `_load_stage1` on the stage-1 run its run.json
-names, then loads its checkpoint's "decoder" weights (EMA when asked) into `components.vae.decoder`
-with `ckpt.load_weights(folder, "decoder", vae.decoder, ema)`, and returns the result; `export_run`,
-the model card and the CLI need no change.
+Which runs can be exported is the table `RUN_LOADERS` (run.json "kind" → how to rebuild its model
+and what the card should add). A stage-1 run gives U-Net, VAE and CLIP; a stage-2 run gives its
+stage-1 model with the fine-tuned decoder swapped in (`training.run.load_model_run`). Another kind
+is one more loader returning an `ExportedModel`; `export_run`, the card and the CLI need no change.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -22,25 +21,49 @@ from ffasynth.config import to_dict
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
-from ffasynth.training.run import LoadedRun, load_stage1_run, run_info
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run, run_info
 
 
 @dataclass
 class ExportedModel:
-    """What a run contributes to a pipeline: the rebuilt model and what the card says about it."""
+    """What a run contributes to a pipeline: the rebuilt model (its `run.checkpoint` is the stage-1
+    checkpoint) and what the card adds about later stages."""
 
     run: LoadedRun
     kind: str
-    step: int
+    notes: list[str] = field(default_factory=list)  # card lines under "Training"
+    metrics: list[str] = field(default_factory=list)  # card lines under "Metrics"
+
+    @property
+    def stage1_dir(self) -> Path:
+        return Path(self.run.checkpoint).parent.parent
+
+
+def _step(checkpoint: Path) -> int:
+    return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
 
 
 def _load_stage1(run_dir: Path, ema: bool) -> ExportedModel:
-    loaded = load_stage1_run(run_dir, ema=ema)
-    state = json.loads((loaded.checkpoint / "state.json").read_text())
-    return ExportedModel(loaded, "stage1", int(state["step"]))
+    return ExportedModel(load_stage1_run(run_dir, ema=ema), "stage1")
 
 
-RUN_LOADERS: dict[str, Callable[[Path, bool], ExportedModel]] = {"stage1": _load_stage1}
+def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
+    loaded = load_model_run(run_dir, ema=ema)
+    folder = ckpt.latest_checkpoint(run_dir)
+    info = run_info(run_dir)
+    notes = [f"- decoder fine-tuned by stage-2 run `{run_dir}`, checkpoint `{folder.name}` = step {_step(folder)}"]
+    psnr = info.get("decoder_psnr")
+    metrics = []
+    if psnr:
+        metrics.append(
+            f"- decoder reconstruction PSNR on {psnr['images']} {psnr['split']} FFA images: "
+            f"{psnr['before_db']:.2f} dB (original decoder) → {psnr['after_db']:.2f} dB (fine-tuned)"
+        )
+    return ExportedModel(loaded, "stage2", notes, metrics)
+
+
+RUN_LOADERS: dict[str, Callable[[Path, bool], ExportedModel]] = {"stage1": _load_stage1, "stage2": _load_stage2}
 
 
 def load_run(run_dir: str | Path, ema: bool = True) -> ExportedModel:
@@ -95,9 +118,9 @@ def _count_pairs(data_dir: str | None, config) -> str:
         return "unknown (the data folder is not readable from here)"
 
 
-def model_card(exported: ExportedModel, run_dir: Path) -> str:
+def model_card(exported: ExportedModel) -> str:
     """README.md: what the model is, what it was trained on, how, with which results, and its limits."""
-    loaded, config = exported.run, exported.run.config
+    loaded, config, run_dir = exported.run, exported.run.config, exported.stage1_dir
     info = run_info(run_dir)
     model, stage1 = config.model, config.stage1
     metrics = _training_metrics(run_dir)
@@ -111,6 +134,7 @@ def model_card(exported: ExportedModel, run_dir: Path) -> str:
         ]
     else:
         metric_lines = ["- none recorded (no metrics.jsonl in the run)"]
+    metric_lines += exported.metrics
     sources = info.get("sources", {})
     frozen = ", ".join(f"{k}: {v or 'trained/initialised in the run'}" for k, v in sources.items()) or "unknown"
     phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
@@ -130,8 +154,9 @@ def model_card(exported: ExportedModel, run_dir: Path) -> str:
             "concatenated to the noisy latent). Exported by `ffasynth export`.",
             "",
             "## Training",
-            f"- run: `{run_dir}` ({exported.kind}), checkpoint `{loaded.checkpoint.name}` = step {exported.step} "
+            f"- stage-1 run: `{run_dir}`, checkpoint `{loaded.checkpoint.name}` = step {_step(loaded.checkpoint)} "
             f"of {stage1.max_steps}, {'EMA' if loaded.ema else 'raw (non-EMA)'} weights",
+            *exported.notes,
             f"- data: `{info.get('data', 'unknown')}` ({_count_pairs(info.get('data'), config)} training pairs; "
             f"target phase(s): {config.data.phase}), random {config.data.crop_size}px crops",
             f"- preset {config.preset}; batch {stage1.batch_size} × {stage1.gradient_accumulation}, lr {stage1.lr}, "
@@ -179,7 +204,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True) -> Pa
         raise FFASynthError(f"{out_dir} exists and is not a pipeline folder; choose an empty or new --out")
     exported = load_run(run_dir, ema)
     pipeline = build_pipeline(exported.run)
-    card = model_card(exported, run_dir)
+    card = model_card(exported)
 
     def fill(folder: Path) -> None:
         pipeline.save_pretrained(folder, safe_serialization=True)

@@ -8,7 +8,9 @@ import typer
 
 
 def export(
-    run_dir: Path = typer.Argument(..., help="A finished (or checkpointed) stage-1 run folder."),
+    run_dir: Path = typer.Argument(
+        ..., help="A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder)."
+    ),
     out_dir: Path = typer.Argument(..., help="Pipeline folder to write (replaced if it holds an earlier export)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
 ) -> None:
