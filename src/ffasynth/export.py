@@ -136,7 +136,7 @@ def model_card(exported: ExportedModel) -> str:
         metric_lines = ["- none recorded (no metrics.jsonl in the run)"]
     metric_lines += exported.metrics
     sources = info.get("sources", {})
-    frozen = ", ".join(f"{k}: {v or 'trained/initialised in the run'}" for k, v in sources.items()) or "unknown"
+    starting = ", ".join(f"{k}: {v or 'random initialisation'}" for k, v in sources.items()) or "unknown"
     phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
@@ -162,7 +162,7 @@ def model_card(exported: ExportedModel) -> str:
             f"- preset {config.preset}; batch {stage1.batch_size} × {stage1.gradient_accumulation}, lr {stage1.lr}, "
             f"offset noise {stage1.offset_noise_strength}, conditioning dropout {stage1.conditioning_dropout}, "
             f"min-SNR γ {stage1.snr_gamma}, {stage1.prediction_type} prediction",
-            f"- frozen weights: {frozen}",
+            f"- starting weights: {starting}",
             f"- software: {versions or 'unknown'}",
             "",
             "## Conditioning",

@@ -64,15 +64,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float32"):
-    """An exported pipeline folder on a device, in a weight dtype."""
+    """An exported pipeline folder on a device, in a weight dtype (the libraries' loading bars off)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from ffasynth.pipeline import FFASynthesisPipeline
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise WeightsNotFoundError(f"{folder} is not a pipeline folder (no model_index.json); make one with `export`")
     if dtype not in DTYPES:
         raise FFASynthError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    pipeline = FFASynthesisPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype])
+    pipeline = FFASynthesisPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
     return pipeline.to(resolve_device(device))
 
 
