@@ -14,7 +14,9 @@ import typer
 from ffasynth import __version__
 from ffasynth.cli import data as data_cli
 from ffasynth.cli import evaluate as evaluate_cli
+from ffasynth.cli import export as export_cli
 from ffasynth.cli import train as train_cli
+from ffasynth.cli import translate as translate_cli
 from ffasynth.errors import FFASynthError
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ app = typer.Typer(
 app.add_typer(data_cli.app, name="data")
 app.add_typer(train_cli.app, name="train")
 app.command("evaluate")(evaluate_cli.evaluate_command)
+app.command("export")(export_cli.export)
+app.command("translate")(translate_cli.translate)
 
 
 def _version(value: bool) -> None:

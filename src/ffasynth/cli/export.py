@@ -1,0 +1,23 @@
+"""`ffasynth export RUN_DIR OUT_DIR`: a training run → a pipeline folder with a model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def export(
+    run_dir: Path = typer.Argument(
+        ..., help="A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder)."
+    ),
+    out_dir: Path = typer.Argument(..., help="Pipeline folder to write (replaced if it holds an earlier export)."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
+) -> None:
+    """Write OUT_DIR as a diffusers pipeline folder (safetensors only) with a README.md model card:
+    what the model was trained on, its configuration, steps and training metrics. Load it with
+    `FFASynthesisPipeline.from_pretrained(OUT_DIR)` or use it with `ffasynth translate`."""
+    from ffasynth.export import export_run
+
+    folder = export_run(run_dir, out_dir, ema=ema)
+    typer.echo(f"exported {run_dir} → {folder}")

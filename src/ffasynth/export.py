@@ -1,0 +1,213 @@
+"""A training run → a self-contained FFASynthesisPipeline folder (diffusers format, safetensors) with
+a README.md model card.
+
+Which runs can be exported is the table `RUN_LOADERS` (run.json "kind" → how to rebuild its model
+and what the card should add). A stage-1 run gives U-Net, VAE and CLIP; a stage-2 run gives its
+stage-1 model with the fine-tuned decoder swapped in (`training.run.load_model_run`). Another kind
+is one more loader returning an `ExportedModel`; `export_run`, the card and the CLI need no change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from diffusers import DPMSolverMultistepScheduler
+
+from ffasynth.config import to_dict
+from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_folder
+from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run, run_info
+
+
+@dataclass
+class ExportedModel:
+    """What a run contributes to a pipeline: the rebuilt model (its `run.checkpoint` is the stage-1
+    checkpoint) and what the card adds about later stages."""
+
+    run: LoadedRun
+    kind: str
+    notes: list[str] = field(default_factory=list)  # card lines under "Training"
+    metrics: list[str] = field(default_factory=list)  # card lines under "Metrics"
+
+    @property
+    def stage1_dir(self) -> Path:
+        return Path(self.run.checkpoint).parent.parent
+
+
+def _step(checkpoint: Path) -> int:
+    return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+
+
+def _load_stage1(run_dir: Path, ema: bool) -> ExportedModel:
+    return ExportedModel(load_stage1_run(run_dir, ema=ema), "stage1")
+
+
+def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
+    loaded = load_model_run(run_dir, ema=ema)
+    folder = ckpt.latest_checkpoint(run_dir)
+    info = run_info(run_dir)
+    notes = [f"- decoder fine-tuned by stage-2 run `{run_dir}`, checkpoint `{folder.name}` = step {_step(folder)}"]
+    psnr = info.get("decoder_psnr")
+    metrics = []
+    if psnr:
+        metrics.append(
+            f"- decoder reconstruction PSNR on {psnr['images']} {psnr['split']} FFA images: "
+            f"{psnr['before_db']:.2f} dB (original decoder) → {psnr['after_db']:.2f} dB (fine-tuned)"
+        )
+    return ExportedModel(loaded, "stage2", notes, metrics)
+
+
+RUN_LOADERS: dict[str, Callable[[Path, bool], ExportedModel]] = {"stage1": _load_stage1, "stage2": _load_stage2}
+
+
+def load_run(run_dir: str | Path, ema: bool = True) -> ExportedModel:
+    run_dir = Path(run_dir)
+    kind = run_info(run_dir).get("kind")
+    loader = RUN_LOADERS.get(kind)
+    if loader is None:
+        raise FFASynthError(f"{run_dir} is a '{kind}' run; export takes a {' or '.join(RUN_LOADERS)} run")
+    return loader(run_dir, ema)
+
+
+def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
+    """The run's components as a pipeline with DPM-Solver++ (2nd order) on the training noise schedule."""
+    model = loaded.config.model
+    components = loaded.components
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        components.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    projection = loaded.conditioner.projection
+    return FFASynthesisPipeline(
+        vae=components.vae,
+        unet=components.unet,
+        scheduler=scheduler,
+        image_encoder=components.image_encoder if model.use_clip else None,
+        image_processor=components.image_processor if model.use_clip else None,
+        projection=None if projection is None else TokenProjection.from_linear(projection),
+        use_clip=model.use_clip,
+        use_concat=model.use_concat,
+        clip_tokens=model.clip_tokens,
+        num_phases=model.num_phases,
+        prediction_type=loaded.config.stage1.prediction_type,
+        tile_size=loaded.config.data.crop_size,
+    )
+
+
+def _training_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _count_pairs(data_dir: str | None, config) -> str:
+    if not data_dir:
+        return "unknown"
+    from ffasynth.data.pairs import load_pairs
+
+    root = Path(data_dir) / "train" if (Path(data_dir) / "train").is_dir() else Path(data_dir)
+    try:
+        return str(len(load_pairs(root, layout=config.data.layout, phase=config.data.phase)))
+    except FFASynthError:
+        return "unknown (the data folder is not readable from here)"
+
+
+def model_card(exported: ExportedModel) -> str:
+    """README.md: what the model is, what it was trained on, how, with which results, and its limits."""
+    loaded, config, run_dir = exported.run, exported.run.config, exported.stage1_dir
+    info = run_info(run_dir)
+    model, stage1 = config.model, config.stage1
+    metrics = _training_metrics(run_dir)
+    loss_key = "loss/main"
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        metric_lines = [
+            f"- training loss (ε/v MSE, logged means): {first.get(loss_key, float('nan')):.4f} at step "
+            f"{first['step']} → {last.get(loss_key, float('nan')):.4f} at step {last['step']}",
+            f"- throughput at the end: {last.get('images_per_s', float('nan')):.1f} crops/s",
+        ]
+    else:
+        metric_lines = ["- none recorded (no metrics.jsonl in the run)"]
+    metric_lines += exported.metrics
+    sources = info.get("sources", {})
+    starting = ", ".join(f"{k}: {v or 'random initialisation'}" for k, v in sources.items()) or "unknown"
+    phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
+    versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+    config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
+    return "\n".join(
+        [
+            "---",
+            "library_name: diffusers",
+            "pipeline_tag: image-to-image",
+            "tags: [ffasynth, fluorescein-angiography, latent-diffusion, medical-imaging]",
+            "---",
+            "# ffasynth FFA synthesis model",
+            "",
+            "Translates a retinal photograph into a synthetic fluorescein angiogram (FFA) with latent diffusion "
+            "(StableFFA-style: the photo conditions a U-Net through CLIP image tokens and/or its VAE latent "
+            "concatenated to the noisy latent). Exported by `ffasynth export`.",
+            "",
+            "## Training",
+            f"- stage-1 run: `{run_dir}`, checkpoint `{loaded.checkpoint.name}` = step {_step(loaded.checkpoint)} "
+            f"of {stage1.max_steps}, {'EMA' if loaded.ema else 'raw (non-EMA)'} weights",
+            *exported.notes,
+            f"- data: `{info.get('data', 'unknown')}` ({_count_pairs(info.get('data'), config)} training pairs; "
+            f"target phase(s): {config.data.phase}), random {config.data.crop_size}px crops",
+            f"- preset {config.preset}; batch {stage1.batch_size} × {stage1.gradient_accumulation}, lr {stage1.lr}, "
+            f"offset noise {stage1.offset_noise_strength}, conditioning dropout {stage1.conditioning_dropout}, "
+            f"min-SNR γ {stage1.snr_gamma}, {stage1.prediction_type} prediction",
+            f"- starting weights: {starting}",
+            f"- software: {versions or 'unknown'}",
+            "",
+            "## Conditioning",
+            f"- CLIP tokens: {model.clip_tokens if model.use_clip else 'off'}; source latent concatenated: "
+            f"{model.use_concat}; FFA phases: {phases}",
+            f"- default tile: {config.data.crop_size}px (the training crop); scheduler DPM-Solver++ (2nd order)",
+            "",
+            "## Metrics",
+            *metric_lines,
+            "",
+            "## Use",
+            "```python",
+            "from ffasynth.pipeline import FFASynthesisPipeline",
+            "pipe = FFASynthesisPipeline.from_pretrained('THIS_FOLDER')",
+            "out = pipe('photo.png', num_inference_steps=20, num_samples=4)  # out.images, out.uncertainty",
+            "```",
+            "or `ffasynth translate THIS_FOLDER photo.png --out results/ --samples 4`.",
+            "",
+            "## Limitations",
+            "Research use only; not a medical device. The images are synthetic: they can show or hide lesions "
+            "that the real angiogram would not. Small training sets (e.g. the 4-eye UWF demo set) give a model "
+            "that demonstrates the method, not one that generalises. Training data terms (see the data folder's "
+            "README) restrict use to research and evaluation.",
+            "",
+            "## Full training configuration",
+            "```yaml",
+            config_yaml,
+            "```",
+            "",
+        ]
+    )
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
+    """Write OUT_DIR (replacing an earlier export there, atomically) and return it."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
+    if occupied and not (out_dir / "model_index.json").is_file():
+        raise FFASynthError(f"{out_dir} exists and is not a pipeline folder; choose an empty or new --out")
+    exported = load_run(run_dir, ema)
+    pipeline = build_pipeline(exported.run)
+    card = model_card(exported)
+
+    def fill(folder: Path) -> None:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        (folder / "README.md").write_text(card)
+
+    return atomic_folder(out_dir, fill)

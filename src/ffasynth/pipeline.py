@@ -1,0 +1,382 @@
+"""FFASynthesisPipeline: retinal photograph → synthetic fluorescein angiogram, at the photo's size.
+
+photo → pad (reflect) to a multiple of the model's downsampling → conditioning, computed once per
+image (CLIP tokens of the whole photo; the source latent, encoded in tiles) → N noise latents →
+scheduler loop, each step's U-Net prediction blended over overlapping latent tiles → tiled decode →
+crop back → mean of the N samples (the image) and their per-pixel std (the uncertainty).
+
+A diffusers pipeline: components are registered (save_pretrained / from_pretrained write and read
+diffusers' folder format, safetensors only) and the scheduler is swappable, e.g.
+`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # also looked up here by from_pretrained for TokenProjection
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from torch import nn
+
+from ffasynth.data.dataset import PHASES
+from ffasynth.data.io import read_image
+from ffasynth.errors import FFASynthError
+from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents
+from ffasynth.tiling import latent_tile, tiled_decode, tiled_encode, tiled_map
+
+__all__ = [
+    "FFASynthesisOutput",
+    "FFASynthesisPipeline",
+    "TileSettings",
+    "TokenProjection",
+    "source_tensor",
+]
+
+
+class TokenProjection(ModelMixin, ConfigMixin):
+    """The learned linear map CLIP features → cross-attention tokens, as a savable pipeline component."""
+
+    @register_to_config
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> TokenProjection:
+        projection = cls(linear.in_features, linear.out_features)
+        projection.linear.load_state_dict(linear.state_dict())
+        return projection
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+
+@dataclass
+class FFASynthesisOutput(BaseOutput):
+    """One entry per input image. images: PIL "L" images ("pil"), float32 (H, W, 1) arrays in [0, 1]
+    ("np") or (1, H, W) tensors ("pt"). uncertainty (num_samples > 1, else None): the per-pixel
+    standard deviation over the samples, in the same [0, 1] units, as arrays ("pil", "np") or tensors."""
+
+    images: list
+    uncertainty: list | None = None
+
+
+def source_tensor(image) -> torch.Tensor:
+    """A photo as (3, H, W) float32 in [0, 1]: a path, a PIL image, a (H, W[, C]) array (uint8,
+    uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W) tensor in [0, 1]. Grey is repeated to RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(Path(image), channels=3)
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16") or image.mode == "I":
+            image = np.asarray(image).astype(np.float32) / 65535.0
+        elif image.mode == "F":
+            image = np.asarray(image, dtype=np.float32)
+        else:
+            image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
+        array = image.astype(np.float32) / scale
+        array = array[..., None] if array.ndim == 2 else array
+        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+            raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(array[..., :3].transpose(2, 0, 1)))
+    if not isinstance(image, torch.Tensor):
+        raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")
+    tensor = image.detach().float().cpu()
+    tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
+    return tensor.expand(3, -1, -1).clamp(0.0, 1.0) if tensor.shape[0] == 1 else tensor.clamp(0.0, 1.0)
+
+
+def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(N, C, H, W) → padded on the bottom/right to multiples; reflect (mirror) where it fits."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return image
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Tiling in pixels. size: the denoising and source-encoding tile (0 = whole image); overlap:
+    between those tiles; decode_size: the VAE decode tile (0 = whole), larger because the decoder's
+    normalisation statistics drift on small tiles, overlapping by a quarter of it; batch_size:
+    denoising tiles per U-Net pass."""
+
+    size: int
+    overlap: int
+    decode_size: int
+    batch_size: int = 8
+
+    @classmethod
+    def resolve(cls, size: int, overlap: int | None = None, decode_size: int | None = None, batch_size: int = 8):
+        """Defaults: overlap = size/4; decode_size = max(size, 512) (whole image when size is 0)."""
+        overlap = size // 4 if overlap is None else overlap
+        decode_size = (max(size, 512) if size > 0 else 0) if decode_size is None else decode_size
+        if min(size, overlap, decode_size) < 0 or batch_size < 1:
+            raise FFASynthError(f"tile sizes and overlap must be >= 0 and the tile batch >= 1, not {size, overlap}")
+        return cls(size, overlap, decode_size, batch_size)
+
+
+@dataclass
+class SourceCondition:
+    """What the photo contributes to every step and tile, computed once per image."""
+
+    tokens: torch.Tensor  # (1, T, D)
+    latents: torch.Tensor | None  # (1, C, h, w), None without the concat path
+
+
+class FFASynthesisPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "image_encoder->unet->vae"
+    _optional_components = ["image_encoder", "image_processor", "projection"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler,
+        image_encoder=None,
+        image_processor=None,
+        projection: TokenProjection | None = None,
+        use_clip: bool = True,
+        use_concat: bool = True,
+        clip_tokens: str = "embed",
+        num_phases: int = 0,
+        prediction_type: str = "epsilon",
+        tile_size: int = 768,
+    ):
+        super().__init__()
+        if use_clip and (image_encoder is None or image_processor is None):
+            raise FFASynthError("use_clip needs an image_encoder and an image_processor")
+        self.register_modules(
+            vae=vae,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            image_processor=image_processor,
+            projection=projection,
+        )
+        self.register_to_config(
+            use_clip=use_clip,
+            use_concat=use_concat,
+            clip_tokens=clip_tokens,
+            num_phases=num_phases,
+            prediction_type=prediction_type,
+            tile_size=tile_size,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A folder written by save_pretrained (or `ffasynth export`); safetensors weights only."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_scale_factor(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def conditioner(self) -> SourceConditioner:
+        """The conditioning paths over the pipeline's current components (the projection shared, not copied)."""
+        config = self.config
+        conditioner = SourceConditioner(
+            self.image_encoder if config.use_clip else None,
+            self.image_processor,
+            self.unet.config.cross_attention_dim,
+            use_clip=config.use_clip,
+            use_concat=config.use_concat,
+            clip_tokens=config.clip_tokens,
+        )
+        if conditioner.projection is not None:
+            if self.projection is None:
+                raise FFASynthError("this model's CLIP tokens need a learned projection, but the pipeline has none")
+            conditioner.projection = self.projection.linear
+        return conditioner
+
+    @torch.no_grad()
+    def encode_source(self, source: torch.Tensor, tile_px: int, overlap_px: int) -> SourceCondition:
+        """source (1, 3, H, W) in [-1, 1], H and W multiples of the downsampling → its conditioning."""
+        conditioner = self.conditioner()
+        tokens = conditioner.tokens(source).to(self.unet.dtype)
+        latents = None
+        if self.config.use_concat:
+            vae = self.vae
+
+            def encode(pixels: torch.Tensor) -> torch.Tensor:
+                return encode_latents(vae, pixels).float()
+
+            latents = tiled_encode(encode, source.to(vae.dtype), tile_px, overlap_px, self.vae_scale_factor)
+        return SourceCondition(tokens, latents)
+
+    def _phase_label(self, phase: str | None, device) -> torch.Tensor | None:
+        num_phases = self.config.num_phases
+        if not num_phases:
+            if phase is not None:
+                raise FFASynthError(f"phase={phase!r}: this model was trained without a phase input; leave it out")
+            return None
+        if phase is not None and phase not in PHASES[:num_phases]:
+            raise FFASynthError(f"phase={phase!r} is not one this model knows ({', '.join(PHASES[:num_phases])})")
+        return torch.tensor([PHASES.index(phase) if phase else 0], device=device)
+
+    def _predict(self, condition: SourceCondition, label, num_samples: int, guidance: float, t):
+        """The U-Net's prediction for stacked latent tiles, source-latent tiles alongside (concat path)."""
+        unet = self.unet
+
+        def predict(latents: torch.Tensor, source_latents: torch.Tensor | None = None) -> torch.Tensor:
+            batch = latents.shape[0]
+            tokens = condition.tokens.expand(batch, -1, -1)
+            if source_latents is not None:
+                source_latents = source_latents.repeat_interleave(num_samples, dim=0)
+            if guidance > 1.0:  # conditional and null (zero) condition, one batched pass
+                latents = torch.cat([latents, latents])
+                tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+                if source_latents is not None:
+                    source_latents = torch.cat([source_latents, torch.zeros_like(source_latents)])
+            labels = None if label is None else label.expand(latents.shape[0])
+            model_input = SourceConditioner.unet_input(latents, source_latents).to(unet.dtype)
+            output = unet(model_input, t, encoder_hidden_states=tokens, class_labels=labels).sample.float()
+            if guidance > 1.0:
+                conditional, unconditional = output.chunk(2)
+                output = unconditional + guidance * (conditional - unconditional)  # ε̂ = ε_∅ + s(ε_c − ε_∅)
+            return output
+
+        return predict
+
+    @torch.no_grad()
+    def translate(
+        self,
+        source: torch.Tensor,
+        num_inference_steps: int,
+        generator: torch.Generator | None,
+        image_guidance_scale: float,
+        num_samples: int,
+        phase: str | None,
+        tiles: TileSettings,
+    ) -> torch.Tensor:
+        """One photo (3, H, W) in [0, 1] → num_samples angiograms (N, 1, H, W) in [0, 1]."""
+        device = self._execution_device
+        height, width = source.shape[-2:]
+        vae_factor = self.vae_scale_factor
+        pixels = _pad_to_multiple(source[None].to(device) * 2.0 - 1.0, vae_factor * self.unet_scale_factor)
+        longest = max(pixels.shape[-2:])
+        tile_px, overlap_px = (longest, 0) if tiles.size <= 0 or longest <= tiles.size else (tiles.size, tiles.overlap)
+        condition = self.encode_source(pixels, tile_px, overlap_px)
+        label = self._phase_label(phase, device)
+        tile, overlap = latent_tile(tile_px, overlap_px, vae_factor, self.unet_scale_factor)
+        shape = (num_samples, self.unet.config.out_channels) + tuple(s // vae_factor for s in pixels.shape[-2:])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents * self.scheduler.init_noise_sigma
+        sources = [] if condition.latents is None else [condition.latents]
+        # stochastic schedulers (DDPM, Euler ancestral, SDE solvers) draw their noise from the same generator
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
+        for t in self.progress_bar(self.scheduler.timesteps):
+            predict = self._predict(condition, label, num_samples, image_guidance_scale, t)
+            model_input = self.scheduler.scale_model_input(latents, t)
+            prediction = tiled_map(predict, [model_input, *sources], tile, overlap, batch_size=tiles.batch_size)
+            latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+        vae = self.vae
+        decode_tile = longest if tiles.decode_size <= 0 else min(longest, tiles.decode_size)
+        decode_tile = max(1, decode_tile // vae_factor)
+        images = tiled_decode(
+            lambda z: decode_latents(vae, z).float(), latents, decode_tile, decode_tile // 4, vae_factor
+        )
+        return ((images[..., :height, :width] + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def check_inputs(
+        self, steps: int, guidance: float, num_samples: int, output_type: str = "pil", phase: str | None = None
+    ) -> None:
+        """Raise FFASynthError (one line) for settings this pipeline cannot run."""
+        self._phase_label(phase, "cpu")
+        if steps < 1:
+            raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
+        if num_samples < 1:
+            raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
+        if guidance < 1.0:
+            raise FFASynthError(f"image_guidance_scale must be >= 1 (1 = no guidance), not {guidance}")
+        if output_type not in ("pil", "np", "pt"):
+            raise FFASynthError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+        scheduler_type = self.scheduler.config.get("prediction_type", self.config.prediction_type)
+        if scheduler_type != self.config.prediction_type:
+            raise FFASynthError(
+                f"the scheduler predicts {scheduler_type!r} but the model was trained for "
+                f"{self.config.prediction_type!r}; build it with from_config(pipe.scheduler.config)"
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        num_inference_steps: int = 20,
+        generator: torch.Generator | None = None,
+        image_guidance_scale: float = 1.0,
+        num_samples: int = 1,
+        phase: str | None = None,
+        output_type: str = "pil",
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        decode_tile_size: int | None = None,
+        tile_batch_size: int = 8,
+        return_dict: bool = True,
+    ):
+        """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
+
+        image_guidance_scale: 1 = one U-Net pass per step; s > 1 = ε_∅ + s(ε_c − ε_∅) against the null
+        (zero) condition, both in one batched pass. num_samples: samples per photo, drawn in one batch;
+        > 1 returns their mean and per-pixel std. phase: "early"/"late" (default early) when the model
+        has a phase input. tile_size/tile_overlap/decode_tile_size: in pixels (defaults: the training
+        crop, a quarter of it, max(tile, 512)); 0 = the whole image in one piece (see TileSettings).
+        """
+        self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase)
+        tile_size = self.config.tile_size if tile_size is None else tile_size
+        tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)
+        photos = image if isinstance(image, (list, tuple)) else [image]
+        means, stds = [], []
+        for photo in photos:
+            samples = self.translate(
+                source_tensor(photo),
+                num_inference_steps,
+                generator,
+                image_guidance_scale,
+                num_samples,
+                phase,
+                tiles,
+            ).cpu()
+            means.append(samples.mean(dim=0))
+            stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)
+        self.maybe_free_model_hooks()
+        images = [_convert(m, output_type) for m in means]
+        uncertainty = None
+        if num_samples > 1:
+            uncertainty = [s if output_type == "pt" else s.numpy().transpose(1, 2, 0) for s in stds]
+        if not return_dict:
+            return images, uncertainty
+        return FFASynthesisOutput(images=images, uncertainty=uncertainty)
+
+
+def _convert(image: torch.Tensor, output_type: str):
+    """(1, H, W) in [0, 1] → the requested output type."""
+    if output_type == "pt":
+        return image
+    array = image.numpy().transpose(1, 2, 0)
+    if output_type == "np":
+        return array
+    return Image.fromarray((array[..., 0] * 255.0 + 0.5).astype(np.uint8))

@@ -1,0 +1,144 @@
+"""Whole images at native size with bounded memory: run a function over overlapping tiles and blend
+the results with weights that ramp down towards the tile borders shared with a neighbour.
+
+Used three ways by the pipeline: the source encode (pixels → latent, scale 1/f), every denoising
+step's model prediction (latent → latent, scale 1; blended at every step, so neighbouring tiles
+agree on the one latent the scheduler then steps), and the decode (latent → pixels, scale f).
+An input no larger than the tile runs as one piece with weight exactly 1: the same numbers as
+running untiled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A window of the input grid; `first_*`/`last_*` say whether it touches the grid's borders."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    first_row: bool
+    last_row: bool
+    first_col: bool
+    last_col: bool
+
+    def slices(self, scale: float = 1.0) -> tuple[slice, slice]:
+        top, left = round(self.top * scale), round(self.left * scale)
+        return slice(top, top + round(self.height * scale)), slice(left, left + round(self.width * scale))
+
+
+def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
+    """Starts of windows of `tile` covering [0, length) with at least `overlap` shared; the last one
+    ends at `length`. Starts are multiples of `multiple` when length and tile are."""
+    if length <= tile:
+        return [0]
+    stride = max(multiple, (tile - overlap) // multiple * multiple)
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return sorted(set(starts))
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+    """Row-major tiles of at most tile×tile; dimensions smaller than the tile are covered whole."""
+    rows = tile_starts(height, tile, overlap, multiple)
+    cols = tile_starts(width, tile, overlap, multiple)
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    return [
+        Tile(top, left, tile_h, tile_w, i == 0, i == len(rows) - 1, j == 0, j == len(cols) - 1)
+        for i, top in enumerate(rows)
+        for j, left in enumerate(cols)
+    ]
+
+
+def ramp(length: int, overlap: int, rise: bool, fall: bool) -> torch.Tensor:
+    """1-D weights towards a shared border: 0 over a guard band of G = R//4 samples at the edge (where
+    a convolution's zero padding corrupts a tile's output; the neighbour covers them), then
+    sin²(π/2 · (d − G + ½)/(R − G)) up to R, 1 beyond."""
+    weights = torch.ones(length, dtype=torch.float64)
+    overlap = min(overlap, length // 2)
+    if overlap > 0:
+        guard = overlap // 4
+        rising = torch.zeros(overlap, dtype=torch.float64)
+        steps = torch.arange(overlap - guard, dtype=torch.float64)
+        rising[guard:] = torch.sin(0.5 * math.pi * (steps + 0.5) / (overlap - guard)) ** 2
+        if rise:
+            weights[:overlap] = rising
+        if fall:
+            weights[length - overlap :] = rising.flip(0)
+    return weights
+
+
+def tile_weights(tile: Tile, overlap: int, scale: float = 1.0) -> torch.Tensor:
+    """(h, w) blending weights in output units; no ramp on sides at the grid's border."""
+    height, width, ramp_length = round(tile.height * scale), round(tile.width * scale), round(overlap * scale)
+    rows = ramp(height, ramp_length, not tile.first_row, not tile.last_row)
+    cols = ramp(width, ramp_length, not tile.first_col, not tile.last_col)
+    return (rows[:, None] * cols[None, :]).float()
+
+
+def tiled_map(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    tile: int,
+    overlap: int,
+    scale: float = 1.0,
+    multiple: int = 1,
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """fn over overlapping tiles of `inputs` (each (N, C_i, H, W)), blended: Σ w_t·fn(x_t) / Σ w_t.
+
+    fn takes the tiles of every input stacked tile-major ((n·N, C_i, h, w) each) and returns
+    (n·N, C_out, h·scale, w·scale); up to `batch_size` tiles go through fn at once.
+    """
+    first = inputs[0]
+    count, height, width = first.shape[0], first.shape[-2], first.shape[-1]
+    tiles = plan_tiles(height, width, tile, overlap, multiple)
+    out_height, out_width = round(height * scale), round(width * scale)
+    output = accumulated = None
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start : start + batch_size]
+        stacked = [torch.cat([x[(...,) + t.slices()] for t in chunk]) for x in inputs]
+        result = fn(*stacked)
+        if len(tiles) == 1:  # one piece: no blending arithmetic, identical to the untiled result
+            return result
+        if output is None:
+            output = result.new_zeros(count, result.shape[1], out_height, out_width, dtype=torch.float32)
+            accumulated = torch.zeros(out_height, out_width, device=result.device)
+        for index, t in enumerate(chunk):
+            rows, cols = t.slices(scale)
+            weights = tile_weights(t, overlap, scale).to(result.device)
+            piece = result[index * count : (index + 1) * count].float()
+            output[..., rows, cols] += piece * weights
+            accumulated[rows, cols] += weights
+    return (output / accumulated).to(result.dtype)
+
+
+def latent_tile(tile_px: int, overlap_px: int, vae_factor: int, unet_factor: int) -> tuple[int, int]:
+    """A pixel tile and overlap → latent units: the tile a multiple of the U-Net's downsampling."""
+    tile = max(unet_factor, tile_px // vae_factor // unet_factor * unet_factor)
+    overlap = min(max(0, overlap_px // vae_factor), tile // 2)
+    return tile, overlap
+
+
+def tiled_encode(
+    encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile_px: int, overlap_px: int, factor: int
+) -> torch.Tensor:
+    """Pixels (N, 3, H, W) → latents (N, C, H/f, W/f) in tiles of tile_px (the size the model saw
+    in training, so each tile's normalisation statistics match training's crops)."""
+    tile = max(factor, tile_px // factor * factor)
+    overlap = min(overlap_px // factor * factor, tile // 2)
+    return tiled_map(encode, [image], tile, overlap, scale=1.0 / factor, multiple=factor, batch_size=1)
+
+
+def tiled_decode(
+    decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, tile: int, overlap: int, factor: int
+) -> torch.Tensor:
+    """Latents (N, C, h, w) → pixels (N, C', h·f, w·f), decoding latent tiles of `tile` one at a time."""
+    return tiled_map(decode, [latents], tile, overlap, scale=float(factor), batch_size=1)

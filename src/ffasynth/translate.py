@@ -1,0 +1,155 @@
+"""Batch translation of photo files with an exported pipeline: find the inputs, run each one, write
+`<name>_ffa.png` (8-bit grey, the input's size) and, with several samples, `<name>_uncertainty.png`
+(the per-pixel std in false colour). A file that fails is reported and skipped; the rest still run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ffasynth.data.io import is_image_file, save_image
+from ffasynth.errors import FFASynthError, ImageReadError, WeightsNotFoundError
+
+OUTPUT_SUFFIXES = ("_ffa", "_uncertainty")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files as given, and the image files directly inside folders (sorted; earlier outputs skipped).
+    Returns (files, problems) where problems are (path, reason) for inputs that do not exist."""
+    files, problems = [], []
+    for path in inputs:
+        if path.is_dir():
+            found = [p for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)]
+            found = [p for p in found if not p.stem.endswith(OUTPUT_SUFFIXES)]
+            if not found:
+                problems.append((path, "folder holds no image files"))
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append((path, "no such file or folder"))
+    return list(dict.fromkeys(files)), problems
+
+
+def output_stems(files: list[Path]) -> dict[Path, str]:
+    """Each input's output name: its stem, prefixed by its folder's name where two stems collide."""
+    counts: dict[str, int] = {}
+    for path in files:
+        counts[path.stem] = counts.get(path.stem, 0) + 1
+    return {p: p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}" for p in files}
+
+
+def uncertainty_rgb(std: np.ndarray, vmax: float) -> np.ndarray:
+    """(H, W[, 1]) std in [0, 1] units → (H, W, 3) uint8 in matplotlib's magma; vmax and above = brightest."""
+    from matplotlib import colormaps
+
+    values = np.clip(np.squeeze(std, axis=-1) if std.ndim == 3 else std, 0.0, vmax) / max(vmax, 1e-12)
+    return (colormaps["magma"](values)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FFASynthError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise FFASynthError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float32"):
+    """An exported pipeline folder on a device, in a weight dtype (the libraries' loading bars off)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from ffasynth.pipeline import FFASynthesisPipeline
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise WeightsNotFoundError(f"{folder} is not a pipeline folder (no model_index.json); make one with `export`")
+    if dtype not in DTYPES:
+        raise FFASynthError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    pipeline = FFASynthesisPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
+    return pipeline.to(resolve_device(device))
+
+
+@dataclass
+class TranslateSettings:
+    steps: int = 20
+    seed: int = 0
+    samples: int = 1
+    guidance: float = 1.0
+    phase: str | None = None
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    decode_tile_size: int | None = None
+    uncertainty_max: float = 0.2
+
+
+@dataclass
+class TranslateReport:
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: dict[Path, float] = field(default_factory=dict)
+
+
+def translate_files(
+    pipeline,
+    files: list[Path],
+    out_dir: Path,
+    settings: TranslateSettings,
+    on_done: Callable[[Path, str | None], None] | None = None,
+) -> TranslateReport:
+    """Translate each file; every image uses a generator seeded with `settings.seed`, so its result
+    does not depend on the other inputs. on_done(path, error or None) is called after each file."""
+    from ffasynth.data.io import read_image
+
+    pipeline.check_inputs(settings.steps, settings.guidance, settings.samples, "np", settings.phase)
+    report = TranslateReport()
+    stems = output_stems(files)
+    for path in files:
+        error = None
+        try:
+            photo = read_image(path, channels=3)
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(settings.seed)
+            output = pipeline(
+                photo,
+                num_inference_steps=settings.steps,
+                generator=generator,
+                image_guidance_scale=settings.guidance,
+                num_samples=settings.samples,
+                phase=settings.phase,
+                output_type="np",
+                tile_size=settings.tile_size,
+                tile_overlap=settings.tile_overlap,
+                decode_tile_size=settings.decode_tile_size,
+            )
+            report.seconds[path] = time.perf_counter() - start
+            image = output.images[0]
+            if image.shape[:2] != tuple(photo.shape[-2:]):
+                raise FFASynthError(f"output {image.shape[:2]} differs from the input's size {tuple(photo.shape[-2:])}")
+            report.written.append(save_image(image.transpose(2, 0, 1), out_dir / f"{stems[path]}_ffa.png"))
+            if output.uncertainty is not None:
+                colour = uncertainty_rgb(output.uncertainty[0], settings.uncertainty_max)
+                report.written.append(save_image(colour, out_dir / f"{stems[path]}_uncertainty.png"))
+        except ImageReadError as failure:
+            error = failure.cause
+        except FFASynthError as failure:
+            error = str(failure)
+        except (RuntimeError, ValueError, MemoryError) as failure:  # e.g. out of memory on a huge input
+            error = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:200]}"
+        if error is not None:
+            report.failed.append((path, error))
+        if on_done is not None:
+            on_done(path, error)
+    return report

@@ -1,0 +1,205 @@
+"""FFASynthesisPipeline: the diffusers contract (save/load, swappable schedulers, output dataclass),
+one U-Net pass per step without guidance, cached conditioning, seeds, inputs of any kind and size,
+uncertainty from several samples, phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from PIL import Image
+
+from ffasynth.data.io import save_image
+from ffasynth.errors import FFASynthError
+from ffasynth.export import build_pipeline
+from ffasynth.models.components import build_components
+from ffasynth.models.conditioning import SourceConditioner
+from ffasynth.pipeline import FFASynthesisPipeline, TileSettings, TokenProjection
+from ffasynth.training.run import LoadedRun
+from tests.test_models import micro_config
+
+
+def micro_pipeline(*overrides: str, seed: int = 0) -> FFASynthesisPipeline:
+    """Random micro components (VAE ×2, U-Net ×2 downsampling; tile 32 px), conv_in's source
+    channels and the phase embedding moved off zero as training would, so every input matters."""
+    config = micro_config("data.crop_size=32", *overrides)
+    torch.manual_seed(seed)
+    components = build_components(config, random_weights=True)
+    torch.nn.init.normal_(components.unet.conv_in.weight, std=0.1)
+    if components.unet.class_embedding is not None:
+        torch.nn.init.normal_(components.unet.class_embedding.weight, std=0.5)
+    conditioner = SourceConditioner(
+        components.image_encoder,
+        components.image_processor,
+        components.unet.config.cross_attention_dim,
+        use_clip=config.model.use_clip,
+        use_concat=config.model.use_concat,
+        clip_tokens=config.model.clip_tokens,
+    )
+    pipeline = build_pipeline(LoadedRun(config, components, conditioner, Path("."), False))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return micro_pipeline()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return torch.rand(3, 40, 52, generator=seeded(1))
+
+
+def _run(pipeline, image, seed=0, **kwargs):
+    kwargs = {"num_inference_steps": 3, "output_type": "pt", **kwargs}
+    return pipeline(image, generator=seeded(seed), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("model.clip_tokens=patches",), ("model.use_clip=false",), ("model.use_concat=false", "model.num_phases=0")],
+)
+def test_saved_pipeline_loads_back_with_the_same_outputs(tmp_path, photo, overrides):
+    pipeline = micro_pipeline(*overrides)
+    pipeline.save_pretrained(tmp_path)
+    weights = sorted(
+        p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".json"
+    )
+    assert all(w.endswith(".safetensors") for w in weights), weights  # no pickle files
+    loaded = FFASynthesisPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    settings = ("use_clip", "use_concat", "clip_tokens", "num_phases", "prediction_type", "tile_size", "projection")
+    assert {k: loaded.config[k] for k in settings} == {k: pipeline.config[k] for k in settings}
+    if "model.clip_tokens=patches" in overrides:
+        assert (
+            isinstance(loaded.projection, TokenProjection)
+            and "projection/diffusion_pytorch_model.safetensors" in weights
+        )
+        assert torch.equal(loaded.projection.linear.weight, pipeline.projection.linear.weight)
+    if "model.use_clip=false" in overrides:
+        assert loaded.image_encoder is None and not any(w.startswith("image_encoder") for w in weights)
+    phase = "late" if pipeline.config.num_phases else None
+    expected = _run(pipeline, photo, phase=phase, num_samples=2).images[0]
+    again = _run(loaded, photo, phase=phase, num_samples=2).images[0]
+    assert torch.equal(expected, again)
+
+
+def test_one_unet_pass_per_step_without_guidance_and_one_batched_pair_with_it(pipe, photo):
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    try:
+        plain = _run(pipe, photo, num_inference_steps=4, num_samples=2, tile_size=0).images[0]
+        assert batches == [2] * 4  # 4 steps, both samples in one pass, no unconditional pass
+        batches.clear()
+        guided = _run(pipe, photo, num_inference_steps=4, num_samples=2, tile_size=0, image_guidance_scale=3.0)
+        assert batches == [4] * 4  # conditional + null condition, batched into the same 4 passes
+    finally:
+        hook.remove()
+    assert not torch.allclose(plain, guided.images[0], atol=1e-3)
+
+
+def test_source_conditioning_is_computed_once_per_image_not_per_step_or_tile(pipe):
+    calls = {"clip": 0, "vae_encoder": 0, "unet": 0}
+
+    def counter(name):
+        def hook(module, args, output):
+            calls[name] += 1
+
+        return hook
+
+    hooks = [
+        pipe.image_encoder.register_forward_hook(counter("clip")),
+        pipe.vae.encoder.register_forward_hook(counter("vae_encoder")),
+        pipe.unet.register_forward_hook(counter("unet")),
+    ]
+    try:
+        for steps in (2, 5):
+            calls.update(clip=0, vae_encoder=0, unet=0)
+            # 96×64 px with 32-px tiles overlapping by 16: 5×3 encode tiles, 15 latent tiles per step
+            _run(pipe, [torch.rand(3, 64, 96), torch.rand(3, 64, 96)], num_inference_steps=steps, tile_overlap=16)
+            assert calls["clip"] == 2 and calls["vae_encoder"] == 2 * 15
+            assert calls["unet"] == 2 * steps * 2  # 15 tiles per step in batches of 8
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_same_seed_same_image_and_another_seed_another(pipe, photo):
+    first = _run(pipe, photo, seed=7).images[0]
+    assert torch.equal(first, _run(pipe, photo, seed=7).images[0])
+    assert (first - _run(pipe, photo, seed=8).images[0]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler])
+def test_any_diffusers_scheduler_can_be_swapped_in(photo, scheduler_class):
+    pipeline = micro_pipeline()
+    default = _run(pipeline, photo).images[0]
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    swapped = _run(pipeline, photo).images[0]
+    assert swapped.shape == (1, 40, 52) and torch.isfinite(swapped).all()
+    assert torch.equal(swapped, _run(pipeline, photo).images[0])  # stochastic samplers use the generator too
+    assert not torch.equal(swapped, default)
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(FFASynthError, match="trained for 'epsilon'"):
+        _run(pipeline, photo)
+
+
+def test_inputs_of_any_kind_and_size_come_back_at_their_size(pipe, tmp_path):
+    rgb = (np.random.default_rng(0).random((29, 37, 3)) * 255).astype(np.uint8)
+    save_image(rgb, tmp_path / "photo.png")
+    tensor = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
+    reference = _run(pipe, tensor).images[0]
+    assert reference.shape == (1, 29, 37)
+    for image in (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(rgb), rgb, tensor[None]):
+        assert torch.allclose(_run(pipe, image).images[0], reference, atol=1e-6), type(image)
+    grey = Image.fromarray(rgb[..., 0])
+    out = _run(pipe, [grey, np.zeros((7, 9), np.float32)], output_type="pil")
+    assert [(i.mode, i.size) for i in out.images] == [("L", (37, 29)), ("L", (9, 7))]
+    arrays = _run(pipe, rgb, output_type="np").images
+    assert arrays[0].shape == (29, 37, 1) and arrays[0].dtype == np.float32
+    with pytest.raises(FFASynthError, match="1 or 3 channels"):
+        _run(pipe, torch.rand(2, 8, 8))
+
+
+def test_uncertainty_is_the_std_of_the_samples_and_the_image_their_mean(pipe, photo):
+    samples = pipe.translate(photo, 3, seeded(3), 1.0, 4, None, TileSettings.resolve(32))
+    assert samples.shape == (4, 1, 40, 52)
+    out = _run(pipe, photo, seed=3, num_samples=4)
+    assert torch.allclose(out.images[0], samples.mean(0), atol=1e-6)
+    assert torch.allclose(out.uncertainty[0], samples.std(0), atol=1e-6)
+    assert out.uncertainty[0].mean() > 1e-3
+    assert _run(pipe, photo).uncertainty is None
+    as_array = _run(pipe, photo, seed=3, num_samples=4, output_type="np").uncertainty[0]
+    assert as_array.shape == (40, 52, 1) and np.allclose(as_array[..., 0], samples.std(0)[0].numpy(), atol=1e-6)
+
+
+def test_phase_selects_early_or_late_and_is_refused_where_the_model_has_none(pipe, photo):
+    early = _run(pipe, photo, phase="early").images[0]
+    assert torch.equal(early, _run(pipe, photo).images[0])  # early is the default
+    assert (early - _run(pipe, photo, phase="late").images[0]).abs().mean() > 1e-4
+    with pytest.raises(FFASynthError, match="not one this model knows"):
+        _run(pipe, photo, phase="venous")
+    with pytest.raises(FFASynthError, match="without a phase input"):
+        _run(micro_pipeline("model.num_phases=0"), photo, phase="late")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"image_guidance_scale": 0.5}, "image_guidance_scale"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"output_type": "jpg"}, "output_type"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(pipe, photo, kwargs, message):
+    with pytest.raises(FFASynthError, match=message):
+        _run(pipe, photo, **kwargs)

@@ -1,0 +1,146 @@
+"""`ffasynth export` (run → pipeline folder + model card) and `ffasynth translate` (files and
+folders → same-size FFA PNGs, uncertainty maps, bad files skipped)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ffasynth.cli import app
+from ffasynth.data.io import read_image, save_image
+from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.errors import FFASynthError
+from ffasynth.translate import collect_inputs, output_stems, uncertainty_rgb
+from tests.test_stage2 import STAGE2
+from tests.test_training import _run
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    pairs = write_phantom_dataset(root / "pairs", n=4, size=48, seed=5)
+    _run(pairs, root / "run", 3)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "pipe"
+    result = runner.invoke(app, ["export", str(trained), str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_export_writes_a_pipeline_folder_with_a_model_card(trained, exported, tmp_path):
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["_class_name"] == "FFASynthesisPipeline" and index["num_phases"] == 2 and index["tile_size"] == 32
+    assert json.loads((exported / "scheduler" / "scheduler_config.json").read_text())["algorithm_type"] == "dpmsolver++"
+    unet = load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(trained / "checkpoints" / "step-000003" / "unet.ema.safetensors"))
+    assert all(torch.equal(unet[k], v) for k, v in ema.items())
+    card = (exported / "README.md").read_text()
+    for fact in ("step 3 of 3", "EMA weights", str((trained.parent / "pairs").resolve()), "8 training pairs", "loss"):
+        assert fact in card, fact
+    raw = tmp_path / "raw"
+    assert runner.invoke(app, ["export", str(trained), str(raw), "--no-ema"]).exit_code == 0
+    raw_unet = load_file(str(raw / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(raw_unet["conv_in.weight"], unet["conv_in.weight"])
+    assert "raw (non-EMA)" in (raw / "README.md").read_text()
+    assert runner.invoke(app, ["export", str(trained), str(raw)]).exit_code == 0  # an earlier export is replaced
+
+
+def test_a_stage2_run_exports_its_stage1_model_with_the_tuned_decoder(trained, exported, tmp_path):
+    info = json.loads((trained / "run.json").read_text())
+    stage2 = tmp_path / "s2"
+    result = runner.invoke(
+        app,
+        ["train", "stage2", "--from", str(trained), "--data", info["data"], "--out", str(stage2), "--max-steps", "2"]
+        + ["--quiet", *STAGE2],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pipe2"
+    assert runner.invoke(app, ["export", str(stage2), str(out)]).exit_code == 0
+    tuned = load_file(str(stage2 / "checkpoints" / "step-000002" / "decoder.safetensors"))
+    vae = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(vae["decoder.conv_out.weight"], tuned["decoder.conv_out.weight"])
+    stage1_vae = load_file(str(exported / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(vae["decoder.conv_out.weight"], stage1_vae["decoder.conv_out.weight"])
+    assert torch.equal(vae["encoder.conv_in.weight"], stage1_vae["encoder.conv_in.weight"])
+    unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(
+        unet["conv_in.weight"],
+        load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
+    )
+    card = (out / "README.md").read_text()
+    assert "stage-2 run" in card and "decoder reconstruction PSNR" in card and "step 3 of 3" in card
+
+
+def test_export_refuses_other_runs_and_foreign_folders(trained, tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "run.json").write_text(json.dumps({"kind": "vae"}))
+    result = runner.invoke(app, ["export", str(tmp_path / "vae"), str(tmp_path / "out")])
+    assert result.exit_code != 0 and "'vae' run" in str(result.exception)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(trained), str(tmp_path / "notes")])
+    assert "not a pipeline folder" in str(result.exception)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_translate_writes_same_size_grey_images_and_skips_bad_files(exported, tmp_path):
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    save_image((rng.random((37, 45, 3)) * 255).astype(np.uint8), photos / "a.png")
+    Image.fromarray((rng.random((50, 33, 3)) * 255).astype(np.uint8)).save(photos / "b.jpg")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (photos / "notes.txt").write_text("not an image, not collected from a folder")
+    single = tmp_path / "c.bmp"
+    Image.fromarray((rng.random((20, 28)) * 255).astype(np.uint8)).save(single)
+    out = tmp_path / "out"
+    args = ["translate", str(exported), str(photos), str(single), "--out", str(out), "--steps", "2", "--quiet"]
+    result = runner.invoke(app, [*args, "--samples", "2", "--phase", "late", "--tile-size", "16"])
+    assert result.exit_code == 1, result.output
+    assert "broken.png" in result.output and "1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_ffa.png",
+        "a_uncertainty.png",
+        "b_ffa.png",
+        "b_uncertainty.png",
+        "c_ffa.png",
+        "c_uncertainty.png",
+    ]
+    for name, size in (("a", (45, 37)), ("b", (33, 50)), ("c", (28, 20))):
+        with Image.open(out / f"{name}_ffa.png") as ffa, Image.open(out / f"{name}_uncertainty.png") as std:
+            assert (ffa.mode, ffa.size, std.mode, std.size) == ("L", size, "RGB", size)
+    first = read_image(out / "a_ffa.png")
+    again = tmp_path / "again"
+    result = runner.invoke(
+        app, ["translate", str(exported), str(photos / "a.png"), "--out", str(again), "--steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not torch.equal(first, read_image(again / "a_ffa.png"))  # 1 sample, early phase, no tiling
+    bad = runner.invoke(app, [*args, "--phase", "venous"])
+    assert isinstance(bad.exception, FFASynthError) and "venous" in str(bad.exception)  # main() prints it, exit 2
+
+
+def test_inputs_are_collected_named_and_coloured(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    for folder in ("x", "y"):
+        save_image(np.zeros((4, 4), np.uint8), tmp_path / folder / "7.png")
+    save_image(np.zeros((4, 4), np.uint8), tmp_path / "x" / "7_ffa.png")  # an earlier output
+    files, problems = collect_inputs([tmp_path / "x", tmp_path / "y", tmp_path / "missing.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["x/7.png", "y/7.png"]
+    assert problems == [(tmp_path / "missing.png", "no such file or folder")]
+    assert sorted(output_stems(files).values()) == ["x_7", "y_7"]
+    colour = uncertainty_rgb(np.array([[0.0, 0.1, 0.2, 0.9]], np.float32), vmax=0.2)
+    assert colour.shape == (1, 4, 3) and colour.dtype == np.uint8
+    assert colour[0, 0].sum() < colour[0, 1].sum() < colour[0, 2].sum() and (colour[0, 2] == colour[0, 3]).all()
