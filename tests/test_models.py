@@ -195,9 +195,13 @@ def test_single_file_checkpoint_in_the_original_layout_roundtrips(tmp_path):
     for a, b in ((unet, loaded_unet), (vae, loaded_vae)):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k].reshape(sa[k].shape)) for k in sa)
-    # the whole stage-1 build path accepts it too, and widens conv_in
+    # the whole stage-1 build path accepts it too, and widens conv_in with zero-initialised weights
     components = build_components(micro_config(*layers, f"model.pretrained={path}"))
     assert components.unet.config.in_channels == 8 and components.sources["unet"] == str(path)
+    assert components.unet.conv_in.weight[:, 4:].abs().sum() == 0
+    # from scratch there is nothing to preserve: every input channel starts with the default init
+    scratch = build_components(micro_config(*layers), random_weights=True)
+    assert scratch.unet.conv_in.weight[:, 4:].abs().sum() > 0
 
 
 def test_bad_weight_files_fail_in_one_sentence(tmp_path):

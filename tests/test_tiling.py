@@ -77,7 +77,9 @@ def test_tiled_decode_and_encode_match_the_full_ones_on_a_micro_vae():
     tiled = tiled_decode(decode, latents, 32, 8, 2)
     # GroupNorm statistics and the mid-block attention see a tile, not the image: close, not equal
     error = (tiled - full).abs()
-    assert error.mean() < 0.1 * full.std() and error.max() < 0.5, (error.mean(), error.max())
+    hard = (tiled_decode(decode, latents, 32, 0, 2) - full).abs()  # no overlap, no blending
+    assert error.mean() < hard.mean(), (error.mean(), hard.mean())
+    assert error.mean() < 0.2 * full.std() and error.max() < 0.5, (error.mean(), error.max())
     image = torch.rand(1, 3, 128, 128, generator=seeded(1)) * 2 - 1
     encoded = encode_latents(vae, image)
     tiled_latents = tiled_encode(lambda x: encode_latents(vae, x), image, 64, 16, 2)

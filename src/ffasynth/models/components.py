@@ -161,7 +161,9 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
         unet, vae = loading.load_unet_and_vae(model.pretrained, model)
         sources["unet"] = sources["vae"] = model.pretrained
     else:
-        unet = UNet2DConditionModel(**unet_config(model))
+        # From scratch there is no pretrained behaviour to preserve: conv_in gets all its input channels
+        # with the default initialisation (zero-initialised source channels would only slow learning).
+        unet = UNet2DConditionModel(**unet_config(model, in_channels=unet_in_channels(model)))
         vae = AutoencoderKL(**vae_config(model))
     if model.vae and not random_weights:
         vae = loading.load_vae(model.vae)
