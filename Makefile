@@ -31,9 +31,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+DEMO_MINUTES ?= 5
 demo: setup
-	$(BIN)/ffasynth data phantom $(DEMO_OUT)/phantom --n 24 --size 256 --seed 0
-	$(BIN)/ffasynth data check $(DEMO_OUT)/phantom
+	$(BIN)/ffasynth quickstart --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
 
 lint: setup
 	$(BIN)/ruff check src tests

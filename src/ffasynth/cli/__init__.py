@@ -15,6 +15,7 @@ from ffasynth import __version__
 from ffasynth.cli import data as data_cli
 from ffasynth.cli import evaluate as evaluate_cli
 from ffasynth.cli import export as export_cli
+from ffasynth.cli import quickstart as quickstart_cli
 from ffasynth.cli import train as train_cli
 from ffasynth.cli import translate as translate_cli
 from ffasynth.errors import FFASynthError
@@ -31,6 +32,8 @@ app.add_typer(train_cli.app, name="train")
 app.command("evaluate")(evaluate_cli.evaluate_command)
 app.command("export")(export_cli.export)
 app.command("translate")(translate_cli.translate)
+app.command("quickstart")(quickstart_cli.quickstart)
+app.command("serve")(quickstart_cli.serve)
 
 
 def _version(value: bool) -> None:

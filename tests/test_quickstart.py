@@ -1,0 +1,54 @@
+"""`ffasynth quickstart`: the whole job on phantom data within a time budget (micro model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ffasynth.cli import app
+from tests.test_models import MICRO
+
+
+@pytest.mark.slow
+def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", n=8, size=64, seed=1, test_fraction=0.25)
+    tiny = MICRO + [
+        "data.crop_size=32",
+        "vae.batch_size=2",
+        "stage1.batch_size=2",
+        "stage2.batch_size=2",
+        "stage1.sample_steps=2",
+        "stage2.disc_start=2",
+    ]
+    result = CliRunner().invoke(
+        app,
+        [
+            "quickstart",
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            str(data),
+            "--minutes",
+            "0.3",
+            "--steps",
+            "3",
+            "--quiet",
+            *tiny,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for stage in ("vae", "stage1", "stage2"):
+        assert list((out / "runs" / stage / "checkpoints").glob("step-*")), stage
+    assert (out / "pipeline" / "model_index.json").is_file()
+    translated = sorted((out / "translated").glob("*_ffa.png"))
+    assert [p.name for p in translated] == ["7.1_ffa.png", "7.2_ffa.png", "8.1_ffa.png", "8.2_ffa.png"]
+    assert all(Image.open(p).size == (64, 64) for p in translated)
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert len(metrics["methods"]["ffasynth"]["per_image"]) == 4
+    assert "report: " in result.output and "ffasynth train stage1 --config configs/sd15.yaml" in result.output
