@@ -1,0 +1,87 @@
+"""`ffasynth serve`: the page's handler on bad input, and an end-to-end run in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ffasynth.app import ServeSettings, Translator
+from ffasynth.errors import FFASynthError
+from tests.browser import Browser, find_chromium, free_port, wait_for_http
+from tests.test_pipeline import micro_pipeline
+
+ARTIFACTS = Path(os.environ.get("FFASYNTH_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "pipeline"
+    micro_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_handler_refuses_non_images_and_huge_images_in_one_line(tmp_path):
+    translator = Translator(micro_pipeline(), tmp_path, ServeSettings(max_pixels=10_000))
+    text = tmp_path / "notes.png"
+    text.write_text("<html>not an image</html>")
+    with pytest.raises(FFASynthError) as info:
+        translator.run(str(text), 2, 0, 1, "early")
+    assert "notes.png" in str(info.value) and "\n" not in str(info.value)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(big)
+    with pytest.raises(FFASynthError, match="pixels"):
+        translator.run(str(big), 2, 0, 1, "early")
+    with pytest.raises(FFASynthError, match="upload"):
+        translator.run(None, 2, 0, 1, "early")
+    photo = tmp_path / "eye.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)).save(photo)
+    pair, grey, uncertainty, download = translator.run(str(photo), 2, 0, 2, "late")
+    assert grey.shape == (40, 52) and uncertainty.shape == (40, 52, 3)
+    assert Path(download).parent == tmp_path and Image.open(download).size == (52, 40)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
+    from ffasynth.data.phantom import make_eye
+
+    photo = tmp_path / "phantom-photo.png"
+    eye = make_eye(64, seed=3)
+    Image.fromarray((eye.photo * 255).astype(np.uint8)[:, :56]).save(photo)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen([sys.executable, "-m", "ffasynth", "serve", str(pipeline_dir), "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    browser = None
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", 120)
+        browser = Browser(tmp_path / "chrome")
+        browser.send("Page.enable")
+        browser.send("Page.navigate", url=f"http://127.0.0.1:{port}/")
+        browser.wait_for("!!document.querySelector('#photo input[type=file]')")
+        assert "not for diagnosis" in browser.evaluate("document.querySelector('#banner').innerText")
+        browser.set_files("#photo input[type=file]", [photo])
+        browser.wait_for("!!document.querySelector('#photo img')")
+        browser.evaluate("document.querySelector('#run').click()")
+        size = browser.wait_for(
+            "(() => { const img = document.querySelector('#result img');"
+            " return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null })()",
+            timeout=180,
+        )
+        assert size == [56, 64]
+        shot = browser.screenshot(ARTIFACTS / "serve-page.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        if browser is not None:
+            browser.close()
+        server.kill()
+        output = server.communicate()[0].decode(errors="replace")
+    assert "Traceback" not in output, output
+    assert not shutil.which("nonexistent")
