@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ffasynth import __version__
+from ffasynth.cli import clinical as clinical_cli
 from ffasynth.cli import data as data_cli
 from ffasynth.cli import train as train_cli
 from ffasynth.errors import FFASynthError
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cli.app, name="data")
 app.add_typer(train_cli.app, name="train")
+app.command("clinical")(clinical_cli.clinical)
 
 
 def _version(value: bool) -> None:
