@@ -5,7 +5,7 @@ split) training of a timm classifier on:
 - `source-only`: the photographs;
 - `real-only`: the real angiograms (the upper reference);
 - `source+real`: photographs with their real angiograms;
-- `source+synthetic`: photographs with synthetic angiograms (a folder of generated images).
+- `source+synthetic` (alias `synthetic`): photographs with synthetic angiograms (a folder of generated images).
 Two inputs are fused by stacking channels (`stack`: one backbone, 3+1 input channels) or by two
 backbones whose pooled features are concatenated (`two-branch`).
 """
@@ -33,6 +33,7 @@ MODES: dict[str, tuple[str, ...]] = {
     "source+real": ("source", "real"),
     "source+synthetic": ("source", "synthetic"),
 }
+ALIASES = {"synthetic": "source+synthetic"}  # the experiment the paper asks about
 CHANNELS = {"source": 3, "real": 1, "synthetic": 1}
 FUSIONS = ("stack", "two-branch")
 
@@ -128,6 +129,8 @@ def build_classifier(
 
     if fusion not in FUSIONS:
         raise FFASynthError(f"unknown fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
+    if not timm.is_model(backbone):
+        raise FFASynthError(f"unknown backbone {backbone!r}: not a timm model name (e.g. resnet10t, resnet18)")
 
     def one(channels: int, classes: int) -> nn.Module:
         model = timm.create_model(backbone, pretrained=False, in_chans=channels, num_classes=classes)
@@ -145,6 +148,8 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
 
     if not path.is_file():
         raise WeightsNotFoundError(f"classifier weights {path} not found; put a timm .safetensors file there")
+    if path.suffix != ".safetensors":
+        raise WeightsNotFoundError(f"classifier weights {path}: expected a .safetensors file (pickles are not loaded)")
     state = load_file(path)
     own = model.state_dict()
     # Keep what fits: the first conv is averaged/repeated to the input channels, the head is new.
@@ -278,6 +283,32 @@ def _train_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Cli
             loss.backward()
             optimiser.step()
             schedule.step()
+    recalibrate_batchnorm(model, x)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
+    """Re-estimate every batch-norm layer's running mean and variance with the final weights over
+    `x` ("precise BN"). The exponential averages gathered during a few dozen fast-moving steps
+    describe earlier networks; in eval mode they made every prediction collapse to one class."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    was_training = model.training
+    model.eval()  # dropout and the like stay off; only the norm layers gather statistics
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches below
+        layer.train()
+    ends = list(range(batch_size, len(x), batch_size)) + [len(x)]
+    if len(ends) > 1 and ends[-1] - ends[-2] < 2:  # batch norm needs two values per channel
+        ends.pop(-2)
+    try:
+        for start, end in zip([0, *ends[:-1]], ends, strict=True):
+            model(x[start:end])
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -285,6 +316,31 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
     model.eval()
     outputs = [model(x[i : i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)]
     return torch.cat(outputs).numpy()
+
+
+def resolve_modes(mode: str, eyes: list[LabelledEye], folds: int) -> tuple[list[str], dict[str, str]]:
+    """The modes to run for `--mode` (a mode, an alias, or `all`) and, for `all`, the modes the data
+    does not allow with the reason: an input is missing, or too few examples per class for the folds."""
+    if mode != "all":
+        mode = ALIASES.get(mode, mode)
+        if mode not in MODES:
+            raise FFASynthError(f"unknown --mode {mode!r}; choose from {', '.join([*MODES, *ALIASES, 'all'])}")
+        return [mode], {}
+    chosen, skipped = [], {}
+    for name, inputs in MODES.items():
+        labels = [e.label for e in eyes if all(i in e.images for i in inputs)]
+        counts = {label: labels.count(label) for label in set(labels)}
+        if len(counts) < 2:
+            skipped[name] = f"needs {' and '.join(inputs)} images for at least two classes"
+        elif min(counts.values()) < folds:
+            skipped[name] = (
+                f"a class has {min(counts.values())} examples with {' and '.join(inputs)}, fewer than {folds} folds"
+            )
+        else:
+            chosen.append(name)
+    if not chosen:
+        raise FFASynthError(f"no mode can run on this data: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
+    return chosen, skipped
 
 
 def run_clinical(
@@ -338,60 +394,3 @@ def run_clinical(
         [e.id for e in usable],
         [e.id for e in skipped] + unreadable,
     )
-
-
-def plot_roc(result: ClinicalResult, path: str | Path) -> Path:
-    """One-vs-rest ROC curves pooled over folds, one line per class, AUC in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import auc, roc_curve
-
-    from ffasynth.files import atomic_write
-
-    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
-    for index, name in enumerate(result.classes):
-        truth = result.y_true == index
-        if truth.all() or not truth.any():
-            continue
-        fpr, tpr, _ = roc_curve(truth, result.probabilities[:, index])
-        axis.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
-    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {result.settings.mode}")
-    axis.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-    plt.close(figure)
-    return Path(path)
-
-
-def plot_confusion(result: ClinicalResult, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ffasynth.files import atomic_write
-
-    matrix = result.confusion()
-    figure, axis = plt.subplots(figsize=(5, 4.5), dpi=100)
-    axis.imshow(matrix, cmap="Blues")
-    ticks = range(len(result.classes))
-    axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Confusion, {result.settings.mode}")
-    axis.set_xticklabels(result.classes, rotation=30, ha="right")
-    axis.set_yticklabels(result.classes)
-    for i in ticks:
-        for j in ticks:
-            axis.text(
-                j,
-                i,
-                str(matrix[i, j]),
-                ha="center",
-                va="center",
-                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
-            )
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-    plt.close(figure)
-    return Path(path)

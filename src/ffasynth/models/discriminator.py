@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORMS = ("batch", "instance", "none")
 
-def _norm(kind: str, channels: int) -> nn.Module:
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """pix2pix's normalisations: batch norm, instance norm without affine parameters, or none."""
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=False)
-    return nn.Identity()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")
 
 
 class NLayerDiscriminator(nn.Module):
@@ -31,21 +36,21 @@ class NLayerDiscriminator(nn.Module):
         for index in range(1, n_layers + 1):
             out = base_channels * min(2**index, 8)
             stride = 2 if index < n_layers else 1
-            layers += [nn.Conv2d(channels, out, 4, stride=stride, padding=1, bias=use_bias), _norm(norm, out)]
+            layers += [nn.Conv2d(channels, out, 4, stride=stride, padding=1, bias=use_bias), norm_layer(norm, out)]
             layers.append(nn.LeakyReLU(0.2, True))
             channels = out
         layers.append(nn.Conv2d(channels, 1, 4, stride=1, padding=1))
         self.model = nn.Sequential(*layers)
         self.n_layers = n_layers
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
 
 
-def _init_weights(module: nn.Module) -> None:
-    # pix2pix's initialisation: N(0, 0.02) convolutions, N(1, 0.02) norm scales
-    if isinstance(module, nn.Conv2d):
+def init_weights(module: nn.Module) -> None:
+    """pix2pix's initialisation (use with `module.apply`): N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -79,6 +84,11 @@ def vanilla_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torc
 def vanilla_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """BCE(D(fake), 1): the non-saturating generator loss."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """−E[D(fake)]: the generator side of the hinge objective (taming / LDM)."""
+    return -fake_logits.mean()
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""What a clinical experiment leaves on disk: `metrics.json` (per mode: mean ± std over folds, the
+per-fold values, the confusion matrix and every out-of-fold prediction; the settings; library
+versions) and, per mode, `confusion_<mode>.png` and `roc_<mode>.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from ffasynth.evaluation.clinical import ClinicalResult
+from ffasynth.evaluation.plots import plot_confusion, plot_roc
+from ffasynth.files import atomic_write_text
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("ffasynth", "torch", "timm", "scikit-learn", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined score (e.g. AUC with one class in a fold) is null."""
+    return None if math.isnan(value) else value
+
+
+def mode_record(result: ClinicalResult) -> dict:
+    counts = {name: int((result.y_true == i).sum()) for i, name in enumerate(result.classes)}
+    return {
+        "summary": {k: {s: _finite(v) for s, v in ms.items()} for k, ms in result.summary().items()},
+        "folds": [{k: _finite(v) for k, v in fold.items()} for fold in result.fold_metrics],
+        "classes": result.classes,
+        "class_counts": counts,
+        "confusion": result.confusion().tolist(),  # rows: true class, columns: predicted
+        "skipped": result.skipped,
+        "predictions": [
+            {
+                "id": example,
+                "label": result.classes[int(result.y_true[i])],
+                "fold": int(result.fold_of[i]),
+                "probabilities": [round(float(p), 6) for p in result.probabilities[i]],
+            }
+            for i, example in enumerate(result.ids)
+        ],
+    }
+
+
+def write_clinical_report(
+    results: list[ClinicalResult], out: str | Path, skipped_modes: dict[str, str] | None = None, **context
+) -> Path:
+    """Write metrics.json and the figures into `out`; `context` (data folder, synthetic folder...)
+    goes beside the settings. Returns the metrics.json path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    modes = {}
+    for result in results:
+        mode = result.settings.mode
+        record = mode_record(result)
+        record["figures"] = {
+            "confusion": plot_confusion(result, out / f"confusion_{mode}.png").name,
+            "roc": plot_roc(result, out / f"roc_{mode}.png").name,
+        }
+        modes[mode] = record
+    settings = {k: v for k, v in dataclasses.asdict(results[0].settings).items() if k != "mode"}
+    document = {
+        "experiment": "clinical",
+        "settings": {**settings, **context, "pretrained_backbone": settings["weights"] is not None},
+        "modes": modes,
+        "skipped_modes": skipped_modes or {},
+        "versions": versions(),
+    }
+    return atomic_write_text(out / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
