@@ -13,7 +13,7 @@ PIP_FLAGS := -q --disable-pip-version-check $(if $(TORCH_INDEX_URL),--extra-inde
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test test-fast demo lint format clean
+.PHONY: setup browser test test-fast demo lint format clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,15 @@ $(STAMP): $(BIN)/python requirements.txt constraints.txt pyproject.toml
 	$(BIN)/pip install $(PIP_FLAGS) --no-deps -e . 2>&1 | $(PIP_FILTER)
 	touch $@
 
-test: setup
+# The web-page test drives Debian's chromium (no browser download); installed here when we can.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	echo "note: chromium not installed; the browser test will be skipped (apt-get install chromium)"
+
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -70,11 +70,15 @@ def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
         browser.set_files("#photo input[type=file]", [photo])
         browser.wait_for("!!document.querySelector('#photo img')")
         browser.evaluate("document.querySelector('#run').click()")
-        size = browser.wait_for(
-            "(() => { const img = document.querySelector('#result img');"
-            " return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null })()",
-            timeout=180,
-        )
+        try:
+            size = browser.wait_for(
+                "(() => { const img = document.querySelector('#result img');"
+                " return img && img.complete && img.naturalWidth ? [img.naturalWidth, img.naturalHeight] : null })()",
+                timeout=180,
+            )
+        except TimeoutError:
+            browser.screenshot(ARTIFACTS / "serve-page-timeout.png")
+            raise
         assert size == [56, 64]
         shot = browser.screenshot(ARTIFACTS / "serve-page.png")
         assert shot.stat().st_size > 10_000

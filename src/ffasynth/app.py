@@ -74,7 +74,7 @@ class Translator:
         ffa = output.images[0][..., 0]
         name = f"ffa-{uuid.uuid4().hex[:8]}"
         ffa_path = save_image(torch.from_numpy(ffa)[None], self.workdir / f"{name}.png")
-        photo = to_uint8(source).permute(1, 2, 0).numpy()
+        photo = to_uint8(source)
         grey = (np.clip(ffa, 0, 1) * 255 + 0.5).astype(np.uint8)
         uncertainty = None
         if output.uncertainty is not None:
@@ -109,11 +109,10 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
                 phase = gr.Radio(["early", "late"], value="early", label="Phase", visible=translator.has_phases)
                 button = gr.Button("Synthesise angiogram", variant="primary", elem_id="run")
             with gr.Column(scale=2):
-                with gr.Tab("Slider"):
-                    slider = gr.ImageSlider(label="Photo | synthetic FFA", elem_id="slider")
-                with gr.Tab("Side by side"):
+                slider = gr.ImageSlider(label="Photo | synthetic FFA (drag the slider)", elem_id="slider")
+                with gr.Row():
                     result = gr.Image(label="Synthetic FFA", type="numpy", elem_id="result", format="png")
-                uncertainty = gr.Image(label="Uncertainty (per-pixel std over samples)", elem_id="uncertainty")
+                    uncertainty = gr.Image(label="Uncertainty (per-pixel std over samples)", elem_id="uncertainty")
                 download = gr.File(label="Download PNG", elem_id="download")
         button.click(
             handle,
