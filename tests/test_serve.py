@@ -57,8 +57,12 @@ def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
     Image.fromarray((eye.photo * 255).astype(np.uint8)[:, :56]).save(photo)
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "-m", "ffasynth", "serve", str(pipeline_dir), "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ffasynth", "serve", str(pipeline_dir), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     browser = None
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", 120)

@@ -185,6 +185,35 @@ class Stage2Config(TrainConfig):
 
 
 @dataclass
+class Pix2PixConfig(TrainConfig):
+    """The GAN baseline (Isola et al. 2017): U-Net generator + 70×70 PatchGAN, GAN + λ·L1 (λ = 100)."""
+
+    ngf: int = 64
+    num_downs: int = 8
+    norm: Literal["batch", "instance"] = "batch"
+    use_dropout: bool = True
+    l1_weight: float = 100.0
+    gan_loss: Literal["vanilla", "hinge"] = "vanilla"
+    disc_channels: int = 64
+    disc_layers: int = 3
+    tile: int = 512  # whole-image inference in tiles of this size (pixels)
+    tile_overlap: int = 64
+    lr: float = 2e-4
+    adam_beta1: float = 0.5
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 0
+    ema_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    _section = "pix2pix"
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.num_downs >= 5, "pix2pix.num_downs", "must be at least 5")
+        _require(self.l1_weight >= 0, "pix2pix.l1_weight", "must be >= 0")
+        _require(0 <= self.tile_overlap < self.tile, "pix2pix.tile_overlap", "must be in [0, tile)")
+
+
+@dataclass
 class Config:
     preset: str = "tiny"
     seed: int = 0
@@ -193,6 +222,7 @@ class Config:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
 
     def validate(self) -> None:
         _require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -231,6 +261,16 @@ PRESETS: dict[str, dict[str, Any]] = {
             "disc_start": 100,
             "lpips_weight": 0.0,
             "disc_channels": 16,
+        },
+        "pix2pix": {
+            **_TINY_LOOP,
+            "batch_size": 4,
+            "max_steps": 600,
+            "ngf": 16,
+            "num_downs": 6,
+            "disc_channels": 16,
+            "tile": 256,
+            "tile_overlap": 32,
         },
     },
     "sd15": {"data": {"crop_size": 768}},

@@ -27,6 +27,8 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str
         if path.is_dir():
             found = [p for p in sorted(path.iterdir()) if p.is_file() and is_image_file(p)]
             found = [p for p in found if not p.stem.endswith(OUTPUT_SUFFIXES)]
+            angiograms = _paired_targets(path)
+            found = [p for p in found if p not in angiograms]  # a pair folder: translate its photos only
             if not found:
                 problems.append((path, "folder holds no image files"))
             files += found
@@ -35,6 +37,18 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str
         else:
             problems.append((path, "no such file or folder"))
     return list(dict.fromkeys(files)), problems
+
+
+def _paired_targets(folder: Path) -> set[Path]:
+    """The angiograms of a folder laid out as pairs (e.g. uwf `N.bmp` + `N.1.bmp`), else nothing."""
+    from ffasynth.data.pairs import discover_pairs
+    from ffasynth.errors import PairError
+
+    try:
+        layout, pairs, _ = discover_pairs(folder)
+    except (PairError, OSError):
+        return set()
+    return {pair.target for pair in pairs if pair.target.parent == folder} if layout in ("uwf", "named") else set()
 
 
 def output_stems(files: list[Path]) -> dict[Path, str]:

@@ -12,6 +12,7 @@ import sys
 import typer
 
 from ffasynth import __version__
+from ffasynth.cli import baseline as baseline_cli
 from ffasynth.cli import clinical as clinical_cli
 from ffasynth.cli import data as data_cli
 from ffasynth.cli import evaluate as evaluate_cli
@@ -36,6 +37,7 @@ app.command("translate")(translate_cli.translate)
 app.command("quickstart")(quickstart_cli.quickstart)
 app.command("serve")(quickstart_cli.serve)
 app.command("clinical")(clinical_cli.clinical)
+app.add_typer(baseline_cli.app, name="baseline")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,124 @@
+"""Training and whole-image inference for the pix2pix baseline on ffasynth's own data pipeline,
+loop (accelerate, checkpoints, resume, logs, sample grids) and output naming, so a comparison with
+the diffusion model differs only in the method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generator_loss, translate_image
+from ffasynth.config import Config, Pix2PixConfig, load_config
+from ffasynth.models.discriminator import NLayerDiscriminator
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.loop import Task, TrainResult, train
+
+
+def build_generator(config: Pix2PixConfig) -> UnetGenerator:
+    return UnetGenerator(3, 1, config.num_downs, config.ngf, config.norm, config.use_dropout)
+
+
+class Pix2PixTask(Task):
+    name = "pix2pix"
+
+    def __init__(self, config: Pix2PixConfig):
+        self.config = config
+        self.generator = build_generator(config)
+        # conditional discriminator: it sees the photo and the angiogram together (3 + 1 channels)
+        self.discriminator = NLayerDiscriminator(4, config.disc_channels, config.disc_layers, config.norm)
+        self.trainable = {"generator": self.generator, "discriminator": self.discriminator}
+        self._fake: tuple[int, torch.Tensor] | None = None
+
+    def optimizer_groups(self) -> dict[str, list[str]]:
+        return {"generator": ["generator"], "discriminator": ["discriminator"]}
+
+    def to(self, device, weight_dtype) -> None:
+        self.generator.to(device)
+        self.discriminator.to(device)
+
+    def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
+        source, target = batch["source"], batch["target"]
+        if optimizer == "generator":
+            fake = self.trainable["generator"](source)
+            self._fake = (id(batch), fake.detach())
+            return generator_loss(
+                self.trainable["discriminator"], source, fake, target, self.config.l1_weight, self.config.gan_loss
+            )
+        if self._fake is not None and self._fake[0] == id(batch):
+            fake = self._fake[1]  # the generator's output for this batch, before its update (as pix2pix does)
+        else:
+            with torch.no_grad():
+                fake = self.trainable["generator"](source)
+        return discriminator_loss(self.trainable["discriminator"], source, fake, target, self.config.gan_loss)
+
+    @torch.no_grad()
+    def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
+        """photo | real FFA | pix2pix output."""
+        return [
+            batch["source"],
+            batch["target"],
+            translate_image(self.generator, batch["source"], self.config.tile, self.config.tile_overlap),
+        ]
+
+
+def run_pix2pix(
+    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = print
+) -> TrainResult:
+    from ffasynth.training.run import load_training_data, prepare_run
+
+    multiple = 2**config.pix2pix.num_downs
+    if config.data.crop_size % multiple:
+        from ffasynth.errors import ConfigError
+
+        raise ConfigError(
+            f"data.crop_size={config.data.crop_size} must be a multiple of 2**pix2pix.num_downs={multiple}"
+        )
+    dataset = load_training_data(data, config)
+    run_dir = prepare_run(out, config, "pix2pix", data, resume)
+    torch.manual_seed(config.seed)
+    task = Pix2PixTask(config.pix2pix)
+    parameters = sum(p.numel() for p in task.generator.parameters()) / 1e6
+    say(f"{len(dataset)} training pairs; pix2pix generator {parameters:.2f} M parameters; run {run_dir}")
+    result = train(task, dataset, config.pix2pix, run_dir, config.seed, resume, progress)
+    if result.losses:
+        say(f"done: {result.step} steps; L1 {result.losses[0]['l1']:.4f} → {result.losses[-1]['l1']:.4f}")
+    return result
+
+
+def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
+    from ffasynth.errors import FFASynthError
+    from ffasynth.training.run import run_info
+
+    run_dir = Path(run_dir)
+    if run_info(run_dir).get("kind") != "pix2pix":
+        raise FFASynthError(f"{run_dir} is not a pix2pix run (made by `ffasynth baseline train`)")
+    config = load_config(run_dir / "config.yaml").pix2pix
+    folder = ckpt.latest_checkpoint(run_dir)
+    if folder is None:
+        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    generator = build_generator(config)
+    ckpt.load_weights(folder, "generator", generator, ema=False)
+    return generator.eval(), config
+
+
+def translate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
+    """`<name>_ffa.png` per photo, like `ffasynth translate`; returns the (file, reason) that failed."""
+    from ffasynth.data.io import read_image, save_image
+    from ffasynth.data.transforms import denormalise, normalise
+    from ffasynth.errors import FFASynthError
+    from ffasynth.translate import output_stems
+
+    generator, config = load_generator(run_dir)
+    stems, failed = output_stems(files), []
+    for path in files:
+        try:
+            source = normalise(read_image(path, channels=3))
+            fake = translate_image(generator, source, config.tile, config.tile_overlap)
+            save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / f"{stems[path]}_ffa.png")
+            say(f"{path.name} → {stems[path]}_ffa.png")
+        except FFASynthError as error:
+            failed.append((path, str(error)))
+            say(f"error: {error}")
+    return failed
