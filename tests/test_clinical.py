@@ -170,6 +170,8 @@ def test_clinical_cli_runs_every_mode_the_data_allows(lesion_phantoms, tmp_path)
         for figure in record["figures"].values():
             assert (out / figure).stat().st_size > 1000, mode
     assert (out / "roc_real-only.png").is_file() and (out / "confusion_source+synthetic.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "source+synthetic" in page and "★" in page and (out / "summary.md").is_file()
 
 
 def test_clinical_cli_refuses_a_synthetic_mode_without_images(lesion_phantoms, tmp_path):
@@ -181,3 +183,37 @@ def test_clinical_cli_refuses_a_synthetic_mode_without_images(lesion_phantoms, t
         app, ["clinical", "--data", str(lesion_phantoms), "--out", str(tmp_path), "--mode", "synthetic"]
     )
     assert isinstance(result.exception, FFASynthError) and "--synthetic" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_clinical_generates_synthetic_ffa_with_a_pipeline(lesion_phantoms, tmp_path):
+    from typer.testing import CliRunner
+
+    from ffasynth.cli import app
+    from tests.test_pipeline import micro_pipeline
+
+    micro_pipeline().save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "out"
+    arguments = [
+        "clinical",
+        "--data",
+        str(lesion_phantoms),
+        "--out",
+        str(out),
+        "--mode",
+        "synthetic",
+        "--folds",
+        "2",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--pipeline",
+        str(tmp_path / "pipe"),
+        "--steps",
+        "1",
+    ]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "synthetic").glob("*_ffa.png"))) == 24
+    assert (out / "report.html").is_file()

@@ -28,12 +28,31 @@ MODE_HELP = (
 )
 
 
+def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int, seed: int, console) -> Path:
+    """Synthetic FFA of each eye's photo with an exported pipeline, named `<id>_ffa.png`."""
+    from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
+
+    photos = [eye.images["source"] for eye in eyes if "source" in eye.images]
+    if not photos:
+        raise FFASynthError("--pipeline needs photos: the labelled data has angiograms only (no source images)")
+    pipe = load_pipeline(pipeline_dir)
+    report = translate_files(pipe, photos, folder, TranslateSettings(steps=steps, seed=seed))
+    for path, reason in report.failed:
+        console.print(f"could not translate {path}: {reason}")
+    console.print(f"generated {len(report.written)} synthetic angiograms into {folder}")
+    return folder
+
+
 def clinical(
     data: Path = typer.Option(
         ..., "--data", help="Labelled data: pairs with labels.csv / a label column, or class folders of FFA images."
     ),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json and the ROC / confusion-matrix PNGs."),
     mode: str = typer.Option("all", "--mode", help=MODE_HELP),
+    pipeline: Path | None = typer.Option(
+        None, "--pipeline", help="An exported pipeline: generate the synthetic FFA of every photo into OUT/synthetic."
+    ),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps when generating with --pipeline."),
     synthetic: Path | None = typer.Option(
         None, "--synthetic", help="Folder of generated FFA named by eye id (`7.png` or `7_ffa.png`)."
     ),
@@ -58,6 +77,10 @@ def clinical(
         raise FFASynthError(f"unknown --fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
     eyes = load_labelled(data)
     console = Console(stderr=True)
+    if pipeline is not None:
+        if synthetic is not None:
+            raise FFASynthError("give --pipeline (generate) or --synthetic (already generated), not both")
+        synthetic = _generate(eyes, pipeline, out / "synthetic", steps, seed, console)
     if synthetic is not None:
         missing = attach_synthetic(eyes, synthetic)
         if missing:

@@ -76,4 +76,46 @@ def write_clinical_report(
         "skipped_modes": skipped_modes or {},
         "versions": versions(),
     }
-    return atomic_write_text(out / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
+    path = atomic_write_text(out / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_html(document, out)
+    return path
+
+
+def write_html(document: dict, out: Path) -> dict[str, Path]:
+    """report.html + summary.md in the format `ffasynth evaluate` uses: one table of the modes (best per
+    column marked), the ROC curves and confusion matrices, and the settings."""
+    from ffasynth.evaluation.report import Cell, Report
+
+    settings = document["settings"]
+    report = Report(
+        "Clinical validation: disease classification",
+        intro=(
+            f"{settings['folds']}-fold cross-validation (stratified, grouped by eye) of a {settings['backbone']} "
+            f"classifier ({'pretrained' if settings['pretrained_backbone'] else 'random initialisation'}), "
+            f"{settings['epochs']} epochs at {settings['image_size']}², fusion {settings['fusion']}; "
+            "mean ± std over folds."
+        ),
+    )
+    columns = ["mode", "examples", "accuracy ↑", "macro-F1 ↑", "AUC (one-vs-rest) ↑"]
+    rows = []
+    for mode, record in document["modes"].items():
+        row = [mode, sum(record["class_counts"].values())]
+        for metric in ("accuracy", "macro_f1", "auc_ovr"):
+            value = record["summary"].get(metric, {})
+            mean, std = value.get("mean"), value.get("std")
+            row.append(Cell(mean, "-" if mean is None else f"{mean:.3f} ± {std or 0:.3f}"))
+        rows.append(row)
+    report.add_table("Scores", columns, rows, best={c: "max" for c in columns[2:]})
+    figures = []
+    for mode, record in document["modes"].items():
+        figures += [
+            (f"{mode}: ROC", out / record["figures"]["roc"]),
+            (f"{mode}: confusion", out / record["figures"]["confusion"]),
+        ]
+    report.add_figures("ROC curves and confusion matrices", figures)
+    skipped = document.get("skipped_modes") or {}
+    text = "\n".join(f"{k}: {v}" for k, v in settings.items())
+    if skipped:
+        text += "\n\nSkipped modes: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+    report.add_text("Settings", text)
+    return report.write(out)
