@@ -1,0 +1,139 @@
+"""The mechanics behind `ffasynth.config`: typed coercion of plain values onto dataclass trees,
+merging, validation and `key=value` overrides. Errors name the dotted key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from ffasynth.errors import ConfigError
+
+
+def require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config value {key} {message}")
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert one value against a type hint; raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"config value {key} may not be None")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config value {key}={value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config value {key}={value!r} must be a list")
+        item_hint = args[0] if args else Any
+        items = [coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config value {key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config value {key}={value!r} must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config value {key}={value!r} must be a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config value {key}={value!r} must be a string")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key} must be a mapping, not {value!r}")
+        return build(hint, value, key)
+    raise ConfigError(f"config value {key} has an unsupported type {hint!r}")
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = coerce(value, hints[name], key)
+    instance = cls(**{k: v for k, v in kwargs.items() if not dataclasses.is_dataclass(hints[k])})
+    for name, value in kwargs.items():  # sections: merge into the default instance
+        if dataclasses.is_dataclass(hints[name]):
+            setattr(instance, name, value)
+    return instance
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate(config: Any) -> None:
+    """Run every section's validate(), depth first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(config, "validate"):
+        config.validate()
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'stage1.lr=1e-4' → ('stage1.lr', 0.0001); the value is read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return nested
