@@ -29,3 +29,11 @@ def phantom_dir(tmp_path_factory) -> Path:
     from ffasynth.data.phantom import write_phantom_dataset
 
     return write_phantom_dataset(tmp_path_factory.mktemp("phantom"), n=10, size=64, seed=0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input corpus count (tests/test_bad_inputs.py), when its tests ran."""
+    from tests.corpus import TALLY
+
+    if TALLY.tried:
+        terminalreporter.write_line(TALLY.line())

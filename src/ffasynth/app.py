@@ -47,18 +47,21 @@ class Translator:
         self.lock = threading.Lock()
         self.has_phases = bool(getattr(pipeline.unet.config, "num_class_embeds", None))
 
-    def read_upload(self, path: str | None) -> torch.Tensor:
-        from ffasynth.data.io import read_image
+    def read_upload(self, path: str | None) -> tuple[torch.Tensor, str | None]:
+        """The photo (3, H, W) and a warning when it is grey; FFASynthError (one line) when unusable."""
+        from ffasynth.translate import read_photo
 
         if not path:
             raise FFASynthError("upload a photograph first (PNG, JPEG, BMP or TIFF)")
-        image = read_image(path, channels=3, max_pixels=self.settings.max_pixels)
-        return image
+        return read_photo(path, max_pixels=self.settings.max_pixels)
 
-    def run(self, path: str | None, steps: int, seed: int, samples: int, phase: str):
+    def run(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
+        """warn(message) receives a one-line warning about the upload (the page shows it)."""
         from ffasynth.data.io import save_image, to_uint8
 
-        source = self.read_upload(path)
+        source, warning = self.read_upload(path)
+        if warning is not None and warn is not None:
+            warn(f"{Path(path).name}: {warning}")
         steps = int(min(max(1, steps), self.settings.max_steps))
         samples = int(min(max(1, samples), self.settings.max_samples))
         generator = torch.Generator(device=self.pipeline.device).manual_seed(int(seed))
@@ -93,7 +96,7 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
 
     def handle(path, steps, seed, samples, phase):
         try:
-            return translator.run(path, steps, seed, samples, phase)
+            return translator.run(path, steps, seed, samples, phase, warn=gr.Warning)
         except FFASynthError as error:
             raise gr.Error(str(error).replace(str(Path(path or "").parent) + "/", ""), print_exception=False) from None
 
@@ -137,9 +140,9 @@ def serve(
     from ffasynth.translate import load_pipeline
 
     settings = settings or ServeSettings()
+    pipeline = load_pipeline(pipeline_dir, settings.device, settings.dtype)  # first: a bad folder leaves nothing
     workdir = Path(tempfile.mkdtemp(prefix="ffasynth-serve-"))
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")  # Gradio's upload cache stays inside our folder
-    pipeline = load_pipeline(pipeline_dir, settings.device, settings.dtype)
     app = build_app(pipeline, workdir, settings)
     app.launch(
         server_name=host,

@@ -180,8 +180,13 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """A folder written by save_pretrained (or `ffasynth export`); safetensors weights only."""
+        """A folder written by save_pretrained (or `ffasynth export`); safetensors weights only. A
+        missing or damaged weights file is refused in one line naming it."""
+        from ffasynth.models.loading import check_pipeline_folder
+
         kwargs.setdefault("use_safetensors", True)
+        if Path(pretrained_model_name_or_path).is_dir():
+            check_pipeline_folder(Path(pretrained_model_name_or_path))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property

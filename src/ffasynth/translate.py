@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ffasynth.data.io import is_image_file, save_image
+from ffasynth.data.io import MIN_SIDE, is_image_file, read_image, save_image
 from ffasynth.errors import FFASynthError, ImageReadError, WeightsNotFoundError
 
 OUTPUT_SUFFIXES = ("_ffa", "_uncertainty")
@@ -96,6 +96,16 @@ def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float3
     return pipeline.to(resolve_device(device))
 
 
+def read_photo(path: str | Path, max_pixels: int | None = None) -> tuple[torch.Tensor, str | None]:
+    """A photograph as (3, H, W) in [0, 1], and a warning when it is grey (the model was trained on
+    colour photographs: a grey input is more likely an angiogram or a red-free frame)."""
+    image = read_image(path, max_pixels=max_pixels, min_side=MIN_SIDE)
+    if image.shape[0] == 3:
+        return image, None
+    warning = "the photo is grey, but the model expects a colour photograph (is it an angiogram?); translated anyway"
+    return image.expand(3, -1, -1).contiguous(), warning
+
+
 @dataclass
 class TranslateSettings:
     steps: int = 20
@@ -113,6 +123,7 @@ class TranslateSettings:
 class TranslateReport:
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[tuple[Path, str]] = field(default_factory=list)
     seconds: dict[Path, float] = field(default_factory=dict)
 
 
@@ -121,19 +132,18 @@ def translate_files(
     files: list[Path],
     out_dir: Path,
     settings: TranslateSettings,
-    on_done: Callable[[Path, str | None], None] | None = None,
+    on_done: Callable[[Path, str | None, str | None], None] | None = None,
 ) -> TranslateReport:
     """Translate each file; every image uses a generator seeded with `settings.seed`, so its result
-    does not depend on the other inputs. on_done(path, error or None) is called after each file."""
-    from ffasynth.data.io import read_image
-
+    does not depend on the other inputs. on_done(path, error or None, warning or None) is called
+    after each file."""
     pipeline.check_inputs(settings.steps, settings.guidance, settings.samples, "np", settings.phase)
     report = TranslateReport()
     stems = output_stems(files)
     for path in files:
-        error = None
+        error = warning = None
         try:
-            photo = read_image(path, channels=3)
+            photo, warning = read_photo(path)
             start = time.perf_counter()
             generator = torch.Generator().manual_seed(settings.seed)
             output = pipeline(
@@ -164,6 +174,8 @@ def translate_files(
             error = f"{type(failure).__name__}: {(str(failure).splitlines() or [''])[0][:200]}"
         if error is not None:
             report.failed.append((path, error))
+        elif warning is not None:
+            report.warnings.append((path, warning))
         if on_done is not None:
-            on_done(path, error)
+            on_done(path, error, warning)
     return report

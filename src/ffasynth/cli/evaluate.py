@@ -64,6 +64,7 @@ def evaluate_command(
     """Compare generated angiograms with real ones: PSNR, SSIM, MS-SSIM, LPIPS on pairs; FID, KID between sets.
 
     A metric whose backbone weights are missing is skipped with a one-line reason; the rest is computed.
+    An unreadable image is left out with a one-line warning. Exit code 1 when no metric could be computed.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,3 +113,6 @@ def evaluate_command(
     for warning in evaluation.warnings:
         console.print(f"warning: {warning}", style="yellow", soft_wrap=True)
     typer.echo(f"wrote {paths['report.html']} (and metrics.json, metrics.csv, summary.md)")
+    if all(metric in evaluation.skipped for metric in settings.metrics):
+        typer.secho(f"error: no metric could be computed for --fake {', '.join(fake)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)

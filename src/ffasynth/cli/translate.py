@@ -51,9 +51,11 @@ def translate(
     )
     bar = tqdm(total=len(files), desc="images", unit="image", disable=quiet)
 
-    def done(path: Path, error: str | None) -> None:
+    def done(path: Path, error: str | None, warning: str | None) -> None:
         if error is not None:
             tqdm.write(typer.style(f"skipped {path}: {error}", fg=typer.colors.YELLOW))
+        elif warning is not None:
+            tqdm.write(typer.style(f"warning: {path}: {warning}", fg=typer.colors.YELLOW))
         bar.update(1)
 
     report = translate_files(pipeline, files, out, settings, on_done=done)

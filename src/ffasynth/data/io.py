@@ -27,6 +27,7 @@ from ffasynth.files import atomic_write
 IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; UWF frames are ~12 MP
 MAX_PIXELS_ENV = "FFASYNTH_MAX_PIXELS"
+MIN_SIDE = 16  # pixels a side that pairs, translate and evaluate require: smaller holds no eye
 # ITU-R BT.601 luma, as Pillow's "L" conversion uses.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
@@ -62,7 +63,7 @@ def _sniff_non_image(path: Path) -> str | None:
     return None
 
 
-def _open_checked(path: Path, limit: int) -> Image.Image:
+def _open_checked(path: Path, limit: int, min_side: int = 1) -> Image.Image:
     if not path.exists():
         raise ImageReadError(path, "no such file")
     if path.is_dir():
@@ -90,6 +91,9 @@ def _open_checked(path: Path, limit: int) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise ImageReadError(path, f"has no pixels ({width}x{height})")
+    if min(width, height) < min_side:
+        image.close()
+        raise ImageReadError(path, f"too small: {width}x{height} pixels (at least {min_side} on each side)")
     return image
 
 
@@ -153,16 +157,17 @@ def read_image(
     path: str | os.PathLike,
     channels: int | None = None,
     max_pixels: int | None = None,
+    min_side: int = 1,
 ) -> torch.Tensor:
     """Read one image as float32 (C, H, W) in [0, 1].
 
     channels: None keeps the natural count (1 for grey, including grey stored as RGB; 3 for
-    colour); 1 converts colour to luma; 3 repeats grey.
+    colour); 1 converts colour to luma; 3 repeats grey. min_side: refuse images narrower (e.g. MIN_SIDE).
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, not {channels!r}")
     path = Path(path)
-    image = _open_checked(path, max_pixels_limit(max_pixels))
+    image = _open_checked(path, max_pixels_limit(max_pixels), min_side)
     try:
         with image:
             image = ImageOps.exif_transpose(image)

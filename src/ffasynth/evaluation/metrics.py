@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ffasynth.data.io import read_image
+from ffasynth.data.io import MIN_SIDE, read_image
 from ffasynth.data.transforms import choose_crop, fov_mask, pad_to
 from ffasynth.errors import FFASynthError, ImageReadError
 from ffasynth.evaluation.pairing import Pairing, generated_images, match, real_images
@@ -120,8 +120,9 @@ def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def read_grey(path: Path) -> tuple[torch.Tensor, bool]:
-    """(1, H, W) in [0, 1] and whether the file was colour (then converted to luma)."""
-    image = read_image(path)
+    """(1, H, W) in [0, 1] and whether the file was colour (then converted to luma); images under
+    MIN_SIDE pixels a side are refused (no metric window fits them)."""
+    image = read_image(path, min_side=MIN_SIDE)
     if image.shape[0] == 1:
         return image, False
     return read_image(path, channels=1), True
@@ -129,12 +130,14 @@ def read_grey(path: Path) -> tuple[torch.Tensor, bool]:
 
 def load_pair(
     real_path: Path, fake_path: Path, resolution: int | None
-) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, bool, list[Path]]:
     """Real and generated (1, H, W) at the evaluation size, whether the generated one was resized,
-    and whether it was colour."""
-    real = resize_shorter(read_grey(real_path)[0], resolution)
-    fake, colour = read_grey(fake_path)
+    and which of the two files were colour (compared as luma)."""
+    real, real_colour = read_grey(real_path)
+    real = resize_shorter(real, resolution)
+    fake, fake_colour = read_grey(fake_path)
     resized = tuple(fake.shape[-2:]) != tuple(real.shape[-2:])
+    colour = [path for path, flag in ((real_path, real_colour), (fake_path, fake_colour)) if flag]
     return real, resize_to(fake, tuple(real.shape[-2:])), resized, colour
 
 
@@ -329,14 +332,16 @@ def evaluate_method(
 ) -> MethodResult:
     result = MethodResult(name, Path(fake_dir), pairing)
     paired = tuple(m for m in PAIRED_METRICS if m in settings.metrics and m not in backbones.skipped)
-    resized = colour = empty_fov = 0
+    resized = empty_fov = 0
+    colour: list[str] = []
     for pair in pairing.pairs if paired else []:
         try:
-            real, fake, was_resized, was_colour = load_pair(pair.real, pair.fake, settings.resolution)
+            real, fake, was_resized, colour_files = load_pair(pair.real, pair.fake, settings.resolution)
         except ImageReadError as error:
             result.warnings.append(f"skipped pair {pair.key}: {error}")
             continue
-        resized, colour = resized + was_resized, colour + was_colour
+        resized += was_resized
+        colour += [path.name for path in colour_files]
         mask = fov_mask(real, settings.fov_threshold) if settings.fov_mask else None
         if mask is not None and not mask.any():  # an all-black real image: score the whole frame
             mask, empty_fov = None, empty_fov + 1
@@ -356,7 +361,8 @@ def evaluate_method(
     if empty_fov:
         result.warnings.append(f"{empty_fov} real images have no field of view above the threshold; scored unmasked")
     if colour:
-        result.warnings.append(f"{colour} generated images are colour; compared as luma (ITU-R BT.601)")
+        names = ", ".join(colour[:10]) + (", ..." if len(colour) > 10 else "")
+        result.warnings.append(f"{len(colour)} images are colour ({names}); an FFA should be grey; compared as luma")
     if any(math.isnan(row.get("ms_ssim", 0.0)) for row in result.per_image):
         result.warnings.append(f"MS-SSIM skipped for images (or FOV boxes) under {MS_SSIM_MIN_SIDE} px")
     result.summary = _summarise(result.per_image, paired)

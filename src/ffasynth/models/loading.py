@@ -181,3 +181,36 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str) -> None:
     bad = list(result.missing_keys) + list(result.unexpected_keys)
     if bad:
         raise WeightsNotFoundError(f"{what} does not match the model ({len(bad)} keys differ, e.g. {bad[0]})")
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """Refuse, in one line naming the file, a pipeline folder whose index or model weights are
+    missing, cut short or not safetensors; before diffusers' loader, whose errors span many lines."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    index_path = Path(folder) / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsNotFoundError(f"{index_path}: not a readable pipeline index ({error})") from None
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[:1] == [None]:
+            continue
+        component = Path(folder) / name
+        if not component.is_dir():
+            raise WeightsNotFoundError(f"{component}: missing; the pipeline index lists {name} ({'.'.join(spec)})")
+        if not (component / "config.json").is_file():
+            continue  # no weights: a scheduler or an image processor
+        weights = sorted(component.glob("*.safetensors"))
+        if not weights:
+            expected = component / ("model.safetensors" if spec[0] == "transformers" else WEIGHTS)
+            raise WeightsNotFoundError(f"{expected}: missing (the {name} weights); export the pipeline again")
+        for path in weights:
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise WeightsNotFoundError(f"{path}: corrupt or cut short ({cause}); export it again") from None

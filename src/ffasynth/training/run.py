@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,15 +44,24 @@ def versions() -> dict[str, str]:
     }
 
 
-def load_training_data(data_dir: str | Path, config: Config):
-    """The training pairs of DATA (its train/ split when there is one) as random paired crops."""
+def load_training_data(data_dir: str | Path, config: Config, say: Callable[[str], None] | None = None):
+    """The training pairs of DATA (its train/ split when there is one) as random paired crops. Every
+    image is decoded once first: a broken, tiny or wrong-kind file is left out with a warning to
+    `say`, rather than stopping the run when its turn comes."""
     from ffasynth.data.dataset import PairDataset
     from ffasynth.data.pairs import load_pairs
     from ffasynth.data.transforms import PairedTransform
 
     data_dir = Path(data_dir)
     root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
-    pairs = load_pairs(root, layout=config.data.layout, phase=config.data.phase)
+
+    def warn(problem) -> None:
+        if say is not None:
+            say(f"warning: left out {problem.path}: {problem.message}")
+
+    pairs = load_pairs(
+        root, config.data.layout, config.data.phase, config.data.max_pixels, decode=True, on_problem=warn
+    )
     return PairDataset(
         pairs,
         PairedTransform.from_config(config.data),

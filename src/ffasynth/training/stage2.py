@@ -212,7 +212,7 @@ def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Tas
     data_dir = Path(data_dir)
     split = "test" if (data_dir / "test").is_dir() else "train"
     root = data_dir / "test" if split == "test" else (data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
-    pairs = load_pairs(root, layout=config.data.layout, phase=config.data.phase)[:max_images]
+    pairs = load_pairs(root, config.data.layout, config.data.phase, config.data.max_pixels, decode=True)[:max_images]
     dataset = PairDataset(pairs, cache=False, max_pixels=config.data.max_pixels)
     images = [normalise(dataset.load(i)[1]) for i in range(len(dataset))]
     vae = task.stage1.components.vae.to("cpu").float()

@@ -26,7 +26,7 @@ def run_vae(
     from ffasynth.training.run import load_training_data, prepare_run
     from ffasynth.training.vae import VAETask
 
-    dataset = load_training_data(data, config)
+    dataset = load_training_data(data, config, say)
     run_dir = prepare_run(out, config, "vae", data, resume)
     say(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
     torch.manual_seed(config.seed)
@@ -48,7 +48,7 @@ def run_stage1(
             "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents "
             "mean nothing; train one first with `ffasynth train vae`"
         )
-    dataset = load_training_data(data, config)
+    dataset = load_training_data(data, config, say)
     run_dir = prepare_run(out, config, "stage1", data, resume)
     task = build_stage1(config)
     save_model_folder(run_dir, task.components)
@@ -80,7 +80,7 @@ def run_stage2(
         from ffasynth.weights import build_lpips
 
         lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
-    dataset = load_training_data(data, config)
+    dataset = load_training_data(data, config, say)
     run_dir = prepare_run(out, config, "stage2", data, resume)
     record_stage1(run_dir, stage1)
     task = Stage2Task(stage1, config.stage2, lpips)
