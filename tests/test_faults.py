@@ -81,7 +81,7 @@ def _assert_loadable(folder):
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_ends_identical(pairs, tmp_path):
-    steps, kills, rng = 24, 0, random.Random(7)
+    steps, kills, rng = 40, 0, random.Random(7)
     subprocess.run(
         _command(pairs, tmp_path / "reference", steps, False), env=_environment(), check=True, capture_output=True
     )
@@ -98,7 +98,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_ends_identical(p
         deadline = time.monotonic() + 120
         while _newest_step(run) <= before and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)  # wait until this attempt has made progress, then kill it at a random moment
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(rng.uniform(0.0, 0.15))
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fake_weights import write_inception, write_torchvision
 from ffasynth.data.io import save_image
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError, WeightsNotFoundError
@@ -25,6 +24,7 @@ from ffasynth.evaluation.metrics import (
 )
 from ffasynth.evaluation.pairing import real_images
 from ffasynth.weights import KNOWN_WEIGHTS, WEIGHTS_ENV, build_inception, build_lpips, locate, resolve_weights_dir
+from tests.fake_weights import write_inception, write_torchvision
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fake_weights import write_torchvision
 from ffasynth.cli import app
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.phantom import write_phantom_dataset
@@ -23,6 +22,7 @@ from ffasynth.evaluation.metrics import EvalSettings, evaluate
 from ffasynth.evaluation.outputs import write_evaluation
 from ffasynth.evaluation.pairing import match
 from ffasynth.evaluation.report import Cell, Report
+from tests.fake_weights import write_torchvision
 
 runner = CliRunner()
 
