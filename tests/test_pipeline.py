@@ -147,8 +147,10 @@ def test_any_diffusers_scheduler_can_be_swapped_in(photo, scheduler_class):
     assert swapped.shape == (1, 40, 52) and torch.isfinite(swapped).all()
     assert torch.equal(swapped, _run(pipeline, photo).images[0])  # stochastic samplers use the generator too
     assert not torch.equal(swapped, default)
-    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, prediction_type="v_prediction")
-    with pytest.raises(FFASynthError, match="trained for 'epsilon'"):
+    trained = pipeline.config.prediction_type
+    other = "epsilon" if trained == "v_prediction" else "v_prediction"
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, prediction_type=other)
+    with pytest.raises(FFASynthError, match=f"trained for '{trained}'"):
         _run(pipeline, photo)
 
 

@@ -67,7 +67,10 @@ def test_unet_x0_estimate_inverts_the_forward_process(stage1_run):
     scheduler = loaded.components.scheduler
     z0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = torch.tensor([5, 300, 900])
-    assert torch.allclose(predicted_x0(scheduler, scheduler.add_noise(z0, eps, t), eps, t), z0, atol=1e-4)
+    noisy = scheduler.add_noise(z0, eps, t)
+    for prediction_type, target in (("epsilon", eps), ("v_prediction", scheduler.get_velocity(z0, eps, t))):
+        scheduler.register_to_config(prediction_type=prediction_type)
+        assert torch.allclose(predicted_x0(scheduler, noisy, target, t), z0, atol=1e-4), prediction_type
 
 
 def test_every_loss_term_moves_the_decoder(stage1_run):
