@@ -24,6 +24,15 @@ def test_presets_yaml_roundtrip_and_overrides(tmp_path):
     assert load_config(tmp_path / "c.yaml") == config
 
 
+def test_choices_that_yaml_reads_as_booleans_keep_their_spelling(tmp_path):
+    config = load_config(overrides=["stage1.mixed_precision=no", "vae.mixed_precision=bf16"])
+    assert (config.stage1.mixed_precision, config.vae.mixed_precision) == ("no", "bf16")
+    (tmp_path / "c.yaml").write_text("stage2:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "c.yaml").stage2.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"stage1\.mixed_precision"):
+        load_config(overrides=["stage1.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

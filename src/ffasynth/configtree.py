@@ -33,6 +33,9 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"config value {key} may not be None")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: take the choice so spelt back
+            spelt = [a for a in args if isinstance(a, str) and yaml.safe_load(a) is value]
+            value = spelt[0] if len(spelt) == 1 else value
         if value not in args:
             raise ConfigError(f"config value {key}={value!r} is not one of {list(args)}")
         return value
