@@ -212,3 +212,15 @@ def test_a_time_budget_ends_the_run_with_a_checkpoint(pairs, tmp_path):
     result = _run(pairs, tmp_path / "run", 50, extra=["stage1.max_minutes=0.00001", "stage1.save_every=100"])
     assert result.step == 1 and ckpt.latest_checkpoint(tmp_path / "run").name == "step-000001"
     assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()
+
+
+def test_channels_last_training_matches_the_default_layout_and_saves_loadable_weights(pairs, tmp_path):
+    default = _run(pairs, tmp_path / "nchw", 3)
+    nhwc = _run(pairs, tmp_path / "nhwc", 3, extra=["stage1.channels_last=true"])
+    assert nhwc.step == default.step == 3
+    assert _losses(tmp_path / "nhwc") == pytest.approx(_losses(tmp_path / "nchw"), rel=1e-4, abs=1e-6)
+    a = load_file(str(tmp_path / "nchw" / "checkpoints" / "step-000003" / "unet.safetensors"))
+    b = load_file(str(tmp_path / "nhwc" / "checkpoints" / "step-000003" / "unet.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    loaded = load_stage1_run(tmp_path / "nhwc")
+    assert loaded.components.unet.conv_in.weight.is_contiguous()

@@ -109,6 +109,8 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0 = no EMA
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # NHWC memory format for the trainable convolutional modules
+    compile: bool = False  # torch.compile the trainable modules (first steps slower while it compiles)
     save_every: int = 1000
     keep_checkpoints: int = 2
     sample_every: int = 500

@@ -138,6 +138,9 @@ def train(
     task.to(device, weight_dtype)
     if config.gradient_checkpointing:
         task.enable_gradient_checkpointing()
+    if config.channels_last:  # before the optimizers are built, so they hold the converted parameters
+        for module in task.trainable.values():
+            module.to(memory_format=torch.channels_last)
 
     groups = task.optimizer_groups()
     rates = task.learning_rates(config.lr)
@@ -153,7 +156,8 @@ def train(
     raw = dict(task.trainable)  # unwrapped modules: what checkpoints and EMA see
     emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
     for name in raw:
-        task.trainable[name] = accelerator.prepare(raw[name])
+        module = torch.compile(raw[name]) if config.compile else raw[name]
+        task.trainable[name] = accelerator.prepare(module)
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
 
     start, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
