@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler
 from ffasynth.data.phantom import make_eye
 from ffasynth.models.conditioning import decode_latents, encode_latents
 from ffasynth.pipeline import TileSettings
-from ffasynth.tiling import plan_tiles, tile_weights, tiled_decode, tiled_encode, tiled_map
+from ffasynth.tiling import plan_tiles, tile_weights, tiled_decode, tiled_encode, tiled_map, weight_sums
 from tests.test_pipeline import micro_pipeline, seeded
 
 
@@ -38,6 +38,18 @@ def test_weights_ramp_only_towards_neighbours_and_stay_positive_where_tiles_meet
     assert corner[0, 0] == 1 and corner[15, 15] == 0  # the grid border stays 1; the shared corner's guard is 0
     total = sum(F.pad(tile_weights(t, 8), (t.left, 40 - t.left - t.width, t.top, 40 - t.top - t.height)) for t in tiles)
     assert total.min() > 0.1
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "overlap", "scale"), [(40, 40, 16, 8, 1.0), (37, 52, 16, 6, 2.0)])
+def test_separable_weight_sums_equal_the_accumulated_weights(height, width, tile, overlap, scale):
+    tiles = plan_tiles(height, width, tile, overlap)
+    out_h, out_w = round(height * scale), round(width * scale)
+    total = torch.zeros(out_h, out_w, dtype=torch.float64)
+    for t in tiles:
+        rows, cols = t.slices(scale)
+        total[rows, cols] += tile_weights(t, overlap, scale).double()
+    row_sum, col_sum = weight_sums(tiles, overlap, scale, out_h, out_w)
+    assert torch.allclose(row_sum[:, None] * col_sum[None, :], total, rtol=1e-6, atol=1e-6)
 
 
 def _local_net(seed: int = 0) -> torch.nn.Module:

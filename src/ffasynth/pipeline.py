@@ -216,17 +216,19 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_source(self, source: torch.Tensor, tile_px: int, overlap_px: int) -> SourceCondition:
-        """source (1, 3, H, W) in [-1, 1], H and W multiples of the downsampling → its conditioning."""
+        """source (1, 3, H, W) in [0, 1], H and W multiples of the downsampling, on any device (a large
+        photo stays in host memory: only CLIP's resized copy and one tile at a time go to the model)."""
+        device = self._execution_device
         conditioner = self.conditioner()
-        tokens = conditioner.tokens(source).to(self.unet.dtype)
+        tokens = conditioner.tokens(source, unit_range=True).to(device, self.unet.dtype)
         latents = None
         if self.config.use_concat:
             vae = self.vae
 
             def encode(pixels: torch.Tensor) -> torch.Tensor:
-                return encode_latents(vae, pixels).float()
+                return encode_latents(vae, pixels.to(device, vae.dtype) * 2.0 - 1.0).float()
 
-            latents = tiled_encode(encode, source.to(vae.dtype), tile_px, overlap_px, self.vae_scale_factor)
+            latents = tiled_encode(encode, source, tile_px, overlap_px, self.vae_scale_factor)
         return SourceCondition(tokens, latents)
 
     def _phase_label(self, phase: str | None, device) -> torch.Tensor | None:
@@ -274,17 +276,19 @@ class FFASynthesisPipeline(DiffusionPipeline):
         phase: str | None,
         tiles: TileSettings,
     ) -> torch.Tensor:
-        """One photo (3, H, W) in [0, 1] → num_samples angiograms (N, 1, H, W) in [0, 1]."""
+        """One photo (3, H, W) in [0, 1] → num_samples angiograms (N, 1, H, W) in [0, 1], on the CPU."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
-        pixels = _pad_to_multiple(source[None].to(device) * 2.0 - 1.0, vae_factor * self.unet_scale_factor)
-        longest = max(pixels.shape[-2:])
+        pixels = _pad_to_multiple(source[None], vae_factor * self.unet_scale_factor)  # a view when no padding
+        padded = pixels.shape[-2:]
+        longest = max(padded)
         tile_px, overlap_px = (longest, 0) if tiles.size <= 0 or longest <= tiles.size else (tiles.size, tiles.overlap)
         condition = self.encode_source(pixels, tile_px, overlap_px)
+        del pixels
         label = self._phase_label(phase, device)
         tile, overlap = latent_tile(tile_px, overlap_px, vae_factor, self.unet_scale_factor)
-        shape = (num_samples, self.unet.config.out_channels) + tuple(s // vae_factor for s in pixels.shape[-2:])
+        shape = (num_samples, self.unet.config.out_channels) + tuple(s // vae_factor for s in padded)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents * self.scheduler.init_noise_sigma
@@ -301,10 +305,11 @@ class FFASynthesisPipeline(DiffusionPipeline):
         vae = self.vae
         decode_tile = longest if tiles.decode_size <= 0 else min(longest, tiles.decode_size)
         decode_tile = max(1, decode_tile // vae_factor)
+        # the full-size image is assembled in host memory, one decoded tile at a time
         images = tiled_decode(
-            lambda z: decode_latents(vae, z).float(), latents, decode_tile, decode_tile // 4, vae_factor
+            lambda z: decode_latents(vae, z).float(), latents, decode_tile, decode_tile // 4, vae_factor, "cpu"
         )
-        return ((images[..., :height, :width] + 1.0) / 2.0).clamp(0.0, 1.0)
+        return images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
 
     def check_inputs(
         self, steps: int, guidance: float, num_samples: int, output_type: str = "pil", phase: str | None = None
@@ -364,8 +369,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 num_samples,
                 phase,
                 tiles,
-            ).cpu()
-            means.append(samples.mean(dim=0))
+            )
+            means.append(samples[0] if num_samples == 1 else samples.mean(dim=0))
             stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)
         self.maybe_free_model_hooks()
         images = [_convert(m, output_type) for m in means]

@@ -75,12 +75,34 @@ def ramp(length: int, overlap: int, rise: bool, fall: bool) -> torch.Tensor:
     return weights
 
 
-def tile_weights(tile: Tile, overlap: int, scale: float = 1.0) -> torch.Tensor:
-    """(h, w) blending weights in output units; no ramp on sides at the grid's border."""
+def tile_ramps(tile: Tile, overlap: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile's row and column weights in output units; no ramp on sides at the grid's border."""
     height, width, ramp_length = round(tile.height * scale), round(tile.width * scale), round(overlap * scale)
     rows = ramp(height, ramp_length, not tile.first_row, not tile.last_row)
     cols = ramp(width, ramp_length, not tile.first_col, not tile.last_col)
+    return rows, cols
+
+
+def tile_weights(tile: Tile, overlap: int, scale: float = 1.0) -> torch.Tensor:
+    """(h, w) blending weights in output units: the outer product of the tile's ramps."""
+    rows, cols = tile_ramps(tile, overlap, scale)
     return (rows[:, None] * cols[None, :]).float()
+
+
+def weight_sums(tiles: list[Tile], overlap: int, scale: float, height: int, width: int):
+    """Σ_t w_t over the whole grid, as its row and column factors: every tile's weights are
+    r_i(y)·c_j(x) for its grid row i and column j, so Σ_t w_t = (Σ_i r_i)(y) · (Σ_j c_j)(x) and
+    blending needs no (H, W) accumulator."""
+    row_sum = torch.zeros(height, dtype=torch.float64)
+    col_sum = torch.zeros(width, dtype=torch.float64)
+    for t in tiles:
+        rows, cols = tile_ramps(t, overlap, scale)
+        row_slice, col_slice = t.slices(scale)
+        if t.first_col:
+            row_sum[row_slice] += rows
+        if t.first_row:
+            col_sum[col_slice] += cols
+    return row_sum, col_sum
 
 
 def tiled_map(
@@ -91,33 +113,37 @@ def tiled_map(
     scale: float = 1.0,
     multiple: int = 1,
     batch_size: int = 4,
+    out_device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """fn over overlapping tiles of `inputs` (each (N, C_i, H, W)), blended: Σ w_t·fn(x_t) / Σ w_t.
 
-    fn takes the tiles of every input stacked tile-major ((n·N, C_i, h, w) each) and returns
-    (n·N, C_out, h·scale, w·scale); up to `batch_size` tiles go through fn at once.
+    fn takes the tiles of every input stacked tile-major ((n·N, C_i, h, w) each, on the inputs'
+    device: fn moves them where it runs) and returns (n·N, C_out, h·scale, w·scale); up to
+    `batch_size` tiles go through fn at once. The blended output is assembled on `out_device`
+    (default: where fn's results are), e.g. the CPU for a large decoded image.
     """
     first = inputs[0]
     count, height, width = first.shape[0], first.shape[-2], first.shape[-1]
     tiles = plan_tiles(height, width, tile, overlap, multiple)
     out_height, out_width = round(height * scale), round(width * scale)
-    output = accumulated = None
+    row_sum, col_sum = weight_sums(tiles, overlap, scale, out_height, out_width)
+    output = None
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start : start + batch_size]
         stacked = [torch.cat([x[(...,) + t.slices()] for t in chunk]) for x in inputs]
         result = fn(*stacked)
         if len(tiles) == 1:  # one piece: no blending arithmetic, identical to the untiled result
-            return result
+            return result if out_device is None else result.to(out_device)
         if output is None:
-            output = result.new_zeros(count, result.shape[1], out_height, out_width, dtype=torch.float32)
-            accumulated = torch.zeros(out_height, out_width, device=result.device)
+            device = result.device if out_device is None else out_device
+            output = torch.zeros(count, result.shape[1], out_height, out_width, dtype=torch.float32, device=device)
         for index, t in enumerate(chunk):
             rows, cols = t.slices(scale)
-            weights = tile_weights(t, overlap, scale).to(result.device)
-            piece = result[index * count : (index + 1) * count].float()
-            output[..., rows, cols] += piece * weights
-            accumulated[rows, cols] += weights
-    return (output / accumulated).to(result.dtype)
+            row_ramp, col_ramp = tile_ramps(t, overlap, scale)
+            weights = ((row_ramp / row_sum[rows])[:, None] * (col_ramp / col_sum[cols])[None, :]).float()
+            piece = result[index * count : (index + 1) * count].float() * weights.to(result.device)
+            output[..., rows, cols] += piece.to(output.device)
+    return output.to(result.dtype)
 
 
 def latent_tile(tile_px: int, overlap_px: int, vae_factor: int, unet_factor: int) -> tuple[int, int]:
@@ -138,7 +164,12 @@ def tiled_encode(
 
 
 def tiled_decode(
-    decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, tile: int, overlap: int, factor: int
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    tile: int,
+    overlap: int,
+    factor: int,
+    out_device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Latents (N, C, h, w) → pixels (N, C', h·f, w·f), decoding latent tiles of `tile` one at a time."""
-    return tiled_map(decode, [latents], tile, overlap, scale=float(factor), batch_size=1)
+    return tiled_map(decode, [latents], tile, overlap, scale=float(factor), batch_size=1, out_device=out_device)

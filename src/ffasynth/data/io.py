@@ -133,7 +133,8 @@ def _to_array(image: Image.Image, path: Path) -> np.ndarray:
             raise ImageReadError(path, "floating-point image with values outside [0, 1]; convert it to 8/16-bit")
         return data[..., None]
     if mode in ("L", "LA", "RGB", "RGBA"):
-        data = np.asarray(image, dtype=np.float32) / 255.0
+        data = np.asarray(image, dtype=np.float32)
+        data /= 255.0  # in place: one float copy of a large photo, not two
         if data.ndim == 2:
             data = data[..., None]
         if mode in ("LA", "RGBA"):  # composite over black: transparent = no signal
@@ -200,7 +201,10 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    scaled = np.clip(array, 0.0, 1.0)  # the one float copy; the rest in place
+    scaled *= 255.0
+    scaled += 0.5
+    return scaled.astype(np.uint8)
 
 
 def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:

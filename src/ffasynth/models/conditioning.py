@@ -71,25 +71,27 @@ class SourceConditioner(nn.Module):
             if clip_tokens == "patches" or width != cross_attention_dim:
                 self.projection = nn.Linear(width, cross_attention_dim)
 
-    def clip_pixels(self, source: torch.Tensor) -> torch.Tensor:
-        """The CLIP processor's recipe on tensors: resize shortest side, centre crop, normalise."""
+    def clip_pixels(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
+        """The CLIP processor's recipe on tensors: resize shortest side, centre crop, normalise.
+        unit_range: the source is in [0, 1] instead of [-1, 1]."""
         processor = self.image_processor
         size = processor.crop_size["height"]
-        pixels = (source.float() + 1.0) / 2.0
-        height, width = pixels.shape[-2:]
+        height, width = source.shape[-2:]
         scale = size / min(height, width)
         new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
-        pixels = F.interpolate(pixels, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        # resize first (linear, so it commutes with [-1, 1] → [0, 1]): no full-size copy of a large photo
+        pixels = F.interpolate(source.float(), size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        pixels = pixels if unit_range else (pixels + 1.0) / 2.0
         top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
         pixels = pixels[..., top : top + size, left : left + size].clamp(0.0, 1.0)
         mean = torch.tensor(processor.image_mean, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(processor.image_std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
 
-    def clip_features(self, source: torch.Tensor) -> torch.Tensor:
+    def clip_features(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         """The frozen encoder's output before any learned projection: (B, 1, proj) or (B, 1+P, hidden)."""
         encoder = self.image_encoder
-        output = encoder(pixel_values=self.clip_pixels(source).to(encoder.dtype))
+        output = encoder(pixel_values=self.clip_pixels(source, unit_range).to(encoder.device, encoder.dtype))
         features = output.last_hidden_state if self.clip_tokens == "patches" else output.image_embeds.unsqueeze(1)
         return features.float()
 
@@ -97,10 +99,10 @@ class SourceConditioner(nn.Module):
         projection = projection if projection is not None else self.projection
         return features if projection is None else projection(features.to(projection.weight.dtype))
 
-    def tokens(self, source: torch.Tensor) -> torch.Tensor:
+    def tokens(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         if not self.use_clip:
             return source.new_zeros(source.shape[0], 1, self.cross_attention_dim)
-        return self.project(self.clip_features(source))
+        return self.project(self.clip_features(source, unit_range))
 
     def source_latents(self, vae: AutoencoderKL, source: torch.Tensor) -> torch.Tensor | None:
         return encode_latents(vae, source) if self.use_concat else None
