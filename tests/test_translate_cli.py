@@ -144,3 +144,20 @@ def test_inputs_are_collected_named_and_coloured(tmp_path):
     colour = uncertainty_rgb(np.array([[0.0, 0.1, 0.2, 0.9]], np.float32), vmax=0.2)
     assert colour.shape == (1, 4, 3) and colour.dtype == np.uint8
     assert colour[0, 0].sum() < colour[0, 1].sum() < colour[0, 2].sum() and (colour[0, 2] == colour[0, 3]).all()
+
+
+def test_half_precision_keeps_the_vae_in_float32_and_bfloat16_translates(exported):
+    from ffasynth.translate import load_pipeline
+
+    half = load_pipeline(exported, "cpu", "float16")
+    assert (half.unet.dtype, half.vae.dtype) == (torch.float16, torch.float32)
+    bf16 = load_pipeline(exported, "cpu", "bfloat16")
+    assert (bf16.unet.dtype, bf16.vae.dtype) == (torch.bfloat16, torch.bfloat16)
+    photo = torch.rand(3, 40, 36, generator=torch.Generator().manual_seed(0))
+    full = load_pipeline(exported, "cpu", "float32")
+    outputs = [
+        p(photo, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        for p in (full, bf16)
+    ]
+    assert outputs[1].shape == (40, 36, 1) and np.isfinite(outputs[1]).all()
+    assert np.abs(outputs[0] - outputs[1]).mean() < 0.05  # bf16 rounding, not a different image

@@ -78,7 +78,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float32"):
-    """An exported pipeline folder on a device, in a weight dtype (the libraries' loading bars off)."""
+    """An exported pipeline folder on a device, in a weight dtype (the libraries' loading bars off).
+    With float16 the VAE stays in float32: its decoder's activations can overflow half precision's
+    range (bfloat16 has float32's range, so there the VAE follows)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -93,6 +95,8 @@ def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float3
     if dtype not in DTYPES:
         raise FFASynthError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     pipeline = FFASynthesisPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
+    if DTYPES[dtype] == torch.float16:
+        pipeline.vae.to(torch.float32)
     return pipeline.to(resolve_device(device))
 
 
