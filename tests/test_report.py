@@ -68,6 +68,8 @@ def test_pairing_by_name_survives_extensions_suffix_and_missing_partners(uwf, tm
     assert pairing.mode == "name"
     assert {p.key: p.fake.name for p in pairing.pairs} == {"1.1": "1.1_ffa.png", "1.2": "1.2.jpg", "2.1": "2.1.bmp"}
     assert all(p.source == uwf / f"{p.key.split('.')[0]}.png" for p in pairing.pairs)  # N.png is the source of N.k
+    # the same folder named as the sources (what quickstart does): still the photos, never the angiogram itself
+    assert all(p.source == uwf / f"{p.key.split('.')[0]}.png" for p in match(uwf, fake, source_dir=uwf).pairs)
     assert pairing.missing_fake == ["2.2", "3.1", "3.2"] and pairing.unmatched_fake == ["9.1"]
     assert "3 pairs" in pairing.summary()
 

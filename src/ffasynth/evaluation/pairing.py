@@ -108,8 +108,12 @@ def real_images(real_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]]
 
 
 def source_images(source_dir: str | Path) -> dict[str, Path]:
+    """key → source photo; in a uwf folder (photos beside their angiograms) only the photos."""
     root = Path(source_dir)
-    return {image_key(p, root): p for p in image_files(root)}
+    files = image_files(root)
+    if any(_UWF_TARGET.match(p.name) for p in files):
+        files = [p for p in files if not _UWF_TARGET.match(p.name)]
+    return {image_key(p, root): p for p in files}
 
 
 def generated_images(fake_dir: str | Path) -> tuple[dict[str, Path], list[str]]:
