@@ -44,12 +44,12 @@ demo: setup
 	$(BIN)/ffasynth quickstart --out $(DEMO_OUT) --minutes $(DEMO_MINUTES)
 
 lint: setup
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: setup
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,82 @@
+"""The benchmark scripts run and their arithmetic is right (their figures are not asserted: timings
+on shared machines are noise)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def bench_sampling(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_sampling
+
+    return bench_sampling
+
+
+def test_reduced_step_counts_project_linearly_to_the_real_count(bench_sampling, monkeypatch):
+    unet = torch.nn.Identity()
+    counter = bench_sampling.PassCounter(unet)
+
+    def run(steps):  # three images through the U-Net per step, in one call
+        for _ in range(steps):
+            unet(torch.zeros(3, 1))
+        return steps
+
+    def timed(fn, device):  # T(k) = 2 s + 0.5 s·k, as if measured
+        steps = fn()
+        return steps, 2.0 + 0.5 * steps
+
+    monkeypatch.setattr(bench_sampling, "timed", timed)
+    result = bench_sampling.measure(run, 100, [1, 3], counter, torch.device("cpu"))
+    assert result["projected"] and result["fixed_seconds"] == pytest.approx(2.0)
+    assert result["seconds_per_image"] == pytest.approx(52.0)
+    assert (result["unet_passes_per_image"], result["unet_calls_per_image"]) == (300, 100)
+    assert result["seconds_per_unet_pass"] == pytest.approx(0.5 / 3)
+    twenty = bench_sampling.reproject(result, 20)
+    assert twenty["seconds_per_image"] == pytest.approx(12.0)
+    assert (twenty["unet_passes_per_image"], twenty["unet_calls_per_image"]) == (60, 20)
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.slow
+def test_bench_sampling_counts_three_passes_a_step_for_diffusers_and_one_for_ours():
+    result = _run("bench_sampling.py", "--preset", "tiny", "--size", "64", "--steps", "1,2", "--skip-quality")
+    sides = result["timing"]["sides"]
+    assert sides["diffusers_ip2p_defaults"]["unet_passes_per_image"] == 300
+    assert sides["diffusers_ip2p_20_steps"]["unet_passes_per_image"] == 60
+    assert sides["diffusers_ip2p_20_steps_no_guidance"]["unet_passes_per_image"] == 20
+    assert sides["ffasynth_defaults"]["unet_passes_per_image"] == 20
+    assert result["timing"]["pass_ratio_vs_diffusers_defaults"] == 15
+
+
+@pytest.mark.slow
+def test_bench_memory_and_bench_train_print_their_figures():
+    memory = _run("bench_memory.py", "--sizes", "160x160,320x256", "--steps", "1")
+    assert [(r["width"], r["height"]) for r in memory["sizes"]] == [(160, 160), (320, 256)]
+    assert all(r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0 for r in memory["sizes"])
+    assert memory["spread_beyond_tile_pct"] is not None  # both sizes exceed the tiny preset's 128 px tile
+    train = _run("bench_train.py", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--resolution", "64")
+    assert set(train["variants"]) == {"default (sdpa)", "eager attention", "gradient checkpointing", "channels_last"}
+    for row in train["variants"].values():
+        assert row["steps_timed"] == 2 and row["steps_per_s"] > 0 and row["flops_per_step"] > 0
+    # checkpointing recomputes the forward: more FLOPs per step, never fewer
+    assert (
+        train["variants"]["gradient checkpointing"]["flops_per_step"]
+        > train["variants"]["default (sdpa)"]["flops_per_step"]
+    )
