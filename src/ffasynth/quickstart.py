@@ -19,7 +19,7 @@ from ffasynth.errors import FFASynthError
 
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
 # translation and evaluation.
-SHARES = {"vae": 0.25, "stage1": 0.65, "stage2": 0.10}
+SHARES = {"vae": 0.35, "stage1": 0.55, "stage2": 0.10}
 OVERHEAD_MINUTES = 0.75
 
 

@@ -28,7 +28,11 @@ def translate(
         1.0, "--guidance", help="Image guidance scale; 1 = none (one U-Net pass per step), > 1 = stronger."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weights of the U-Net and CLIP: float32, float16 or bfloat16 (GPU); the VAE stays float32 with float16."),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help="U-Net/CLIP weights: float32, float16 or bfloat16 (GPU); with float16 the VAE stays float32.",
+    ),
     uncertainty_max: float = typer.Option(
         0.2, "--uncertainty-max", min=1e-6, help="Std (in [0, 1] intensity) shown as the brightest colour."
     ),
