@@ -94,14 +94,7 @@ def random_pipeline(preset: str, overrides: list[str] = (), seed: int = 0):
     config = load_config(preset=preset, overrides=list(overrides))
     torch.manual_seed(seed)
     components = build_components(config, random_weights=True)
-    conditioner = SourceConditioner(
-        components.image_encoder,
-        components.image_processor,
-        components.unet.config.cross_attention_dim,
-        use_clip=config.model.use_clip,
-        use_concat=config.model.use_concat,
-        clip_tokens=config.model.clip_tokens,
-    )
+    conditioner = SourceConditioner.from_components(components, config.model)
     for module in (components.unet, components.vae, conditioner):
         module.requires_grad_(False).eval()
     pipeline = build_pipeline(LoadedRun(config, components, conditioner, Path("."), False))

@@ -91,14 +91,7 @@ def test_min_snr_weights_follow_the_formula():
 
 
 def _conditioner(config, components):
-    return SourceConditioner(
-        components.image_encoder,
-        components.image_processor,
-        components.unet.config.cross_attention_dim,
-        use_clip=config.model.use_clip,
-        use_concat=config.model.use_concat,
-        clip_tokens=config.model.clip_tokens,
-    )
+    return SourceConditioner.from_components(components, config.model)
 
 
 def _predict(components, conditioner, source, noisy):

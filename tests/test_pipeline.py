@@ -31,14 +31,7 @@ def micro_pipeline(*overrides: str, seed: int = 0) -> FFASynthesisPipeline:
     torch.nn.init.normal_(components.unet.conv_in.weight, std=0.1)
     if components.unet.class_embedding is not None:
         torch.nn.init.normal_(components.unet.class_embedding.weight, std=0.5)
-    conditioner = SourceConditioner(
-        components.image_encoder,
-        components.image_processor,
-        components.unet.config.cross_attention_dim,
-        use_clip=config.model.use_clip,
-        use_concat=config.model.use_concat,
-        clip_tokens=config.model.clip_tokens,
-    )
+    conditioner = SourceConditioner.from_components(components, config.model)
     pipeline = build_pipeline(LoadedRun(config, components, conditioner, Path("."), False))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

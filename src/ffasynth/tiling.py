@@ -126,7 +126,6 @@ def tiled_map(
     count, height, width = first.shape[0], first.shape[-2], first.shape[-1]
     tiles = plan_tiles(height, width, tile, overlap, multiple)
     out_height, out_width = round(height * scale), round(width * scale)
-    row_sum, col_sum = weight_sums(tiles, overlap, scale, out_height, out_width)
     output = None
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start : start + batch_size]
@@ -137,6 +136,7 @@ def tiled_map(
         if output is None:
             device = result.device if out_device is None else out_device
             output = torch.zeros(count, result.shape[1], out_height, out_width, dtype=torch.float32, device=device)
+            row_sum, col_sum = weight_sums(tiles, overlap, scale, out_height, out_width)
         for index, t in enumerate(chunk):
             rows, cols = t.slices(scale)
             row_ramp, col_ramp = tile_ramps(t, overlap, scale)

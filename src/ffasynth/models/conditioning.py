@@ -71,6 +71,19 @@ class SourceConditioner(nn.Module):
             if clip_tokens == "patches" or width != cross_attention_dim:
                 self.projection = nn.Linear(width, cross_attention_dim)
 
+    @classmethod
+    def from_components(cls, components, model) -> SourceConditioner:
+        """The conditioner over built components (`models.components.Components`) as `model`
+        (a `ModelConfig`) switches its paths."""
+        return cls(
+            components.image_encoder,
+            components.image_processor,
+            components.unet.config.cross_attention_dim,
+            use_clip=model.use_clip,
+            use_concat=model.use_concat,
+            clip_tokens=model.clip_tokens,
+        )
+
     def clip_pixels(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         """The CLIP processor's recipe on tensors: resize shortest side, centre crop, normalise.
         unit_range: the source is in [0, 1] instead of [-1, 1]."""

@@ -158,12 +158,5 @@ def build_stage1(config) -> Stage1Task:
 
     torch.manual_seed(config.seed)
     components = build_components(config)
-    conditioner = SourceConditioner(
-        components.image_encoder,
-        components.image_processor,
-        components.unet.config.cross_attention_dim,
-        use_clip=config.model.use_clip,
-        use_concat=config.model.use_concat,
-        clip_tokens=config.model.clip_tokens,
-    )
+    conditioner = SourceConditioner.from_components(components, config.model)
     return Stage1Task(components, conditioner, config.stage1, config.model.num_phases)
