@@ -138,8 +138,15 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
         sx, sy = x.state_dict(), y.state_dict()
         assert all(torch.equal(sx[k], sy[k]) for k in sx), f"stage 2 changed the {name}"
     assert not torch.equal(b.vae.decoder.conv_out.weight, a.vae.decoder.conv_out.weight)
-    saved = load_file(str(ckpt.latest_checkpoint(tmp_path / "s2") / "decoder.safetensors"))
-    assert torch.equal(saved["decoder.conv_out.weight"], a.vae.decoder.conv_out.weight)
+    # the tiny preset keeps a decoder EMA: inference loads it, not the raw weights
+    folder = ckpt.latest_checkpoint(tmp_path / "s2")
+    ema, raw = (load_file(str(folder / f"decoder{s}.safetensors")) for s in (".ema", ""))
+    assert torch.equal(ema["decoder.conv_out.weight"], a.vae.decoder.conv_out.weight)
+    assert not torch.equal(raw["decoder.conv_out.weight"], a.vae.decoder.conv_out.weight)
+    assert torch.equal(
+        raw["decoder.conv_out.weight"],
+        load_model_run(tmp_path / "s2", ema=False).components.vae.decoder.conv_out.weight,
+    )
 
 
 def test_stage2_with_the_real_lpips_gives_the_decoder_perceptual_gradient(stage1_run, tmp_path):
@@ -180,3 +187,27 @@ def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):
     )
     assert result.exit_code != 0
     assert "vgg16-397923af.pth" in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_decoder_errors_are_l1_and_psnr_on_the_unit_scale():
+    from diffusers import AutoencoderKL
+
+    from ffasynth.training.stage2 import decoder_errors
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    # a black angiogram (−1 → 0 on the unit scale) of an odd size (padded to the VAE's multiple)
+    images = [torch.full((1, 13, 10), -1.0), torch.full((1, 8, 8), -1.0)]
+
+    def grey(value):  # a "decoder" that outputs `value` everywhere, whatever the latent
+        return lambda latents: torch.full((latents.shape[0], 3, latents.shape[2] * 2, latents.shape[3] * 2), value)
+
+    mid = decoder_errors(vae, grey(0.0), images)  # 0.5 everywhere: |0.5 − 0| = 0.5, MSE 0.25
+    assert mid["l1"] == pytest.approx(0.5) and mid["db"] == pytest.approx(10 * torch.log10(torch.tensor(4.0)).item())
+    exact = decoder_errors(vae, grey(-1.0), images)
+    assert exact["l1"] == 0.0 and exact["db"] == pytest.approx(120.0)  # MSE floored at 1e-12

@@ -68,7 +68,7 @@ def test_a_stage2_run_exports_its_stage1_model_with_the_tuned_decoder(trained, e
     assert result.exit_code == 0, result.output
     out = tmp_path / "pipe2"
     assert runner.invoke(app, ["export", str(stage2), str(out)]).exit_code == 0
-    tuned = load_file(str(stage2 / "checkpoints" / "step-000002" / "decoder.safetensors"))
+    tuned = load_file(str(stage2 / "checkpoints" / "step-000002" / "decoder.ema.safetensors"))  # export takes the EMA
     vae = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(vae["decoder.conv_out.weight"], tuned["decoder.conv_out.weight"])
     stage1_vae = load_file(str(exported / "vae" / "diffusion_pytorch_model.safetensors"))

@@ -59,6 +59,7 @@ def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
         metrics.append(
             f"- decoder reconstruction PSNR on {psnr['images']} {psnr['split']} FFA images: "
             f"{psnr['before_db']:.2f} dB (original decoder) → {psnr['after_db']:.2f} dB (fine-tuned)"
+            + (f"; L1 {psnr['before_l1']:.4f} → {psnr['after_l1']:.4f}" if "before_l1" in psnr else "")
         )
     return ExportedModel(loaded, "stage2", notes, metrics)
 

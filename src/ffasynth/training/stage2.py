@@ -182,27 +182,34 @@ def record_stage1(run_dir: Path, stage1: LoadedRun) -> None:
 
 
 @torch.no_grad()
-def decoder_psnr(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> float:
-    """Mean PSNR (dB, range [0, 1]) of x vs D(E(x)) over whole FFA images (1, H, W) in [-1, 1],
-    padded to the VAE's multiple; `decoder` None = the VAE's own decoder."""
+def decoder_errors(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> dict[str, float]:
+    """Mean L1 and mean PSNR (dB) of x vs D(E(x)), both on the [0, 1] intensity scale, over whole FFA
+    images (1, H, W) in [-1, 1], padded to the VAE's multiple; `decoder` None = the VAE's own decoder."""
     from ffasynth.data.transforms import pad_to
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    values = []
+    l1, psnr = [], []
     for image in images:
         height, width = image.shape[-2:]
         padded = pad_to(image, -(-height // factor) * factor, -(-width // factor) * factor)[None]
         latents = encode_latents(vae, padded)
         decoded = decoder(latents) if decoder is not None else vae.decode(latents / vae.config.scaling_factor).sample
-        grey = from_vae_output(decoded.float()).clamp(-1, 1)[..., :height, :width]
-        mse = F.mse_loss((grey + 1) / 2, (image[None] + 1) / 2).item()
-        values.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
-    return sum(values) / len(values)
+        grey = (from_vae_output(decoded.float()).clamp(-1, 1)[..., :height, :width] + 1) / 2
+        real = (image[None] + 1) / 2
+        l1.append((grey - real).abs().mean().item())
+        mse = F.mse_loss(grey, real).item()
+        psnr.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
+    return {"l1": sum(l1) / len(l1), "db": sum(psnr) / len(psnr)}
+
+
+def decoder_psnr(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> float:
+    """Mean PSNR (dB) of x vs D(E(x)); see `decoder_errors`."""
+    return decoder_errors(vae, decoder, images)["db"]
 
 
 def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Task, max_images: int = 16) -> dict:
-    """Decoder PSNR of real FFA (test split when present) with the original vs the fine-tuned decoder;
-    stored in run.json under "decoder_psnr"."""
+    """Decoder L1 and PSNR of real FFA (test split when present) with the original vs the fine-tuned
+    decoder (its EMA weights when kept); stored in run.json under "decoder_psnr"."""
     from ffasynth.data.dataset import PairDataset
     from ffasynth.data.pairs import load_pairs
     from ffasynth.data.transforms import normalise
@@ -220,12 +227,15 @@ def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Tas
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
         ckpt.load_weights(latest, "decoder", tuned, ema=True)
-    original_vae = task.original_vae
+    before = decoder_errors(task.original_vae, None, images)
+    after = decoder_errors(vae, tuned.eval(), images)
     report = {
         "split": split,
         "images": len(images),
-        "before_db": decoder_psnr(original_vae, None, images),
-        "after_db": decoder_psnr(vae, tuned.eval(), images),
+        "before_db": before["db"],
+        "after_db": after["db"],
+        "before_l1": before["l1"],
+        "after_l1": after["l1"],
     }
     info_path = Path(run_dir) / "run.json"
     info = json.loads(info_path.read_text())

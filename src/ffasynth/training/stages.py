@@ -88,7 +88,8 @@ def run_stage2(
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
     report = reconstruction_report(run_dir, data, config, task)
     say(
-        f"done: {result.step} steps; decoder PSNR on {report['images']} {report['split']} FFA images: "
-        f"{report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after"
+        f"done: {result.step} steps; decoder reconstruction of {report['images']} {report['split']} FFA images: "
+        f"L1 {report['before_l1']:.4f} → {report['after_l1']:.4f}, "
+        f"PSNR {report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after"
     )
     return result, report
