@@ -94,7 +94,14 @@ def side_runners(ours, photo: Image.Image, device: torch.device):
         )
 
     def run_ours(steps: int):
-        return ours(photo, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
+        # the sd15 default: no guidance, one pass a step (the tiny preset's pipelines default to guidance 3)
+        return ours(
+            photo,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            image_guidance_scale=1.0,
+            output_type="np",
+        )
 
     return {
         "diffusers_ip2p_defaults": (IP2P_DEFAULT_STEPS, run_ip2p),

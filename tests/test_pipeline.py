@@ -89,14 +89,21 @@ def test_one_unet_pass_per_step_without_guidance_and_one_batched_pair_with_it(pi
     batches = []
     hook = pipe.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
     try:
-        plain = _run(pipe, photo, num_inference_steps=4, num_samples=2, tile_size=0).images[0]
+        one = {"num_inference_steps": 4, "num_samples": 2, "tile_size": 0}
+        plain = _run(pipe, photo, image_guidance_scale=1.0, **one).images[0]
         assert batches == [2] * 4  # 4 steps, both samples in one pass, no unconditional pass
         batches.clear()
-        guided = _run(pipe, photo, num_inference_steps=4, num_samples=2, tile_size=0, image_guidance_scale=3.0)
+        guided = _run(pipe, photo, image_guidance_scale=2.0, **one).images[0]
         assert batches == [4] * 4  # conditional + null condition, batched into the same 4 passes
+        # no scale given: the one the pipeline was exported with (the tiny preset's 3), saved with it
+        assert pipe.config.image_guidance_scale == 3.0
+        batches.clear()
+        default = _run(pipe, photo, **one).images[0]
+        assert batches == [4] * 4
+        assert torch.equal(default, _run(pipe, photo, image_guidance_scale=3.0, **one).images[0])
     finally:
         hook.remove()
-    assert not torch.allclose(plain, guided.images[0], atol=1e-3)
+    assert not torch.allclose(plain, guided, atol=1e-3) and not torch.allclose(guided, default, atol=1e-3)
 
 
 def test_source_conditioning_is_computed_once_per_image_not_per_step_or_tile(pipe):
@@ -165,7 +172,7 @@ def test_inputs_of_any_kind_and_size_come_back_at_their_size(pipe, tmp_path):
 
 
 def test_uncertainty_is_the_std_of_the_samples_and_the_image_their_mean(pipe, photo):
-    samples = pipe.translate(photo, 3, seeded(3), 1.0, 4, None, TileSettings.resolve(32))
+    samples = pipe.translate(photo, 3, seeded(3), pipe.config.image_guidance_scale, 4, None, TileSettings.resolve(32))
     assert samples.shape == (4, 1, 40, 52)
     out = _run(pipe, photo, seed=3, num_samples=4)
     assert torch.allclose(out.images[0], samples.mean(0), atol=1e-6)

@@ -97,6 +97,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         num_phases=model.num_phases,
         prediction_type=loaded.config.stage1.prediction_type,
         tile_size=loaded.config.data.crop_size,
+        image_guidance_scale=loaded.config.stage1.image_guidance_scale,
     )
 
 

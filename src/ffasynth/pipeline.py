@@ -157,6 +157,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         num_phases: int = 0,
         prediction_type: str = "epsilon",
         tile_size: int = 768,
+        image_guidance_scale: float = 1.0,
     ):
         super().__init__()
         if use_clip and (image_encoder is None or image_processor is None):
@@ -176,6 +177,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             num_phases=num_phases,
             prediction_type=prediction_type,
             tile_size=tile_size,
+            image_guidance_scale=image_guidance_scale,  # the default when a call gives none
         )
 
     @classmethod
@@ -312,7 +314,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
 
     def check_inputs(
-        self, steps: int, guidance: float, num_samples: int, output_type: str = "pil", phase: str | None = None
+        self, steps: int, guidance: float | None, num_samples: int, output_type: str = "pil", phase: str | None = None
     ) -> None:
         """Raise FFASynthError (one line) for settings this pipeline cannot run."""
         self._phase_label(phase, "cpu")
@@ -320,7 +322,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
         if num_samples < 1:
             raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
-        if guidance < 1.0:
+        if guidance is not None and guidance < 1.0:  # None: the pipeline's default, checked at export
             raise FFASynthError(f"image_guidance_scale must be >= 1 (1 = no guidance), not {guidance}")
         if output_type not in ("pil", "np", "pt"):
             raise FFASynthError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
@@ -337,7 +339,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         image,
         num_inference_steps: int = 20,
         generator: torch.Generator | None = None,
-        image_guidance_scale: float = 1.0,
+        image_guidance_scale: float | None = None,
         num_samples: int = 1,
         phase: str | None = None,
         output_type: str = "pil",
@@ -350,11 +352,15 @@ class FFASynthesisPipeline(DiffusionPipeline):
         """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
 
         image_guidance_scale: 1 = one U-Net pass per step; s > 1 = ε_∅ + s(ε_c − ε_∅) against the null
-        (zero) condition, both in one batched pass. num_samples: samples per photo, drawn in one batch;
-        > 1 returns their mean and per-pixel std. phase: "early"/"late" (default early) when the model
-        has a phase input. tile_size/tile_overlap/decode_tile_size: in pixels (defaults: the training
-        crop, a quarter of it, max(tile, 512)); 0 = the whole image in one piece (see TileSettings).
+        (zero) condition, both in one batched pass; None = the pipeline's config value (exported from
+        `stage1.image_guidance_scale`; 1 for a pipeline that records none). num_samples: samples per
+        photo, drawn in one batch; > 1 returns their mean and per-pixel std. phase: "early"/"late"
+        (default early) when the model has a phase input. tile_size/tile_overlap/decode_tile_size: in
+        pixels (defaults: the training crop, a quarter of it, max(tile, 512)); 0 = the whole image in
+        one piece (see TileSettings).
         """
+        if image_guidance_scale is None:
+            image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
         self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase)
         tile_size = self.config.tile_size if tile_size is None else tile_size
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)

@@ -115,7 +115,7 @@ class TranslateSettings:
     steps: int = 20
     seed: int = 0
     samples: int = 1
-    guidance: float = 1.0
+    guidance: float | None = None  # None = the pipeline's default
     phase: str | None = None
     tile_size: int | None = None
     tile_overlap: int | None = None

@@ -24,8 +24,11 @@ def translate(
         None, "--decode-tile-size", help="VAE decode tile in pixels (default: max(tile, 512)); 0 = whole image."
     ),
     phase: str | None = typer.Option(None, "--phase", help="FFA phase to synthesise: early or late."),
-    guidance: float = typer.Option(
-        1.0, "--guidance", help="Image guidance scale; 1 = none (one U-Net pass per step), > 1 = stronger."
+    guidance: float | None = typer.Option(
+        None,
+        "--guidance",
+        help="Image guidance scale; 1 = none (one U-Net pass per step), > 1 = stronger (two). Default: the "
+        "pipeline's (stage1.image_guidance_scale when it was exported).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option(

@@ -121,7 +121,7 @@ class Stage1Task(Task):
 
     @torch.no_grad()
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
-        """source | real FFA | generated (DDIM from noise, `sample_steps` steps)."""
+        """source | real FFA | generated (DDIM from noise, `sample_steps` steps, `image_guidance_scale`)."""
         from diffusers import DDIMScheduler
 
         unet = self.components.unet
@@ -137,9 +137,23 @@ class Stage1Task(Task):
         )
         latents = torch.randn(shape, generator=generator, device=batch["source"].device)
         labels = phase_labels(batch, self.num_phases, latents.device)
+        scale = self.config.image_guidance_scale
         for t in sampler.timesteps:
-            model_input = SourceConditioner.unet_input(latents, source_latents)
-            prediction = unet(model_input, t, encoder_hidden_states=tokens, class_labels=labels).sample
+            prediction = unet(
+                SourceConditioner.unet_input(latents, source_latents),
+                t,
+                encoder_hidden_states=tokens,
+                class_labels=labels,
+            ).sample
+            if scale > 1.0:  # as the pipeline samples: against the null (zero) condition
+                null = None if source_latents is None else torch.zeros_like(source_latents)
+                unconditional = unet(
+                    SourceConditioner.unet_input(latents, null),
+                    t,
+                    encoder_hidden_states=torch.zeros_like(tokens),
+                    class_labels=labels,
+                ).sample
+                prediction = unconditional + scale * (prediction - unconditional)
             latents = sampler.step(prediction, t, latents).prev_sample
         unet.train(was_training)
         return [batch["source"], batch["target"], decode_latents(vae, latents).float()]
