@@ -42,6 +42,8 @@ def test_choices_that_yaml_reads_as_booleans_keep_their_spelling(tmp_path):
         ("data.layout=zigzag", "data.layout"),
         ("data.hflip=3", "data.hflip"),
         ("preset=huge", "preset"),
+        ("stage1.image_guidance_scale=0.5", "stage1.image_guidance_scale"),
+        ("stage2.ema_decay=1", "stage2.ema_decay"),
         ("nokey", "nokey"),
     ],
 )

@@ -322,7 +322,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
         if num_samples < 1:
             raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
-        if guidance is not None and guidance < 1.0:  # None: the pipeline's default, checked at export
+        if guidance is not None and guidance < 1.0:  # None: __call__ takes the config's value and checks it
             raise FFASynthError(f"image_guidance_scale must be >= 1 (1 = no guidance), not {guidance}")
         if output_type not in ("pil", "np", "pt"):
             raise FFASynthError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")

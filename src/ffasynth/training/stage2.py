@@ -202,11 +202,6 @@ def decoder_errors(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> 
     return {"l1": sum(l1) / len(l1), "db": sum(psnr) / len(psnr)}
 
 
-def decoder_psnr(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> float:
-    """Mean PSNR (dB) of x vs D(E(x)); see `decoder_errors`."""
-    return decoder_errors(vae, decoder, images)["db"]
-
-
 def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Task, max_images: int = 16) -> dict:
     """Decoder L1 and PSNR of real FFA (test split when present) with the original vs the fine-tuned
     decoder (its EMA weights when kept); stored in run.json under "decoder_psnr"."""
