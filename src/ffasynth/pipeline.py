@@ -31,7 +31,7 @@ from torch import nn
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image
 from ffasynth.errors import FFASynthError
-from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents
+from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.tiling import latent_tile, tiled_decode, tiled_encode, tiled_map
 
 __all__ = [
@@ -245,25 +245,14 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     def _predict(self, condition: SourceCondition, label, num_samples: int, guidance: float, t):
         """The U-Net's prediction for stacked latent tiles, source-latent tiles alongside (concat path)."""
-        unet = self.unet
 
         def predict(latents: torch.Tensor, source_latents: torch.Tensor | None = None) -> torch.Tensor:
             batch = latents.shape[0]
             tokens = condition.tokens.expand(batch, -1, -1)
             if source_latents is not None:
                 source_latents = source_latents.repeat_interleave(num_samples, dim=0)
-            if guidance > 1.0:  # conditional and null (zero) condition, one batched pass
-                latents = torch.cat([latents, latents])
-                tokens = torch.cat([tokens, torch.zeros_like(tokens)])
-                if source_latents is not None:
-                    source_latents = torch.cat([source_latents, torch.zeros_like(source_latents)])
-            labels = None if label is None else label.expand(latents.shape[0])
-            model_input = SourceConditioner.unet_input(latents, source_latents).to(unet.dtype)
-            output = unet(model_input, t, encoder_hidden_states=tokens, class_labels=labels).sample.float()
-            if guidance > 1.0:
-                conditional, unconditional = output.chunk(2)
-                output = unconditional + guidance * (conditional - unconditional)  # ε̂ = ε_∅ + s(ε_c − ε_∅)
-            return output
+            labels = None if label is None else label.expand(batch)
+            return guided_prediction(self.unet, latents, t, tokens, source_latents, labels, guidance)
 
         return predict
 

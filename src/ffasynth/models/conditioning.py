@@ -138,3 +138,30 @@ class SourceConditioner(nn.Module):
         if source_latents is None:
             return noisy_latents
         return torch.cat([noisy_latents, source_latents.to(noisy_latents.dtype)], dim=1)
+
+
+def guided_prediction(
+    unet,
+    latents: torch.Tensor,
+    t,
+    tokens: torch.Tensor,
+    source_latents: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    guidance: float,
+) -> torch.Tensor:
+    """The U-Net's output (float32) for a batch, conditioned on (tokens, source_latents). guidance > 1:
+    image classifier-free guidance ε̂ = ε_∅ + s(ε_c − ε_∅) against the null (zero) condition that
+    conditioning dropout trains, the conditional and null halves in one batched pass."""
+    if guidance > 1.0:
+        latents = torch.cat([latents, latents])
+        tokens = torch.cat([tokens, torch.zeros_like(tokens)])
+        if source_latents is not None:
+            source_latents = torch.cat([source_latents, torch.zeros_like(source_latents)])
+        if labels is not None:
+            labels = torch.cat([labels, labels])
+    model_input = SourceConditioner.unet_input(latents, source_latents).to(unet.dtype)
+    output = unet(model_input, t, encoder_hidden_states=tokens.to(unet.dtype), class_labels=labels).sample.float()
+    if guidance > 1.0:
+        conditional, unconditional = output.chunk(2)
+        output = unconditional + guidance * (conditional - unconditional)
+    return output

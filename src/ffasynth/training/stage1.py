@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ffasynth.config import Stage1Config
 from ffasynth.models.components import Components
-from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents
+from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.training.loop import Task
 
 
@@ -137,23 +137,10 @@ class Stage1Task(Task):
         )
         latents = torch.randn(shape, generator=generator, device=batch["source"].device)
         labels = phase_labels(batch, self.num_phases, latents.device)
-        scale = self.config.image_guidance_scale
-        for t in sampler.timesteps:
-            prediction = unet(
-                SourceConditioner.unet_input(latents, source_latents),
-                t,
-                encoder_hidden_states=tokens,
-                class_labels=labels,
-            ).sample
-            if scale > 1.0:  # as the pipeline samples: against the null (zero) condition
-                null = None if source_latents is None else torch.zeros_like(source_latents)
-                unconditional = unet(
-                    SourceConditioner.unet_input(latents, null),
-                    t,
-                    encoder_hidden_states=torch.zeros_like(tokens),
-                    class_labels=labels,
-                ).sample
-                prediction = unconditional + scale * (prediction - unconditional)
+        for t in sampler.timesteps:  # guided as the pipeline samples
+            prediction = guided_prediction(
+                unet, latents, t, tokens, source_latents, labels, self.config.image_guidance_scale
+            )
             latents = sampler.step(prediction, t, latents).prev_sample
         unet.train(was_training)
         return [batch["source"], batch["target"], decode_latents(vae, latents).float()]
