@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ffasynth.data.io import is_grey, read_image, save_image
+from ffasynth.data import io as image_io
+from ffasynth.data.io import is_grey, read_image, save_image, to_uint8, unit_float
 from ffasynth.errors import ImageReadError
 
 
@@ -79,6 +80,35 @@ def test_rgba_composited_over_black(tmp_path):
     assert image[:, 0, 0].abs().max() == 0
     assert image[0, 2, 2] == pytest.approx(200 / 255, abs=1e-6)
     assert image[0, 1, 1] == pytest.approx(200 / 255 * 128 / 255, abs=1e-6)
+
+
+def test_compact_reading_keeps_8_bit_levels_and_matches_the_float_reading(tmp_path):
+    colour = _gradient()
+    grey_rgb = np.repeat(colour[..., :1], 3, axis=-1)
+    grey_rgb[0, 0] = (10, 11, 11)  # JPEG-level channel noise: still grey, mean 10.67 → 11
+    rgba = np.dstack([colour, np.linspace(0, 255, 32 * 24).reshape(24, 32).astype(np.uint8)])
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(grey_rgb).save(tmp_path / "grey.png")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(colour[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    for name, channels in [("colour", None), ("colour", 1), ("colour", 3), ("grey", None), ("grey", 3), ("rgba", None)]:
+        compact = read_image(tmp_path / f"{name}.png", channels=channels, compact=True)
+        full = read_image(tmp_path / f"{name}.png", channels=channels)
+        assert compact.dtype == torch.uint8 and compact.shape == full.shape, (name, channels)
+        assert (unit_float(compact) - full).abs().max() <= 0.5 / 255 + 1e-6, (name, channels)  # rounding only
+    assert torch.equal(read_image(tmp_path / "colour.png", compact=True).permute(1, 2, 0), torch.from_numpy(colour))
+    assert read_image(tmp_path / "grey.png", compact=True)[0, 0, 0] == 11
+    deep = read_image(tmp_path / "deep.png", compact=True)  # 16-bit data is never cut to 8 bits
+    assert deep.dtype == torch.float32 and torch.equal(deep, read_image(tmp_path / "deep.png"))
+
+
+def test_to_uint8_rounds_block_by_block_and_passes_uint8_through(monkeypatch):
+    monkeypatch.setattr(image_io, "ROWS_PER_BLOCK", 7)
+    image = torch.rand(1, 30, 11, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1
+    expected = (np.clip(image[0].numpy(), 0, 1) * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(to_uint8(image), expected)
+    levels = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8)
+    assert np.array_equal(to_uint8(levels), levels.permute(1, 2, 0).numpy())
 
 
 def test_la_palette_and_bilevel_modes(tmp_path):

@@ -12,12 +12,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from ffasynth.data.io import save_image
+from ffasynth.data.io import save_image, unit_float
 from ffasynth.errors import FFASynthError
 from ffasynth.export import build_pipeline
 from ffasynth.models.components import build_components
 from ffasynth.models.conditioning import SourceConditioner
-from ffasynth.pipeline import FFASynthesisPipeline, TileSettings, TokenProjection
+from ffasynth.pipeline import FFASynthesisPipeline, TileSettings, TokenProjection, source_tensor
 from ffasynth.training.run import LoadedRun
 from tests.test_models import micro_config
 
@@ -160,8 +160,14 @@ def test_inputs_of_any_kind_and_size_come_back_at_their_size(pipe, tmp_path):
     tensor = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
     reference = _run(pipe, tensor).images[0]
     assert reference.shape == (1, 29, 37)
-    for image in (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(rgb), rgb, tensor[None]):
+    levels = torch.from_numpy(rgb.transpose(2, 0, 1).copy())  # uint8 0-255
+    images = (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(rgb), rgb, tensor[None], levels)
+    for image in images:
         assert torch.allclose(_run(pipe, image).images[0], reference, atol=1e-6), type(image)
+    # 8-bit inputs stay uint8 until a tile is used (a quarter of float32's memory on a large photo)
+    for image in images[:4] + (levels,):
+        assert source_tensor(image).dtype == torch.uint8, type(image)
+    assert torch.equal(unit_float(source_tensor(rgb)), tensor) and source_tensor(tensor).dtype == torch.float32
     grey = Image.fromarray(rgb[..., 0])
     out = _run(pipe, [grey, np.zeros((7, 9), np.float32)], output_type="pil")
     assert [(i.mode, i.size) for i in out.images] == [("L", (37, 29)), ("L", (9, 7))]

@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ffasynth.errors import FFASynthError
@@ -78,7 +77,7 @@ class Translator:
         name = f"ffa-{uuid.uuid4().hex[:8]}"
         ffa_path = save_image(torch.from_numpy(ffa)[None], self.workdir / f"{name}.png")
         photo = to_uint8(source)
-        grey = (np.clip(ffa, 0, 1) * 255 + 0.5).astype(np.uint8)
+        grey = to_uint8(ffa)
         uncertainty = None
         if output.uncertainty is not None:
             from ffasynth.translate import uncertainty_rgb

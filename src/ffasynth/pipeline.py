@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ffasynth.data.dataset import PHASES
-from ffasynth.data.io import read_image
+from ffasynth.data.io import read_image, unit_float
 from ffasynth.errors import FFASynthError
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.tiling import latent_tile, tiled_decode, tiled_encode, tiled_map
@@ -72,10 +72,12 @@ class FFASynthesisOutput(BaseOutput):
 
 
 def source_tensor(image) -> torch.Tensor:
-    """A photo as (3, H, W) float32 in [0, 1]: a path, a PIL image, a (H, W[, C]) array (uint8,
-    uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W) tensor in [0, 1]. Grey is repeated to RGB."""
+    """A photo as (3, H, W): 8-bit data as uint8 levels (kept compact: a large photo costs 3 bytes a
+    pixel; tiles are converted as they are used), anything else as float32 in [0, 1]. Takes a path,
+    a PIL image, a (H, W[, C]) array (uint8, uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W)
+    tensor (uint8 0-255 or float in [0, 1]). Grey is repeated to RGB."""
     if isinstance(image, (str, os.PathLike)):
-        return read_image(Path(image), channels=3)
+        return read_image(Path(image), channels=3, compact=True)
     if isinstance(image, Image.Image):
         if image.mode.startswith("I;16") or image.mode == "I":
             image = np.asarray(image).astype(np.float32) / 65535.0
@@ -84,19 +86,24 @@ def source_tensor(image) -> torch.Tensor:
         else:
             image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
-        array = image.astype(np.float32) / scale
+        if image.dtype == np.uint16:
+            array = image.astype(np.float32) / 65535.0
+        else:
+            array = image if image.dtype == np.uint8 else image.astype(np.float32)
         array = array[..., None] if array.ndim == 2 else array
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
             raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(array[..., :3].transpose(2, 0, 1)))
+        image = torch.from_numpy(np.array(array[..., :3].transpose(2, 0, 1)))  # a copy: the caller's array stays theirs
     if not isinstance(image, torch.Tensor):
         raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")
-    tensor = image.detach().float().cpu()
+    tensor = image.detach().cpu()
+    tensor = tensor if tensor.dtype == torch.uint8 else tensor.float()
     tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
-    return tensor.expand(3, -1, -1).clamp(0.0, 1.0) if tensor.shape[0] == 1 else tensor.clamp(0.0, 1.0)
+    if tensor.dtype != torch.uint8:
+        tensor = tensor.clamp(0.0, 1.0)
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -218,8 +225,9 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_source(self, source: torch.Tensor, tile_px: int, overlap_px: int) -> SourceCondition:
-        """source (1, 3, H, W) in [0, 1], H and W multiples of the downsampling, on any device (a large
-        photo stays in host memory: only CLIP's resized copy and one tile at a time go to the model)."""
+        """source (1, 3, H, W), uint8 levels or float in [0, 1], H and W multiples of the downsampling,
+        on any device (a large photo stays in host memory: only CLIP's resized copy and one tile at a
+        time go to the model, converted to float there)."""
         device = self._execution_device
         conditioner = self.conditioner()
         tokens = conditioner.tokens(source, unit_range=True).to(device, self.unet.dtype)
@@ -228,7 +236,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             vae = self.vae
 
             def encode(pixels: torch.Tensor) -> torch.Tensor:
-                return encode_latents(vae, pixels.to(device, vae.dtype) * 2.0 - 1.0).float()
+                return encode_latents(vae, unit_float(pixels.to(device)).to(vae.dtype) * 2.0 - 1.0).float()
 
             latents = tiled_encode(encode, source, tile_px, overlap_px, self.vae_scale_factor)
         return SourceCondition(tokens, latents)
@@ -267,7 +275,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         phase: str | None,
         tiles: TileSettings,
     ) -> torch.Tensor:
-        """One photo (3, H, W) in [0, 1] → num_samples angiograms (N, 1, H, W) in [0, 1], on the CPU."""
+        """One photo (3, H, W), uint8 levels or float in [0, 1] → num_samples angiograms (N, 1, H, W)
+        in [0, 1], on the CPU."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor

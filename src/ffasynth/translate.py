@@ -101,9 +101,11 @@ def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float3
 
 
 def read_photo(path: str | Path, max_pixels: int | None = None) -> tuple[torch.Tensor, str | None]:
-    """A photograph as (3, H, W) in [0, 1], and a warning when it is grey (the model was trained on
-    colour photographs: a grey input is more likely an angiogram or a red-free frame)."""
-    image = read_image(path, max_pixels=max_pixels, min_side=MIN_SIDE)
+    """A photograph as (3, H, W): uint8 levels for 8-bit files (a quarter of float32's memory on a
+    large photo; the pipeline converts a tile at a time), else float32 in [0, 1]; and a warning when
+    it is grey (the model was trained on colour photographs: a grey input is more likely an
+    angiogram or a red-free frame)."""
+    image = read_image(path, max_pixels=max_pixels, min_side=MIN_SIDE, compact=True)
     if image.shape[0] == 3:
         return image, None
     warning = "the photo is grey, but the model expects a colour photograph (is it an angiogram?); translated anyway"
@@ -163,13 +165,16 @@ def translate_files(
                 decode_tile_size=settings.decode_tile_size,
             )
             report.seconds[path] = time.perf_counter() - start
+            size = tuple(photo.shape[-2:])
+            del photo  # the photo's memory is free before the output is converted and written
             image = output.images[0]
-            if image.shape[:2] != tuple(photo.shape[-2:]):
-                raise FFASynthError(f"output {image.shape[:2]} differs from the input's size {tuple(photo.shape[-2:])}")
+            if image.shape[:2] != size:
+                raise FFASynthError(f"output {image.shape[:2]} differs from the input's size {size}")
             report.written.append(save_image(image.transpose(2, 0, 1), out_dir / f"{stems[path]}_ffa.png"))
             if output.uncertainty is not None:
                 colour = uncertainty_rgb(output.uncertainty[0], settings.uncertainty_max)
                 report.written.append(save_image(colour, out_dir / f"{stems[path]}_uncertainty.png"))
+            del output, image
         except ImageReadError as failure:
             error = failure.cause
         except FFASynthError as failure:

@@ -1,6 +1,7 @@
 """Read any image the field hands us; write images atomically.
 
-`read_image` returns a float32 tensor (C, H, W) with values in [0, 1] and a known channel count.
+`read_image` returns a float32 tensor (C, H, W) with values in [0, 1] and a known channel count
+(or, with `compact=True`, 8-bit data as uint8 0-255: a quarter of the memory, for large photos).
 Every failure is an `ImageReadError` whose message names the file and the cause.
 
 Intensity conventions (explicit, as in medical imaging):
@@ -109,8 +110,8 @@ def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _to_array(image: Image.Image, path: Path) -> np.ndarray:
-    """Decode to float32 (H, W, C) in [0, 1], C in {1, 3}."""
+def _to_array(image: Image.Image, path: Path, compact: bool = False) -> np.ndarray:
+    """Decode to (H, W, C), C in {1, 3}: float32 in [0, 1], or with `compact` 8-bit modes as uint8."""
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -133,10 +134,15 @@ def _to_array(image: Image.Image, path: Path) -> np.ndarray:
             raise ImageReadError(path, "floating-point image with values outside [0, 1]; convert it to 8/16-bit")
         return data[..., None]
     if mode in ("L", "LA", "RGB", "RGBA"):
-        data = np.asarray(image, dtype=np.float32)
+        data = np.asarray(image)
+        data = data[..., None] if data.ndim == 2 else data
+        if compact:
+            if mode in ("LA", "RGBA"):  # composite over black, rounded to the nearest level
+                alpha = data[..., -1:].astype(np.uint16)
+                data = ((data[..., :-1] * alpha + 127) // 255).astype(np.uint8)
+            return data
+        data = data.astype(np.float32)
         data /= 255.0  # in place: one float copy of a large photo, not two
-        if data.ndim == 2:
-            data = data[..., None]
         if mode in ("LA", "RGBA"):  # composite over black: transparent = no signal
             data = data[..., :-1] * data[..., -1:]
         return data
@@ -144,14 +150,25 @@ def _to_array(image: Image.Image, path: Path) -> np.ndarray:
 
 
 def is_grey(rgb: np.ndarray, tolerance: float = 2.5 / 255) -> bool:
-    """True when an (H, W, 3) image carries no colour (channels equal up to JPEG-level noise)."""
-    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    """True when an (H, W, 3) image carries no colour (channels equal up to JPEG-level noise).
+    tolerance is in [0, 1] units; uint8 data is compared in levels (tolerance × 255)."""
+    tolerance = tolerance * 255.0 if rgb.dtype == np.uint8 else tolerance
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)  # uint8 stays uint8: max >= min
     return float(np.quantile(spread, 0.999)) <= tolerance * 2 and float(spread.mean()) <= tolerance / 2
 
 
 def to_grey(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) → (H, W, 1) luma, in rgb's dtype (uint8 rounded)."""
     weights = np.asarray(LUMA_WEIGHTS, dtype=np.float32)
-    return (rgb[..., :3] @ weights)[..., None]
+    luma = (rgb[..., :3] @ weights)[..., None]
+    return (luma + 0.5).astype(np.uint8) if rgb.dtype == np.uint8 else luma
+
+
+def grey_mean(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) grey stored as RGB → (H, W, 1), the channels' mean (uint8 rounded)."""
+    if rgb.dtype == np.uint8:
+        return ((rgb.sum(axis=-1, keepdims=True, dtype=np.uint16) + 1) // 3).astype(np.uint8)
+    return rgb.mean(axis=-1, keepdims=True)
 
 
 def read_image(
@@ -159,11 +176,14 @@ def read_image(
     channels: int | None = None,
     max_pixels: int | None = None,
     min_side: int = 1,
+    compact: bool = False,
 ) -> torch.Tensor:
     """Read one image as float32 (C, H, W) in [0, 1].
 
     channels: None keeps the natural count (1 for grey, including grey stored as RGB; 3 for
     colour); 1 converts colour to luma; 3 repeats grey. min_side: refuse images narrower (e.g. MIN_SIDE).
+    compact: 8-bit images come back as uint8 (0-255, the file's levels; `unit_float` makes them
+    [0, 1]), a quarter of float32's memory; 16-bit and float images are float32 either way.
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be None, 1 or 3, not {channels!r}")
@@ -173,7 +193,7 @@ def read_image(
         with image:
             image = ImageOps.exif_transpose(image)
             image.load()
-            data = _to_array(image, path)
+            data = _to_array(image, path, compact)
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError) as error:
@@ -186,25 +206,46 @@ def read_image(
     if data.shape[-1] == 3 and channels != 3:
         grey = is_grey(data)
         if grey:  # FFA stored as RGB: average away JPEG-level channel noise
-            data = data.mean(axis=-1, keepdims=True)
+            data = grey_mean(data)
         elif channels == 1:
             data = to_grey(data)
     elif data.shape[-1] == 1 and channels == 3:
         data = np.repeat(data, 3, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 0, 1))).clamp_(0.0, 1.0)
+    data = np.ascontiguousarray(data.transpose(2, 0, 1))
+    data = data if data.flags.writeable else data.copy()  # Pillow's buffer is read-only
+    tensor = torch.from_numpy(data)
+    return tensor if tensor.dtype == torch.uint8 else tensor.clamp_(0.0, 1.0)
+
+
+def unit_float(image: torch.Tensor) -> torch.Tensor:
+    """uint8 levels (0-255) → float32 in [0, 1]; a float tensor as it is (no copy)."""
+    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+
+
+ROWS_PER_BLOCK = 512  # to_uint8 converts this many rows at a time: no full-size float copy
 
 
 def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(C, H, W) float in [0, 1] → (H, W) or (H, W, 3) uint8, rounded."""
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    """(C, H, W) float in [0, 1] (or uint8) → (H, W) or (H, W, 3) uint8, rounded."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        array = image.numpy() if image.dtype == torch.uint8 else image.float().numpy()
+    else:
+        array = np.asarray(image)
     if array.ndim == 3 and array.shape[0] in (1, 3):
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    scaled = np.clip(array, 0.0, 1.0)  # the one float copy; the rest in place
-    scaled *= 255.0
-    scaled += 0.5
-    return scaled.astype(np.uint8)
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    result = np.empty(array.shape, np.uint8)
+    for start in range(0, array.shape[0], ROWS_PER_BLOCK):
+        rows = slice(start, start + ROWS_PER_BLOCK)
+        block = np.clip(array[rows], 0.0, 1.0)
+        block *= 255.0
+        block += 0.5
+        result[rows] = block  # truncation of the non-negative block = rounding
+    return result
 
 
 def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Path:

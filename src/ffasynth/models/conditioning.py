@@ -10,6 +10,8 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from ffasynth.data.io import unit_float
+
 
 def to_vae_input(image: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images with 1 (FFA) or 3 (photo) channels → the VAE's 3 channels."""
@@ -86,14 +88,19 @@ class SourceConditioner(nn.Module):
 
     def clip_pixels(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         """The CLIP processor's recipe on tensors: resize shortest side, centre crop, normalise.
-        unit_range: the source is in [0, 1] instead of [-1, 1]."""
+        unit_range: the source is in [0, 1] (or uint8 levels) instead of [-1, 1]."""
+        if source.dtype == torch.uint8 and not unit_range:
+            raise ValueError("a uint8 source holds levels 0-255: pass unit_range=True")
         processor = self.image_processor
         size = processor.crop_size["height"]
         height, width = source.shape[-2:]
         scale = size / min(height, width)
         new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
-        # resize first (linear, so it commutes with [-1, 1] → [0, 1]): no full-size copy of a large photo
-        pixels = F.interpolate(source.float(), size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        # resize first (linear, so it commutes with [-1, 1] → [0, 1]), one channel at a time: no
+        # full-size float copy of a large photo
+        resize = dict(size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        channels = [F.interpolate(unit_float(source[:, c : c + 1]).float(), **resize) for c in range(source.shape[1])]
+        pixels = torch.cat(channels, dim=1)
         pixels = pixels if unit_range else (pixels + 1.0) / 2.0
         top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
         pixels = pixels[..., top : top + size, left : left + size].clamp(0.0, 1.0)
@@ -114,7 +121,8 @@ class SourceConditioner(nn.Module):
 
     def tokens(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         if not self.use_clip:
-            return source.new_zeros(source.shape[0], 1, self.cross_attention_dim)
+            dtype = source.dtype if source.is_floating_point() else torch.float32
+            return torch.zeros(source.shape[0], 1, self.cross_attention_dim, device=source.device, dtype=dtype)
         return self.project(self.clip_features(source, unit_range))
 
     def source_latents(self, vae: AutoencoderKL, source: torch.Tensor) -> torch.Tensor | None:
