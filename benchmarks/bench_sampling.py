@@ -5,6 +5,7 @@ trained on phantoms, whether 20 DPM-Solver++ steps match 100 DDIM steps in quali
     python benchmarks/bench_sampling.py                      # sd15 shapes, 512², CPU: 1 and 3 steps, projected
     python benchmarks/bench_sampling.py --preset tiny --steps full
     python benchmarks/bench_sampling.py --skip-quality       # timing only
+    python benchmarks/bench_sampling.py --preset tiny --guidance 3   # ours at the tiny preset's exported default
 
 Timing model: each side's time at k steps is T(k) = a + b·k (a: encode, decode, set-up; b: one
 step, i.e. its U-Net passes plus the scheduler). `--steps full` runs every side at its real step
@@ -66,8 +67,8 @@ def ip2p_pipeline(ours):
     return pipe
 
 
-def side_runners(ours, photo: Image.Image, device: torch.device):
-    """name → (real step count, run(k) at k steps)."""
+def side_runners(ours, photo: Image.Image, device: torch.device, guidance: float = 1.0):
+    """name → (real step count, run(k) at k steps); ours at image guidance `guidance` (1 = one pass a step)."""
     ip2p = ip2p_pipeline(ours)
     pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1).float()[None].to(device) / 127.5 - 1.0
     tokens = ours.conditioner().tokens(pixels).to(ours.unet.dtype)  # (1, 1, 768): same cross-attention input
@@ -94,12 +95,12 @@ def side_runners(ours, photo: Image.Image, device: torch.device):
         )
 
     def run_ours(steps: int):
-        # the sd15 default: no guidance, one pass a step (the tiny preset's pipelines default to guidance 3)
+        # default 1: the sd15 default, no guidance, one pass a step (tiny-preset pipelines export 3)
         return ours(
             photo,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(0),
-            image_guidance_scale=1.0,
+            image_guidance_scale=guidance,
             output_type="np",
         )
 
@@ -170,7 +171,7 @@ def timing(args, device: torch.device) -> dict:
     if dtype != torch.float32:
         ours.to(dtype=dtype)
     photo = Image.fromarray((make_eye(size, seed=1).photo * 255.0 + 0.5).astype(np.uint8))
-    runners = side_runners(ours, photo, device)
+    runners = side_runners(ours, photo, device, args.guidance)
     counter = PassCounter(ours.unet)
     reduced = None if args.steps == "full" else sorted({int(s) for s in args.steps.split(",")})
     if reduced is not None and len(reduced) != 2:
@@ -190,6 +191,7 @@ def timing(args, device: torch.device) -> dict:
         "size": size,
         "device": str(device),
         "dtype": args.dtype,
+        "ffasynth_image_guidance_scale": args.guidance,
         "unet_parameters": sum(p.numel() for p in ours.unet.parameters()),
         "tiles": 1,
         "sides": sides,
@@ -241,6 +243,7 @@ def quality(args) -> dict:
                 photo,
                 num_inference_steps=steps,
                 generator=torch.Generator().manual_seed(0),
+                image_guidance_scale=args.guidance,
                 phase=phase,
                 output_type="pt",
             ).images[0]
@@ -254,6 +257,7 @@ def quality(args) -> dict:
     return {
         "pipeline": str(pipeline_dir),
         "pairs": len(pairs),
+        "image_guidance_scale": args.guidance,
         **summary,
         "psnr_difference_db": summary["dpmsolver++_20"]["psnr"] - summary["ddim_100"]["psnr"],
         "ssim_difference": summary["dpmsolver++_20"]["ssim"] - summary["ddim_100"]["ssim"],
@@ -273,6 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=2, help="runs per step count; the fastest counts")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="our image guidance scale, timing and quality (1 = one pass a step, the sd15 default; "
+        "3 = the tiny preset's exported default, two passes a step in one batch)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--quality-pipeline", help="an exported tiny pipeline trained on phantoms")

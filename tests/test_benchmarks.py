@@ -63,12 +63,19 @@ def test_bench_sampling_counts_three_passes_a_step_for_diffusers_and_one_for_our
     assert sides["diffusers_ip2p_20_steps_no_guidance"]["unet_passes_per_image"] == 20
     assert sides["ffasynth_defaults"]["unet_passes_per_image"] == 20
     assert result["timing"]["pass_ratio_vs_diffusers_defaults"] == 15
+    guided = _run(
+        "bench_sampling.py", "--preset", "tiny", "--size", "64", "--steps", "1,2", "--skip-quality", "--guidance", "3"
+    )
+    assert guided["timing"]["sides"]["ffasynth_defaults"]["unet_passes_per_image"] == 40  # conditional + null
+    assert guided["timing"]["pass_ratio_vs_diffusers_defaults"] == 7.5
 
 
 @pytest.mark.slow
 def test_bench_memory_and_bench_train_print_their_figures():
-    memory = _run("bench_memory.py", "--sizes", "160x160,320x256", "--steps", "1")
+    memory = _run("bench_memory.py", "--sizes", "160x160,320x256", "--steps", "1", "--repeats", "2")
     assert [(r["width"], r["height"]) for r in memory["sizes"]] == [(160, 160), (320, 256)]
+    for row in memory["sizes"]:  # two fresh processes a size; their median is the row's peak
+        assert len(row["peak_rss_mib_runs"]) == 2 and row["peak_rss_mib"] == sum(row["peak_rss_mib_runs"]) / 2
     assert all(r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0 for r in memory["sizes"])
     assert memory["spread_beyond_tile_pct"] is not None  # both sizes exceed the tiny preset's 128 px tile
     train = _run("bench_train.py", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--resolution", "64")
