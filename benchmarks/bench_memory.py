@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--photo", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.repeats = max(1, args.repeats)
     if args.child:
         emit(child(args), one_line=True)
         return
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             photo = write_photo(Path(folder) / f"photo-{width}x{height}.png", width, height)
             log(f"translating {width}x{height}")
             runs = []
-            for _ in range(max(1, args.repeats)):
+            for _ in range(args.repeats):
                 runs.append(run_child(SCRIPT, [*forwarded, "--photo", str(photo)]))
                 log(f"  peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB, {runs[-1]['seconds']:.1f} s")
             rows.append(summarise(runs))
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "pipeline": args.pipeline,
             "steps": args.steps,
             "dtype": args.dtype,
-            "repeats": max(1, args.repeats),
+            "repeats": args.repeats,
             "sizes": rows,
             "memory_measure": key,
             "spread_beyond_tile_pct": spread,

@@ -89,7 +89,7 @@ def source_tensor(image) -> torch.Tensor:
         if image.dtype == np.uint16:
             array = image.astype(np.float32) / 65535.0
         else:
-            array = image if image.dtype == np.uint8 else image.astype(np.float32)
+            array = image if image.dtype == np.uint8 else image.astype(np.float32, copy=False)  # copied below
         array = array[..., None] if array.ndim == 2 else array
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
             raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
