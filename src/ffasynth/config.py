@@ -75,6 +75,9 @@ class ModelConfig:
     # Conditioning paths (ablations): CLIP tokens into cross-attention, source latent concatenated to conv_in.
     use_clip: bool = True
     clip_tokens: Literal["embed", "patches"] = "embed"
+    # What CLIP sees, the same in training and inference: "tile" = the training crop / each denoising
+    # tile's own pixels; "whole" = the whole photo (its 224² CLIP view) for every crop and tile.
+    clip_view: Literal["tile", "whole"] = "tile"
     use_concat: bool = True
     attention: Literal["sdpa", "eager"] = "sdpa"
     # FFA phases the U-Net is told about (early/late, a zero-initialised embedding); 0 = no phase input.
