@@ -139,13 +139,22 @@ def model_card(exported: ExportedModel) -> str:
     metric_lines += exported.metrics
     sources = info.get("sources", {})
     starting = ", ".join(f"{k}: {v or 'random initialisation'}" for k, v in sources.items()) or "unknown"
+    random_parts = [k for k, v in sources.items() if not v and (k != "image_encoder" or model.use_clip)]
+    random_note = (
+        [
+            f"- **randomly initialised, not pretrained: {', '.join(random_parts)}** "
+            "(asked for with `model.allow_random_init`; fine for the tiny CPU preset, not the paper's method)"
+        ]
+        if random_parts
+        else []
+    )
     phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
     return "\n".join(
         [
             "---",
-            "library_name: diffusers",
+            "library_name: ffasynth",
             "pipeline_tag: image-to-image",
             "tags: [ffasynth, fluorescein-angiography, latent-diffusion, medical-imaging]",
             "---",
@@ -165,6 +174,7 @@ def model_card(exported: ExportedModel) -> str:
             f"offset noise {stage1.offset_noise_strength}, conditioning dropout {stage1.conditioning_dropout}, "
             f"min-SNR γ {stage1.snr_gamma}, {stage1.prediction_type} prediction",
             f"- starting weights: {starting}",
+            *random_note,
             f"- software: {versions or 'unknown'}",
             "",
             "## Conditioning",
@@ -176,12 +186,17 @@ def model_card(exported: ExportedModel) -> str:
             *metric_lines,
             "",
             "## Use",
+            "A diffusers-format folder whose pipeline class is ffasynth's (`pip install ffasynth`, "
+            "or `pip install -e .` in its repository):",
             "```python",
             "from ffasynth.pipeline import FFASynthesisPipeline",
             "pipe = FFASynthesisPipeline.from_pretrained('THIS_FOLDER')",
             "out = pipe('photo.png', num_inference_steps=20, num_samples=4)  # out.images, out.uncertainty",
             "```",
-            "or `ffasynth translate THIS_FOLDER photo.png --out results/ --samples 4`.",
+            "or `ffasynth translate THIS_FOLDER photo.png --out results/ --samples 4`. "
+            "`diffusers.DiffusionPipeline.from_pretrained('THIS_FOLDER')` works once `import ffasynth.pipeline` "
+            "has registered the class with diffusers; without that import diffusers answers "
+            "\"module diffusers has no attribute FFASynthesisPipeline\", which means: install and import ffasynth.",
             "",
             "## Limitations",
             "Research use only; not a medical device. The images are synthetic: they can show or hide lesions "

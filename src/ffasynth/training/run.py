@@ -3,8 +3,9 @@ inference rebuilds the model from one.
 
 RUN/
   config.yaml   the resolved config;  run.json  kind, data, versions, where frozen weights came from
-  model/        unet/config.json, vae/ (the frozen VAE, whole), image_encoder/ (whole when it was
-                randomly initialised; otherwise run.json names its source)
+  model/        unet/config.json, vae/ (the frozen VAE, whole), image_encoder/ (the frozen CLIP
+                encoder and its processor, whole): a run folder is self-contained, so export and
+                stage 2 work on another machine or after the original weights moved
   checkpoints/  see training/checkpoint.py;  samples/  logs/  metrics.jsonl
 """
 
@@ -96,7 +97,7 @@ def save_model_folder(run_dir: Path, components: Components) -> None:
     model_dir = Path(run_dir) / "model"
     components.unet.save_config(model_dir / "unet")
     components.vae.save_pretrained(model_dir / "vae", safe_serialization=True)
-    if components.image_encoder is not None and not components.sources.get("image_encoder"):
+    if components.image_encoder is not None:
         components.image_encoder.save_pretrained(model_dir / "image_encoder", safe_serialization=True)
         components.image_processor.save_pretrained(model_dir / "image_encoder")
     info = run_info(run_dir)
@@ -133,7 +134,9 @@ def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Pat
     vae = loading.load_vae(str(model_dir / "vae"))
     encoder = processor = None
     if config.model.use_clip:
-        source = info.get("sources", {}).get("image_encoder") or str(model_dir / "image_encoder")
+        # runs written before the encoder was kept in the run folder name where it came from
+        saved = model_dir / "image_encoder"
+        source = str(saved) if saved.is_dir() else info.get("sources", {}).get("image_encoder") or str(saved)
         encoder, processor = loading.load_image_encoder(source)
     conditioner = SourceConditioner(
         encoder,
@@ -152,6 +155,24 @@ def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Pat
     return LoadedRun(config, components, conditioner, folder, used_ema)
 
 
+def _stage1_of(run_dir: Path, info: dict) -> tuple[Path, Path | None]:
+    """The stage-1 run (and checkpoint) a stage-2 run was tuned on: where run.json says, or, when the
+    runs were moved or copied together to another machine, the folder of that name beside this run."""
+    recorded = info.get("stage1_run")
+    if not recorded:
+        raise FFASynthError(f"{run_dir}/run.json does not name its stage-1 run (stage1_run)")
+    candidates = [Path(recorded), Path(run_dir).resolve().parent / Path(recorded).name]
+    stage1_dir = next((c for c in candidates if (c / "run.json").is_file()), None)
+    if stage1_dir is None:
+        raise FFASynthError(
+            f"{run_dir} is a stage-2 run whose stage-1 run {recorded} is gone; put it back there or beside {run_dir}"
+        )
+    checkpoint = info.get("stage1_checkpoint")
+    if checkpoint and not Path(checkpoint).is_dir():  # moved with its run: same step folder name
+        checkpoint = stage1_dir / "checkpoints" / Path(checkpoint).name
+    return stage1_dir, Path(checkpoint) if checkpoint else None
+
+
 def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
     """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in)."""
     run_dir = Path(run_dir)
@@ -160,13 +181,11 @@ def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
         return load_stage1_run(run_dir, ema=ema)
     from ffasynth.training.stage2 import Decoder
 
-    stage1_dir = info.get("stage1_run")
-    if not stage1_dir or not Path(stage1_dir).is_dir():
-        raise FFASynthError(f"{run_dir} is a stage-2 run whose stage-1 run {stage1_dir} is gone; put it back there")
+    stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
     folder = ckpt.latest_checkpoint(run_dir)
     if folder is None:
         raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
-    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=info.get("stage1_checkpoint"))
+    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint)
     ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
     loaded.components.vae.requires_grad_(False).eval()
     loaded.components.sources["decoder"] = str(folder)
