@@ -196,7 +196,7 @@ def model_card(exported: ExportedModel) -> str:
             "or `ffasynth translate THIS_FOLDER photo.png --out results/ --samples 4`. "
             "`diffusers.DiffusionPipeline.from_pretrained('THIS_FOLDER')` works once `import ffasynth.pipeline` "
             "has registered the class with diffusers; without that import diffusers answers "
-            "\"module diffusers has no attribute FFASynthesisPipeline\", which means: install and import ffasynth.",
+            '"module diffusers has no attribute FFASynthesisPipeline", which means: install and import ffasynth.',
             "",
             "## Limitations",
             "Research use only; not a medical device. The images are synthetic: they can show or hide lesions "
