@@ -87,3 +87,28 @@ def test_bench_memory_and_bench_train_print_their_figures():
         train["variants"]["gradient checkpointing"]["flops_per_step"]
         > train["variants"]["default (sdpa)"]["flops_per_step"]
     )
+
+
+def test_sd15_memory_counts_the_sd15_parameters_and_extrapolates_a_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_sd15_memory as bench
+
+    # SD1.5's U-Net has 859,520,964 parameters; the 8-channel conv_in adds 320·4·3·3 and the
+    # two-phase embedding 2·1280 (counted on the meta device: no memory)
+    stage1 = bench.static_gib(1, ema=True, frozen_bytes=2)
+    assert stage1["trainable_params_m"] * 1e6 == pytest.approx(859_520_964 + 320 * 4 * 9 + 2 * 1280, abs=1)
+    # fp32 weights, gradients, two AdamW moments and the EMA: 20 bytes a parameter
+    assert stage1["trainable_gib"] == pytest.approx(stage1["trainable_params_m"] * 1e6 * 20 / 2**30)
+    assert bench.static_gib(1, ema=False, frozen_bytes=2)["trainable_gib"] == pytest.approx(
+        stage1["trainable_gib"] * 4 / 5
+    )
+    # stage 2 trains SD's VAE decoder (49,490,179 + post_quant_conv's 20) and a PatchGAN of a few M
+    stage2 = bench.static_gib(2, ema=False, frozen_bytes=4)
+    discriminator = stage2["trainable_params_m"] * 1e6 - 49_490_199
+    assert 1e6 < discriminator < 5e6
+    total = stage1["trainable_params_m"] + stage1["frozen_params_m"]
+    assert stage2["trainable_params_m"] + stage2["frozen_params_m"] == pytest.approx(total + discriminator / 1e6)
+    points = [{"size": s, "activation_mib": 100 + 0.01 * s * s} for s in (256, 384, 512)]
+    intercept, slope = bench.fit(points)
+    assert intercept == pytest.approx(100) and slope == pytest.approx(0.01)
+    assert [bench.fits(t, 22.35) for t in (20.0, 21.0, 23.0)] == ["yes", "tight", "no"]
