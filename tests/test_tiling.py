@@ -76,6 +76,25 @@ def test_blending_reproduces_a_local_function_exactly():
     assert (without_guard - full).abs().max() > 1e-2  # hard tiles do see the zero padding
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 100])
+def test_fn_is_told_which_tiles_it_was_given(batch_size):
+    # a map of each pixel's own (row, column): a tile's stacked pixels say where they came from
+    rows, cols = torch.meshgrid(torch.arange(37.0), torch.arange(50.0), indexing="ij")
+    coords = torch.stack([rows, cols])[None].expand(2, -1, -1, -1)
+    seen = []
+
+    def fn(x, *, tiles):
+        assert x.shape[0] == 2 * len(tiles) <= 2 * batch_size
+        for i, t in enumerate(tiles):  # tile-major: the N=2 images of tile i, then of tile i + 1
+            assert torch.equal(x[2 * i : 2 * i + 2], coords[(...,) + t.slices()])
+        seen.extend(tiles)
+        return x * 2
+
+    out = tiled_map(fn, [coords], 16, 6, batch_size=batch_size, pass_tiles=True)
+    assert seen == plan_tiles(37, 50, 16, 6)
+    assert torch.allclose(out, coords * 2, atol=1e-4)
+
+
 @torch.no_grad()
 def test_tiled_decode_and_encode_match_the_full_ones_on_a_micro_vae():
     vae = micro_pipeline().vae

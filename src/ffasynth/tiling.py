@@ -114,13 +114,16 @@ def tiled_map(
     multiple: int = 1,
     batch_size: int = 4,
     out_device: torch.device | str | None = None,
+    pass_tiles: bool = False,
 ) -> torch.Tensor:
     """fn over overlapping tiles of `inputs` (each (N, C_i, H, W)), blended: Σ w_t·fn(x_t) / Σ w_t.
 
     fn takes the tiles of every input stacked tile-major ((n·N, C_i, h, w) each, on the inputs'
     device: fn moves them where it runs) and returns (n·N, C_out, h·scale, w·scale); up to
-    `batch_size` tiles go through fn at once. The blended output is assembled on `out_device`
-    (default: where fn's results are), e.g. the CPU for a large decoded image.
+    `batch_size` tiles go through fn at once. pass_tiles: fn also gets `tiles=`, the n windows (a
+    list of `Tile`, in input units), e.g. to look up what was computed for each tile beforehand.
+    The blended output is assembled on `out_device` (default: where fn's results are), e.g. the CPU
+    for a large decoded image.
     """
     first = inputs[0]
     count, height, width = first.shape[0], first.shape[-2], first.shape[-1]
@@ -130,7 +133,7 @@ def tiled_map(
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start : start + batch_size]
         stacked = [torch.cat([x[(...,) + t.slices()] for t in chunk]) for x in inputs]
-        result = fn(*stacked)
+        result = fn(*stacked, tiles=chunk) if pass_tiles else fn(*stacked)
         if len(tiles) == 1:  # one piece: no blending arithmetic, identical to the untiled result
             return result if out_device is None else result.to(out_device)
         if output is None:
