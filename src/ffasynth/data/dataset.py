@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ffasynth.data.io import read_image
 from ffasynth.data.pairs import Pair
-from ffasynth.data.transforms import PairedTransform, fov_mask, normalise
+from ffasynth.data.transforms import PairedTransform, fov_mask, normalise, whole_view
 from ffasynth.errors import PairError
 
 PHASES = ("early", "late")
@@ -22,7 +22,8 @@ def phase_index(phase: str | None) -> int:
 
 class PairDataset(Dataset):
     """Items: {"source": (3, h, w), "target": (1, h, w)} in [-1, 1], "mask" (1, h, w) FOV {0, 1},
-    "phase" (0 early / 1 late), "label", "id", "index".
+    "phase" (0 early / 1 late), "label", "id", "index"; with a transform, also "whole_source": the
+    whole photo's CLIP view (3, 224, 224) in [-1, 1], flipped as the crop (see `transforms.whole_view`).
 
     With a transform, each item is a random paired crop drawn from a generator seeded by
     (seed, epoch, index): deterministic across workers and resumes. Without, whole images.
@@ -49,6 +50,7 @@ class PairDataset(Dataset):
         self.source_channels = source_channels
         self.target_channels = target_channels
         self._images: dict[tuple, torch.Tensor] = {}
+        self._views: dict[str, torch.Tensor] = {}  # whole-photo CLIP views by source path (kept when caching)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -79,6 +81,17 @@ class PairDataset(Dataset):
             )
         return source, target
 
+    def _whole_view(self, path, source: torch.Tensor) -> torch.Tensor | None:
+        size = self.transform.whole_view_size
+        if size <= 0:
+            return None
+        view = self._views.get(str(path))
+        if view is None:
+            view = whole_view(source, size)
+            if self.cache:
+                self._views[str(path)] = view
+        return view
+
     def generator(self, index: int, epoch: int | None = None) -> torch.Generator:
         # One stream per (seed, epoch, index); the large odd multipliers keep streams apart.
         epoch = self.epoch if epoch is None else epoch
@@ -91,7 +104,8 @@ class PairDataset(Dataset):
         pair = self.pairs[index]
         source, target = self.load(index)
         if self.transform is not None:
-            item = self.transform(source, target, self.generator(index, epoch))
+            view = self._whole_view(pair.source, source)
+            item = self.transform(source, target, self.generator(index, epoch), view)
         else:
             item = {"source": normalise(source), "target": normalise(target), "mask": fov_mask(source)}
         item.update(phase=phase_index(pair.phase), label=pair.label or "", id=pair.id, index=index)

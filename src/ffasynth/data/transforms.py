@@ -1,4 +1,5 @@
-"""Paired transforms: one random crop, the same flips, normalisation to [-1, 1], field-of-view mask.
+"""Paired transforms: one random crop, the same flips, normalisation to [-1, 1], field-of-view mask,
+and the whole photo's CLIP view (for `model.clip_view=whole`), flipped as the crop is.
 
 Everything that is random takes an explicit `torch.Generator`, so a sample is a pure function of
 (seed, epoch, index): resumed runs and any number of workers see the same crops.
@@ -11,6 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ffasynth.data.io import unit_float
+
+# CLIP ViT-L/14's input side (SD image variation's encoder); a CLIP with another input size resizes
+# this view once more, the same way in training and in the pipeline.
+CLIP_VIEW_SIZE = 224
+
 
 def fov_mask(source: torch.Tensor, threshold: float = 0.04, smooth: int = 7) -> torch.Tensor:
     """(C, H, W) in [0, 1] → (1, H, W) float {0, 1}: pixels brighter than `threshold` after a
@@ -19,6 +26,21 @@ def fov_mask(source: torch.Tensor, threshold: float = 0.04, smooth: int = 7) -> 
     if smooth > 1:
         brightness = F.avg_pool2d(brightness, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
     return (brightness[0] > threshold).float()
+
+
+def whole_view(image: torch.Tensor, size: int = CLIP_VIEW_SIZE) -> torch.Tensor:
+    """The whole photo as CLIP's processor takes it: (C, H, W) or (N, C, H, W), float in [0, 1] or
+    uint8 levels → float in [0, 1], (…, size, size): shortest side resized to `size` (bicubic,
+    antialiased), then the centre crop. One channel at a time: no full-size float copy of a large photo."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resize = dict(size=new_size, mode="bicubic", antialias=True, align_corners=False)
+    batch = image if image.ndim == 4 else image[None]
+    channels = [F.interpolate(unit_float(batch[:, c : c + 1]).float(), **resize) for c in range(batch.shape[1])]
+    top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+    view = torch.cat(channels, dim=1)[..., top : top + size, left : left + size].clamp(0.0, 1.0)
+    return view if image.ndim == 4 else view[0]
 
 
 def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -69,6 +91,7 @@ class PairedTransform:
     vflip: bool = False
     min_fov_fraction: float = 0.5
     fov_threshold: float = 0.04
+    whole_view_size: int = CLIP_VIEW_SIZE  # items carry the whole photo's CLIP view at this size; 0 = not
 
     @classmethod
     def from_config(cls, data_config) -> PairedTransform:
@@ -81,27 +104,35 @@ class PairedTransform:
         )
 
     def __call__(
-        self, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator,
+        view: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """source (Cs, H, W), target (Ct, H, W) in [0, 1] → crops in [-1, 1] and a (1, h, w) FOV mask."""
+        """source (Cs, H, W), target (Ct, H, W) in [0, 1] → crops in [-1, 1] and a (1, h, w) FOV mask;
+        "whole_source": the whole source's CLIP view in [-1, 1], with the crop's flips (`view`: that view,
+        computed before, e.g. cached; computed here when not given)."""
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in size")
+        if view is None and self.whole_view_size > 0:
+            view = whole_view(source, self.whole_view_size)
         mask = fov_mask(source, self.fov_threshold)
         size = self.crop_size
         source, target, mask = (pad_to(x, size, size) for x in (source, target, mask))
         top, left = choose_crop(mask, size, generator, self.min_fov_fraction)
         crops = [x[:, top : top + size, left : left + size] for x in (source, target, mask)]
         flips = torch.rand(2, generator=generator)
+        crops.append(view)
         if self.hflip and flips[0] < 0.5:
-            crops = [x.flip(-1) for x in crops]
+            crops = [None if x is None else x.flip(-1) for x in crops]
         if self.vflip and flips[1] < 0.5:
-            crops = [x.flip(-2) for x in crops]
-        source, target, mask = crops
-        return {
-            "source": normalise(source),
-            "target": normalise(target),
-            "mask": mask.contiguous(),
-        }
+            crops = [None if x is None else x.flip(-2) for x in crops]
+        source, target, mask, view = crops
+        item = {"source": normalise(source), "target": normalise(target), "mask": mask.contiguous()}
+        if view is not None:
+            item["whole_source"] = normalise(view)
+        return item
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 VAE and CLIP are frozen; the U-Net (and the CLIP token projection, if any) learn. One step:
   z0 = s·E(target);  ε' = ε + s_off·n, n ~ N(0, 1) of shape (B, C, 1, 1)   (offset noise)
-  z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε';  loss = ‖U([z_t ⊕ s·E(source)], t, CLIP(source)) − y‖²,
+  z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε';  loss = ‖U([z_t ⊕ s·E(source)], t, CLIP(view)) − y‖²,
   y = ε' (epsilon) or √ᾱ_t ε' − √(1−ᾱ_t) z0 (v), optionally min-SNR-γ weighted.
+CLIP's view (`model.clip_view`) is what the pipeline gives it: the crop itself ("tile"; the pipeline
+encodes each denoising tile) or the whole photo ("whole"; the item's "whole_source").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ffasynth.config import Stage1Config
+from ffasynth.errors import FFASynthError
 from ffasynth.models.components import Components
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.training.loop import Task
@@ -51,11 +54,19 @@ def phase_labels(batch: dict, num_phases: int, device) -> torch.Tensor | None:
 class Stage1Task(Task):
     name = "stage1"
 
-    def __init__(self, components: Components, conditioner: SourceConditioner, config: Stage1Config, num_phases: int):
+    def __init__(
+        self,
+        components: Components,
+        conditioner: SourceConditioner,
+        config: Stage1Config,
+        num_phases: int,
+        clip_view: str = "tile",
+    ):
         self.components = components
         self.conditioner = conditioner
         self.config = config
         self.num_phases = num_phases
+        self.clip_view = clip_view
         self.trainable = {"unet": components.unet}
         if conditioner.projection is not None:
             self.trainable["projection"] = conditioner.projection
@@ -77,7 +88,7 @@ class Stage1Task(Task):
         """(cond_tokens, source_latents); the frozen encoders run without grad, the projection with."""
         conditioner, source = self.conditioner, batch["source"]
         with torch.no_grad():
-            features = conditioner.clip_features(source) if conditioner.use_clip else None
+            features = conditioner.clip_features(self._clip_view(batch)) if conditioner.use_clip else None
             source_latents = conditioner.source_latents(self.components.vae, source)
         if features is None:
             tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
@@ -88,6 +99,13 @@ class Stage1Task(Task):
             if source_latents is not None:
                 source_latents = source_latents * keep.view(-1, 1, 1, 1).to(source_latents.dtype)
         return tokens, source_latents
+
+    def _clip_view(self, batch: dict) -> torch.Tensor:
+        if self.clip_view == "tile":
+            return batch["source"]
+        if "whole_source" not in batch:
+            raise FFASynthError("model.clip_view=whole needs items with the whole photo's view (PairedTransform)")
+        return batch["whole_source"]
 
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         scheduler, vae, unet = self.components.scheduler, self.components.vae, self.trainable["unet"]
@@ -160,4 +178,4 @@ def build_stage1(config) -> Stage1Task:
     torch.manual_seed(config.seed)
     components = build_components(config)
     conditioner = SourceConditioner.from_components(components, config.model)
-    return Stage1Task(components, conditioner, config.stage1, config.model.num_phases)
+    return Stage1Task(components, conditioner, config.stage1, config.model.num_phases, config.model.clip_view)
