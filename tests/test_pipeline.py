@@ -69,7 +69,8 @@ def test_saved_pipeline_loads_back_with_the_same_outputs(tmp_path, photo, overri
     assert all(w.endswith(".safetensors") for w in weights), weights  # no pickle files
     loaded = FFASynthesisPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    settings = ("use_clip", "use_concat", "clip_tokens", "num_phases", "prediction_type", "tile_size", "projection")
+    settings = ("use_clip", "use_concat", "clip_tokens", "clip_view", "num_phases", "prediction_type", "tile_size")
+    settings += ("projection",)
     assert {k: loaded.config[k] for k in settings} == {k: pipeline.config[k] for k in settings}
     if "model.clip_tokens=patches" in overrides:
         assert (
@@ -106,7 +107,9 @@ def test_one_unet_pass_per_step_without_guidance_and_one_batched_pair_with_it(pi
     assert not torch.allclose(plain, guided, atol=1e-3) and not torch.allclose(guided, default, atol=1e-3)
 
 
-def test_source_conditioning_is_computed_once_per_image_not_per_step_or_tile(pipe):
+@pytest.mark.parametrize("clip_view,clip_calls", [("whole", 1), ("tile", 2)])
+def test_source_conditioning_is_computed_once_per_image_not_per_step_or_tile(clip_view, clip_calls):
+    pipe = micro_pipeline(f"model.clip_view={clip_view}")
     calls = {"clip": 0, "vae_encoder": 0, "unet": 0}
 
     def counter(name):
@@ -123,9 +126,10 @@ def test_source_conditioning_is_computed_once_per_image_not_per_step_or_tile(pip
     try:
         for steps in (2, 5):
             calls.update(clip=0, vae_encoder=0, unet=0)
-            # 96×64 px with 32-px tiles overlapping by 16: 5×3 encode tiles, 15 latent tiles per step
+            # 96×64 px with 32-px tiles overlapping by 16: 5×3 encode tiles, 15 latent tiles per step;
+            # CLIP: the whole photo once, or the 15 tiles once in batches of 8 (2 passes)
             _run(pipe, [torch.rand(3, 64, 96), torch.rand(3, 64, 96)], num_inference_steps=steps, tile_overlap=16)
-            assert calls["clip"] == 2 and calls["vae_encoder"] == 2 * 15
+            assert calls["clip"] == 2 * clip_calls and calls["vae_encoder"] == 2 * 15
             assert calls["unet"] == 2 * steps * 2  # 15 tiles per step in batches of 8
     finally:
         for hook in hooks:

@@ -94,6 +94,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         use_clip=model.use_clip,
         use_concat=model.use_concat,
         clip_tokens=model.clip_tokens,
+        clip_view=model.clip_view,
         num_phases=model.num_phases,
         prediction_type=loaded.config.stage1.prediction_type,
         tile_size=loaded.config.data.crop_size,

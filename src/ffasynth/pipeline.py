@@ -1,9 +1,11 @@
 """FFASynthesisPipeline: retinal photograph → synthetic fluorescein angiogram, at the photo's size.
 
 photo → pad (reflect) to a multiple of the model's downsampling → conditioning, computed once per
-image (CLIP tokens of the whole photo; the source latent, encoded in tiles) → N noise latents →
-scheduler loop, each step's U-Net prediction blended over overlapping latent tiles → tiled decode →
-crop back → mean of the N samples (the image) and their per-pixel std (the uncertainty).
+image (CLIP tokens of what training showed CLIP, `clip_view`: each denoising tile's own pixels,
+"tile", or the whole photo, "whole"; the source latent, encoded in tiles) → N noise latents →
+scheduler loop, each step's U-Net prediction blended over overlapping latent tiles, each tile with
+its own tokens → tiled decode → crop back → mean of the N samples (the image) and their per-pixel
+std (the uncertainty).
 
 A diffusers pipeline: components are registered (save_pretrained / from_pretrained write and read
 diffusers' folder format, safetensors only) and the scheduler is swappable, e.g.
@@ -30,9 +32,10 @@ from torch import nn
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, unit_float
+from ffasynth.data.transforms import whole_view
 from ffasynth.errors import FFASynthError
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
-from ffasynth.tiling import latent_tile, tiled_decode, tiled_encode, tiled_map
+from ffasynth.tiling import Tile, latent_tile, plan_tiles, tiled_decode, tiled_encode, tiled_map
 
 __all__ = [
     "FFASynthesisOutput",
@@ -142,8 +145,15 @@ class TileSettings:
 class SourceCondition:
     """What the photo contributes to every step and tile, computed once per image."""
 
-    tokens: torch.Tensor  # (1, T, D)
+    tokens: torch.Tensor  # (1, T, D) for every tile, or (n, T, D): row i for tiles[i]
     latents: torch.Tensor | None  # (1, C, h, w), None without the concat path
+    tiles: list[Tile] | None = None  # the denoising tiles (latent units) of per-tile tokens
+
+    def tokens_for(self, tiles: list[Tile]) -> torch.Tensor:
+        """(len(tiles), T, D): the tokens each of these denoising tiles is conditioned on."""
+        if self.tiles is None:
+            return self.tokens.expand(len(tiles), -1, -1)
+        return self.tokens[[self.tiles.index(t) for t in tiles]]  # a tile not planned here: ValueError
 
 
 class FFASynthesisPipeline(DiffusionPipeline):
@@ -165,6 +175,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         prediction_type: str = "epsilon",
         tile_size: int = 768,
         image_guidance_scale: float = 1.0,
+        clip_view: str = "whole",  # folders saved before the setting existed encoded the whole photo
     ):
         super().__init__()
         if use_clip and (image_encoder is None or image_processor is None):
@@ -185,6 +196,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             prediction_type=prediction_type,
             tile_size=tile_size,
             image_guidance_scale=image_guidance_scale,  # the default when a call gives none
+            clip_view=clip_view,
         )
 
     @classmethod
@@ -224,13 +236,33 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return conditioner
 
     @torch.no_grad()
-    def encode_source(self, source: torch.Tensor, tile_px: int, overlap_px: int) -> SourceCondition:
+    def encode_source(
+        self,
+        source: torch.Tensor,
+        tile_px: int,
+        overlap_px: int,
+        photo_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+    ) -> SourceCondition:
         """source (1, 3, H, W), uint8 levels or float in [0, 1], H and W multiples of the downsampling,
         on any device (a large photo stays in host memory: only CLIP's resized copy and one tile at a
-        time go to the model, converted to float there)."""
+        time go to the model, converted to float there). photo_size: (h, w) before padding (the
+        "whole" view is of the photo, as training's); batch_size: tiles per CLIP pass ("tile")."""
         device = self._execution_device
         conditioner = self.conditioner()
-        tokens = conditioner.tokens(source, unit_range=True).to(device, self.unet.dtype)
+        tiles = None
+        if self.config.get("clip_view", "whole") == "tile" and self.config.use_clip:
+            # the tiles translate's tiled_map will plan; each gets CLIP of its own pixel window
+            factor = self.vae_scale_factor
+            tile, overlap = latent_tile(tile_px, overlap_px, factor, self.unet_scale_factor)
+            tiles = plan_tiles(source.shape[-2] // factor, source.shape[-1] // factor, tile, overlap)
+            chunks = [tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size)]
+            windows = (torch.cat([source[(...,) + t.slices(factor)] for t in chunk]) for chunk in chunks)
+            tokens = torch.cat([conditioner.tokens(w, unit_range=True).to(device, self.unet.dtype) for w in windows])
+        else:
+            height, width = source.shape[-2:] if photo_size is None else photo_size
+            tokens = conditioner.tokens(whole_view(source[..., :height, :width]), unit_range=True)
+            tokens = tokens.to(device, self.unet.dtype)
         latents = None
         if self.config.use_concat:
             vae = self.vae
@@ -239,7 +271,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 return encode_latents(vae, unit_float(pixels.to(device)).to(vae.dtype) * 2.0 - 1.0).float()
 
             latents = tiled_encode(encode, source, tile_px, overlap_px, self.vae_scale_factor)
-        return SourceCondition(tokens, latents)
+        return SourceCondition(tokens, latents, tiles)
 
     def _phase_label(self, phase: str | None, device) -> torch.Tensor | None:
         num_phases = self.config.num_phases
@@ -254,9 +286,9 @@ class FFASynthesisPipeline(DiffusionPipeline):
     def _predict(self, condition: SourceCondition, label, num_samples: int, guidance: float, t):
         """The U-Net's prediction for stacked latent tiles, source-latent tiles alongside (concat path)."""
 
-        def predict(latents: torch.Tensor, source_latents: torch.Tensor | None = None) -> torch.Tensor:
+        def predict(latents: torch.Tensor, source_latents: torch.Tensor | None = None, *, tiles) -> torch.Tensor:
             batch = latents.shape[0]
-            tokens = condition.tokens.expand(batch, -1, -1)
+            tokens = condition.tokens_for(tiles).repeat_interleave(num_samples, dim=0)  # tile-major, as latents
             if source_latents is not None:
                 source_latents = source_latents.repeat_interleave(num_samples, dim=0)
             labels = None if label is None else label.expand(batch)
@@ -284,7 +316,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         padded = pixels.shape[-2:]
         longest = max(padded)
         tile_px, overlap_px = (longest, 0) if tiles.size <= 0 or longest <= tiles.size else (tiles.size, tiles.overlap)
-        condition = self.encode_source(pixels, tile_px, overlap_px)
+        condition = self.encode_source(pixels, tile_px, overlap_px, (height, width), tiles.batch_size)
         del pixels
         label = self._phase_label(phase, device)
         tile, overlap = latent_tile(tile_px, overlap_px, vae_factor, self.unet_scale_factor)
@@ -300,7 +332,9 @@ class FFASynthesisPipeline(DiffusionPipeline):
         for t in self.progress_bar(self.scheduler.timesteps):
             predict = self._predict(condition, label, num_samples, image_guidance_scale, t)
             model_input = self.scheduler.scale_model_input(latents, t)
-            prediction = tiled_map(predict, [model_input, *sources], tile, overlap, batch_size=tiles.batch_size)
+            prediction = tiled_map(
+                predict, [model_input, *sources], tile, overlap, batch_size=tiles.batch_size, pass_tiles=True
+            )
             latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         vae = self.vae
         decode_tile = longest if tiles.decode_size <= 0 else min(longest, tiles.decode_size)
