@@ -257,7 +257,7 @@ def openai_clip_config(vision_projection_dim: bool = True) -> dict:
     }
 
 
-def _clip_model(seed: int):
+def openai_clip_model(seed: int):
     """A whole CLIPModel (text + vision, 768-d projections) of the reduced shape, seeded."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -275,7 +275,7 @@ def write_openai_clip_folder(path: str | Path, seed: int = 0, vision_projection_
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in _clip_model(seed).state_dict().items()}
+    state = {key: value.contiguous() for key, value in openai_clip_model(seed).state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _write_json(folder / "config.json", openai_clip_config(vision_projection_dim))
     _write_json(folder / "preprocessor_config.json", CLIP_PREPROCESSOR)

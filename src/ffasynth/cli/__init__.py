@@ -20,6 +20,7 @@ from ffasynth.cli import export as export_cli
 from ffasynth.cli import quickstart as quickstart_cli
 from ffasynth.cli import train as train_cli
 from ffasynth.cli import translate as translate_cli
+from ffasynth.cli import weights as weights_cli
 from ffasynth.errors import FFASynthError
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.command("quickstart")(quickstart_cli.quickstart)
 app.command("serve")(quickstart_cli.serve)
 app.command("clinical")(clinical_cli.clinical)
 app.add_typer(baseline_cli.app, name="baseline")
+app.add_typer(weights_cli.app, name="weights")
 
 
 def _version(value: bool) -> None:

@@ -1,8 +1,10 @@
 """Load real weights: an SD1.5 diffusers folder, a hub id, or a single-file .safetensors checkpoint
 (U-Net + VAE), a VAE folder or `ffasynth train vae` run, and a CLIP vision encoder.
 
-Safetensors only: pickle files (.ckpt/.bin/.pt) are refused, never unpickled. When something is
-missing the error says, in one sentence, which file to put where.
+Safetensors only: pickle files (.ckpt/.bin/.pt) are refused, never unpickled; the one way in for a
+CLIP encoder kept as pytorch_model.bin is `convert_clip_checkpoint` (`ffasynth weights convert-clip`),
+which reads tensors only. When something is missing the error says, in one sentence, which file to
+put where.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, PretrainedConfig
 
 from ffasynth.config import ModelConfig
 from ffasynth.errors import WeightsNotFoundError
@@ -41,7 +43,7 @@ def _require(folder: Path, name: str, what: str) -> Path:
             if pickles
             else ""
         )
-        raise WeightsNotFoundError(f"{what}: missing {path}; put the {what} weights there as {name}{hint}")
+        raise WeightsNotFoundError(f"{what}: missing {path}; put that file there{hint}")
     return path
 
 
@@ -129,17 +131,32 @@ def load_vae(source: str) -> AutoencoderKL:
     raise _missing(source)
 
 
+CLIP_WEIGHTS = "model.safetensors"
+CONVERT_CLIP = "ffasynth weights convert-clip"
+
+
 def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    """CLIP vision tower + projection, e.g. openai/clip-vit-large-patch14 or the image_encoder/ +
-    feature_extractor/ of lambdalabs/sd-image-variations-diffusers (the encoder SD image variation uses)."""
+    """CLIP vision tower + projection: a folder or hub id holding a whole CLIPModel
+    (openai/clip-vit-large-patch14: its vision_model.* and visual_projection, 768-d, the embedding SD
+    image variation uses; the text tower is not read) or a CLIPVisionModelWithProjection, directly or
+    in image_encoder/ (+ feature_extractor/). An encoder kept only as pytorch_model.bin is refused,
+    naming `ffasynth weights convert-clip`, which converts it once."""
     from ffasynth.models.components import clip_processor
 
     path = Path(source).expanduser()
     if path.is_dir():
         folder = path / "image_encoder" if (path / "image_encoder" / "config.json").is_file() else path
         _require(folder, "config.json", f"the CLIP image encoder in {folder}")
-        _require(folder, "model.safetensors", f"the CLIP image encoder in {folder}")
-        encoder = CLIPVisionModelWithProjection.from_pretrained(folder, use_safetensors=True)
+        has_safetensors = any((folder / name).is_file() for name in (CLIP_WEIGHTS, CLIP_WEIGHTS + ".index.json"))
+        if not has_safetensors and (folder / "pytorch_model.bin").is_file():
+            raise WeightsNotFoundError(
+                f"the CLIP image encoder in {folder} is only a pickle file (pytorch_model.bin), which is not "
+                f"loaded (unpickling can run code): convert it once with `{CONVERT_CLIP} {path} --out DIR` "
+                "and set model.image_encoder=DIR"
+            )
+        if not has_safetensors:
+            _require(folder, CLIP_WEIGHTS, f"the CLIP image encoder in {folder}")
+        encoder = _clip_vision_model(str(folder), "", str(folder))
         for candidate in (folder, path / "feature_extractor"):
             if (candidate / "preprocessor_config.json").is_file():
                 return encoder, CLIPImageProcessor.from_pretrained(candidate)
@@ -148,14 +165,117 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
         errors = []
         for encoder_sub, processor_sub in (("", ""), ("image_encoder", "feature_extractor")):
             try:
-                encoder = CLIPVisionModelWithProjection.from_pretrained(
-                    source, subfolder=encoder_sub, use_safetensors=True
-                )
+                encoder = _clip_vision_model(source, encoder_sub, f"{source}/{encoder_sub}".rstrip("/"))
                 return encoder, CLIPImageProcessor.from_pretrained(source, subfolder=processor_sub)
+            except WeightsNotFoundError:
+                raise
             except Exception as error:
                 errors.append(error)
+        if any(CLIP_WEIGHTS in str(error) for error in errors):  # the repo answered: it has only pickles
+            raise WeightsNotFoundError(
+                f"'{source}' holds its CLIP image encoder only as a pickle file (pytorch_model.bin), which is "
+                f"not loaded: run `huggingface-cli download {source} --local-dir DIR`, then "
+                f"`{CONVERT_CLIP} DIR --out CLIPDIR` and set model.image_encoder=CLIPDIR "
+                "(or use openai/clip-vit-large-patch14, which has model.safetensors)"
+            ) from None
         raise _hub_error(source, "the CLIP image encoder", errors[-1]) from None
     raise _missing(source)
+
+
+def clip_vision_config(source: str, subfolder: str = "") -> CLIPVisionConfig:
+    """The vision config of a CLIPVisionModelWithProjection or of a whole CLIPModel. A CLIPModel keeps
+    the projection width at its top level (its visual_projection is hidden → projection_dim); some
+    vision_config dicts lack it, and transformers then builds its default 512-d projection."""
+    raw, _ = PretrainedConfig.get_config_dict(source, subfolder=subfolder)
+    config = CLIPVisionConfig.from_pretrained(source, subfolder=subfolder)
+    if raw.get("model_type") == "clip" and raw.get("projection_dim"):
+        config.projection_dim = raw["projection_dim"]
+    return config
+
+
+def _clip_vision_model(source: str, subfolder: str, where: str) -> CLIPVisionModelWithProjection:
+    """Safetensors only; vision weights that are missing or of another shape are refused, never left
+    at random values (keys of a text tower are ignored)."""
+    config = clip_vision_config(source, subfolder)
+    encoder, info = CLIPVisionModelWithProjection.from_pretrained(
+        source,
+        subfolder=subfolder,
+        config=config,
+        use_safetensors=True,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported below in one line, not as a multi-line table
+    )
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in info.get("mismatched_keys", [])]
+    bad = list(info.get("missing_keys", [])) + [str(k) for k in mismatched]
+    if bad:
+        raise WeightsNotFoundError(
+            f"the CLIP image encoder in {where} does not match its config.json ({len(bad)} vision weights "
+            f"missing or of another shape, e.g. {sorted(bad)[0]})"
+        )
+    return encoder
+
+
+def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """A CLIP vision encoder kept as pytorch_model.bin (e.g. lambdalabs/sd-image-variations-diffusers'
+    image_encoder/) → `out` with model.safetensors + config.json + preprocessor_config.json, which
+    load_image_encoder reads. `source` is the repository folder, its image_encoder/, or the .bin.
+
+    The .bin is read with torch.load(weights_only=True): tensors and plain containers only, so a
+    pickle that would run code is refused, not executed. `out` is written whole or not at all."""
+    import pickle
+    import shutil
+
+    from ffasynth.files import atomic_folder
+    from ffasynth.models.components import clip_processor
+
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    if source.is_file():
+        folder, weights = source.parent, source
+    else:
+        folder = source / "image_encoder" if (source / "image_encoder" / "config.json").is_file() else source
+        weights = _require(folder, "pytorch_model.bin", f"the CLIP image encoder in {folder}")
+    _require(folder, "config.json", f"the CLIP image encoder in {folder}")
+    if out.exists() and any(out.iterdir()):
+        raise WeightsNotFoundError(f"{out} already exists and is not empty: give a new folder for --out")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # torch's message opens with a paragraph on its defaults; the line that names the culprit is later
+        cause = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])[:160]
+        raise WeightsNotFoundError(
+            f"{weights} is not a plain tensor state dict, refused without running it ({cause})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsNotFoundError(f"{weights} holds {type(state).__name__}, not a state dict of tensors")
+    config = clip_vision_config(str(folder))
+    floats = [v.dtype for v in state.values() if v.is_floating_point()]
+    encoder = CLIPVisionModelWithProjection(config).to(floats[0] if floats else torch.float32)
+    try:
+        result = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise WeightsNotFoundError(f"{weights} does not match {folder / 'config.json'} ({detail[:200]})") from None
+    # unexpected keys are a text tower (a whole CLIPModel) or buffers older transformers saved (position_ids)
+    if result.missing_keys:
+        raise WeightsNotFoundError(
+            f"{weights} lacks {len(result.missing_keys)} weights of the encoder {folder / 'config.json'} "
+            f"describes (e.g. {result.missing_keys[0]})"
+        )
+    preprocessor = next(
+        (p for p in (folder, folder.parent / "feature_extractor") if (p / "preprocessor_config.json").is_file()), None
+    )
+
+    def fill(tmp: Path) -> None:
+        encoder.save_pretrained(tmp, safe_serialization=True)
+        if preprocessor is not None:
+            shutil.copyfile(preprocessor / "preprocessor_config.json", tmp / "preprocessor_config.json")
+        else:  # no processor shipped: OpenAI CLIP's resize/crop/normalisation at the encoder's input size
+            clip_processor(config.image_size).save_pretrained(tmp)
+
+    return atomic_folder(out, fill)
 
 
 def load_safetensors_into(module: torch.nn.Module, path: Path, what: str) -> None:

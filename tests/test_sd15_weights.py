@@ -1,0 +1,168 @@
+"""The SD1.5 path's weights, in their real on-disk layouts (tests/sd15_format.py): the default CLIP
+encoder loads as the 768-d image embedding, a .bin-only encoder is refused and converted once, safely,
+and the SD1.5 folder loads through configs/sd15.yaml."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ffasynth.cli import app
+from ffasynth.config import load_config
+from ffasynth.errors import WeightsNotFoundError
+from ffasynth.models import loading
+from ffasynth.training.stage1 import build_stage1
+from tests.sd15_format import (
+    image_variations_encoder,
+    openai_clip_model,
+    write_image_variations_encoder,
+    write_openai_clip_folder,
+    write_sd15_folder,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SD15_YAML = REPO / "configs" / "sd15.yaml"
+CONVERT = "ffasynth weights convert-clip"
+
+
+def _pixels(seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("vision_projection_dim", [True, False])
+def test_openai_clip_folder_loads_as_the_768d_projected_image_embedding(tmp_path, vision_projection_dim):
+    folder = write_openai_clip_folder(tmp_path / "clip-vit-large-patch14", vision_projection_dim=vision_projection_dim)
+    encoder, processor = loading.load_image_encoder(str(folder))
+    assert encoder.config.projection_dim == 768 and encoder.visual_projection.weight.shape == (768, 32)
+    assert (encoder.config.image_size, encoder.config.patch_size) == (224, 14)
+    assert processor.crop_size["height"] == 224 and processor.image_mean[0] == pytest.approx(0.48145466)
+    # the same vector CLIPModel.get_image_features gives: vision tower → pooled CLS → visual_projection
+    whole = openai_clip_model(seed=0)
+    with torch.no_grad():
+        expected = whole.visual_projection(whole.vision_model(pixel_values=_pixels()).pooler_output)
+        embeds = encoder(pixel_values=_pixels()).image_embeds
+    assert embeds.shape == (2, 768)
+    assert torch.allclose(embeds, expected, atol=1e-5)
+
+
+def test_clip_weights_missing_from_the_vision_tower_are_refused_not_left_random(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = write_openai_clip_folder(tmp_path / "clip")
+    state = load_file(str(folder / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("vision_model.encoder.layers.1.")},
+        str(folder / "model.safetensors"),
+    )
+    with pytest.raises(WeightsNotFoundError, match=r"vision_model\.encoder\.layers\.1\.") as info:
+        loading.load_image_encoder(str(folder))
+    assert "\n" not in str(info.value)
+
+
+def test_bin_only_encoder_is_refused_then_converted_once_by_the_cli(tmp_path):
+    repo = write_image_variations_encoder(tmp_path / "sd-image-variations-diffusers", seed=3)
+    with pytest.raises(WeightsNotFoundError) as info:
+        loading.load_image_encoder(str(repo))
+    message = str(info.value)
+    assert f"`{CONVERT} {repo} --out DIR`" in message and "pytorch_model.bin" in message and "\n" not in message
+
+    out = tmp_path / "clip-image-variations"
+    result = CliRunner().invoke(app, ["weights", "convert-clip", str(repo), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"model.image_encoder={out}" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+    encoder, processor = loading.load_image_encoder(str(out))
+    original = image_variations_encoder(seed=3)
+    with torch.no_grad():
+        assert torch.equal(encoder(pixel_values=_pixels()).image_embeds, original(pixel_values=_pixels()).image_embeds)
+    assert processor.crop_size["height"] == 224
+
+    again = CliRunner().invoke(app, ["weights", "convert-clip", str(repo), "--out", str(out)])
+    assert isinstance(again.exception, WeightsNotFoundError) and "not empty" in str(again.exception)
+
+
+def test_a_hub_encoder_with_only_a_bin_is_refused_with_the_download_and_convert_commands(monkeypatch):
+    repo = "lambdalabs/sd-image-variations-diffusers"
+
+    def hub_without_safetensors(source, subfolder, where):  # what transformers raises for such a repo
+        raise OSError(
+            f"{source} does not appear to have a file named model.safetensors or model.safetensors.index.json"
+        )
+
+    monkeypatch.setattr(loading, "_clip_vision_model", hub_without_safetensors)
+    with pytest.raises(WeightsNotFoundError) as info:
+        loading.load_image_encoder(repo)
+    message = str(info.value)
+    assert f"huggingface-cli download {repo} --local-dir DIR" in message and f"{CONVERT} DIR --out" in message
+    assert "openai/clip-vit-large-patch14" in message and "\n" not in message
+
+
+class _RunsCode:
+    """Unpickling this calls os.makedirs(marker): what a hostile .bin would do with worse code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_a_bin_that_would_run_code_is_refused_and_never_executed(tmp_path):
+    repo = write_image_variations_encoder(tmp_path / "repo")
+    marker = tmp_path / "pickle-ran"
+    state = dict(image_variations_encoder().state_dict())
+    state["vision_model.post_layernorm.weight"] = _RunsCode(marker)
+    torch.save(state, repo / "image_encoder" / "pytorch_model.bin")
+
+    with pytest.raises(WeightsNotFoundError, match="convert-clip"):
+        loading.load_image_encoder(str(repo))
+    result = CliRunner().invoke(app, ["weights", "convert-clip", str(repo), "--out", str(tmp_path / "out")])
+    message = str(result.exception)
+    assert isinstance(result.exception, WeightsNotFoundError), result.output
+    assert "refused without running it" in message and "\n" not in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [[torch.zeros(2)], {"vision_model.x": 1.5}, torch.zeros(3)])
+def test_a_bin_that_is_not_a_tensor_state_dict_is_refused(tmp_path, content):
+    repo = write_image_variations_encoder(tmp_path / "repo")
+    torch.save(content, repo / "image_encoder" / "pytorch_model.bin")
+    with pytest.raises(WeightsNotFoundError, match="not a state dict of tensors"):
+        loading.convert_clip_checkpoint(repo, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd15_config_names_an_encoder_that_loads_without_conversion():
+    config = load_config(SD15_YAML)
+    assert config.model.image_encoder == "openai/clip-vit-large-patch14"
+
+
+def test_sd15_yaml_with_sd15_format_folders_loads_them_and_trains_a_step(tmp_path):
+    sd15 = write_sd15_folder(tmp_path / "stable-diffusion-v1-5", seed=1)
+    clip = write_openai_clip_folder(tmp_path / "clip-vit-large-patch14", seed=2)
+    unet, vae = loading.load_unet_and_vae(str(sd15), load_config(SD15_YAML).model)
+    assert len(unet.config.down_block_types) == 4 and unet.config.cross_attention_dim == 768
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8 and vae.config.scaling_factor == 0.18215
+
+    config = load_config(SD15_YAML, overrides=[f"model.pretrained={sd15}", f"model.image_encoder={clip}"])
+    task = build_stage1(config)
+    components = task.components
+    assert components.sources == {"unet": str(sd15), "vae": str(sd15), "image_encoder": str(clip)}
+    assert components.unet.config.in_channels == 8 and components.unet.conv_in.weight[:, 4:].abs().sum() == 0
+    assert task.conditioner.projection is None  # the 768-d embedding is the U-Net's token as it is
+
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "source": torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1,
+        "target": torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1,
+        "phase": torch.tensor([1]),
+    }
+    loss, _ = task.loss(batch, 0, generator, "adamw")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert components.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0  # the source latent reaches the loss
