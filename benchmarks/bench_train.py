@@ -71,6 +71,7 @@ def child(args) -> dict:
     config = load_config(
         preset=args.preset,
         overrides=[
+            "model.allow_random_init=true",  # timing needs shapes, not weights (sd15: SD1.5's, random)
             f"data.crop_size={args.resolution}",
             f"stage1.batch_size={args.batch_size}",
             f"stage1.max_steps={steps}",

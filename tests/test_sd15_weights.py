@@ -1,6 +1,6 @@
 """The SD1.5 path's weights, in their real on-disk layouts (tests/sd15_format.py): the default CLIP
 encoder loads as the 768-d image embedding, a .bin-only encoder is refused and converted once, safely,
-and the SD1.5 folder loads through configs/sd15.yaml."""
+and a config that names no weights is refused instead of training from random values."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from ffasynth.cli import app
 from ffasynth.config import load_config
-from ffasynth.errors import WeightsNotFoundError
+from ffasynth.errors import ConfigError, WeightsNotFoundError
 from ffasynth.models import loading
+from ffasynth.models.components import build_components
 from ffasynth.training.stage1 import build_stage1
 from tests.sd15_format import (
     image_variations_encoder,
@@ -140,6 +141,32 @@ def test_a_bin_that_is_not_a_tensor_state_dict_is_refused(tmp_path, content):
 def test_sd15_config_names_an_encoder_that_loads_without_conversion():
     config = load_config(SD15_YAML)
     assert config.model.image_encoder == "openai/clip-vit-large-patch14"
+    assert not config.model.allow_random_init
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named", "not_named"),
+    [
+        ([], ["model.pretrained", "model.image_encoder", "model.allow_random_init=true"], []),
+        (["model.pretrained=SD"], ["model.image_encoder", "CLIP image encoder"], ["model.pretrained", "VAE"]),
+        (["model.image_encoder=CLIP"], ["model.pretrained", "U-Net and VAE"], ["model.image_encoder"]),
+        (["model.use_clip=false", "model.vae=VAE"], ["the U-Net,", "model.pretrained"], ["VAE", "image_encoder"]),
+    ],
+)
+def test_sd15_preset_without_weights_is_refused_naming_the_missing_option(overrides, named, not_named):
+    with pytest.raises(ConfigError) as info:
+        build_components(load_config(preset="sd15", overrides=overrides))
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(text in message for text in named), message
+    assert not any(text in message for text in not_named), message
+
+
+def test_random_init_only_when_asked_and_recorded_as_such():
+    tiny = build_components(load_config(preset="tiny"))  # the tiny preset asks for it: it has no weights
+    assert tiny.sources == {"unet": "", "vae": "", "image_encoder": ""}
+    with pytest.raises(ConfigError, match="no weights are named for the U-Net, VAE and CLIP image encoder"):
+        build_components(load_config(preset="tiny", overrides=["model.allow_random_init=false"]))
 
 
 def test_sd15_yaml_with_sd15_format_folders_loads_them_and_trains_a_step(tmp_path):

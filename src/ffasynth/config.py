@@ -50,12 +50,16 @@ class ModelConfig:
 
     pretrained: an SD1.5 diffusers folder, a hub id, or a single-file .safetensors checkpoint (U-Net + VAE).
     vae: a `ffasynth train vae` run folder or a diffusers VAE folder; replaces pretrained's VAE.
-    image_encoder: a CLIP vision folder (or one with an image_encoder/ subfolder) or a hub id.
+    image_encoder: a CLIP vision folder (or one with an image_encoder/ subfolder) or a hub id, e.g.
+    openai/clip-vit-large-patch14 (a .bin-only encoder: `ffasynth weights convert-clip` first).
+    allow_random_init: a component with no weights named above starts from random values only when
+    this is true (the tiny preset, which has no pretrained weights); otherwise training refuses.
     """
 
     pretrained: str | None = None
     vae: str | None = None
     image_encoder: str | None = None
+    allow_random_init: bool = False
     unet_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     unet_layers_per_block: int = 2
     unet_attention_heads: int = 8
@@ -246,6 +250,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "data": {"crop_size": 128},
         "model": {
+            "allow_random_init": True,
             "unet_channels": [32, 64, 64],
             "unet_layers_per_block": 1,
             "unet_attention_heads": 2,

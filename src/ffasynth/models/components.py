@@ -17,6 +17,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ffasynth.config import Config, ModelConfig
+from ffasynth.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,34 @@ def set_attention(unet: UNet2DConditionModel, attention: str) -> None:
     unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def refuse_silent_random_init(model: ModelConfig) -> None:
+    """One sentence naming each weight option left empty, unless model.allow_random_init asks for
+    random values (a U-Net, VAE or CLIP trained from scratch is not the paper's method)."""
+    parts, options = [], []
+    if not model.pretrained:
+        parts += ["U-Net"] if model.vae else ["U-Net", "VAE"]
+        options.append(
+            "model.pretrained to an SD1.5 diffusers folder, hub id or single-file .safetensors "
+            "(e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        )
+    if model.use_clip and not model.image_encoder:
+        parts.append("CLIP image encoder")
+        options.append("model.image_encoder to a CLIP vision folder or hub id (e.g. openai/clip-vit-large-patch14)")
+    if parts and not model.allow_random_init:
+        raise ConfigError(
+            f"no weights are named for the {_listed(parts)}, which would start from random values: set "
+            f"{' and '.join(options)}, or model.allow_random_init=true to train from random initialisation"
+        )
+
+
 def build_components(config: Config, *, random_weights: bool = False) -> Components:
-    """Everything stage 1 needs, from real weights where the config names them, else random init.
+    """Everything stage 1 needs, from real weights where the config names them; random init only
+    where model.allow_random_init asks for it (or `random_weights`: every part random, for tests and
+    benchmarks). `sources` records where each part came from ("" = random init).
 
     The U-Net always ends with `unet_in_channels(config.model)` input channels (8 with the source
     latent concatenated), widened by zero-initialised channels when loaded with 4.
@@ -156,6 +183,8 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
     from ffasynth.models import loading
 
     model = config.model
+    if not random_weights:
+        refuse_silent_random_init(model)
     sources = {"unet": "", "vae": "", "image_encoder": ""}
     if model.pretrained and not random_weights:
         unet, vae = loading.load_unet_and_vae(model.pretrained, model)
@@ -172,8 +201,6 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
     if unet.config.in_channels == model.latent_channels and wanted > model.latent_channels:
         widen_conv_in(unet, wanted - model.latent_channels)
     elif unet.config.in_channels != wanted:
-        from ffasynth.errors import ConfigError
-
         raise ConfigError(
             f"the U-Net has {unet.config.in_channels} input channels but model.use_concat={model.use_concat} "
             f"needs {wanted}"
