@@ -109,3 +109,49 @@ def test_every_shipped_config_file_loads():
     for path in files:
         config = load_config(path)
         assert config.preset in ("tiny", "sd15"), path
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize(
+    ("name", "switched"),
+    [
+        ("ablation-no-clip.yaml", {"model.use_clip": False}),
+        ("ablation-no-offset-noise.yaml", {"stage1.offset_noise_strength": 0.0}),
+    ],
+)
+def test_each_ablation_is_sd15_yaml_but_for_its_one_switched_key(name, switched):
+    from pathlib import Path
+
+    from ffasynth.config import to_dict
+
+    configs = Path(__file__).parent.parent / "configs"
+    main, ablation = _flat(to_dict(load_config(configs / "sd15.yaml"))), _flat(to_dict(load_config(configs / name)))
+    differing = {key: ablation[key] for key in main if main[key] != ablation[key]}
+    assert differing == switched
+
+
+def test_extends_chains_relative_to_the_file_and_refuses_a_cycle(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("preset: sd15\nstage1:\n  lr: 3.0e-5\n  max_steps: 7\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: base/a.yaml\nstage1:\n  max_steps: 9\n")
+    (tmp_path / "c.yaml").write_text("extends: b.yaml\nseed: 5\n")
+    config = load_config(tmp_path / "c.yaml", overrides=["stage1.lr=1e-4"])
+    assert (config.preset, config.stage1.max_steps, config.seed, config.stage1.lr) == ("sd15", 9, 5, 1e-4)
+    assert config.data.crop_size == 768  # the base file's preset applies down the chain
+
+    (tmp_path / "base" / "a.yaml").write_text("extends: ../c.yaml\n")
+    with pytest.raises(ConfigError, match="in a cycle") as info:
+        load_config(tmp_path / "c.yaml")
+    assert "\n" not in str(info.value) and "c.yaml" in str(info.value)
+    (tmp_path / "d.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml .*extended by .*d\.yaml.* does not exist"):
+        load_config(tmp_path / "d.yaml")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ffasynth.configtree import build, merge, overrides_to_dict, parse_override, validate
+from ffasynth.configtree import build, merge, overrides_to_dict, parse_override, read_yaml, validate
 from ffasynth.configtree import require as _require
 from ffasynth.errors import ConfigError
 from ffasynth.files import atomic_write_text
@@ -339,19 +339,8 @@ def load_config(
     preset: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Defaults ← preset ← YAML file ← key=value overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        values = loaded or {}
+    """Defaults ← preset ← YAML file (over the file it `extends:`, if any) ← key=value overrides."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
     if preset is not None:
         values = {**values, "preset": preset}
     if overrides:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -103,6 +104,31 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file's values merged over those of the file its `extends:` key names (a path
+    relative to it; that file may extend another). A cycle is refused, naming the files."""
+    path = Path(path)
+    where = f"config file {path}" + (f" (extended by {_chain[-1]})" if _chain else "")
+    if path.resolve() in {p.resolve() for p in _chain}:
+        cycle = " → ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"config files extend each other in a cycle ({cycle}): remove one of their `extends:`")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{where} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML: {error}".splitlines()[0]) from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{where} must hold a mapping of keys to values")
+    values = dict(loaded or {})
+    parent = values.pop("extends", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"config value extends in {path} must be a file name, e.g. extends: sd15.yaml")
+    return merge(read_yaml(path.parent / parent, (*_chain, path)), values)
 
 
 def validate(config: Any) -> None:
