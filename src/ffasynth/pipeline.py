@@ -149,11 +149,14 @@ class SourceCondition:
     latents: torch.Tensor | None  # (1, C, h, w), None without the concat path
     tiles: list[Tile] | None = None  # the denoising tiles (latent units) of per-tile tokens
 
+    def __post_init__(self):
+        self._rows = None if self.tiles is None else {t: i for i, t in enumerate(self.tiles)}
+
     def tokens_for(self, tiles: list[Tile]) -> torch.Tensor:
         """(len(tiles), T, D): the tokens each of these denoising tiles is conditioned on."""
-        if self.tiles is None:
+        if self._rows is None:
             return self.tokens.expand(len(tiles), -1, -1)
-        return self.tokens[[self.tiles.index(t) for t in tiles]]  # a tile not planned here: ValueError
+        return self.tokens[[self._rows[t] for t in tiles]]  # a tile not planned here: KeyError
 
 
 class FFASynthesisPipeline(DiffusionPipeline):
@@ -261,7 +264,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
             tokens = torch.cat([conditioner.tokens(w, unit_range=True).to(device, self.unet.dtype) for w in windows])
         else:
             height, width = source.shape[-2:] if photo_size is None else photo_size
-            tokens = conditioner.tokens(whole_view(source[..., :height, :width]), unit_range=True)
+            photo = source[..., :height, :width]
+            tokens = conditioner.tokens(whole_view(photo) if self.config.use_clip else photo, unit_range=True)
             tokens = tokens.to(device, self.unet.dtype)
         latents = None
         if self.config.use_concat:
