@@ -171,7 +171,8 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
                 raise
             except Exception as error:
                 errors.append(error)
-        if any(CLIP_WEIGHTS in str(error) for error in errors):  # the repo answered: it has only pickles
+        # transformers' words when the repository answered but holds no model.safetensors (not when offline)
+        if any(f"does not appear to have a file named {CLIP_WEIGHTS}" in str(error) for error in errors):
             raise WeightsNotFoundError(
                 f"'{source}' holds its CLIP image encoder only as a pickle file (pytorch_model.bin), which is "
                 f"not loaded: run `huggingface-cli download {source} --local-dir DIR`, then "
