@@ -116,8 +116,12 @@ class SourceConditioner(nn.Module):
         return features.float()
 
     def project(self, features: torch.Tensor, projection: nn.Module | None = None) -> torch.Tensor:
+        """CLIP features → cond_tokens. projection: the learned one as training holds it (possibly
+        wrapped by DDP or torch.compile, which have no `.weight`); default: this conditioner's own."""
         projection = projection if projection is not None else self.projection
-        return features if projection is None else projection(features.to(projection.weight.dtype))
+        if projection is None:
+            return features
+        return projection(features.to(next(projection.parameters()).dtype))
 
     def tokens(self, source: torch.Tensor, unit_range: bool = False) -> torch.Tensor:
         if not self.use_clip:
