@@ -5,6 +5,10 @@ what to draw in sample grids. The loop owns the rest: accelerate (devices, DDP, 
 AdamW with warm-up, gradient accumulation and clipping, EMA, atomic checkpoints and exact resume,
 non-finite-loss guarding, a progress bar, TensorBoard, metrics.jsonl and sample grids.
 
+Under DDP (several processes) every process reads different micro-batches, gradients are all-reduced
+once per optimizer step (the other micro-batches run under no_sync), all processes agree to skip a
+step before that all-reduce, and only the main process writes logs, samples and checkpoints.
+
 Every random draw a task makes comes from `generator`, seeded by (seed, step, micro-batch,
 optimizer, process), and the data stream is addressed by position: a resumed run repeats the
 uninterrupted run's numbers exactly, with no RNG state to save.
@@ -12,9 +16,11 @@ uninterrupted run's numbers exactly, with no RNG state to save.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +98,39 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _accelerator(mixed_precision: str):
+    """accelerate's Accelerator, joined to every process torchrun (or accelerate launch) started."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps the first mixed precision process-wide; a later stage in this process may differ
+    AcceleratorState._reset_state()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # without a GPU, accelerate joins the processes only when told they run on CPUs; else each trains alone
+    cpu = launched > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if accelerator.num_processes != launched:
+        raise FFASynthError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate joined {accelerator.num_processes}; "
+            "check the launcher's settings (accelerate config) so the processes do not train unconnected copies"
+        )
+    return accelerator
+
+
+def _no_sync(accelerator, modules) -> contextlib.ExitStack:
+    """DDP's no_sync on every module: backward accumulates gradients locally, with no all-reduce."""
+    stack = contextlib.ExitStack()
+    for module in modules:
+        stack.enter_context(accelerator.no_sync(module))
+    return stack
+
+
+def _every_process(accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every process (one all-reduce of a 0/1 flag)."""
+    failed = torch.tensor([0 if ok else 1], device=accelerator.device)
+    return int(accelerator.reduce(failed, reduction="sum").item()) == 0
+
+
 def _grid(columns: list[torch.Tensor]) -> torch.Tensor:
     """Rows = batch items, columns = the task's images, grey repeated to RGB; in [0, 1]."""
     height = max(c.shape[-2] for c in columns)
@@ -125,14 +164,13 @@ def train(
     progress: bool = True,
     sample_items: int = 4,
 ) -> TrainResult:
-    from accelerate import Accelerator
     from safetensors.torch import save_file  # noqa: F401  (checkpoint writer's dependency, fail early)
     from tqdm.auto import tqdm
 
     from ffasynth.data.io import save_image
 
     run_dir = Path(run_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = _accelerator(config.mixed_precision)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     task.to(device, weight_dtype)
@@ -153,7 +191,7 @@ def train(
         )
         for name, modules in groups.items()
     }
-    raw = dict(task.trainable)  # unwrapped modules: what checkpoints and EMA see
+    raw = dict(task.trainable)  # unwrapped, uncompiled modules: what checkpoints, EMA and samples see
     emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
     for name in raw:
         module = torch.compile(raw[name]) if config.compile else raw[name]
@@ -167,15 +205,16 @@ def train(
             ckpt.remove_partial_checkpoints(run_dir)
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
-            unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
-            state = ckpt.load_checkpoint(latest, unwrapped, emas, optimizers)
+            state = ckpt.load_checkpoint(latest, raw, emas, optimizers)
             start = state["step"]
             accelerator.print(f"resuming {run_dir} from {latest.name}")
         if accelerator.is_main_process:
             _truncate_metrics(metrics_file, start)
     if start >= config.max_steps:
         accelerator.print(f"{run_dir} already has {start} steps (max_steps={config.max_steps}); nothing to do")
-        task.finish(run_dir)
+        if accelerator.is_main_process:
+            task.finish(run_dir)
+        accelerator.wait_for_everyone()
         return TrainResult(start, checkpoint=ckpt.latest_checkpoint(run_dir))
 
     sampler = StreamBatchSampler(
@@ -219,26 +258,40 @@ def train(
         for index, (name, optimizer) in enumerate(optimizers.items()):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
+            # Accumulate gradients: DDP all-reduces them once, in the last micro-batch's backward
+            finite_here = True
             for micro, batch in enumerate(micro_batches):
-                generator = step_generator(seed, step, micro, index, accelerator.process_index, device)
-                with accelerator.autocast():
-                    loss, parts = task.loss(batch, step, generator, name)
-                if not torch.isfinite(loss).all():
-                    finite = False
-                    break
-                accelerator.backward(loss / config.gradient_accumulation)
-                for key, value in {f"loss/{name}": loss.item(), **parts}.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) / config.gradient_accumulation
+                last_micro = micro == len(micro_batches) - 1
+                with contextlib.nullcontext() if last_micro else _no_sync(accelerator, task.trainable.values()):
+                    generator = step_generator(seed, step, micro, index, accelerator.process_index, device)
+                    with accelerator.autocast():
+                        loss, parts = task.loss(batch, step, generator, name)
+                    finite_here = finite_here and bool(torch.isfinite(loss).all())
+                    if last_micro:  # agreed before the all-reduce: a process that skipped it would hang the rest
+                        finite = _every_process(accelerator, finite_here)
+                    if finite_here and finite:
+                        accelerator.backward(loss / config.gradient_accumulation)
+                        for key, value in {f"loss/{name}": loss.item(), **parts}.items():
+                            logs[key] = logs.get(key, 0.0) + float(value) / config.gradient_accumulation
+                    elif last_micro and accelerator.num_processes > 1 and loss.requires_grad:
+                        # DDP's forward awaits this backward (else the next one all-reduces out of turn): run it
+                        # empty on every process; the gradients are discarded with the step
+                        accelerator.backward(loss.nan_to_num() * 0.0)
             if not finite:
                 break
+            # Clip and step; under fp16 the GradScaler skips a step whose gradients overflowed (and lowers its scale)
             params = [p for m in groups[name] for p in task.trainable[m].parameters() if p.requires_grad]
             if config.max_grad_norm > 0:
                 norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                if not torch.isfinite(torch.as_tensor(norm)):
+                if torch.isfinite(torch.as_tensor(norm)):
+                    logs[f"grad_norm/{name}"] = float(norm)
+                elif accelerator.scaler is None:  # nothing else would keep the non-finite update out
                     finite = False
                     break
-                logs[f"grad_norm/{name}"] = float(norm)
             optimizer.step()
+            if optimizer.step_was_skipped:
+                finite = False
+                break
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         if not finite:
@@ -283,18 +336,20 @@ def train(
         bar.update(1)
         sample_now = done % config.sample_every == 0 or last
         if sample_now and accelerator.is_main_process:
+            prepared = dict(task.trainable)
+            task.trainable.update(raw)  # the main process alone: no DDP forward the others would not join
             with torch.no_grad():
                 columns = task.samples(preview, step_generator(seed, done, 0, 99, 0, device))
+            task.trainable.update(prepared)
             save_image(_grid(columns), run_dir / "samples" / f"step-{done:06d}.png")
             writer.add_image("samples", _grid(columns), done)
         if done % config.save_every == 0 or last:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                unwrapped = {n: accelerator.unwrap_model(m) for n, m in task.trainable.items()}
                 saved = {k: v for k, v in state.items() if k != "step"}
                 try:
                     result.checkpoint = ckpt.save_checkpoint(
-                        run_dir, done, unwrapped, emas, optimizers, saved, config.keep_checkpoints
+                        run_dir, done, raw, emas, optimizers, saved, config.keep_checkpoints
                     )
                 except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
                     previous = ckpt.latest_checkpoint(run_dir) or "none"
@@ -314,4 +369,5 @@ def train(
         task.trainable[name] = raw[name]
     if accelerator.is_main_process:
         task.finish(run_dir)
+    accelerator.wait_for_everyone()  # every process returns once the run's outputs exist
     return result

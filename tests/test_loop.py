@@ -1,0 +1,114 @@
+"""The shared loop under fp16 loss scaling and torch.compile: an overflowed step is skipped by the
+GradScaler (which lowers its scale) and the run goes on; a compiled run's checkpoints hold plain keys."""
+
+from __future__ import annotations
+
+import accelerate
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ffasynth.config import TrainConfig, load_config
+from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.loop import Task, train
+from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
+from ffasynth.training.stage1 import build_stage1
+from tests.test_models import MICRO
+
+
+class _Blank:
+    """Four items of one grey 8×8 target: what the loop needs from a dataset."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        index, _ = key
+        return {"target": torch.zeros(1, 8, 8), "index": index}
+
+
+class _Overflowing(Task):
+    """A linear layer whose loss is finite but, multiplied by the loss scale, overflows at one step."""
+
+    name = "overflowing"
+
+    def __init__(self, overflow_at: int):
+        torch.manual_seed(0)
+        self.trainable = {"layer": nn.Linear(2, 1)}
+        self.overflow_at = overflow_at
+        self.weights_seen: list[torch.Tensor] = []  # the layer's weight as each step began
+
+    def to(self, device, weight_dtype):
+        self.trainable["layer"].to(device)
+
+    def loss(self, batch, step, generator, optimizer):
+        layer = self.trainable["layer"]
+        self.weights_seen.append(layer.weight.detach().clone())
+        loss = layer(torch.ones(1, 2)).sum().float() ** 2
+        # 1e35 is finite in float32; times the initial scale 2^16 it is inf, so every gradient overflows
+        return loss * (1e35 if step == self.overflow_at else 1.0), {}
+
+    def samples(self, batch, generator):
+        return [batch["target"]]
+
+
+def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on(tmp_path, monkeypatch):
+    scalers = []
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        """accelerate gives CPUs no GradScaler; this one has the real CPU GradScaler, as on a GPU."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+            self.native_amp = True
+            scalers.append(self.scaler)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    config = TrainConfig(
+        max_steps=4, mixed_precision="fp16", lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=100
+    )
+    task = _Overflowing(overflow_at=1)
+    result = train(task, _Blank(), config, tmp_path, progress=False)
+    assert result.step == 4 and result.skipped_steps == 1
+    assert scalers[0].get_scale() == 2.0**15  # halved once by the overflow (backoff 0.5), no growth yet
+    before = task.weights_seen
+    assert not torch.equal(before[0], before[1])  # step 0 updated the weights
+    assert torch.equal(before[1], before[2])  # step 1 overflowed: skipped, weights untouched
+    assert not torch.equal(before[2], before[3])  # step 2 unscaled and stepped again
+    assert [line["skipped"] for line in result.losses] == [0, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=3, size=40, seed=4)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_writes_plain_checkpoints_that_load_and_resume(pairs, tmp_path, monkeypatch):
+    # the eager backend runs TorchDynamo's wrapper (what adds "_orig_mod.") without inductor's C++ build
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compile_eagerly(module, backend="eager"))
+    train_keys = ["data.crop_size=32", "stage1.save_every=2", "stage1.sample_every=100", "stage1.sample_steps=1"]
+    run_dir = tmp_path / "run"
+    for steps, resume in ((2, False), (3, True)):
+        config = load_config(
+            preset="tiny", overrides=MICRO + train_keys + ["stage1.compile=true", f"stage1.max_steps={steps}"]
+        )
+        dataset = load_training_data(pairs, config)
+        prepare_run(run_dir, config, "stage1", pairs, resume)
+        task = build_stage1(config)
+        save_model_folder(run_dir, task.components)
+        result = train(task, dataset, config.stage1, run_dir, config.seed, resume=resume, progress=False)
+        assert result.step == steps
+    folder = ckpt.latest_checkpoint(run_dir)
+    assert folder.name == "step-000003"
+    for name in ("unet", "unet.ema"):
+        keys = load_file(str(folder / f"{name}.safetensors")).keys()
+        assert "conv_in.weight" in keys and not [k for k in keys if "_orig_mod" in k], name
+    loaded = load_stage1_run(run_dir, ema=False)
+    saved = load_file(str(folder / "unet.safetensors"))
+    state = loaded.components.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
