@@ -215,3 +215,13 @@ def test_phase_selects_early_or_late_and_is_refused_where_the_model_has_none(pip
 def test_bad_settings_are_refused_in_one_line(pipe, photo, kwargs, message):
     with pytest.raises(FFASynthError, match=message):
         _run(pipe, photo, **kwargs)
+
+
+def test_plain_diffusers_loads_an_exported_folder_once_ffasynth_is_imported(pipe, photo, tmp_path):
+    import diffusers
+
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded, FFASynthesisPipeline)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_run(loaded, photo).images[0], _run(pipe, photo).images[0])

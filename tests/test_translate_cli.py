@@ -49,6 +49,9 @@ def test_export_writes_a_pipeline_folder_with_a_model_card(trained, exported, tm
     card = (exported / "README.md").read_text()
     for fact in ("step 3 of 3", "EMA weights", str((trained.parent / "pairs").resolve()), "8 training pairs", "loss"):
         assert fact in card, fact
+    # the card says how to load it and that this tiny run's U-Net started from random values
+    assert "library_name: ffasynth" in card and "DiffusionPipeline.from_pretrained" in card
+    assert "randomly initialised, not pretrained: unet" in card
     raw = tmp_path / "raw"
     assert runner.invoke(app, ["export", str(trained), str(raw), "--no-ema"]).exit_code == 0
     raw_unet = load_file(str(raw / "unet" / "diffusion_pytorch_model.safetensors"))

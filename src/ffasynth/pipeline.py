@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -432,3 +433,9 @@ def _convert(image: torch.Tensor, output_type: str):
     if output_type == "np":
         return array
     return Image.fromarray((array[..., 0] * 255.0 + 0.5).astype(np.uint8))
+
+
+# `diffusers.DiffusionPipeline.from_pretrained(folder)` looks the folder's `_class_name` up in the
+# diffusers namespace: registering the class there lets plain diffusers load an exported folder
+# once this module is imported.
+setattr(diffusers, FFASynthesisPipeline.__name__, FFASynthesisPipeline)
