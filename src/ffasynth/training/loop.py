@@ -131,6 +131,32 @@ def _every_process(accelerator, ok: bool) -> bool:
     return int(accelerator.reduce(failed, reduction="sum").item()) == 0
 
 
+def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], draw: tuple, logs: dict) -> bool:
+    """Gradients of optimizer `name`'s loss summed over the micro-batches (each loss / their count);
+    draw = (seed, step, optimizer index). Returns False, on every process alike, when any process
+    had a non-finite loss. DDP all-reduces once, in the last backward (no_sync before it)."""
+    seed, step, index = draw
+    count, finite_here, finite = len(micro_batches), True, True
+    for micro, batch in enumerate(micro_batches):
+        last = micro == count - 1
+        with contextlib.nullcontext() if last else _no_sync(accelerator, task.trainable.values()):
+            generator = step_generator(seed, step, micro, index, accelerator.process_index, accelerator.device)
+            with accelerator.autocast():
+                loss, parts = task.loss(batch, step, generator, name)
+            finite_here = finite_here and bool(torch.isfinite(loss).all())
+            if last:  # agreed before the all-reduce: a process that skipped it would leave the others waiting
+                finite = _every_process(accelerator, finite_here)
+            if finite_here and finite:
+                accelerator.backward(loss / count)
+                for key, value in {f"loss/{name}": loss.item(), **parts}.items():
+                    logs[key] = logs.get(key, 0.0) + float(value) / count
+            elif last and accelerator.num_processes > 1 and loss.requires_grad:
+                # DDP's forward awaits this backward (else the next one all-reduces out of turn): run it
+                # empty on every process; its gradients are discarded with the step
+                accelerator.backward(loss.nan_to_num() * 0.0)
+    return finite
+
+
 def _grid(columns: list[torch.Tensor]) -> torch.Tensor:
     """Rows = batch items, columns = the task's images, grey repeated to RGB; in [0, 1]."""
     height = max(c.shape[-2] for c in columns)
@@ -258,25 +284,7 @@ def train(
         for index, (name, optimizer) in enumerate(optimizers.items()):
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
-            # Accumulate gradients: DDP all-reduces them once, in the last micro-batch's backward
-            finite_here = True
-            for micro, batch in enumerate(micro_batches):
-                last_micro = micro == len(micro_batches) - 1
-                with contextlib.nullcontext() if last_micro else _no_sync(accelerator, task.trainable.values()):
-                    generator = step_generator(seed, step, micro, index, accelerator.process_index, device)
-                    with accelerator.autocast():
-                        loss, parts = task.loss(batch, step, generator, name)
-                    finite_here = finite_here and bool(torch.isfinite(loss).all())
-                    if last_micro:  # agreed before the all-reduce: a process that skipped it would hang the rest
-                        finite = _every_process(accelerator, finite_here)
-                    if finite_here and finite:
-                        accelerator.backward(loss / config.gradient_accumulation)
-                        for key, value in {f"loss/{name}": loss.item(), **parts}.items():
-                            logs[key] = logs.get(key, 0.0) + float(value) / config.gradient_accumulation
-                    elif last_micro and accelerator.num_processes > 1 and loss.requires_grad:
-                        # DDP's forward awaits this backward (else the next one all-reduces out of turn): run it
-                        # empty on every process; the gradients are discarded with the step
-                        accelerator.backward(loss.nan_to_num() * 0.0)
+            finite = _accumulate(accelerator, task, name, micro_batches, (seed, step, index), logs)
             if not finite:
                 break
             # Clip and step; under fp16 the GradScaler skips a step whose gradients overflowed (and lowers its scale)
