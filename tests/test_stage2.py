@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -211,3 +212,126 @@ def test_decoder_errors_are_l1_and_psnr_on_the_unit_scale():
     assert mid["l1"] == pytest.approx(0.5) and mid["db"] == pytest.approx(10 * torch.log10(torch.tensor(4.0)).item())
     exact = decoder_errors(vae, grey(-1.0), images)
     assert exact["l1"] == 0.0 and exact["db"] == pytest.approx(120.0)  # MSE floored at 1e-12
+
+
+def _stage2(run, *overrides):
+    config = load_config(run / "config.yaml", overrides=STAGE2 + list(overrides))
+    task = Stage2Task(load_stage1_run(run), config.stage2, None)
+    task.to(torch.device("cpu"), torch.float32)
+    return task
+
+
+def test_sampler_latents_are_what_the_exported_pipeline_decodes(stage1_run):
+    from ffasynth.export import build_pipeline
+    from ffasynth.models.conditioning import decode_latents
+
+    task = _stage2(stage1_run[1], "stage2.latents=sampler", "stage2.sampler_steps=3")
+    assert task.stage1.config.stage1.image_guidance_scale > 1  # the guided path is the one compared
+    pipe = build_pipeline(task.stage1)
+    photo = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = pipe(
+        photo, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt", tile_size=0
+    ).images[0]
+    batch = {"source": photo[None] * 2 - 1, "target": torch.zeros(1, 1, 32, 32), "phase": [0]}  # phase 0: early
+    latents = task.latents(batch, torch.Generator().manual_seed(0))
+    decoded = (decode_latents(task.stage1.components.vae, latents)[0] + 1) / 2
+    assert torch.allclose(decoded, expected, atol=1e-4), (decoded - expected).abs().max()
+
+
+class StandInUNet(torch.nn.Module):
+    """A v-prediction U-Net whose implied x̂0 is known: `conditional` for rows with CLIP tokens, `null`
+    for the zero (null) condition. v̂ = (√ᾱ_t·z_t − x̂0)/√(1−ᾱ_t) solves x̂0 = √ᾱ_t·z_t − √(1−ᾱ_t)·v̂."""
+
+    def __init__(self, alphas_cumprod, conditional, null):
+        super().__init__()
+        self.alphas_cumprod, self.conditional, self.null = alphas_cumprod, conditional, null
+        self.config = type("Config", (), {"out_channels": conditional.shape[1]})()
+        self.calls = []
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, model_input, t, encoder_hidden_states, class_labels=None):
+        self.calls.append((int(t), model_input.shape[0]))
+        latents = model_input[:, : self.config.out_channels]
+        has_condition = encoder_hidden_states.abs().sum((1, 2)).view(-1, 1, 1, 1) > 0
+        x0 = torch.where(has_condition, self.conditional, self.null)
+        alpha = self.alphas_cumprod[int(t)]
+        velocity = (alpha.sqrt() * latents - x0) / (1 - alpha).sqrt()
+        return type("Output", (), {"sample": velocity})()
+
+
+def test_sampler_latents_follow_the_solver_and_the_guidance_sum(stage1_run):
+    task = _stage2(stage1_run[1], "stage2.sampler_steps=4")
+    components = task.stage1.components
+    assert components.scheduler.config.prediction_type == "v_prediction"
+    scale = task.stage1.config.stage1.image_guidance_scale
+    size = 32 // 2 ** (len(components.vae.config.block_out_channels) - 1)  # the latent of a 32² crop
+    conditional, null = torch.randn(1, 4, size, size), torch.randn(1, 4, size, size)
+    components.unet = StandInUNet(components.scheduler.alphas_cumprod, conditional, null)
+    batch = {"source": torch.rand(2, 3, 32, 32) * 2 - 1, "target": torch.zeros(2, 1, 32, 32), "phase": [0, 1]}
+    latents = task.latents(batch, torch.Generator().manual_seed(0), mode="sampler")
+    # every step's x̂0 is null + s·(conditional − null): a DPM-Solver++ run ending at σ = 0 returns it
+    wanted = null + scale * (conditional - null)
+    assert torch.allclose(latents, wanted.expand(2, -1, -1, -1), atol=1e-4)
+    steps = [t for t, _ in components.unet.calls]
+    assert len(steps) == 4 and steps == sorted(set(steps), reverse=True)
+    assert all(rows == 4 for _, rows in components.unet.calls)  # conditional + null halves, one pass a step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["encoder", "unet", "mix", "sampler"])
+def test_every_mode_trains_only_the_decoder_and_the_discriminator(stage1_run, tmp_path, mode):
+    from ffasynth.training.loop import train
+    from ffasynth.training.run import load_training_data, prepare_run
+
+    pairs, run = stage1_run
+    config = load_config(
+        run / "config.yaml",
+        overrides=STAGE2 + [f"stage2.latents={mode}", "stage2.sampler_steps=2", "stage2.max_steps=2"],
+    )
+    task = Stage2Task(load_stage1_run(run), config.stage2, None)
+    frozen = {
+        "unet": task.stage1.components.unet,
+        "encoder": task.stage1.components.vae.encoder,
+        "clip": task.stage1.components.image_encoder,
+    }
+    before = {name: copy.deepcopy(module.state_dict()) for name, module in frozen.items()}
+    learned = {name: copy.deepcopy(module.state_dict()) for name, module in task.trainable.items()}
+    prepare_run(tmp_path / "s2", config, "stage2", pairs, False)
+    train(task, load_training_data(pairs, config), config.stage2, tmp_path / "s2", config.seed, progress=False)
+    for name, module in frozen.items():
+        after = module.state_dict()
+        assert all(torch.equal(before[name][k], after[k]) for k in after), f"{mode}: stage 2 changed the {name}"
+    for name, module in task.trainable.items():
+        after = module.state_dict()
+        assert any(not torch.equal(learned[name][k], after[k]) for k in after), f"{mode}: the {name} did not learn"
+
+
+def test_latents_take_the_mode_as_an_argument_and_leave_the_config_alone(stage1_run):
+    from ffasynth.models.conditioning import encode_latents
+
+    task = _stage2(stage1_run[1], "stage2.latents=encoder", "stage2.sampler_steps=2")
+    batch = {"source": torch.rand(2, 3, 32, 32) * 2 - 1, "target": torch.rand(2, 1, 32, 32) * 2 - 1, "phase": [0, 0]}
+    encoded = encode_latents(task.stage1.components.vae, batch["target"])
+    assert torch.equal(task.latents(batch, torch.Generator().manual_seed(0)), encoded)
+    for mode in ("unet", "sampler"):
+        assert not torch.allclose(task.latents(batch, torch.Generator().manual_seed(0), mode), encoded, atol=1e-3)
+    columns = task.samples(batch, torch.Generator().manual_seed(0))
+    assert len(columns) == 3 and task.config.latents == "encoder"
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sampler_steps_below_one_are_refused_naming_the_key(value):
+    from ffasynth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stage2.sampler_steps"):
+        load_config(preset="tiny", overrides=[f"stage2.sampler_steps={value}"])
+
+
+def test_more_sampler_steps_than_training_timesteps_are_refused(stage1_run):
+    from ffasynth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stage2.sampler_steps=1001"):
+        _stage2(stage1_run[1], "stage2.sampler_steps=1001")

@@ -177,8 +177,10 @@ class Stage1Config(TrainConfig):
 class Stage2Config(TrainConfig):
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + adaptive-weight PatchGAN)."""
 
-    latents: Literal["encoder", "unet", "mix"] = "mix"
+    # what the decoder learns to decode (training/stage2.py): "sampler" = the frozen U-Net's samples
+    latents: Literal["encoder", "unet", "mix", "sampler"] = "mix"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
+    sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
     rec_loss: Literal["l1", "l2"] = "l1"
     lpips_weight: float = 1.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
@@ -197,6 +199,7 @@ class Stage2Config(TrainConfig):
         _require(self.lpips_weight >= 0, "stage2.lpips_weight", "must be >= 0")
         _require(self.adv_weight >= 0, "stage2.adv_weight", "must be >= 0")
         _require(self.unet_max_timestep >= 1, "stage2.unet_max_timestep", "must be at least 1")
+        _require(self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
         _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
 
 

@@ -1,9 +1,15 @@
 """Stage 2: fine-tune only the VAE decoder so the latents stage 1 produces decode into sharp,
 faithful angiograms. Encoder, U-Net and CLIP stay frozen (bit-identical after the run).
 
-Latents to decode (`stage2.latents`): "encoder" z = s·E(real FFA); "unet" the frozen U-Net's
-one-step estimate ẑ0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t from the noised target latent, conditioned on the
-photo (what the decoder sees at inference); "mix" half of each.
+Latents to decode (`stage2.latents`), each paired with the real FFA crop x it should decode to:
+  "encoder"  z = s·E(x), the real FFA's own latent;
+  "unet"     the frozen U-Net's one-step estimate ẑ0 = (z_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t from the noised target
+             latent, t < `unet_max_timestep`, conditioned on the photo;
+  "mix"      per item, "encoder" or "unet" with probability ½ each;
+  "sampler"  what `translate` decodes: the frozen U-Net sampling from noise, conditioned on the photo
+             crop, `sampler_steps` DPM-Solver++ (2nd order) steps with the run's image guidance.
+Only "sampler" shows the decoder latents inference produces; "unet"'s estimates from t < 500 start
+from the target's own latent, so they stay close to it.
 
 decoder loss = |x̂ − x|₁ (or ²) + λ_p·LPIPS(x̂, x) + w·λ_adv·(−D(x̂)),
   w = ‖∇_last rec‖ / (‖∇_last adv‖ + 1e-4)  (LDM's adaptive weight, last = the decoder's conv_out)
@@ -18,10 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from ffasynth.config import Stage2Config
-from ffasynth.models.conditioning import SourceConditioner, encode_latents, from_vae_output
+from ffasynth.errors import ConfigError, FFASynthError
+from ffasynth.models.conditioning import encode_latents, from_vae_output, guided_prediction
 from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from ffasynth.training.loop import Task
 from ffasynth.training.run import LoadedRun
@@ -53,6 +61,14 @@ def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, times
     return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
 
 
+def sampling_scheduler(training_scheduler) -> DPMSolverMultistepScheduler:
+    """The sampler the exported pipeline uses (export.build_pipeline): DPM-Solver++ (2nd order) on the
+    training noise schedule and prediction type."""
+    return DPMSolverMultistepScheduler.from_config(
+        training_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+
+
 class Stage2Task(Task):
     name = "stage2"
 
@@ -62,6 +78,7 @@ class Stage2Task(Task):
         self.lpips = lpips
         vae = stage1.components.vae
         vae.requires_grad_(False)
+        stage1.components.unet.eval().requires_grad_(False)  # frozen: a sampler, never trained here
         self.original_vae = copy.deepcopy(vae).cpu()  # untouched, for the before/after comparison
         self.decoder = Decoder(vae)
         self.decoder.requires_grad_(True).train()
@@ -72,6 +89,11 @@ class Stage2Task(Task):
         self.ema_names = ("decoder",)
         if config.lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS module")
+        train_steps = stage1.components.scheduler.config.num_train_timesteps
+        if config.sampler_steps > train_steps:
+            raise ConfigError(
+                f"stage2.sampler_steps={config.sampler_steps} exceeds the {train_steps} training timesteps"
+            )
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         return {"decoder": ["decoder"], "discriminator": ["discriminator"]}
@@ -93,12 +115,13 @@ class Stage2Task(Task):
         self.stage1.components.vae.enable_gradient_checkpointing()
 
     @torch.no_grad()
-    def latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """Per-item choice of encoder latents or the U-Net's one-step estimate (see module docstring)."""
-        components, conditioner = self.stage1.components, self.stage1.conditioner
-        target, source = batch["target"], batch["source"]
-        latents = encode_latents(components.vae, target).float()
-        mode = self.config.latents
+    def latents(self, batch: dict, generator: torch.Generator, mode: str | None = None) -> torch.Tensor:
+        """The latents the decoder learns from, per `mode` (default `stage2.latents`; see the module docstring)."""
+        mode = mode or self.config.latents
+        if mode == "sampler":
+            return self.sampled_latents(batch, generator)
+        components = self.stage1.components
+        latents = encode_latents(components.vae, batch["target"]).float()
         use_unet = torch.rand(latents.shape[0], generator=generator, device=latents.device)
         use_unet = use_unet < {"encoder": 0.0, "unet": 1.0, "mix": 0.5}[mode]
         if use_unet.any():
@@ -107,17 +130,47 @@ class Stage2Task(Task):
             high = min(self.config.unet_max_timestep, scheduler.config.num_train_timesteps)
             timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator, device=latents.device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            tokens, source_latents = conditioner(components.vae, source)
-            unet = components.unet
-            prediction = unet(
-                SourceConditioner.unet_input(noisy, source_latents).to(unet.dtype),
-                timesteps,
-                encoder_hidden_states=tokens.to(unet.dtype),
-                class_labels=phase_labels(batch, self.stage1.config.model.num_phases, latents.device),
-            ).sample.float()
+            tokens, source_latents = self.condition(batch)
+            prediction = guided_prediction(
+                components.unet, noisy, timesteps, tokens, source_latents, self.labels(batch), guidance=1.0
+            )
             estimate = predicted_x0(scheduler, noisy, prediction, timesteps)
             latents = torch.where(use_unet.view(-1, 1, 1, 1), estimate, latents)
         return latents
+
+    @torch.no_grad()
+    def sampled_latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """ẑ0 as the pipeline's denoising loop makes it for one tile: noise from `generator`, then
+        `sampler_steps` steps of `sampling_scheduler`, each ε̂ (or v̂) guided by the run's image guidance."""
+        components = self.stage1.components
+        source = batch["source"]
+        tokens, source_latents = self.condition(batch)
+        labels = self.labels(batch)
+        sampler = sampling_scheduler(components.scheduler)
+        sampler.set_timesteps(self.config.sampler_steps, device=source.device)
+        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        height, width = (size // factor for size in source.shape[-2:])
+        shape = (source.shape[0], components.unet.config.out_channels, height, width)
+        latents = torch.randn(shape, generator=generator, device=source.device) * sampler.init_noise_sigma
+        guidance = self.stage1.config.stage1.image_guidance_scale
+        for t in sampler.timesteps:
+            model_input = sampler.scale_model_input(latents, t)
+            prediction = guided_prediction(components.unet, model_input, t, tokens, source_latents, labels, guidance)
+            latents = sampler.step(prediction, t, latents, generator=generator).prev_sample
+        return latents
+
+    def condition(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond_tokens, source_latents) as stage 1 saw them: CLIP of `model.clip_view`, the crop's latent."""
+        components, conditioner = self.stage1.components, self.stage1.conditioner
+        view = batch["source"]
+        if self.stage1.config.model.clip_view == "whole":
+            if "whole_source" not in batch:
+                raise FFASynthError("model.clip_view=whole needs items with the whole photo's view (PairedTransform)")
+            view = batch["whole_source"]
+        return conditioner.tokens(view), conditioner.source_latents(components.vae, batch["source"])
+
+    def labels(self, batch: dict) -> torch.Tensor | None:
+        return phase_labels(batch, self.stage1.config.model.num_phases, batch["source"].device)
 
     def reconstruction_terms(self, decoded: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         grey = from_vae_output(decoded.float())
@@ -129,7 +182,11 @@ class Stage2Task(Task):
 
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         target = batch["target"]
-        latents = self.latents(batch, generator)
+        # one set of latents per batch: the discriminator's pass judges the decodes of the latents the
+        # decoder just learned from (and the sampler runs once a step, not once per optimizer)
+        latents = batch.get("stage2_latents")
+        if latents is None:
+            latents = batch["stage2_latents"] = self.latents(batch, generator)
         adversarial = step >= self.config.disc_start and self.config.adv_weight > 0
         decoder, discriminator = self.trainable["decoder"], self.trainable["discriminator"]
         if optimizer == "discriminator":
@@ -153,16 +210,11 @@ class Stage2Task(Task):
 
     @torch.no_grad()
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
-        """real FFA | decoded encoder latent | decoded one-step U-Net estimate."""
+        """real FFA | decoded encoder latent | decoded sampler latent (what translate shows)."""
         was_training = self.decoder.training
         self.decoder.eval()
-        encoded = encode_latents(self.stage1.components.vae, batch["target"]).float()
-        mode, self.config.latents = self.config.latents, "unet"
-        try:
-            estimated = self.latents(batch, generator)
-        finally:
-            self.config.latents = mode
-        columns = [batch["target"]] + [from_vae_output(self.decoder(z)).clamp(-1, 1) for z in (encoded, estimated)]
+        latents = [self.latents(batch, generator, mode) for mode in ("encoder", "sampler")]
+        columns = [batch["target"]] + [from_vae_output(self.decoder(z)).clamp(-1, 1) for z in latents]
         self.decoder.train(was_training)
         return columns
 
