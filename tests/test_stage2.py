@@ -24,6 +24,7 @@ STAGE2 = [
     "stage2.lpips_weight=0",
     "stage2.disc_channels=8",
     "stage2.log_every=1",
+    "stage2.sampler_steps=2",
     "data.crop_size=32",
 ]
 
@@ -335,3 +336,23 @@ def test_more_sampler_steps_than_training_timesteps_are_refused(stage1_run):
 
     with pytest.raises(ConfigError, match="stage2.sampler_steps=1001"):
         _stage2(stage1_run[1], "stage2.sampler_steps=1001")
+
+
+@pytest.mark.slow
+def test_latent_mode_benchmark_trains_translates_and_scores_each_mode(stage1_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pairs, run = stage1_run
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stage2_latents.py"
+    command = [sys.executable, str(script), "--stage1", str(run), "--data", str(pairs), "--out", str(tmp_path)]
+    command += ["--modes", "none,sampler", "--max-steps", "2", "--sampler-steps", "2", "--translate-steps", "2"]
+    done = subprocess.run(command + STAGE2, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modes = json.loads(done.stdout)["modes"]
+    assert modes["sampler"]["steps"] == 2 and "after_l1" in modes["sampler"]["decoder"]
+    assert load_config(tmp_path / "sampler" / "stage2" / "config.yaml").stage2.latents == "sampler"
+    for mode in ("none", "sampler"):
+        # MS-SSIM needs images larger than these 48² phantoms
+        assert {"psnr", "ssim"} <= set(modes[mode]["end_to_end"]) and modes[mode]["images"] >= 1

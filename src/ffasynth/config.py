@@ -177,8 +177,9 @@ class Stage1Config(TrainConfig):
 class Stage2Config(TrainConfig):
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + adaptive-weight PatchGAN)."""
 
-    # what the decoder learns to decode (training/stage2.py): "sampler" = the frozen U-Net's samples
-    latents: Literal["encoder", "unet", "mix", "sampler"] = "mix"
+    # what the decoder learns to decode (training/stage2.py): "sampler" = the frozen U-Net's samples,
+    # what translate decodes; the best end to end of the four on the shared UWF pairs (tiny preset)
+    latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
     sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
     rec_loss: Literal["l1", "l2"] = "l1"

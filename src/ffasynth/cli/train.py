@@ -128,8 +128,8 @@ def train_stage2(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + PatchGAN with adaptive weight) on real FFA
-    crops, decoding encoder latents and/or the frozen U-Net's one-step estimates. Reports the decoder's
-    reconstruction PSNR on the test images before and after."""
+    crops, decoding what the frozen stage-1 model samples for their photos (stage2.latents=sampler; also
+    encoder, unet or mix). Reports the decoder's reconstruction PSNR on the test images before and after."""
     from ffasynth.training.stages import run_stage2
 
     saved = out / "config.yaml"

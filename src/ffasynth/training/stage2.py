@@ -8,8 +8,17 @@ Latents to decode (`stage2.latents`), each paired with the real FFA crop x it sh
   "mix"      per item, "encoder" or "unet" with probability ½ each;
   "sampler"  what `translate` decodes: the frozen U-Net sampling from noise, conditioned on the photo
              crop, `sampler_steps` DPM-Solver++ (2nd order) steps with the run's image guidance.
-Only "sampler" shows the decoder latents inference produces; "unet"'s estimates from t < 500 start
-from the target's own latent, so they stay close to it.
+Only "sampler" (the default) shows the decoder the latents inference produces; "unet"'s estimates
+from t < 500 start from the target's own latent, so they stay close to it. Measured on the shared UWF
+pairs (tiny preset, 128² crops, one stage-1 run, 200 stage-2 steps per mode, six test angiograms,
+benchmarks/bench_stage2_latents.py): "sampler" gave the best end-to-end PSNR, SSIM and MS-SSIM of
+the four modes on every test image (and beat "mix" on every image again with a second seed: +0.95 and
++0.99 dB, MS-SSIM +0.10 and +0.13); it beat the untuned decoder in PSNR and MS-SSIM (SSIM within
+0.015), while "encoder", "unet" and "mix" scored below the untuned decoder in all three. Its decoder
+outputs less contrast (std 0.014-0.023 vs the real FFA's 0.092, "mix" 0.04): where samples do not
+match the target pixel for pixel, the L1 term pulls towards their mean; LPIPS and the PatchGAN (sd15
+defaults) push back. Its cost: `sampler_steps` guided U-Net passes a batch, once a step (≈4.4× the
+step time of "encoder" at the tiny preset on 2 CPU cores).
 
 decoder loss = |x̂ − x|₁ (or ²) + λ_p·LPIPS(x̂, x) + w·λ_adv·(−D(x̂)),
   w = ‖∇_last rec‖ / (‖∇_last adv‖ + 1e-4)  (LDM's adaptive weight, last = the decoder's conv_out)
