@@ -66,15 +66,17 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     _launch(["-m", "tests.distributed_worker", str(pairs), str(out)])
     resume = ["--data", str(pairs), "--resume", "--max-steps", str(STEPS), "--quiet"]
-    _launch(["-m", "ffasynth", "train", "stage1", "--out", str(out / "split"), *resume])
+    said = _launch(["-m", "ffasynth", "train", "stage1", "--out", str(out / "split"), *resume])
+    (out / "stage1-output.txt").write_text(said)
     stage2 = ["--data", str(pairs), "--max-steps", "2", "--quiet", "--save-every", "1", "--batch-size", "1"]
     # disc_start=0: the discriminator and the adaptive weight's autograd.grad run under DDP too
     extra = ["stage2.disc_start=0", "stage2.sampler_steps=2", "stage2.log_every=1"]
-    _launch(
+    said = _launch(
         ["-m", "ffasynth", "train", "stage2", "--from", str(out / "whole"), "--out", str(out / "stage2")]
         + stage2
         + extra
     )
+    (out / "stage2-output.txt").write_text(said)
     return out
 
 
@@ -153,3 +155,12 @@ def test_stage2_trains_from_a_two_process_stage1_run(runs):
     state = json.loads((runs / "stage2" / "checkpoints" / "step-000002" / "state.json").read_text())
     assert state["step"] == 2 and state["skipped_steps"] == 0
     assert all("d_real" in line and "grad_norm/discriminator" in line for line in _metrics(runs / "stage2"))
+
+
+@pytest.mark.slow
+def test_only_the_first_process_reports_and_writes_the_run_folder(runs):
+    stage1, stage2 = ((runs / f"stage{n}-output.txt").read_text() for n in (1, 2))
+    assert stage1.count("training pairs") == 1 and stage1.count("done:") == 1, stage1[-2000:]
+    # the decoder report (computed and written to run.json by the first process only) is said once
+    assert stage2.count("dB before") == 1, stage2[-2000:]
+    assert json.loads((runs / "stage2" / "run.json").read_text())["decoder_psnr"]["images"] >= 1

@@ -72,10 +72,16 @@ def load_training_data(data_dir: str | Path, config: Config, say: Callable[[str]
     )
 
 
-def prepare_run(out: str | Path, config: Config, kind: str, data_dir: str | Path, resume: bool) -> Path:
+def prepare_run(
+    out: str | Path, config: Config, kind: str, data_dir: str | Path, resume: bool, write: bool = True
+) -> Path:
+    """Check that OUT may be (re)used and write its config.yaml and run.json; write=False (every
+    process but the first of a multi-process run) checks only."""
     run_dir = Path(out)
     if run_dir.exists() and ckpt.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
+    if not write:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     info_path = run_dir / "run.json"

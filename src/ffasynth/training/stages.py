@@ -1,8 +1,13 @@
 """One function per training stage, from a resolved config to a finished run folder: what the
-`train` verbs and `quickstart` call. `say` receives one-line progress messages."""
+`train` verbs and `quickstart` call. `say` receives one-line progress messages.
+
+Launched as several processes (torchrun, accelerate launch), every process trains, but only the
+first (RANK 0) writes the run folder's files and reports: the others would write the same files
+at the same time and print every line again."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +21,11 @@ def _quiet(message: str) -> None:
     pass
 
 
+def is_first_process() -> bool:
+    """RANK as torchrun and accelerate launch set it; a process not launched so is the first."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_vae(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
 ) -> TrainResult:
@@ -26,8 +36,10 @@ def run_vae(
     from ffasynth.training.run import load_training_data, prepare_run
     from ffasynth.training.vae import VAETask
 
+    first = is_first_process()
+    say = say if first else _quiet
     dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "vae", data, resume)
+    run_dir = prepare_run(out, config, "vae", data, resume, write=first)
     say(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(**vae_config(config.model))
@@ -43,20 +55,23 @@ def run_stage1(
     from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
     from ffasynth.training.stage1 import build_stage1, trainable_parameters
 
+    first = is_first_process()
+    say = say if first else _quiet
     if config.model.pretrained is None and config.model.vae is None:
         say(
             "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents "
             "mean nothing; train one first with `ffasynth train vae`"
         )
     dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "stage1", data, resume)
+    run_dir = prepare_run(out, config, "stage1", data, resume, write=first)
     task = build_stage1(config)
-    save_model_folder(run_dir, task.components)
+    if first:
+        save_model_folder(run_dir, task.components)
     say(f"{len(dataset)} training pairs; {trainable_parameters(task) / 1e6:.2f} M trainable parameters; run {run_dir}")
     result = train(task, dataset, config.stage1, run_dir, config.seed, resume, progress)
     if result.losses:
-        first, last = result.losses[0]["loss/main"], result.losses[-1]["loss/main"]
-        say(f"done: {result.step} steps; loss {first:.4f} → {last:.4f}; skipped {result.skipped_steps}")
+        start_loss, end_loss = result.losses[0]["loss/main"], result.losses[-1]["loss/main"]
+        say(f"done: {result.step} steps; loss {start_loss:.4f} → {end_loss:.4f}; skipped {result.skipped_steps}")
     return result
 
 
@@ -80,12 +95,17 @@ def run_stage2(
         from ffasynth.weights import build_lpips
 
         lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
+    first = is_first_process()
+    say = say if first else _quiet
     dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "stage2", data, resume)
-    record_stage1(run_dir, stage1)
+    run_dir = prepare_run(out, config, "stage2", data, resume, write=first)
+    if first:
+        record_stage1(run_dir, stage1)
     task = Stage2Task(stage1, config.stage2, lpips)
     say(f"{len(dataset)} training pairs; decoding {config.stage2.latents} latents; run {run_dir}")
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
+    if not first:
+        return result, {}
     report = reconstruction_report(run_dir, data, config, task)
     say(
         f"done: {result.step} steps; decoder reconstruction of {report['images']} {report['split']} FFA images: "
