@@ -196,6 +196,19 @@ _LEGACY_KEYS = {
 _CLIP_SHAPE = {"hidden_size": CLIP_HIDDEN, "intermediate_size": 4 * CLIP_HIDDEN, "num_attention_heads": 4}
 
 
+# The vision tower's config keys both real repositories write (ViT-L/14's, at the reduced depth).
+_VISION_TOWER = {
+    "hidden_act": "quick_gelu",
+    "image_size": 224,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+}
+
+
 def openai_clip_config(vision_projection_dim: bool = True) -> dict:
     """config.json of openai/clip-vit-large-patch14 (a CLIPModel, transformers 4.16 form) at reduced
     widths. vision_projection_dim=False leaves projection_dim out of vision_config, as CLIP-L configs
@@ -227,14 +240,7 @@ def openai_clip_config(vision_projection_dim: bool = True) -> dict:
         "bos_token_id": None,
         "dropout": 0.0,
         "eos_token_id": None,
-        "hidden_act": "quick_gelu",
-        "image_size": 224,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": 1e-05,
-        "model_type": "clip_vision_model",
-        "num_channels": 3,
-        "num_hidden_layers": 2,
+        **_VISION_TOWER,
         "pad_token_id": None,
         "patch_size": 14,
         "projection_dim": 768,
@@ -290,14 +296,7 @@ def image_variations_encoder_config() -> dict:
         "attention_dropout": 0.0,
         "dropout": 0.0,
         **_CLIP_SHAPE,
-        "hidden_act": "quick_gelu",
-        "image_size": 224,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": 1e-05,
-        "model_type": "clip_vision_model",
-        "num_channels": 3,
-        "num_hidden_layers": 2,
+        **_VISION_TOWER,
         "patch_size": 14,
         "projection_dim": 768,
         "torch_dtype": "float32",
