@@ -223,7 +223,6 @@ def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
 
     The .bin is read with torch.load(weights_only=True): tensors and plain containers only, so a
     pickle that would run code is refused, not executed. `out` is written whole or not at all."""
-    import pickle
     import shutil
 
     from ffasynth.files import atomic_folder
@@ -240,7 +239,7 @@ def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
         raise WeightsNotFoundError(f"{out} already exists and is not empty: give a new folder for --out")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except Exception as error:  # UnpicklingError, RuntimeError, EOFError, OSError...: any failure refuses the file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # torch's message opens with a paragraph on its defaults; the line that names the culprit is later
         cause = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])[:160]
