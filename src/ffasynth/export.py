@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from diffusers import DPMSolverMultistepScheduler
 
 from ffasynth.config import to_dict
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
+from ffasynth.models.components import sampling_scheduler
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run, run_info
@@ -80,9 +80,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
     """The run's components as a pipeline with DPM-Solver++ (2nd order) on the training noise schedule."""
     model = loaded.config.model
     components = loaded.components
-    scheduler = DPMSolverMultistepScheduler.from_config(
-        components.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
+    scheduler = sampling_scheduler(components.scheduler)
     projection = loaded.conditioner.projection
     return FFASynthesisPipeline(
         vae=components.vae,

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -139,6 +139,12 @@ def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def sampling_scheduler(training: DDPMScheduler) -> DPMSolverMultistepScheduler:
+    """The sampler exported pipelines (and stage 2's sampler latents) use: DPM-Solver++ (2nd order) on
+    the training noise schedule and prediction type."""
+    return DPMSolverMultistepScheduler.from_config(training.config, algorithm_type="dpmsolver++", solver_order=2)
 
 
 def set_attention(unet: UNet2DConditionModel, attention: str) -> None:

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 from ffasynth.config import Stage2Config
 from ffasynth.errors import ConfigError, FFASynthError
+from ffasynth.models.components import sampling_scheduler
 from ffasynth.models.conditioning import encode_latents, from_vae_output, guided_prediction
 from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from ffasynth.training.loop import Task
@@ -68,14 +68,6 @@ def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, times
     if scheduler.config.prediction_type == "v_prediction":
         return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
     return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-
-
-def sampling_scheduler(training_scheduler) -> DPMSolverMultistepScheduler:
-    """The sampler the exported pipeline uses (export.build_pipeline): DPM-Solver++ (2nd order) on the
-    training noise schedule and prediction type."""
-    return DPMSolverMultistepScheduler.from_config(
-        training_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
-    )
 
 
 class Stage2Task(Task):
