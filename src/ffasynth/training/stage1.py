@@ -51,6 +51,15 @@ def phase_labels(batch: dict, num_phases: int, device) -> torch.Tensor | None:
     return torch.as_tensor(batch["phase"], device=device).long().clamp(0, num_phases - 1)
 
 
+def clip_input(batch: dict, clip_view: str) -> torch.Tensor:
+    """What CLIP encodes for a training batch: the crop ("tile") or the whole photo's view ("whole")."""
+    if clip_view == "tile":
+        return batch["source"]
+    if "whole_source" not in batch:
+        raise FFASynthError("model.clip_view=whole needs items with the whole photo's view (PairedTransform)")
+    return batch["whole_source"]
+
+
 class Stage1Task(Task):
     name = "stage1"
 
@@ -88,7 +97,7 @@ class Stage1Task(Task):
         """(cond_tokens, source_latents); the frozen encoders run without grad, the projection with."""
         conditioner, source = self.conditioner, batch["source"]
         with torch.no_grad():
-            features = conditioner.clip_features(self._clip_view(batch)) if conditioner.use_clip else None
+            features = conditioner.clip_features(clip_input(batch, self.clip_view)) if conditioner.use_clip else None
             source_latents = conditioner.source_latents(self.components.vae, source)
         if features is None:
             tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
@@ -99,13 +108,6 @@ class Stage1Task(Task):
             if source_latents is not None:
                 source_latents = source_latents * keep.view(-1, 1, 1, 1).to(source_latents.dtype)
         return tokens, source_latents
-
-    def _clip_view(self, batch: dict) -> torch.Tensor:
-        if self.clip_view == "tile":
-            return batch["source"]
-        if "whole_source" not in batch:
-            raise FFASynthError("model.clip_view=whole needs items with the whole photo's view (PairedTransform)")
-        return batch["whole_source"]
 
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         scheduler, vae, unet = self.components.scheduler, self.components.vae, self.trainable["unet"]

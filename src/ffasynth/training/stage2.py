@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffasynth.config import Stage2Config
-from ffasynth.errors import ConfigError, FFASynthError
+from ffasynth.errors import ConfigError
 from ffasynth.models.components import sampling_scheduler
 from ffasynth.models.conditioning import encode_latents, from_vae_output, guided_prediction
 from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from ffasynth.training.loop import Task
 from ffasynth.training.run import LoadedRun
-from ffasynth.training.stage1 import phase_labels
+from ffasynth.training.stage1 import clip_input, phase_labels
 
 
 class Decoder(nn.Module):
@@ -163,11 +163,7 @@ class Stage2Task(Task):
     def condition(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond_tokens, source_latents) as stage 1 saw them: CLIP of `model.clip_view`, the crop's latent."""
         components, conditioner = self.stage1.components, self.stage1.conditioner
-        view = batch["source"]
-        if self.stage1.config.model.clip_view == "whole":
-            if "whole_source" not in batch:
-                raise FFASynthError("model.clip_view=whole needs items with the whole photo's view (PairedTransform)")
-            view = batch["whole_source"]
+        view = clip_input(batch, self.stage1.config.model.clip_view)
         return conditioner.tokens(view), conditioner.source_latents(components.vae, batch["source"])
 
     def labels(self, batch: dict) -> torch.Tensor | None:
