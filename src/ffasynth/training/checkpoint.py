@@ -11,7 +11,6 @@ Layout of RUN/checkpoints/step-000120/:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from torch import nn
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
+from ffasynth.run_folder import complete_checkpoints  # what "complete" means is the run folder's rule
 
 
 class ExponentialMovingAverage:
@@ -93,15 +91,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str) ->
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders with their state.json written, oldest first; temporary folders are skipped."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
-
-
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
     """Delete the temporary folders a killed save left behind (never a complete checkpoint)."""
     root = Path(run_dir) / "checkpoints"
@@ -111,6 +100,8 @@ def remove_partial_checkpoints(run_dir: str | Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None (a run that may start fresh, e.g. on resume); a run
+    that must have one uses run_folder.latest_checkpoint, which says so in one error."""
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
 

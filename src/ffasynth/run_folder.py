@@ -1,0 +1,71 @@
+"""What every run folder (`ffasynth train ...`, `ffasynth baseline train`) shares, in one place:
+its record run.json, which data split a stage reads, and its newest complete checkpoint.
+
+RUN/run.json            kind, data, versions, and what later stages add (sources, stage1_run, ...)
+RUN/checkpoints/step-N/ complete once its state.json is written (training/checkpoint.py writes it last)
+
+Standard library only, so any layer may use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_write_text
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# A data folder may hold train/ and a held-out split under one of these names; the first found wins.
+SPLIT_NAMES = {"train": ("train",), "test": ("test", "val", "valid")}
+
+
+def info(run_dir: str | Path) -> dict:
+    """The contents of RUN/run.json."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise FFASynthError(f"{run_dir} is not an ffasynth run folder (no run.json)")
+    return json.loads(path.read_text())
+
+
+def update_info(run_dir: str | Path, **fields) -> dict:
+    """Set `fields` in RUN/run.json, keeping every other key, and return the new contents. The file is
+    replaced atomically (a reader never sees half of it); a folder without one gets a new one."""
+    path = Path(run_dir) / "run.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(fields)
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return record
+
+
+def split_dir(data_dir: str | Path, split: str) -> Path:
+    """The folder of DATA that holds `split`:
+    train → DATA/train, or DATA itself when it has no train/ (a folder of pairs is all training data);
+    test  → DATA/test, DATA/val or DATA/valid, or, when it has none of them, the train folder above
+            (no held-out pairs: the caller evaluates on the training pairs and its record says which).
+    The returned folder's name tells which was found."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, not {split!r}")
+    data_dir = Path(data_dir)
+    for name in SPLIT_NAMES[split]:
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    return data_dir if split == "train" else split_dir(data_dir, "train")
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders with their state.json written, oldest first; temporary folders are skipped."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run that has to have one (to load, export or translate)."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    return found[-1]
