@@ -10,14 +10,8 @@ from safetensors.torch import save_file
 from ffasynth.config import load_config
 from ffasynth.errors import WeightsNotFoundError
 from ffasynth.models import loading
-from ffasynth.models.components import (
-    add_phase_embedding,
-    build_components,
-    count_parameters,
-    unet_config,
-    vae_config,
-    widen_conv_in,
-)
+from ffasynth.models.architecture import downsampling_factor, unet_config, vae_config
+from ffasynth.models.components import add_phase_embedding, build_components, count_parameters, widen_conv_in
 from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.training.stage1 import min_snr_weights, offset_noise, snr
 from tests.ldm_format import unet_to_ldm, vae_to_ldm
@@ -148,6 +142,17 @@ def test_clip_preprocessing_matches_the_processor_on_a_square_image():
     ).pixel_values
     assert ours.shape == reference.shape
     assert torch.allclose(ours, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("vae_channels", [[8, 16], [8, 8, 16]])
+def test_downsampling_factor_is_the_vaes_pixels_per_latent(vae_channels):
+    model = micro_config(f"model.vae_channels={vae_channels}").model
+    vae = AutoencoderKL(**vae_config(model)).eval()
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 32, 48)).latent_dist.mean
+    factor = downsampling_factor(vae.config)
+    assert factor == downsampling_factor(vae_channels)
+    assert latent.shape[-2:] == (32 // factor, 48 // factor)
 
 
 def _tiny_sd(model):

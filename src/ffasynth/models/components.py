@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ffasynth.config import Config, ModelConfig
 from ffasynth.errors import ConfigError
+from ffasynth.models.architecture import clip_config, clip_processor, unet_config, unet_in_channels, vae_config
+from ffasynth.models.loading import load_image_encoder, load_unet_and_vae, load_vae
 
 log = logging.getLogger(__name__)
-
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -34,62 +34,6 @@ class Components:
     scheduler: DDPMScheduler
     # Where each frozen component came from ("" = random init, saved with the run).
     sources: dict[str, str]
-
-
-def unet_config(model: ModelConfig, in_channels: int | None = None) -> dict:
-    """UNet2DConditionModel arguments; the defaults of ModelConfig give exactly SD1.5's U-Net."""
-    levels = len(model.unet_channels)
-    return {
-        "sample_size": 64,
-        "in_channels": in_channels or model.latent_channels,
-        "out_channels": model.latent_channels,
-        "layers_per_block": model.unet_layers_per_block,
-        "block_out_channels": list(model.unet_channels),
-        "down_block_types": ["CrossAttnDownBlock2D"] * (levels - 1) + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1),
-        "attention_head_dim": model.unet_attention_heads,
-        "norm_num_groups": model.unet_norm_groups,
-        "cross_attention_dim": model.cross_attention_dim,
-    }
-
-
-def vae_config(model: ModelConfig) -> dict:
-    """AutoencoderKL arguments; the defaults give SD1.5's VAE (downsampling 2^(levels-1) = 8)."""
-    levels = len(model.vae_channels)
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": list(model.vae_channels),
-        "layers_per_block": model.vae_layers_per_block,
-        "latent_channels": model.latent_channels,
-        "norm_num_groups": model.vae_norm_groups,
-        "sample_size": 512,
-        "scaling_factor": model.latent_scaling,
-    }
-
-
-def clip_config(model: ModelConfig) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=model.clip_hidden_size,
-        intermediate_size=model.clip_intermediate_size,
-        num_hidden_layers=model.clip_layers,
-        num_attention_heads=model.clip_heads,
-        image_size=model.clip_image_size,
-        patch_size=model.clip_patch_size,
-        projection_dim=model.cross_attention_dim,
-    )
-
-
-def clip_processor(image_size: int) -> CLIPImageProcessor:
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
 
 
 def widen_conv_in(unet: UNet2DConditionModel, extra_channels: int) -> UNet2DConditionModel:
@@ -124,10 +68,6 @@ def add_phase_embedding(unet: UNet2DConditionModel, num_phases: int) -> None:
     unet.register_to_config(num_class_embeds=num_phases)
 
 
-def unet_in_channels(model: ModelConfig) -> int:
-    return model.latent_channels * (2 if model.use_concat else 1)
-
-
 def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDPMScheduler:
     """SD1.5's noise schedule (scaled-linear β from 0.00085 to 0.012)."""
     return DDPMScheduler(
@@ -149,8 +89,6 @@ def sampling_scheduler(training: DDPMScheduler) -> DPMSolverMultistepScheduler:
 
 def set_attention(unet: UNet2DConditionModel, attention: str) -> None:
     """SDPA (torch's fused attention, the default) or the eager maths, for comparison and debugging."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
     unet.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
@@ -186,14 +124,12 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
     The U-Net always ends with `unet_in_channels(config.model)` input channels (8 with the source
     latent concatenated), widened by zero-initialised channels when loaded with 4.
     """
-    from ffasynth.models import loading
-
     model = config.model
     if not random_weights:
         refuse_silent_random_init(model)
     sources = {"unet": "", "vae": "", "image_encoder": ""}
     if model.pretrained and not random_weights:
-        unet, vae = loading.load_unet_and_vae(model.pretrained, model)
+        unet, vae = load_unet_and_vae(model.pretrained, model)
         sources["unet"] = sources["vae"] = model.pretrained
     else:
         # From scratch there is no pretrained behaviour to preserve: conv_in gets all its input channels
@@ -201,7 +137,7 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
         unet = UNet2DConditionModel(**unet_config(model, in_channels=unet_in_channels(model)))
         vae = AutoencoderKL(**vae_config(model))
     if model.vae and not random_weights:
-        vae = loading.load_vae(model.vae)
+        vae = load_vae(model.vae)
         sources["vae"] = model.vae
     wanted = unet_in_channels(model)
     if unet.config.in_channels == model.latent_channels and wanted > model.latent_channels:
@@ -215,7 +151,7 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
     image_encoder = processor = None
     if model.use_clip:
         if model.image_encoder and not random_weights:
-            image_encoder, processor = loading.load_image_encoder(model.image_encoder)
+            image_encoder, processor = load_image_encoder(model.image_encoder)
             sources["image_encoder"] = model.image_encoder
         else:
             image_encoder = CLIPVisionModelWithProjection(clip_config(model))

@@ -9,14 +9,21 @@ put where.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, PretrainedConfig
 
 from ffasynth.config import ModelConfig
 from ffasynth.errors import WeightsNotFoundError
+from ffasynth.files import atomic_folder
+from ffasynth.models.architecture import clip_processor, unet_config, vae_config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
@@ -76,12 +83,6 @@ def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DCondit
 def load_single_file(path: Path, model: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL]:
     """An original-format (CompVis/LDM) SD1.5 checkpoint: keys model.diffusion_model.* and
     first_stage_model.*, converted with diffusers' own key mapping onto the shapes in `model`."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ffasynth.models.components import unet_config, vae_config
-
     if path.suffix in PICKLE_SUFFIXES:
         raise WeightsNotFoundError(
             f"{path} is a pickle checkpoint, which is not loaded (unsafe); convert it to .safetensors"
@@ -141,8 +142,6 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
     image variation uses; the text tower is not read) or a CLIPVisionModelWithProjection, directly or
     in image_encoder/ (+ feature_extractor/). An encoder kept only as pytorch_model.bin is refused,
     naming `ffasynth weights convert-clip`, which converts it once."""
-    from ffasynth.models.components import clip_processor
-
     path = Path(source).expanduser()
     if path.is_dir():
         folder = path / "image_encoder" if (path / "image_encoder" / "config.json").is_file() else path
@@ -223,11 +222,6 @@ def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
 
     The .bin is read with torch.load(weights_only=True): tensors and plain containers only, so a
     pickle that would run code is refused, not executed. `out` is written whole or not at all."""
-    import shutil
-
-    from ffasynth.files import atomic_folder
-    from ffasynth.models.components import clip_processor
-
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if source.is_file():
         folder, weights = source.parent, source
@@ -280,9 +274,6 @@ def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
 
 def load_safetensors_into(module: torch.nn.Module, path: Path, what: str) -> None:
     """Strict load of a safetensors state dict, with one-line errors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise WeightsNotFoundError(f"{what}: missing {path}")
     try:
@@ -306,10 +297,6 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str) -> None:
 def check_pipeline_folder(folder: Path) -> None:
     """Refuse, in one line naming the file, a pipeline folder whose index or model weights are
     missing, cut short or not safetensors; before diffusers' loader, whose errors span many lines."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
     index_path = Path(folder) / "model_index.json"
     try:
         index = json.loads(index_path.read_text())
