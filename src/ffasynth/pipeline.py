@@ -35,7 +35,9 @@ from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, unit_float
 from ffasynth.data.transforms import whole_view
 from ffasynth.errors import FFASynthError
+from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
+from ffasynth.models.loading import check_pipeline_folder
 from ffasynth.tiling import Tile, latent_tile, plan_tiles, tiled_decode, tiled_encode, tiled_map
 
 __all__ = [
@@ -207,8 +209,6 @@ class FFASynthesisPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """A folder written by save_pretrained (or `ffasynth export`); safetensors weights only. A
         missing or damaged weights file is refused in one line naming it."""
-        from ffasynth.models.loading import check_pipeline_folder
-
         kwargs.setdefault("use_safetensors", True)
         if Path(pretrained_model_name_or_path).is_dir():
             check_pipeline_folder(Path(pretrained_model_name_or_path))
@@ -216,11 +216,11 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsampling_factor(self.vae.config)
 
     @property
     def unet_scale_factor(self) -> int:
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return downsampling_factor(self.unet.config)
 
     def conditioner(self) -> SourceConditioner:
         """The conditioning paths over the pipeline's current components (the projection shared, not copied)."""
