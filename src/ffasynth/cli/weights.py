@@ -25,6 +25,7 @@ def convert_clip(
     when unpickled is refused, never executed. OUT is written whole or not at all; point
     model.image_encoder at it.
     """
+    # Inside: loading pulls in diffusers + transformers (~9 s here), which every `ffasynth` start would pay.
     from ffasynth.models.loading import convert_clip_checkpoint
 
     folder = convert_clip_checkpoint(source, out)

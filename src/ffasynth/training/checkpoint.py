@@ -21,6 +21,7 @@ from torch import nn
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
+from ffasynth.models.loading import load_safetensors_into
 from ffasynth.run_folder import complete_checkpoints  # what "complete" means is the run folder's rule
 
 
@@ -156,8 +157,6 @@ def load_checkpoint(
 def load_weights(folder: Path, name: str, module: nn.Module, ema: bool = True) -> bool:
     """Load one module's weights from a checkpoint, the EMA copy when asked and present.
     Returns whether EMA weights were used."""
-    from ffasynth.models.loading import load_safetensors_into
-
     ema_path = folder / f"{name}.ema.safetensors"
     if ema and ema_path.is_file():
         weights = load_file(str(ema_path))
