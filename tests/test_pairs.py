@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ffasynth.data.pairs import check_pairs, detect_layout, discover_pairs, load_pairs
-from ffasynth.errors import PairError
+from ffasynth.config import load_config
+from ffasynth.data.pairs import LAYOUTS, check_pairs, detect_layout, discover_pairs, load_pairs
+from ffasynth.errors import ConfigError, PairError
 
 
 def _write(path, size=(40, 30), colour=True, value=100):
@@ -149,6 +150,24 @@ def test_named_layout_one_pair_per_folder(tmp_path):
     assert [p.id for p in pairs] == ["other"]
     with pytest.raises(PairError, match="must differ"):
         discover_pairs(root, "named", names=("ffa", "FFA"))
+
+
+def test_data_layout_named_is_accepted_by_the_config_and_chooses_the_named_layout(tmp_path):
+    _write(tmp_path / "7.png")  # a uwf pair at the root: "auto" would find the uwf layout
+    _write(tmp_path / "7.1.png", colour=False)
+    _write(tmp_path / "left" / "cfp.png")
+    _write(tmp_path / "left" / "ffa.png", colour=False)
+    assert [p.id for p in load_pairs(tmp_path, load_config().data.layout)] == ["7"]
+    config = load_config(overrides=["data.layout=named"])
+    assert [p.id for p in load_pairs(tmp_path, config.data.layout, config.data.phase)] == ["left"]
+
+
+def test_the_config_accepts_exactly_auto_and_the_pair_layouts():
+    for layout in ("auto", *LAYOUTS):
+        assert load_config(overrides=[f"data.layout={layout}"]).data.layout == layout
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=["data.layout=zigzag"])
+    assert str(refused.value) == f"config value data.layout='zigzag' is not one of {['auto', *LAYOUTS]}"
 
 
 def test_underscore_and_hidden_folders_are_not_data(tmp_path):

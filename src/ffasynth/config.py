@@ -22,10 +22,15 @@ from ffasynth.files import atomic_write_text
 
 __all__ = ["Config", "PRESETS", "load_config", "save_config", "from_dict", "to_dict", "parse_override", "validate"]
 
+# The one list of pair layouts: data/pairs.py finds pairs in each, data.layout accepts each or "auto"
+# (detect). Kept here, the lowest layer, so the config needs nothing from data/ (nor torch).
+LAYOUTS = ("uwf", "isfahan", "manifest", "named")
+Layout = Literal[("auto", *LAYOUTS)]
+
 
 @dataclass
 class DataConfig:
-    layout: Literal["auto", "uwf", "isfahan", "manifest"] = "auto"
+    layout: Layout = "auto"
     # uwf layout: which FFA phase(s) are targets; "both" makes one sample per phase.
     phase: Literal["early", "late", "both"] = "both"
     crop_size: int = 768

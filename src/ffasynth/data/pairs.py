@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ffasynth.config import LAYOUTS  # the one list of layouts (data.layout is checked against it)
 from ffasynth.data.io import IMAGE_SUFFIXES, MIN_SIDE, image_size, is_image_file, read_image
 from ffasynth.errors import ImageReadError, PairError
 
-LAYOUTS = ("uwf", "isfahan", "manifest", "named")
 NAMED_DEFAULT = ("cfp", "ffa")  # the `named` layout's source and target file stems
 MANIFEST_NAMES = ("pairs.csv", "manifest.csv")
 UWF_PHASES = {"1": "early", "2": "late"}
