@@ -24,7 +24,7 @@ from ffasynth.config import load_config
 from ffasynth.training.loop import train
 from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1
-from tests.test_models import MICRO
+from tests.helpers import MICRO
 
 NAN_STEP = 1
 STEPS = 4

@@ -6,10 +6,9 @@ import json
 import shutil
 
 from PIL import Image
-from typer.testing import CliRunner
 
-from ffasynth.cli import app
 from ffasynth.training import checkpoint as ckpt
+from tests.helpers import invoke
 
 SMALL = [
     "data.crop_size=32",
@@ -27,60 +26,29 @@ def test_pix2pix_trains_resumes_translates_and_is_evaluated_beside_another_metho
     from ffasynth.data.phantom import write_phantom_dataset
 
     data = write_phantom_dataset(tmp_path / "data", n=4, size=80, seed=2, test_fraction=0.25)
-    runner = CliRunner()
     run = tmp_path / "p2p"
-    result = runner.invoke(
-        app,
-        [
-            "baseline",
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(run),
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "2",
-            "--quiet",
-            *SMALL,
-        ],
+    result = invoke(
+        "baseline", "train", "--data", data, "--out", run, "--preset", "tiny", "--max-steps", 2, "--quiet", *SMALL
     )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        app, ["baseline", "train", "--data", str(data), "--out", str(run), "--resume", "--max-steps", "3", "--quiet"]
-    )
+    result = invoke("baseline", "train", "--data", data, "--out", run, "--resume", "--max-steps", 3, "--quiet")
     assert result.exit_code == 0, result.output
     assert ckpt.latest_checkpoint(run).name == "step-000003"
     names = {p.name for p in ckpt.latest_checkpoint(run).iterdir()}
     assert {"generator.safetensors", "discriminator.safetensors", "optimizer-generator.safetensors"} <= names
     out = tmp_path / "pix2pix-out"
-    result = runner.invoke(app, ["baseline", "translate", str(run), str(data / "test"), "--out", str(out)])
+    result = invoke("baseline", "translate", run, data / "test", "--out", out)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["4_ffa.png"]  # the photo only, not its angiograms
     assert Image.open(out / "4_ffa.png").size == (80, 80)
     other = tmp_path / "other-out"
     shutil.copytree(out, other)
     report = tmp_path / "report"
-    result = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--real",
-            str(data / "test"),
-            "--fake",
-            f"pix2pix={out}",
-            "--fake",
-            f"copy={other}",
-            "--out",
-            str(report),
-            "--metrics",
-            "psnr,ssim",
-        ],
-    )
+    fakes = ["--fake", f"pix2pix={out}", "--fake", f"copy={other}"]
+    result = invoke("evaluate", "--real", data / "test", *fakes, "--out", report, "--metrics", "psnr,ssim")
     assert result.exit_code == 0, result.output
     methods = json.loads((report / "metrics.json").read_text())["methods"]
     assert set(methods) == {"pix2pix", "copy"}
     assert methods["pix2pix"]["summary"]["psnr"]["mean"] == methods["copy"]["summary"]["psnr"]["mean"]
-    bad = runner.invoke(app, ["baseline", "translate", str(tmp_path / "data"), str(data / "test"), "--out", str(out)])
+    bad = invoke("baseline", "translate", tmp_path / "data", data / "test", "--out", out)
     assert bad.exit_code != 0

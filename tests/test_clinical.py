@@ -20,6 +20,7 @@ from ffasynth.evaluation.clinical import (
     run_clinical,
 )
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
+from tests.helpers import micro_pipeline
 
 
 def test_metrics_on_a_fixed_prediction_set():
@@ -190,7 +191,6 @@ def test_clinical_generates_synthetic_ffa_with_a_pipeline(lesion_phantoms, tmp_p
     from typer.testing import CliRunner
 
     from ffasynth.cli import app
-    from tests.test_pipeline import micro_pipeline
 
     micro_pipeline().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"

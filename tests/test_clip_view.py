@@ -21,8 +21,7 @@ from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.pipeline import FFASynthesisPipeline, TileSettings
 from ffasynth.tiling import plan_tiles
 from ffasynth.training.stage1 import Stage1Task
-from tests.test_models import micro_config
-from tests.test_pipeline import micro_pipeline, seeded
+from tests.helpers import micro_config, micro_pipeline, seeded
 
 
 class Recorder:

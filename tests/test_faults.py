@@ -21,18 +21,10 @@ from ffasynth.errors import FFASynthError
 from ffasynth.models import loading
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import TrainingError
-from tests.test_models import MICRO
-from tests.test_training import _run
+from tests.helpers import MICRO, MICRO_STAGE1, train_micro_stage1
 
-FAST = MICRO + [
-    "data.crop_size=32",
-    "stage1.batch_size=2",
-    "stage1.save_every=1",
-    "stage1.log_every=1",
-    "stage1.sample_every=1000",
-    "stage1.sample_steps=1",
-    "stage1.keep_checkpoints=2",
-]
+FAST = MICRO_STAGE1 + ["stage1.save_every=1", "stage1.keep_checkpoints=2"]  # a checkpoint every step, two kept
+FAST += ["stage1.sample_every=1000", "stage1.sample_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +123,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(pairs, tmp_path, 
 
     monkeypatch.setattr(module, "save_file", failing_save)
     with pytest.raises(TrainingError, match="No space left on device.*step-000001.*is intact"):
-        _run(pairs, tmp_path / "run", 4, extra=["stage1.save_every=1", "stage1.sample_steps=1"] + MICRO)
+        train_micro_stage1(pairs, tmp_path / "run", 4, extra=["stage1.save_every=1", "stage1.sample_steps=1"] + MICRO)
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step-000001"]
     assert _assert_loadable(ckpt.latest_checkpoint(tmp_path / "run")) == 1
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
@@ -148,7 +140,7 @@ class _Exploit:
 def test_a_malicious_pickle_named_like_a_checkpoint_is_refused_unexecuted(pairs, tmp_path):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"state_dict": _Exploit(marker)})
-    _run(pairs, tmp_path / "run", 1, extra=["stage1.sample_steps=1"])
+    train_micro_stage1(pairs, tmp_path / "run", 1, extra=["stage1.sample_steps=1"])
     planted = tmp_path / "run" / "checkpoints" / "step-000005"
     planted.mkdir()
     for name in ("unet.safetensors", "unet.ema.safetensors", "optimizer-main.safetensors"):
@@ -156,7 +148,7 @@ def test_a_malicious_pickle_named_like_a_checkpoint_is_refused_unexecuted(pairs,
     (planted / "optimizer-main.json").write_text("{}")
     (planted / "state.json").write_text(json.dumps({"step": 5, "ema_updates": {"unet": 5}}))
     with pytest.raises(FFASynthError, match="step-000005"):
-        _run(pairs, tmp_path / "run", 6, resume=True, extra=["stage1.sample_steps=1"])
+        train_micro_stage1(pairs, tmp_path / "run", 6, resume=True, extra=["stage1.sample_steps=1"])
     evil = tmp_path / "sd15.ckpt"
     evil.write_bytes(payload)
     with pytest.raises(FFASynthError, match="pickle"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.test_pipeline import micro_pipeline
+from tests.helpers import micro_pipeline
 
 # Recorded with torch 2.14.1, diffusers 0.42.1, transformers 5.24.0 on x86-64 CPU; update them only
 # for a change that is meant to move the numbers, and say why in the commit.

@@ -15,7 +15,7 @@ from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, train
 from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1
-from tests.test_models import MICRO
+from tests.helpers import MICRO
 
 
 class _Blank:

@@ -14,21 +14,8 @@ from ffasynth.models.architecture import downsampling_factor, unet_config, vae_c
 from ffasynth.models.components import add_phase_embedding, build_components, count_parameters, widen_conv_in
 from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.training.stage1 import min_snr_weights, offset_noise, snr
+from tests.helpers import micro_config
 from tests.ldm_format import unet_to_ldm, vae_to_ldm
-
-MICRO = [
-    "model.unet_channels=[16,32]",
-    "model.unet_attention_heads=2",
-    "model.cross_attention_dim=32",
-    "model.vae_channels=[8,16]",
-    "model.clip_hidden_size=32",
-    "model.clip_intermediate_size=64",
-    "model.clip_image_size=32",
-]
-
-
-def micro_config(*extra):
-    return load_config(preset="tiny", overrides=MICRO + list(extra))
 
 
 def test_zero_initialised_conv_in_leaves_the_unet_output_unchanged():

@@ -4,8 +4,6 @@ uncertainty from several samples, phases."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,31 +12,8 @@ from PIL import Image
 
 from ffasynth.data.io import save_image, unit_float
 from ffasynth.errors import FFASynthError
-from ffasynth.export import build_pipeline
-from ffasynth.models.components import build_components
-from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.pipeline import FFASynthesisPipeline, TileSettings, TokenProjection, source_tensor
-from ffasynth.training.run import LoadedRun
-from tests.test_models import micro_config
-
-
-def micro_pipeline(*overrides: str, seed: int = 0) -> FFASynthesisPipeline:
-    """Random micro components (VAE ×2, U-Net ×2 downsampling; tile 32 px), conv_in's source
-    channels and the phase embedding moved off zero as training would, so every input matters."""
-    config = micro_config("data.crop_size=32", *overrides)
-    torch.manual_seed(seed)
-    components = build_components(config, random_weights=True)
-    torch.nn.init.normal_(components.unet.conv_in.weight, std=0.1)
-    if components.unet.class_embedding is not None:
-        torch.nn.init.normal_(components.unet.class_embedding.weight, std=0.5)
-    conditioner = SourceConditioner.from_components(components, config.model)
-    pipeline = build_pipeline(LoadedRun(config, components, conditioner, Path("."), False))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from tests.helpers import micro_pipeline, seeded
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ffasynth.cli import app
-from tests.test_models import MICRO
+from tests.helpers import MICRO
 
 
 @pytest.mark.slow

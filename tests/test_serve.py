@@ -15,7 +15,7 @@ from PIL import Image
 from ffasynth.app import ServeSettings, Translator
 from ffasynth.errors import FFASynthError
 from tests.browser import Browser, find_chromium, free_port, wait_for_http
-from tests.test_pipeline import micro_pipeline
+from tests.helpers import micro_pipeline
 
 ARTIFACTS = Path(os.environ.get("FFASYNTH_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 

@@ -8,25 +8,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from ffasynth.cli import app
 from ffasynth.config import load_config
 from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss, receptive_field
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.run import load_model_run, load_stage1_run
 from ffasynth.training.stage2 import Stage2Task, predicted_x0
-from tests.test_training import _run
-
-STAGE2 = [
-    "stage2.batch_size=2",
-    "stage2.disc_start=0",
-    "stage2.lpips_weight=0",
-    "stage2.disc_channels=8",
-    "stage2.log_every=1",
-    "stage2.sampler_steps=2",
-    "data.crop_size=32",
-]
+from tests.helpers import STAGE2, invoke, train_micro_stage1
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +23,7 @@ def stage1_run(tmp_path_factory):
 
     pairs = write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=4, size=48, seed=5, test_fraction=0.25)
     run = tmp_path_factory.mktemp("runs") / "s1"
-    _run(pairs, run, 2)
+    train_micro_stage1(pairs, run, 2)
     return pairs, run
 
 
@@ -107,23 +95,9 @@ def test_every_loss_term_moves_the_decoder(stage1_run):
 def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp_path):
     pairs, run = stage1_run
     before = load_stage1_run(run)
-    runner = CliRunner()
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "stage2",
-            "--from",
-            str(run),
-            "--data",
-            str(pairs),
-            "--out",
-            str(tmp_path / "s2"),
-            "--max-steps",
-            "3",
-            "--quiet",
-            *STAGE2,
-        ],
+    out = tmp_path / "s2"
+    result = invoke(
+        "train", "stage2", "--from", run, "--data", pairs, "--out", out, "--max-steps", 3, "--quiet", *STAGE2
     )
     assert result.exit_code == 0, result.output
     assert "dB before" in result.output
@@ -170,22 +144,9 @@ def test_stage2_with_the_real_lpips_gives_the_decoder_perceptual_gradient(stage1
 
 def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):
     pairs, run = stage1_run
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "stage2",
-            "--from",
-            str(run),
-            "--data",
-            str(pairs),
-            "--out",
-            str(tmp_path / "s2"),
-            "--max-steps",
-            "1",
-            "stage2.lpips_weight=1",
-            f"stage2.weights_dir={tmp_path / 'empty'}",
-        ],
+    no_weights = ["stage2.lpips_weight=1", f"stage2.weights_dir={tmp_path / 'empty'}"]
+    result = invoke(
+        "train", "stage2", "--from", run, "--data", pairs, "--out", tmp_path / "s2", "--max-steps", 1, *no_weights
     )
     assert result.exit_code != 0
     assert "vgg16-397923af.pth" in str(result.exception) and "\n" not in str(result.exception)
@@ -194,7 +155,7 @@ def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):
 def test_decoder_errors_are_l1_and_psnr_on_the_unit_scale():
     from diffusers import AutoencoderKL
 
-    from ffasynth.training.stage2 import decoder_errors
+    from ffasynth.evaluation.decoder_report import decoder_errors
 
     vae = AutoencoderKL(
         block_out_channels=(8, 8),

@@ -9,26 +9,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from ffasynth.cli import app
 from ffasynth.config import load_config
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainingError, train
-from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
-from ffasynth.training.stage1 import build_stage1
-from tests.test_models import MICRO
-
-TRAIN = [
-    "stage1.batch_size=2",
-    "stage1.log_every=1",
-    "stage1.sample_every=100",
-    "stage1.lr_warmup_steps=2",
-    "stage1.ema_decay=0.9",
-    "data.crop_size=32",
-    "seed=3",
-]
+from ffasynth.training.run import load_stage1_run, load_training_data
+from tests.helpers import MICRO, invoke, train_micro_stage1
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +23,17 @@ def pairs(tmp_path_factory):
     return write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=4, size=48, seed=5)
 
 
-def _run(pairs, run_dir, max_steps, resume=False, extra=()):
-    config = load_config(
-        preset="tiny", overrides=MICRO + TRAIN + [f"stage1.max_steps={max_steps}", "stage1.save_every=3", *extra]
-    )
-    dataset = load_training_data(pairs, config)
-    prepare_run(run_dir, config, "stage1", pairs, resume)
-    task = build_stage1(config)
-    save_model_folder(run_dir, task.components)
-    return train(task, dataset, config.stage1, run_dir, config.seed, resume=resume, progress=False)
-
-
 def _losses(run_dir):
     return [json.loads(line)["loss/main"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_resumed_run_repeats_the_uninterrupted_run_exactly(pairs, tmp_path):
-    whole = _run(pairs, tmp_path / "whole", 7)
-    _run(pairs, tmp_path / "split", 4)  # stops after step 4; newest checkpoint = step 4
+    whole = train_micro_stage1(pairs, tmp_path / "whole", 7)
+    train_micro_stage1(pairs, tmp_path / "split", 4)  # stops after step 4; newest checkpoint = step 4
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "split")] == ["step-000003", "step-000004"]
     # a kill after step 4's checkpoint but before the next leaves only complete checkpoints behind
     (tmp_path / "split" / "checkpoints" / ".step-000006.abc.tmp").mkdir()
-    resumed = _run(pairs, tmp_path / "split", 7, resume=True)
+    resumed = train_micro_stage1(pairs, tmp_path / "split", 7, resume=True)
     assert resumed.step == whole.step == 7
     assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
     for name in ("unet.safetensors", "unet.ema.safetensors", "optimizer-main.safetensors"):
@@ -79,7 +55,7 @@ def test_a_checkpoint_cut_mid_write_is_ignored(tmp_path):
 
 
 def test_finished_run_loads_back_for_inference(pairs, tmp_path):
-    _run(pairs, tmp_path / "run", 3)
+    train_micro_stage1(pairs, tmp_path / "run", 3)
     loaded = load_stage1_run(tmp_path / "run")
     assert loaded.ema and loaded.checkpoint.name == "step-000003"
     weights = load_file(str(loaded.checkpoint / "unet.ema.safetensors"))
@@ -91,9 +67,9 @@ def test_finished_run_loads_back_for_inference(pairs, tmp_path):
 
 
 def test_existing_run_is_not_overwritten_without_resume(pairs, tmp_path):
-    _run(pairs, tmp_path / "run", 3)
+    train_micro_stage1(pairs, tmp_path / "run", 3)
     with pytest.raises(Exception, match="--resume"):
-        _run(pairs, tmp_path / "run", 3)
+        train_micro_stage1(pairs, tmp_path / "run", 3)
 
 
 class _Exploding(Task):
@@ -139,84 +115,39 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
 
 
 def test_train_cli_runs_vae_then_stage1_and_refuses_bad_values(pairs, tmp_path):
-    runner = CliRunner()
     tiny = MICRO + ["data.crop_size=32", "vae.batch_size=2", "stage1.batch_size=2"]
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "vae",
-            "--data",
-            str(pairs),
-            "--out",
-            str(tmp_path / "vae"),
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "2",
-            "--quiet",
-            *tiny,
-        ],
-    )
+    vae_run = ["train", "vae", "--data", pairs, "--out", tmp_path / "vae", "--preset", "tiny", "--quiet"]
+    result = invoke(*vae_run, "--max-steps", 2, *tiny)
     assert result.exit_code == 0, result.output
     vae_folder = tmp_path / "vae" / "vae"
     assert (vae_folder / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((vae_folder / "config.json").read_text())["scaling_factor"] != 0.18215  # measured, not SD's
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "stage1",
-            "--data",
-            str(pairs),
-            "--out",
-            str(tmp_path / "s1"),
-            "--preset",
-            "tiny",
-            "--vae",
-            str(tmp_path / "vae"),
-            "--max-steps",
-            "2",
-            "--quiet",
-            *tiny,
-        ],
-    )
+    stage1 = ["train", "stage1", "--data", pairs, "--out", tmp_path / "s1", "--quiet"]
+    result = invoke(*stage1, "--preset", "tiny", "--vae", tmp_path / "vae", "--max-steps", 2, *tiny)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s1" / "samples" / "step-000002.png").is_file()
     saved = load_config(tmp_path / "s1" / "config.yaml")
     assert saved.stage1.max_steps == 2 and saved.model.vae == str((tmp_path / "vae").resolve())
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "stage1",
-            "--data",
-            str(pairs),
-            "--out",
-            str(tmp_path / "s1"),
-            "--resume",
-            "--max-steps",
-            "3",
-            "--quiet",
-        ],
-    )
+    result = invoke(*stage1, "--resume", "--max-steps", 3)
     assert result.exit_code == 0, result.output
     assert ckpt.latest_checkpoint(tmp_path / "s1").name == "step-000003"
     shutil.rmtree(tmp_path / "s1")
     for bad, key in (("stage1.offset_noise_strength=-1", "offset_noise_strength"), ("stage1.nope=1", "stage1.nope")):
-        result = runner.invoke(app, ["train", "stage1", "--data", str(pairs), "--out", str(tmp_path / "s1"), bad])
+        result = invoke("train", "stage1", "--data", pairs, "--out", tmp_path / "s1", bad)
         assert result.exit_code != 0 and key in str(result.exception), result.output
 
 
 def test_a_time_budget_ends_the_run_with_a_checkpoint(pairs, tmp_path):
-    result = _run(pairs, tmp_path / "run", 50, extra=["stage1.max_minutes=0.00001", "stage1.save_every=100"])
+    result = train_micro_stage1(
+        pairs, tmp_path / "run", 50, extra=["stage1.max_minutes=0.00001", "stage1.save_every=100"]
+    )
     assert result.step == 1 and ckpt.latest_checkpoint(tmp_path / "run").name == "step-000001"
     assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()
 
 
 def test_channels_last_training_matches_the_default_layout_and_saves_loadable_weights(pairs, tmp_path):
-    default = _run(pairs, tmp_path / "nchw", 3)
-    nhwc = _run(pairs, tmp_path / "nhwc", 3, extra=["stage1.channels_last=true"])
+    default = train_micro_stage1(pairs, tmp_path / "nchw", 3)
+    nhwc = train_micro_stage1(pairs, tmp_path / "nhwc", 3, extra=["stage1.channels_last=true"])
     assert nhwc.step == default.step == 3
     assert _losses(tmp_path / "nhwc") == pytest.approx(_losses(tmp_path / "nchw"), rel=1e-4, abs=1e-6)
     a = load_file(str(tmp_path / "nchw" / "checkpoints" / "step-000003" / "unet.safetensors"))

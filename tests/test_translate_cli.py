@@ -17,8 +17,7 @@ from ffasynth.data.io import read_image, save_image
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
 from ffasynth.translate import collect_inputs, output_stems, uncertainty_rgb
-from tests.test_stage2 import STAGE2
-from tests.test_training import _run
+from tests.helpers import STAGE2, train_micro_stage1
 
 runner = CliRunner()
 
@@ -27,7 +26,7 @@ runner = CliRunner()
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     pairs = write_phantom_dataset(root / "pairs", n=4, size=48, seed=5)
-    _run(pairs, root / "run", 3)
+    train_micro_stage1(pairs, root / "run", 3)
     return root / "run"
 
 
