@@ -12,7 +12,7 @@ from ffasynth.data.phantom import make_eye
 from ffasynth.models.conditioning import decode_latents, encode_latents
 from ffasynth.pipeline import TileSettings
 from ffasynth.tiling import plan_tiles, tile_weights, tiled_decode, tiled_encode, tiled_map, weight_sums
-from tests.test_pipeline import micro_pipeline, seeded
+from tests.helpers import micro_pipeline, seeded
 
 
 @pytest.mark.parametrize(
