@@ -95,7 +95,7 @@ def child(args) -> dict:
     else:
         import lpips
 
-        from ffasynth.training.stage2 import Decoder
+        from ffasynth.models.decoder import Decoder
 
         module = Decoder(vae).train()
         if args.checkpointing:

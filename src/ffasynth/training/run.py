@@ -25,6 +25,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
 from ffasynth.models.components import Components, add_phase_embedding, set_attention, training_scheduler
 from ffasynth.models.conditioning import SourceConditioner
+from ffasynth.models.decoder import Decoder
 from ffasynth.training import checkpoint as ckpt
 
 
@@ -185,8 +186,6 @@ def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
     info = run_info(run_dir)
     if info.get("kind") != "stage2":
         return load_stage1_run(run_dir, ema=ema)
-    from ffasynth.training.stage2 import Decoder
-
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
     folder = ckpt.latest_checkpoint(run_dir)
     if folder is None:

@@ -28,38 +28,22 @@ discriminator loss (hinge) = relu(1 − D(x)) + relu(1 + D(x̂)), from `disc_sta
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ffasynth import run_folder
 from ffasynth.config import Stage2Config
 from ffasynth.errors import ConfigError
+from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.components import sampling_scheduler
 from ffasynth.models.conditioning import encode_latents, from_vae_output, guided_prediction
+from ffasynth.models.decoder import Decoder
 from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from ffasynth.training.loop import Task
 from ffasynth.training.run import LoadedRun
 from ffasynth.training.stage1 import clip_input, phase_labels
-
-
-class Decoder(nn.Module):
-    """The trainable part of the VAE: post_quant_conv + decoder, z (scaled) → 3-channel image."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.post_quant_conv = vae.post_quant_conv
-        self.decoder = vae.decoder
-        self.scaling_factor = vae.config.scaling_factor
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents / self.scaling_factor))
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        return self.decoder.conv_out.weight
 
 
 def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -149,7 +133,7 @@ class Stage2Task(Task):
         labels = self.labels(batch)
         sampler = sampling_scheduler(components.scheduler)
         sampler.set_timesteps(self.config.sampler_steps, device=source.device)
-        factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        factor = downsampling_factor(components.vae.config)
         height, width = (size // factor for size in source.shape[-2:])
         shape = (source.shape[0], components.unet.config.out_channels, height, width)
         latents = torch.randn(shape, generator=generator, device=source.device) * sampler.init_noise_sigma
@@ -221,68 +205,7 @@ class Stage2Task(Task):
 
 def record_stage1(run_dir: Path, stage1: LoadedRun) -> None:
     """run.json names the stage-1 run and checkpoint this decoder was tuned for."""
-    from ffasynth.files import atomic_write_text
-
-    info_path = Path(run_dir) / "run.json"
-    info = json.loads(info_path.read_text())
-    info["stage1_run"] = str(Path(stage1.checkpoint).parent.parent.resolve())
-    info["stage1_checkpoint"] = str(Path(stage1.checkpoint).resolve())
-    atomic_write_text(info_path, json.dumps(info, indent=1))
-
-
-@torch.no_grad()
-def decoder_errors(vae, decoder: Decoder | None, images: list[torch.Tensor]) -> dict[str, float]:
-    """Mean L1 and mean PSNR (dB) of x vs D(E(x)), both on the [0, 1] intensity scale, over whole FFA
-    images (1, H, W) in [-1, 1], padded to the VAE's multiple; `decoder` None = the VAE's own decoder."""
-    from ffasynth.data.transforms import pad_to
-
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    l1, psnr = [], []
-    for image in images:
-        height, width = image.shape[-2:]
-        padded = pad_to(image, -(-height // factor) * factor, -(-width // factor) * factor)[None]
-        latents = encode_latents(vae, padded)
-        decoded = decoder(latents) if decoder is not None else vae.decode(latents / vae.config.scaling_factor).sample
-        grey = (from_vae_output(decoded.float()).clamp(-1, 1)[..., :height, :width] + 1) / 2
-        real = (image[None] + 1) / 2
-        l1.append((grey - real).abs().mean().item())
-        mse = F.mse_loss(grey, real).item()
-        psnr.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
-    return {"l1": sum(l1) / len(l1), "db": sum(psnr) / len(psnr)}
-
-
-def reconstruction_report(run_dir: Path, data_dir: Path, config, task: Stage2Task, max_images: int = 16) -> dict:
-    """Decoder L1 and PSNR of real FFA (test split when present) with the original vs the fine-tuned
-    decoder (its EMA weights when kept); stored in run.json under "decoder_psnr"."""
-    from ffasynth.data.dataset import PairDataset
-    from ffasynth.data.pairs import load_pairs
-    from ffasynth.data.transforms import normalise
-    from ffasynth.files import atomic_write_text
-    from ffasynth.training import checkpoint as ckpt
-
-    data_dir = Path(data_dir)
-    split = "test" if (data_dir / "test").is_dir() else "train"
-    root = data_dir / "test" if split == "test" else (data_dir / "train" if (data_dir / "train").is_dir() else data_dir)
-    pairs = load_pairs(root, config.data.layout, config.data.phase, config.data.max_pixels, decode=True)[:max_images]
-    dataset = PairDataset(pairs, cache=False, max_pixels=config.data.max_pixels)
-    images = [normalise(dataset.load(i)[1]) for i in range(len(dataset))]
-    vae = task.stage1.components.vae.to("cpu").float()
-    tuned = copy.deepcopy(task.decoder).cpu().float()
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        ckpt.load_weights(latest, "decoder", tuned, ema=True)
-    before = decoder_errors(task.original_vae, None, images)
-    after = decoder_errors(vae, tuned.eval(), images)
-    report = {
-        "split": split,
-        "images": len(images),
-        "before_db": before["db"],
-        "after_db": after["db"],
-        "before_l1": before["l1"],
-        "after_l1": after["l1"],
-    }
-    info_path = Path(run_dir) / "run.json"
-    info = json.loads(info_path.read_text())
-    info["decoder_psnr"] = report
-    atomic_write_text(info_path, json.dumps(info, indent=1))
-    return report
+    checkpoint = Path(stage1.checkpoint)
+    run_folder.update_info(
+        run_dir, stage1_run=str(checkpoint.parent.parent.resolve()), stage1_checkpoint=str(checkpoint.resolve())
+    )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ffasynth.config import Config
+from ffasynth.evaluation.decoder_report import reconstruction_report
 from ffasynth.training.loop import TrainResult, train
 
 
@@ -87,7 +88,7 @@ def run_stage2(
 ) -> tuple[TrainResult, dict]:
     """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR."""
     from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run
-    from ffasynth.training.stage2 import Stage2Task, reconstruction_report, record_stage1
+    from ffasynth.training.stage2 import Stage2Task, record_stage1
 
     stage1 = load_stage1_run(stage1_dir, ema=ema)
     lpips = None
@@ -106,7 +107,7 @@ def run_stage2(
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
     if not first:
         return result, {}
-    report = reconstruction_report(run_dir, data, config, task)
+    report = reconstruction_report(run_dir, data, config.data, task.original_vae, task.decoder)
     say(
         f"done: {result.step} steps; decoder reconstruction of {report['images']} {report['split']} FFA images: "
         f"L1 {report['before_l1']:.4f} → {report['after_l1']:.4f}, "
