@@ -136,13 +136,8 @@ class SourceConditioner(nn.Module):
         self, vae: AutoencoderKL, source: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond_tokens, source_latents). keep: (B,) bool; False rows get the null (zero) condition."""
-        tokens = self.tokens(source)
-        latents = self.source_latents(vae, source)
-        if keep is not None:
-            tokens = tokens * keep.view(-1, 1, 1).to(tokens.dtype)
-            if latents is not None:
-                latents = latents * keep.view(-1, 1, 1, 1).to(latents.dtype)
-        return tokens, latents
+        tokens, latents = self.tokens(source), self.source_latents(vae, source)
+        return drop_condition(tokens, latents, keep) if keep is not None else (tokens, latents)
 
     @staticmethod
     def unet_input(noisy_latents: torch.Tensor, source_latents: torch.Tensor | None) -> torch.Tensor:
@@ -150,6 +145,17 @@ class SourceConditioner(nn.Module):
         if source_latents is None:
             return noisy_latents
         return torch.cat([noisy_latents, source_latents.to(noisy_latents.dtype)], dim=1)
+
+
+def drop_condition(
+    tokens: torch.Tensor, source_latents: torch.Tensor | None, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditioning dropout: rows where `keep` (B,) is False get the null (zero) condition on both paths,
+    what image classifier-free guidance contrasts with."""
+    tokens = tokens * keep.view(-1, 1, 1).to(tokens.dtype)
+    if source_latents is not None:
+        source_latents = source_latents * keep.view(-1, 1, 1, 1).to(source_latents.dtype)
+    return tokens, source_latents
 
 
 def guided_prediction(
@@ -171,8 +177,10 @@ def guided_prediction(
             source_latents = torch.cat([source_latents, torch.zeros_like(source_latents)])
         if labels is not None:
             labels = torch.cat([labels, labels])
-    model_input = SourceConditioner.unet_input(latents, source_latents).to(unet.dtype)
-    output = unet(model_input, t, encoder_hidden_states=tokens.to(unet.dtype), class_labels=labels).sample.float()
+    # a U-Net in training may be wrapped (DDP), which has no .dtype
+    dtype = unet.dtype if hasattr(unet, "dtype") else next(unet.parameters()).dtype
+    model_input = SourceConditioner.unet_input(latents, source_latents).to(dtype)
+    output = unet(model_input, t, encoder_hidden_states=tokens.to(dtype), class_labels=labels).sample.float()
     if guidance > 1.0:
         conditional, unconditional = output.chunk(2)
         output = unconditional + guidance * (conditional - unconditional)

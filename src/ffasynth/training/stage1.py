@@ -14,11 +14,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 
 from ffasynth.config import Stage1Config
 from ffasynth.errors import FFASynthError
-from ffasynth.models.components import Components
-from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
+from ffasynth.models.architecture import downsampling_factor
+from ffasynth.models.components import Components, build_components
+from ffasynth.models.conditioning import (
+    SourceConditioner,
+    decode_latents,
+    drop_condition,
+    encode_latents,
+    guided_prediction,
+)
 from ffasynth.training.loop import Task
 
 
@@ -103,11 +111,7 @@ class Stage1Task(Task):
             tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
         else:
             tokens = conditioner.project(features, self.trainable.get("projection"))
-        if keep is not None:
-            tokens = tokens * keep.view(-1, 1, 1).to(tokens.dtype)
-            if source_latents is not None:
-                source_latents = source_latents * keep.view(-1, 1, 1, 1).to(source_latents.dtype)
-        return tokens, source_latents
+        return drop_condition(tokens, source_latents, keep) if keep is not None else (tokens, source_latents)
 
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         scheduler, vae, unet = self.components.scheduler, self.components.vae, self.trainable["unet"]
@@ -126,13 +130,9 @@ class Stage1Task(Task):
             wanted = scheduler.get_velocity(latents, noise, timesteps)
         else:
             wanted = noise
-        prediction = unet(
-            SourceConditioner.unet_input(noisy, source_latents),
-            timesteps,
-            encoder_hidden_states=tokens.to(noisy.dtype),
-            class_labels=phase_labels(batch, self.num_phases, target.device),
-        ).sample
-        per_sample = F.mse_loss(prediction.float(), wanted.float(), reduction="none").mean(dim=(1, 2, 3))
+        labels = phase_labels(batch, self.num_phases, target.device)
+        prediction = guided_prediction(unet, noisy, timesteps, tokens, source_latents, labels, guidance=1.0)
+        per_sample = F.mse_loss(prediction, wanted.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.config.snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(
                 scheduler, timesteps, self.config.snr_gamma, self.config.prediction_type
@@ -142,8 +142,6 @@ class Stage1Task(Task):
     @torch.no_grad()
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
         """source | real FFA | generated (DDIM from noise, `sample_steps` steps, `image_guidance_scale`)."""
-        from diffusers import DDIMScheduler
-
         unet = self.components.unet
         was_training = unet.training
         unet.eval()
@@ -151,7 +149,7 @@ class Stage1Task(Task):
         sampler.set_timesteps(self.config.sample_steps, device=batch["source"].device)
         tokens, source_latents = self._condition(batch, None)
         vae = self.components.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = downsampling_factor(vae.config)
         shape = (batch["source"].shape[0], vae.config.latent_channels) + tuple(
             s // factor for s in batch["source"].shape[-2:]
         )
@@ -175,8 +173,6 @@ def trainable_parameters(task: Stage1Task) -> int:
 
 def build_stage1(config) -> Stage1Task:
     """Components (seeded random init where nothing is loaded), the conditioner and the task."""
-    from ffasynth.models.components import build_components
-
     torch.manual_seed(config.seed)
     components = build_components(config)
     conditioner = SourceConditioner.from_components(components, config.model)

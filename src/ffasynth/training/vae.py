@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL
 
 from ffasynth.config import VAETrainConfig
 from ffasynth.models.conditioning import to_vae_input
+from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task
 
 
@@ -93,8 +94,6 @@ class VAETask(Task):
         return float(1.0 / torch.cat(latents).std().clamp_min(1e-6))
 
     def finish(self, run_dir: Path) -> None:
-        from ffasynth.training import checkpoint as ckpt
-
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None and self.config.ema_decay > 0:
             ckpt.load_weights(latest, "vae", Autoencode(self.vae), ema=True)
