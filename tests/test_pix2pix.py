@@ -13,11 +13,11 @@ from ffasynth.baselines.pix2pix import (
     UnetGenerator,
     discriminator_loss,
     generator_loss,
-    tile_starts,
     translate_image,
 )
 from ffasynth.errors import FFASynthError
 from ffasynth.models.discriminator import NLayerDiscriminator
+from ffasynth.tiling import pad_to_multiple, plan_tiles
 
 
 def tiny_generator(seed: int = 0, **kwargs) -> UnetGenerator:
@@ -97,44 +97,51 @@ def test_translate_restores_the_training_mode_and_checks_its_options():
         translate_image(generator, torch.zeros(3, 64, 64), tile=32, overlap=32)
 
 
-def test_an_image_that_fits_one_tile_is_the_plain_generator_output():
+@pytest.mark.parametrize("size", [(64, 64), (45, 37)])
+def test_an_image_that_fits_one_tile_is_the_plain_generator_output(size):
+    # padded by the pipeline's rule (bottom/right, reflect), then cropped back from the top-left
     generator = tiny_generator()
-    source = torch.rand(3, 64, 64, dtype=torch.double) * 2 - 1
+    source = torch.rand(3, *size, dtype=torch.double) * 2 - 1
     with torch.no_grad():
-        direct = generator(source[None])[0]
+        direct = generator(pad_to_multiple(source[None], 32))[0, :, : size[0], : size[1]]
     assert torch.allclose(translate_image(generator, source, tile=64).double(), direct, atol=1e-6)
     assert torch.allclose(translate_image(generator, source, tile=128).double(), direct, atol=1e-6)
 
 
-class Pointwise(nn.Module):
-    """A per-pixel generator: tiling must reproduce its untiled output exactly (no seams)."""
+class LocalGenerator(nn.Module):
+    """Three 3×3 convolutions with zero padding: each output pixel sees ±3 input pixels, so a tile's
+    outer 3 pixels are spoiled by the padding (as a U-Net's are) while everything inside is exact."""
 
     num_downs = 3
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.mix = nn.Conv2d(3, 1, 1)
+        layers = [nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(8, 1, 3, padding=1), nn.Tanh())
 
     def forward(self, x):
-        return torch.tanh(self.mix(x))
+        return self.net(x)
 
 
-@pytest.mark.parametrize("overlap", [0, 5, 24])
+@pytest.mark.parametrize("overlap", [12, 16, 24])
 def test_tiles_blend_without_seams(overlap):
-    generator = Pointwise()
+    # overlap ≥ 12 → guard band overlap//4 ≥ 3 = the receptive radius: each pixel comes only from tiles
+    # where it is valid, so tiled = whole everywhere. A weight > 0 up to the tile edge fails here.
+    generator = LocalGenerator()
     source = torch.rand(3, 101, 75) * 2 - 1
     whole = translate_image(generator, source, tile=512)
     tiled = translate_image(generator, source, tile=32, overlap=overlap)
-    assert len(tile_starts(104, 32, overlap)) > 3  # really tiled (101 pads to 104)
-    assert torch.allclose(tiled, whole, atol=1e-6)
+    assert len(plan_tiles(104, 80, 32, overlap, 8)) > 6  # really tiled (101 × 75 pads to 104 × 80)
+    assert torch.allclose(tiled, whole, atol=1e-5), (tiled - whole).abs().max()
 
 
-def test_tile_starts_cover_and_overlap():
-    for length, tile, overlap in [(104, 32, 8), (1000, 256, 64), (257, 256, 0), (64, 64, 16)]:
-        starts = tile_starts(length, tile, overlap)
-        assert starts[0] == 0 and starts[-1] == length - tile
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
+def test_the_seam_test_can_see_a_seam():
+    # without overlap the tiles abut and their padding-spoiled edges show: the stand-in is not pointwise
+    generator = LocalGenerator()
+    source = torch.rand(3, 101, 75) * 2 - 1
+    whole = translate_image(generator, source, tile=512)
+    assert (translate_image(generator, source, tile=32, overlap=0) - whole).abs().max() > 1e-2
 
 
 def test_objective_values_and_gradient_routes():

@@ -11,7 +11,15 @@ from diffusers import DDIMScheduler
 from ffasynth.data.phantom import make_eye
 from ffasynth.models.conditioning import decode_latents, encode_latents
 from ffasynth.pipeline import TileSettings
-from ffasynth.tiling import plan_tiles, tile_weights, tiled_decode, tiled_encode, tiled_map, weight_sums
+from ffasynth.tiling import (
+    pad_to_multiple,
+    plan_tiles,
+    tile_weights,
+    tiled_decode,
+    tiled_encode,
+    tiled_map,
+    weight_sums,
+)
 from tests.helpers import micro_pipeline, seeded
 
 
@@ -30,6 +38,18 @@ def test_tiles_cover_the_grid_and_share_at_least_the_overlap(length, tile, overl
     assert tops[-1] + min(tile, length) == length
     if length <= tile:
         assert tops == [0]
+
+
+@pytest.mark.parametrize(("height", "width", "mode"), [(5, 6, "reflect"), (3, 2, "replicate"), (8, 8, None)])
+def test_padding_goes_bottom_right_so_the_image_keeps_its_top_left_corner(height, width, mode):
+    image = torch.arange(height * width, dtype=torch.float32).reshape(1, 1, height, width)
+    padded = pad_to_multiple(image, 4)
+    assert padded.shape[-2:] == (-(-height // 4) * 4, -(-width // 4) * 4)
+    assert torch.equal(padded[..., :height, :width], image)
+    if mode is not None:  # the first padded row mirrors the row above the last (reflect) or repeats the last
+        assert torch.equal(padded[..., height, :width], image[..., height - 2 if mode == "reflect" else height - 1, :])
+    else:
+        assert padded is image  # no copy when nothing is padded
 
 
 def test_weights_ramp_only_towards_neighbours_and_stay_positive_where_tiles_meet():

@@ -22,7 +22,6 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # also looked up here by from_pretrained for TokenProjection
@@ -38,7 +37,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.models.loading import check_pipeline_folder
-from ffasynth.tiling import Tile, latent_tile, plan_tiles, tiled_decode, tiled_encode, tiled_map
+from ffasynth.tiling import Tile, latent_tile, pad_to_multiple, plan_tiles, tiled_decode, tiled_encode, tiled_map
 
 __all__ = [
     "FFASynthesisOutput",
@@ -110,16 +109,6 @@ def source_tensor(image) -> torch.Tensor:
     if tensor.dtype != torch.uint8:
         tensor = tensor.clamp(0.0, 1.0)
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
-
-
-def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    """(N, C, H, W) → padded on the bottom/right to multiples; reflect (mirror) where it fits."""
-    height, width = image.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    if not pad_h and not pad_w:
-        return image
-    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
 
 
 @dataclass(frozen=True)
@@ -317,7 +306,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
-        pixels = _pad_to_multiple(source[None], vae_factor * self.unet_scale_factor)  # a view when no padding
+        pixels = pad_to_multiple(source[None], vae_factor * self.unet_scale_factor)  # a view when no padding
         padded = pixels.shape[-2:]
         longest = max(padded)
         tile_px, overlap_px = (longest, 0) if tiles.size <= 0 or longest <= tiles.size else (tiles.size, tiles.overlap)

@@ -1,11 +1,13 @@
 """Whole images at native size with bounded memory: run a function over overlapping tiles and blend
-the results with weights that ramp down towards the tile borders shared with a neighbour.
+the results with weights that ramp down towards the tile borders shared with a neighbour. The one
+tiler and the one padding rule of the package: the diffusion pipeline and the pix2pix baseline
+both pad with `pad_to_multiple` and tile with `tiled_map`, so they differ only in the method.
 
 Used three ways by the pipeline: the source encode (pixels → latent, scale 1/f), every denoising
 step's model prediction (latent → latent, scale 1; blended at every step, so neighbouring tiles
 agree on the one latent the scheduler then steps), and the decode (latent → pixels, scale f).
 An input no larger than the tile runs as one piece with weight exactly 1: the same numbers as
-running untiled.
+running untiled. The pix2pix baseline runs its generator the same way (pixels → pixels, scale 1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(N, C, H, W) → padded on the bottom/right to multiples of `multiple`, so the top-left pixel
+    keeps its place and `out[..., :H, :W]` undoes it; reflect (mirror) where it fits, else replicate."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not pad_h and not pad_w:
+        return image
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,11 @@ PatchGAN on (source, target) pairs, and the objective cGAN + λ·L1 (λ = 100).
 The generator is pix2pix's `UnetGenerator` written as an explicit encoder/decoder instead of
 nested blocks; the layers, widths, biases, dropout placement and initialisation are the same. As
 in the reference code (its in-place LeakyReLU), each skip carries the activated encoder feature.
-`translate_image` runs a whole image: padded to a multiple of 2**num_downs, tiled with linear-ramp
-blending when larger than a tile.
+`translate_image` runs a whole image through the package's one padding rule and tiler
+(`ffasynth.tiling`), the same as the diffusion pipeline's.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +23,7 @@ from ffasynth.models.discriminator import (
     vanilla_d_loss,
     vanilla_g_loss,
 )
+from ffasynth.tiling import pad_to_multiple, tiled_map
 
 GAN_LOSSES = ("vanilla", "hinge")
 
@@ -136,28 +135,6 @@ def _check(gan_loss: str) -> str:
     return gan_loss
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spaced tile offsets covering [0, length) with neighbours overlapping by ≥ overlap."""
-    if length <= tile:
-        return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    return [round(k * (length - tile) / (count - 1)) for k in range(count)]
-
-
-def ramp(tile: int, overlap: int) -> torch.Tensor:
-    """1-D blend weights: rising linearly over the first `overlap` pixels, falling over the last,
-    positive everywhere, so overlapping tiles cross-fade and the normalised sum has no seam."""
-    index = torch.arange(tile, dtype=torch.float32)
-    width = float(max(overlap, 1))
-    return torch.minimum((index + 0.5) / width, (tile - index - 0.5) / width).clamp(max=1.0)
-
-
-def _pad_mode(source: torch.Tensor, pad: tuple[int, int, int, int]) -> str:
-    # Reflection keeps the image statistics at the border; it needs the pad to be smaller than the side.
-    fits = max(pad[0], pad[1]) < source.shape[-1] and max(pad[2], pad[3]) < source.shape[-2]
-    return "reflect" if fits else "replicate"
-
-
 @torch.no_grad()
 def translate_image(
     generator: nn.Module,
@@ -170,43 +147,28 @@ def translate_image(
     same height and width, float32 on the input's device. The generator runs in eval mode (running batch
     statistics, no dropout): deterministic and the same in every tile; the paper kept train mode.
 
-    The image is padded (reflection) to a multiple of `multiple` (default 2**generator.num_downs);
-    when the padded image is larger than `tile` it runs in tile×tile pieces overlapping by at
-    least `overlap` pixels (0 ≤ overlap < tile), blended with linear ramps."""
+    The same padding and tiler as the diffusion pipeline (`ffasynth.tiling`): padded on the bottom/right
+    to a multiple of `multiple` (default 2**generator.num_downs); when larger than `tile`, run in
+    tile×tile pieces starting on that multiple and overlapping by at least `overlap` pixels
+    (0 ≤ overlap < tile), blended with weights that are 0 in a guard band at each shared edge, where
+    the generator's zero padding spoils its output, and ramp up to 1 over `overlap`."""
     multiple = multiple or 2**generator.num_downs
     if tile % multiple:
         raise FFASynthError(f"tile {tile} must be a multiple of {multiple} (2**num_downs)")
     single = source_tensor.ndim == 3
     batch = source_tensor[None] if single else source_tensor
     height, width = batch.shape[-2:]
-    pad_h, pad_w = -height % multiple, -width % multiple
-    pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     parameter = next(generator.parameters(), None)
     device = parameter.device if parameter is not None else batch.device
     padded = batch.to(device=device, dtype=parameter.dtype if parameter is not None else torch.float32)
-    if pad_h or pad_w:
-        padded = F.pad(padded, pad, mode=_pad_mode(padded, pad))
+    padded = pad_to_multiple(padded, multiple)
+    if max(padded.shape[-2:]) > tile and not 0 <= overlap < tile:
+        raise FFASynthError(f"overlap {overlap} must be between 0 and the tile size {tile}")
     was_training = generator.training
     generator.eval()
     try:
-        full_h, full_w = padded.shape[-2:]
-        if full_h <= tile and full_w <= tile:
-            output = generator(padded).float()
-        else:
-            if not 0 <= overlap < tile:
-                raise FFASynthError(f"overlap {overlap} must be between 0 and the tile size {tile}")
-            tile_h, tile_w = min(tile, full_h), min(tile, full_w)
-            weight = ramp(tile_h, overlap).to(device)[:, None] * ramp(tile_w, overlap).to(device)[None, :]
-            output, total = None, torch.zeros(full_h, full_w, device=device)
-            for top in tile_starts(full_h, tile_h, overlap):
-                for left in tile_starts(full_w, tile_w, overlap):
-                    piece = generator(padded[..., top : top + tile_h, left : left + tile_w]).float()
-                    if output is None:
-                        output = torch.zeros(*piece.shape[:2], full_h, full_w, device=device)
-                    output[..., top : top + tile_h, left : left + tile_w] += piece * weight
-                    total[top : top + tile_h, left : left + tile_w] += weight
-            output = output / total
+        output = tiled_map(generator, [padded], tile, overlap, multiple=multiple, batch_size=1)
     finally:
         generator.train(was_training)
-    output = output[..., pad[2] : pad[2] + height, pad[0] : pad[0] + width].to(source_tensor.device)
+    output = output[..., :height, :width].float().to(source_tensor.device)
     return output[0] if single else output
