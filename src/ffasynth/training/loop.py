@@ -3,7 +3,7 @@
 A stage is a `Task`: its trainable modules, how to compute each optimizer's loss on a batch, and
 what to draw in sample grids. The loop owns the rest: accelerate (devices, DDP, mixed precision),
 AdamW with warm-up, gradient accumulation and clipping, EMA, atomic checkpoints and exact resume,
-non-finite-loss guarding, a progress bar, TensorBoard, metrics.jsonl and sample grids.
+non-finite-loss guarding; what it logs and draws goes through `training.progress`.
 
 Under DDP (several processes) every process reads different micro-batches, gradients are all-reduced
 once per optimizer step (the other micro-batches run under no_sync), all processes agree to skip a
@@ -32,7 +32,9 @@ from torch.utils.data import DataLoader
 from ffasynth.config import TrainConfig
 from ffasynth.data.dataset import StreamBatchSampler
 from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_write_text
 from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.progress import RunLog
 
 
 class TrainingError(FFASynthError):
@@ -157,27 +159,113 @@ def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], d
     return finite
 
 
-def _grid(columns: list[torch.Tensor]) -> torch.Tensor:
-    """Rows = batch items, columns = the task's images, grey repeated to RGB; in [0, 1]."""
-    height = max(c.shape[-2] for c in columns)
-    width = max(c.shape[-1] for c in columns)
-    cells = []
-    for column in columns:
-        column = ((column.detach().float().cpu() + 1.0) / 2.0).clamp(0, 1)
-        column = column.expand(-1, 3, -1, -1) if column.shape[1] == 1 else column[:, :3]
-        column = nn.functional.pad(column, (0, width - column.shape[-1], 0, height - column.shape[-2]))
-        cells.append(column)
-    rows = [torch.cat([c[i] for c in cells], dim=-1) for i in range(cells[0].shape[0])]
-    return torch.cat(rows, dim=-2)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint a run resumes from (they will be logged again)."""
     if path.is_file():
-        from ffasynth.files import atomic_write_text
-
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _build_optimizers(task: Task, config: TrainConfig, accelerator) -> tuple[dict, dict, dict]:
+    """(raw modules, optimizers, EMAs): the task on the device, one AdamW per optimizer group over the
+    raw modules, their EMAs; then the trainable modules and optimizers wrapped by accelerate (DDP)
+    and, with config.compile, torch.compile. Checkpoints, EMA and samples use the raw modules."""
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    task.to(accelerator.device, weight_dtype)
+    if config.gradient_checkpointing:
+        task.enable_gradient_checkpointing()
+    if config.channels_last:  # before the optimizers are built, so they hold the converted parameters
+        for module in task.trainable.values():
+            module.to(memory_format=torch.channels_last)
+    rates = task.learning_rates(config.lr)
+    optimizers = {
+        name: torch.optim.AdamW(
+            [p for m in modules for p in task.trainable[m].parameters() if p.requires_grad],
+            lr=rates[name],
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.weight_decay,
+        )
+        for name, modules in task.optimizer_groups().items()
+    }
+    raw = dict(task.trainable)
+    emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
+    for name in raw:
+        module = torch.compile(raw[name]) if config.compile else raw[name]
+        task.trainable[name] = accelerator.prepare(module)
+    return raw, {name: accelerator.prepare(opt) for name, opt in optimizers.items()}, emas
+
+
+def _resume(run_dir: Path, accelerator, raw: dict, emas: dict, optimizers: dict) -> tuple[int, dict]:
+    """(first step, the loop's saved counters) from RUN's newest complete checkpoint, its weights, EMAs
+    and optimizer states loaded; (0, {}) without one. Partial checkpoints and log lines past it go."""
+    start, state = 0, {}
+    if accelerator.is_main_process:
+        ckpt.remove_partial_checkpoints(run_dir)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, raw, emas, optimizers)
+        start = state["step"]
+        accelerator.print(f"resuming {run_dir} from {latest.name}")
+    if accelerator.is_main_process:
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+    return start, state
+
+
+def _train_step(accelerator, task: Task, optimizers: dict, groups: dict, micro_batches: list, draw, config) -> tuple:
+    """(finite, logs) of one step: each optimizer in turn accumulates its loss's gradients over the
+    micro-batches, clips them and steps. finite is False (on every process alike) when a loss, or the
+    gradient norm without a GradScaler, was not finite, or the fp16 GradScaler skipped the update
+    (overflow; it lowers its scale): the optimizers after it do not step. draw = (seed, step)."""
+    logs: dict[str, float] = {}
+    try:
+        for index, (name, optimizer) in enumerate(optimizers.items()):
+            for each in optimizers.values():
+                each.zero_grad(set_to_none=True)
+            if not _accumulate(accelerator, task, name, micro_batches, (*draw, index), logs):
+                return False, logs
+            if config.max_grad_norm > 0:
+                params = [p for m in groups[name] for p in task.trainable[m].parameters() if p.requires_grad]
+                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                if torch.isfinite(torch.as_tensor(norm)):
+                    logs[f"grad_norm/{name}"] = float(norm)
+                elif accelerator.scaler is None:  # nothing else would keep the non-finite update out
+                    return False, logs
+            optimizer.step()
+            if optimizer.step_was_skipped:
+                return False, logs
+        return True, logs
+    finally:
+        for each in optimizers.values():
+            each.zero_grad(set_to_none=True)
+
+
+def _save_checkpoint(run_dir: Path, step: int, raw, emas, optimizers, state: dict, config, accelerator) -> Path | None:
+    """RUN/checkpoints/step-N by the main process while the others wait; returns its path there."""
+    accelerator.wait_for_everyone()
+    path = None
+    if accelerator.is_main_process:
+        counters = {k: v for k, v in state.items() if k != "step"}
+        try:
+            path = ckpt.save_checkpoint(run_dir, step, raw, emas, optimizers, counters, config.keep_checkpoints)
+        except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
+            previous = ckpt.latest_checkpoint(run_dir) or "none"
+            raise TrainingError(
+                f"could not write the step-{step} checkpoint in {run_dir / 'checkpoints'} "
+                f"({error.strerror or error}); the previous one ({previous}) is intact; free space and --resume"
+            ) from None
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _samples(task: Task, raw: dict, preview: dict, generator: torch.Generator) -> list[torch.Tensor]:
+    """The task's sample columns from the raw modules: the main process alone draws them, so no DDP
+    forward may run that the other processes would not join."""
+    prepared = dict(task.trainable)
+    task.trainable.update(raw)
+    with torch.no_grad():
+        columns = task.samples(preview, generator)
+    task.trainable.update(prepared)
+    return columns
 
 
 def train(
@@ -190,52 +278,15 @@ def train(
     progress: bool = True,
     sample_items: int = 4,
 ) -> TrainResult:
-    from safetensors.torch import save_file  # noqa: F401  (checkpoint writer's dependency, fail early)
-    from tqdm.auto import tqdm
-
-    from ffasynth.data.io import save_image
-
+    """Train `task` on `dataset` in RUN up to config.max_steps (or its time budget); resume=True goes
+    on from RUN's newest complete checkpoint. Every process of a multi-process launch calls it."""
     run_dir = Path(run_dir)
     accelerator = _accelerator(config.mixed_precision)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
-    task.to(device, weight_dtype)
-    if config.gradient_checkpointing:
-        task.enable_gradient_checkpointing()
-    if config.channels_last:  # before the optimizers are built, so they hold the converted parameters
-        for module in task.trainable.values():
-            module.to(memory_format=torch.channels_last)
-
     groups = task.optimizer_groups()
-    rates = task.learning_rates(config.lr)
-    optimizers = {
-        name: torch.optim.AdamW(
-            [p for m in modules for p in task.trainable[m].parameters() if p.requires_grad],
-            lr=rates[name],
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
-        )
-        for name, modules in groups.items()
-    }
-    raw = dict(task.trainable)  # unwrapped, uncompiled modules: what checkpoints, EMA and samples see
-    emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
-    for name in raw:
-        module = torch.compile(raw[name]) if config.compile else raw[name]
-        task.trainable[name] = accelerator.prepare(module)
-    optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
-
-    start, state = 0, {"skipped_steps": 0, "bad_in_a_row": 0}
-    metrics_file = run_dir / "metrics.jsonl"
-    if resume:
-        if accelerator.is_main_process:
-            ckpt.remove_partial_checkpoints(run_dir)
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, raw, emas, optimizers)
-            start = state["step"]
-            accelerator.print(f"resuming {run_dir} from {latest.name}")
-        if accelerator.is_main_process:
-            _truncate_metrics(metrics_file, start)
+    raw, optimizers, emas = _build_optimizers(task, config, accelerator)
+    start, state = _resume(run_dir, accelerator, raw, emas, optimizers) if resume else (0, {})
+    state = {"skipped_steps": 0, "bad_in_a_row": 0, **state}
     if start >= config.max_steps:
         accelerator.print(f"{run_dir} already has {start} steps (max_steps={config.max_steps}); nothing to do")
         if accelerator.is_main_process:
@@ -243,6 +294,7 @@ def train(
         accelerator.wait_for_everyone()
         return TrainResult(start, checkpoint=ckpt.latest_checkpoint(run_dir))
 
+    # Data: this process's micro-batches, addressed by stream position (StreamBatchSampler)
     sampler = StreamBatchSampler(
         len(dataset),
         config.batch_size,
@@ -255,124 +307,63 @@ def train(
         dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda"
     )
     stream = iter(loader)
-    preview = _to_device(
-        torch.utils.data.default_collate([dataset[(i, 0)] for i in range(min(sample_items, len(dataset)))]), device
-    )
+    preview_items = [dataset[(i, 0)] for i in range(min(sample_items, len(dataset)))]
+    preview = _to_device(torch.utils.data.default_collate(preview_items), device)
 
-    writer = None
-    if accelerator.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "logs"))
+    log = RunLog(run_dir, config, task.name, start, progress, accelerator)
     result = TrainResult(start, skipped_steps=state["skipped_steps"])
-    bar = tqdm(
-        total=config.max_steps,
-        initial=start,
-        disable=not (progress and accelerator.is_local_main_process),
-        desc=task.name,
-    )
-    window: list[dict] = []
-    tick = began = time.perf_counter()
-    deadline = began + 60.0 * config.max_minutes if config.max_minutes else None
+    deadline = time.perf_counter() + 60.0 * config.max_minutes if config.max_minutes else None
     for step in range(start, config.max_steps):
+        done = step + 1
+
+        # Learning rate: linear warm-up, then constant or cosine decay (lr_factor) of each group's own
         for optimizer in optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_factor(step, config)
+
+        # Forward, backward and optimizer step, each optimizer in turn
         micro_batches = [_to_device(next(stream), device) for _ in range(config.gradient_accumulation)]
-        logs: dict[str, float] = {}
-        finite = True
-        for index, (name, optimizer) in enumerate(optimizers.items()):
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            finite = _accumulate(accelerator, task, name, micro_batches, (seed, step, index), logs)
-            if not finite:
-                break
-            # Clip and step; under fp16 the GradScaler skips a step whose gradients overflowed (and lowers its scale)
-            params = [p for m in groups[name] for p in task.trainable[m].parameters() if p.requires_grad]
-            if config.max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                if torch.isfinite(torch.as_tensor(norm)):
-                    logs[f"grad_norm/{name}"] = float(norm)
-                elif accelerator.scaler is None:  # nothing else would keep the non-finite update out
-                    finite = False
-                    break
-            optimizer.step()
-            if optimizer.step_was_skipped:
-                finite = False
-                break
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        if not finite:
-            state["skipped_steps"] += 1
-            state["bad_in_a_row"] += 1
-            result.skipped_steps = state["skipped_steps"]
-            if state["bad_in_a_row"] >= config.max_bad_steps:
-                latest = ckpt.latest_checkpoint(run_dir)
-                raise TrainingError(
-                    f"{task.name}: the loss was not finite for {state['bad_in_a_row']} steps in a row at step {step}; "
-                    f"stopped (last good checkpoint: {latest or 'none'}); try a lower learning rate"
-                )
-        else:
+        finite, logs = _train_step(accelerator, task, optimizers, groups, micro_batches, (seed, step), config)
+
+        # EMA of the updated weights; a non-finite step updated nothing, max_bad_steps in a row stop the run
+        if finite:
             state["bad_in_a_row"] = 0
             for name, ema in emas.items():
                 ema.update(raw[name])
-        done = step + 1
-        # a time budget ends the run like max_steps would (log, sample, checkpoint); all processes agree
-        out_of_time = deadline is not None and bool(
-            accelerator.gather(torch.tensor([int(time.perf_counter() > deadline)], device=device)).any()
-        )
+        else:
+            state["bad_in_a_row"] += 1
+            state["skipped_steps"] = result.skipped_steps = state["skipped_steps"] + 1
+            if state["bad_in_a_row"] >= config.max_bad_steps:
+                raise TrainingError(
+                    f"{task.name}: the loss was not finite for {state['bad_in_a_row']} steps in a row at step "
+                    f"{step}; stopped (last good checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}); "
+                    "try a lower learning rate"
+                )
+
+        # A time budget ends the run as max_steps would (log, sample, checkpoint); all processes agree
+        out_of_time = deadline is not None and not _every_process(accelerator, time.perf_counter() <= deadline)
         last = done == config.max_steps or out_of_time
-        logs.update(
-            step=done, lr=optimizers[next(iter(optimizers))].param_groups[0]["lr"], skipped=state["skipped_steps"]
-        )
-        window.append(logs)
-        if done % config.log_every == 0 or last:
-            elapsed = time.perf_counter() - tick
-            images = len(window) * config.batch_size * config.gradient_accumulation * accelerator.num_processes
-            summary = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1] if k != "step"}
-            summary.update(step=done, images_per_s=images / max(elapsed, 1e-9))
-            if accelerator.is_main_process:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(summary) + "\n")
-                for key, value in summary.items():
-                    if key != "step":
-                        writer.add_scalar(key, value, done)
+
+        # Log
+        logs.update(step=done, lr=next(iter(optimizers.values())).param_groups[0]["lr"], skipped=state["skipped_steps"])
+        summary = log.step(logs, write=done % config.log_every == 0 or last)
+        if summary is not None:
             result.losses.append(summary)
-            main_loss = next((v for k, v in summary.items() if k.startswith("loss/")), float("nan"))
-            bar.set_postfix(loss=f"{main_loss:.4f}", lr=f"{summary['lr']:.2e}", img_s=f"{summary['images_per_s']:.1f}")
-            window, tick = [], time.perf_counter()
-        bar.update(1)
-        sample_now = done % config.sample_every == 0 or last
-        if sample_now and accelerator.is_main_process:
-            prepared = dict(task.trainable)
-            task.trainable.update(raw)  # the main process alone: no DDP forward the others would not join
-            with torch.no_grad():
-                columns = task.samples(preview, step_generator(seed, done, 0, 99, 0, device))
-            task.trainable.update(prepared)
-            save_image(_grid(columns), run_dir / "samples" / f"step-{done:06d}.png")
-            writer.add_image("samples", _grid(columns), done)
+
+        # Sample grid
+        if (done % config.sample_every == 0 or last) and accelerator.is_main_process:
+            log.samples(_samples(task, raw, preview, step_generator(seed, done, 0, 99, 0, device)), done)
+
+        # Save checkpoint
         if done % config.save_every == 0 or last:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                saved = {k: v for k, v in state.items() if k != "step"}
-                try:
-                    result.checkpoint = ckpt.save_checkpoint(
-                        run_dir, done, raw, emas, optimizers, saved, config.keep_checkpoints
-                    )
-                except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
-                    previous = ckpt.latest_checkpoint(run_dir) or "none"
-                    raise TrainingError(
-                        f"could not write the step-{done} checkpoint in {run_dir / 'checkpoints'} "
-                        f"({error.strerror or error}); the previous one ({previous}) is intact; free space and --resume"
-                    ) from None
-            accelerator.wait_for_everyone()
+            result.checkpoint = _save_checkpoint(run_dir, done, raw, emas, optimizers, state, config, accelerator)
+
         result.step = done
         if out_of_time:
             accelerator.print(f"{task.name}: time budget of {config.max_minutes:g} min reached at step {done}")
             break
-    bar.close()
-    if writer is not None:
-        writer.close()
+
+    log.close()
     for name in raw:
         task.trainable[name] = raw[name]
     if accelerator.is_main_process:
