@@ -7,21 +7,29 @@ Kinds of image case:
 - tiny: readable, but too small to be an eye (refused in every slot, "too small");
 - colour: a readable colour photograph (fine as a photo; refused where an FFA is expected);
 - grey: a readable grey image (fine as an FFA; flagged where a colour photo is expected).
+
+Below the cases: `cli` runs the real entry point and keeps what a user would see, and small
+judges return None when a case was handled, else what is wrong.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
+import sys
+import traceback
 import zlib
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ffasynth.cli import main
 from ffasynth.data.phantom import make_eye
 
 WIDTH, HEIGHT = 56, 40  # every well-formed corpus image, before EXIF rotation
@@ -238,35 +246,62 @@ BAD_CONFIGS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def write_bad_configs(folder: Path) -> list[tuple[Path, str]]:
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text, words in BAD_CONFIGS:
-        (folder / name).write_text(text)
-        written.append((folder / name, words))
-    return written
+# ---- judging what a program did with a case
 
 
 @dataclass
-class Tally:
-    """Cases tried and handled, per entry point; printed by the conftest's terminal summary."""
-
-    tried: dict[str, int]
-    failures: dict[str, list[str]]
-
-    def record(self, entry: str, case: str, problem: str | None) -> None:
-        self.tried[entry] = self.tried.get(entry, 0) + 1
-        if problem is not None:
-            self.failures.setdefault(entry, []).append(f"{case}: {problem}")
-
-    def handled(self, entry: str) -> int:
-        return self.tried.get(entry, 0) - len(self.failures.get(entry, []))
-
-    def line(self, entry: str | None = None) -> str:
-        entries = [entry] if entry else list(self.tried)
-        tried = sum(self.tried.get(e, 0) for e in entries)
-        handled = sum(self.handled(e) for e in entries)
-        return f"{entry or 'bad-input corpus'}: {tried} cases tried, {handled} handled"
+class Run:
+    exit_code: int
+    output: str  # stdout and stderr
 
 
-TALLY = Tally({}, {})
+def cli(*args) -> Run:
+    """Run `ffasynth ARGS` through the real entry point (`ffasynth.cli.main`, which prints an
+    FFASynthError as one line and exits 2); any other exception is kept as its traceback."""
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = ["ffasynth", *map(str, args)]
+    os.environ["COLUMNS"] = "400"  # rich tables: one row per line
+    code, trace, said = 0, "", io.StringIO()
+    try:
+        with redirect_stdout(said), redirect_stderr(said):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except Exception as error:  # what a user would see as a traceback
+        code, trace = 1, "".join(traceback.format_exception(error))
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Run(code, said.getvalue() + trace)
+
+
+def line_problem(output: str, name: str, words: str) -> str | None:
+    """None when one line of `output` names `name` together with `words`; else what is wrong."""
+    if "Traceback" in output:
+        return "a traceback was printed"
+    lines = [line.lower() for line in output.splitlines() if name in line]
+    if not lines:
+        return f"no line names {name}"
+    if not any(words in line for line in lines):
+        return f"the lines naming {name} do not say {words!r}: {lines[0][:200]}"
+    return None
+
+
+def no_partial_files(folder: Path) -> str | None:
+    leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")] if folder.exists() else []
+    return f"half-written files left: {leftovers}" if leftovers else None
+
+
+def complete_png(path: Path, size: tuple[int, int]) -> str | None:
+    if not path.is_file():
+        return f"{path.name} was not written"
+    with Image.open(path) as image:
+        image.load()  # a half-written PNG fails here
+        if image.size != size:
+            return f"{path.name} is {image.size[0]}x{image.size[1]}, not {size[0]}x{size[1]}"
+    return None
+
+
+def exit_problem(run: Run, expected: int) -> str | None:
+    return None if run.exit_code == expected else f"exit {run.exit_code}, not {expected}: {run.output[-500:]}"

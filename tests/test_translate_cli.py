@@ -16,7 +16,8 @@ from ffasynth.cli import app
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
-from ffasynth.translate import collect_inputs, output_stems, uncertainty_rgb
+from ffasynth.translate import collect_inputs, output_stems, read_photo, uncertainty_rgb
+from tests.corpus import HEIGHT, WIDTH, write_ffa, write_photo
 from tests.helpers import STAGE2, train_micro_stage1
 
 runner = CliRunner()
@@ -163,3 +164,12 @@ def test_half_precision_keeps_the_vae_in_float32_and_bfloat16_translates(exporte
     ]
     assert outputs[1].shape == (40, 36, 1) and np.isfinite(outputs[1]).all()
     assert np.abs(outputs[0] - outputs[1]).mean() < 0.05  # bf16 rounding, not a different image
+
+
+def test_grey_photo_is_translated_with_a_warning_not_silently(tmp_path):
+    grey = write_ffa(tmp_path / "angiogram.png")
+    image, warning = read_photo(grey)
+    assert image.shape == (3, HEIGHT, WIDTH) and torch.equal(image[0], image[2]) and "grey" in warning
+    colour = write_photo(tmp_path / "photo.png")
+    image, warning = read_photo(colour)
+    assert warning is None and not np.allclose(image[0].numpy(), image[2].numpy())
