@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -174,6 +175,26 @@ def test_decoder_errors_are_l1_and_psnr_on_the_unit_scale():
     assert mid["l1"] == pytest.approx(0.5) and mid["db"] == pytest.approx(10 * torch.log10(torch.tensor(4.0)).item())
     exact = decoder_errors(vae, grey(-1.0), images)
     assert exact["l1"] == 0.0 and exact["db"] == pytest.approx(120.0)  # MSE floored at 1e-12
+
+
+class _IdentityVAE:
+    """Encodes an image to itself (scaling 1, 4 pixels per latent as a 3-level VAE): with an identity
+    decoder, D(E(x)) is the padded image exactly, wherever the padding put it."""
+
+    dtype = torch.float32
+    config = SimpleNamespace(block_out_channels=(8, 8, 8), scaling_factor=1.0)
+
+    def encode(self, image):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: image))
+
+
+def test_decoder_errors_compare_each_pixel_of_a_padded_image_with_itself():
+    from ffasynth.evaluation.decoder_report import decoder_errors
+
+    # 13 × 10 is padded to 16 × 12: 3 rows and 2 columns, split around the image or not
+    ramp = torch.linspace(-1, 1, 13 * 10).view(1, 13, 10)
+    perfect = decoder_errors(_IdentityVAE(), lambda latents: latents, [ramp])
+    assert perfect["l1"] < 1e-6 and perfect["db"] == pytest.approx(120.0)  # top-left crop: L1 0.13, 15 dB
 
 
 def _stage2(run, *overrides):

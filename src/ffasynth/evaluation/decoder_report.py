@@ -32,11 +32,11 @@ def decoder_errors(vae: AutoencoderKL, decoder: Decoder | None, images: list[tor
     factor = downsampling_factor(vae.config)
     l1, psnr = [], []
     for image in images:
-        height, width = image.shape[-2:]
-        padded = pad_to(image, -(-height // factor) * factor, -(-width // factor) * factor)[None]
-        latents = encode_latents(vae, padded)
+        size = [-(-side // factor) * factor for side in image.shape[-2:]]
+        latents = encode_latents(vae, pad_to(image, *size)[None])
         decoded = decoder(latents) if decoder is not None else vae.decode(latents / vae.config.scaling_factor).sample
-        grey = (from_vae_output(decoded.float()).clamp(-1, 1)[..., :height, :width] + 1) / 2
+        inside = pad_to(torch.ones_like(image, dtype=torch.bool), *size)  # where the padding put the image
+        grey = (from_vae_output(decoded.float()).clamp(-1, 1)[0][inside].view_as(image)[None] + 1) / 2
         real = (image[None] + 1) / 2
         l1.append((grey - real).abs().mean().item())
         psnr.append(min(paired_scores(real[0], grey[0], metrics=("psnr",))["psnr"], MAX_DB))
