@@ -16,13 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from ffasynth import run_folder
 from ffasynth.config import to_dict
+from ffasynth.data.pairs import load_pairs
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.models.components import sampling_scheduler
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
-from ffasynth.training import checkpoint as ckpt
-from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run, run_info
+from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run
 
 
 @dataclass
@@ -50,8 +51,8 @@ def _load_stage1(run_dir: Path, ema: bool) -> ExportedModel:
 
 def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
     loaded = load_model_run(run_dir, ema=ema)
-    folder = ckpt.latest_checkpoint(run_dir)
-    info = run_info(run_dir)
+    folder = run_folder.latest_checkpoint(run_dir)
+    info = run_folder.info(run_dir)
     notes = [f"- decoder fine-tuned by stage-2 run `{run_dir}`, checkpoint `{folder.name}` = step {_step(folder)}"]
     psnr = info.get("decoder_psnr")
     metrics = []
@@ -69,7 +70,7 @@ RUN_LOADERS: dict[str, Callable[[Path, bool], ExportedModel]] = {"stage1": _load
 
 def load_run(run_dir: str | Path, ema: bool = True) -> ExportedModel:
     run_dir = Path(run_dir)
-    kind = run_info(run_dir).get("kind")
+    kind = run_folder.info(run_dir).get("kind")
     loader = RUN_LOADERS.get(kind)
     if loader is None:
         raise FFASynthError(f"{run_dir} is a '{kind}' run; export takes a {' or '.join(RUN_LOADERS)} run")
@@ -110,9 +111,7 @@ def _training_metrics(run_dir: Path) -> list[dict]:
 def _count_pairs(data_dir: str | None, config) -> str:
     if not data_dir:
         return "unknown"
-    from ffasynth.data.pairs import load_pairs
-
-    root = Path(data_dir) / "train" if (Path(data_dir) / "train").is_dir() else Path(data_dir)
+    root = run_folder.split_dir(data_dir, "train")
     try:
         return str(len(load_pairs(root, layout=config.data.layout, phase=config.data.phase)))
     except FFASynthError:
@@ -122,7 +121,7 @@ def _count_pairs(data_dir: str | None, config) -> str:
 def model_card(exported: ExportedModel) -> str:
     """README.md: what the model is, what it was trained on, how, with which results, and its limits."""
     loaded, config, run_dir = exported.run, exported.run.config, exported.stage1_dir
-    info = run_info(run_dir)
+    info = run_folder.info(run_dir)
     model, stage1 = config.model, config.stage1
     metrics = _training_metrics(run_dir)
     loss_key = "loss/main"

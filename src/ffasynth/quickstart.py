@@ -14,8 +14,17 @@ from pathlib import Path
 
 import torch
 
+from ffasynth import run_folder
 from ffasynth.config import load_config, save_config
+from ffasynth.data.io import read_image, save_image
+from ffasynth.data.pairs import load_pairs
+from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
+from ffasynth.evaluation.metrics import EvalSettings, evaluate
+from ffasynth.evaluation.outputs import write_evaluation
+from ffasynth.export import export_run
+from ffasynth.training.stages import run_stage1, run_stage2, run_vae
+from ffasynth.translate import load_pipeline
 
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
 # translation and evaluation.
@@ -33,19 +42,9 @@ class QuickstartResult:
     minutes: float
 
 
-def _test_split(data: Path) -> Path:
-    for name in ("test", "val", "valid"):
-        if (data / name).is_dir():
-            return data / name
-    return data / "train" if (data / "train").is_dir() else data
-
-
 def translate_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int, seed: int, say: Callable) -> list[Path]:
     """Each held-out photo → one synthetic angiogram per phase present, named like its real partner
     (`N.1_ffa.png` for `N.1.png`), so evaluation pairs them by name."""
-    from ffasynth.data.io import read_image, save_image
-    from ffasynth.data.pairs import load_pairs
-
     written = []
     pairs = load_pairs(test_dir)
     for index, pair in enumerate(pairs, 1):
@@ -74,13 +73,6 @@ def quickstart(
     say: Callable[[str], None] = print,
     overrides: list[str] | None = None,
 ) -> QuickstartResult:
-    from ffasynth.data.phantom import write_phantom_dataset
-    from ffasynth.evaluation.metrics import EvalSettings, evaluate
-    from ffasynth.evaluation.outputs import write_evaluation
-    from ffasynth.export import export_run
-    from ffasynth.training.stages import run_stage1, run_stage2, run_vae
-    from ffasynth.translate import load_pipeline
-
     began = time.perf_counter()
     out = Path(out)
     if minutes < 0.2:
@@ -110,7 +102,7 @@ def quickstart(
     pipeline_dir = export_run(runs / "stage2", out / "pipeline")
     say(f"exported the pipeline to {pipeline_dir}")
     pipeline = load_pipeline(pipeline_dir, "cpu" if not torch.cuda.is_available() else "auto")
-    test_dir = _test_split(data)
+    test_dir = run_folder.split_dir(data, "test")  # held-out pairs: test/, val/ or valid/
     translated = translate_held_out(pipeline, test_dir, out / "translated", steps, seed, say)
     settings = EvalSettings(seed=seed)
     evaluation = evaluate(test_dir, {"ffasynth": out / "translated"}, settings, source_dir=test_dir)

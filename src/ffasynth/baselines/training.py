@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ffasynth import run_folder
 from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generator_loss, translate_image
 from ffasynth.config import Config, Pix2PixConfig, load_config
 from ffasynth.models.discriminator import NLayerDiscriminator
@@ -89,15 +90,12 @@ def run_pix2pix(
 
 def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
     from ffasynth.errors import FFASynthError
-    from ffasynth.training.run import run_info
 
     run_dir = Path(run_dir)
-    if run_info(run_dir).get("kind") != "pix2pix":
+    if run_folder.info(run_dir).get("kind") != "pix2pix":
         raise FFASynthError(f"{run_dir} is not a pix2pix run (made by `ffasynth baseline train`)")
     config = load_config(run_dir / "config.yaml").pix2pix
-    folder = ckpt.latest_checkpoint(run_dir)
-    if folder is None:
-        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    folder = run_folder.latest_checkpoint(run_dir)
     generator = build_generator(config)
     ckpt.load_weights(folder, "generator", generator, ema=False)
     return generator.eval(), config

@@ -7,23 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
-from importlib import metadata
 from pathlib import Path
 
 from ffasynth.evaluation.clinical import ClinicalResult
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
+from ffasynth.evaluation.report import Cell, Report
 from ffasynth.files import atomic_write_text
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("ffasynth", "torch", "timm", "scikit-learn", "numpy"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+from ffasynth.provenance import versions
 
 
 def _finite(value: float) -> float | None:
@@ -74,7 +64,7 @@ def write_clinical_report(
         "settings": {**settings, **context, "pretrained_backbone": settings["weights"] is not None},
         "modes": modes,
         "skipped_modes": skipped_modes or {},
-        "versions": versions(),
+        "versions": versions("timm", "scikit-learn"),
     }
     path = atomic_write_text(out / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
     write_html(document, out)
@@ -84,8 +74,6 @@ def write_clinical_report(
 def write_html(document: dict, out: Path) -> dict[str, Path]:
     """report.html + summary.md in the format `ffasynth evaluate` uses: one table of the modes (best per
     column marked), the ROC curves and confusion matrices, and the settings."""
-    from ffasynth.evaluation.report import Cell, Report
-
     settings = document["settings"]
     report = Report(
         "Clinical validation: disease classification",

@@ -12,10 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import platform
 import re
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -25,9 +23,10 @@ from ffasynth.errors import FFASynthError, ImageReadError
 from ffasynth.evaluation.metrics import HIGHER_IS_BETTER, PAIRED_METRICS, Evaluation, load_pair, resize_to
 from ffasynth.evaluation.report import Cell, Report
 from ffasynth.files import atomic_folder, atomic_write, atomic_write_text
+from ffasynth.provenance import versions
 
 DIFFERENCE_GAIN = 4.0  # |real - generated| x 4, clipped: a 0.25 difference shows white
-PACKAGES = ("ffasynth", "torch", "torchvision", "torchmetrics", "torch-fidelity", "lpips", "numpy", "pillow")
+LIBRARIES = ("torchvision", "torchmetrics", "torch-fidelity", "lpips", "pillow")  # what the metrics run on
 LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID"}
 CSV_COLUMNS = ["method", "key", "real", "fake", "size", "fov_fraction", *PAIRED_METRICS]
 
@@ -43,16 +42,6 @@ def json_safe(value):
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return str(value) if isinstance(value, Path) else value
-
-
-def software_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def conventions(evaluation: Evaluation) -> str:
@@ -94,7 +83,7 @@ def to_json(evaluation: Evaluation) -> dict:
             "source_dir": evaluation.source_dir,
             "config": evaluation.settings.to_json(),
             "conventions": conventions(evaluation),
-            "software": software_versions(),
+            "software": versions(*LIBRARIES),
             "skipped": evaluation.skipped,
             "warnings": evaluation.warnings,
             "methods": methods,
@@ -229,7 +218,7 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
         lines += m.pairing.notes
         report.add_text(f"Pairing: {m.name}", "\n".join(lines))
     report.add_text("How these numbers were computed", conventions(evaluation))
-    report.add_text("Software", ", ".join(f"{k} {v}" for k, v in software_versions().items()))
+    report.add_text("Software", ", ".join(f"{k} {v}" for k, v in versions(*LIBRARIES).items()))
     return report
 
 

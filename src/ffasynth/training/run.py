@@ -11,56 +11,36 @@ RUN/
 
 from __future__ import annotations
 
-import json
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DConditionModel
 
+from ffasynth import run_folder
 from ffasynth.config import Config, load_config, save_config
+from ffasynth.data.dataset import PairDataset
+from ffasynth.data.pairs import load_pairs
+from ffasynth.data.transforms import PairedTransform
 from ffasynth.errors import FFASynthError
-from ffasynth.files import atomic_write_text
+from ffasynth.models import loading
 from ffasynth.models.components import Components, add_phase_embedding, set_attention, training_scheduler
 from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.models.decoder import Decoder
+from ffasynth.provenance import versions
 from ffasynth.training import checkpoint as ckpt
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import transformers
-
-    from ffasynth import __version__
-
-    return {
-        "ffasynth": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-    }
 
 
 def load_training_data(data_dir: str | Path, config: Config, say: Callable[[str], None] | None = None):
     """The training pairs of DATA (its train/ split when there is one) as random paired crops. Every
     image is decoded once first: a broken, tiny or wrong-kind file is left out with a warning to
     `say`, rather than stopping the run when its turn comes."""
-    from ffasynth.data.dataset import PairDataset
-    from ffasynth.data.pairs import load_pairs
-    from ffasynth.data.transforms import PairedTransform
-
-    data_dir = Path(data_dir)
-    root = data_dir / "train" if (data_dir / "train").is_dir() else data_dir
 
     def warn(problem) -> None:
         if say is not None:
             say(f"warning: left out {problem.path}: {problem.message}")
 
+    root = run_folder.split_dir(data_dir, "train")
     pairs = load_pairs(
         root, config.data.layout, config.data.phase, config.data.max_pixels, decode=True, on_problem=warn
     )
@@ -79,24 +59,15 @@ def prepare_run(
     """Check that OUT may be (re)used and write its config.yaml and run.json; write=False (every
     process but the first of a multi-process run) checks only."""
     run_dir = Path(out)
-    if run_dir.exists() and ckpt.complete_checkpoints(run_dir) and not resume:
+    if run_dir.exists() and run_folder.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
     if not write:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    info_path = run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    info.update(kind=kind, data=str(Path(data_dir).resolve()), versions=versions())
-    atomic_write_text(info_path, json.dumps(info, indent=1))
+    libraries = versions("diffusers", "transformers", "accelerate")
+    run_folder.update_info(run_dir, kind=kind, data=str(Path(data_dir).resolve()), versions=libraries)
     return run_dir
-
-
-def run_info(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FFASynthError(f"{run_dir} is not an ffasynth run folder (no run.json)")
-    return json.loads(path.read_text())
 
 
 def save_model_folder(run_dir: Path, components: Components) -> None:
@@ -107,9 +78,7 @@ def save_model_folder(run_dir: Path, components: Components) -> None:
     if components.image_encoder is not None:
         components.image_encoder.save_pretrained(model_dir / "image_encoder", safe_serialization=True)
         components.image_processor.save_pretrained(model_dir / "image_encoder")
-    info = run_info(run_dir)
-    info["sources"] = components.sources
-    atomic_write_text(Path(run_dir) / "run.json", json.dumps(info, indent=1))
+    run_folder.update_info(run_dir, sources=components.sources)
 
 
 @dataclass
@@ -123,16 +92,12 @@ class LoadedRun:
 
 def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Path | None = None) -> LoadedRun:
     """Rebuild the stage-1 model of a run from its newest complete checkpoint (or the one given)."""
-    from ffasynth.models import loading
-
     run_dir = Path(run_dir)
-    info = run_info(run_dir)
+    info = run_folder.info(run_dir)
     if info.get("kind") != "stage1":
         raise FFASynthError(f"{run_dir} is a '{info.get('kind')}' run, not a stage-1 run")
     config = load_config(run_dir / "config.yaml")
-    folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
-    if folder is None:
-        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    folder = Path(checkpoint) if checkpoint else run_folder.latest_checkpoint(run_dir)
     model_dir = run_dir / "model"
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
     add_phase_embedding(unet, config.model.num_phases)
@@ -183,13 +148,11 @@ def _stage1_of(run_dir: Path, info: dict) -> tuple[Path, Path | None]:
 def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
     """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in)."""
     run_dir = Path(run_dir)
-    info = run_info(run_dir)
+    info = run_folder.info(run_dir)
     if info.get("kind") != "stage2":
         return load_stage1_run(run_dir, ema=ema)
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
-    folder = ckpt.latest_checkpoint(run_dir)
-    if folder is None:
-        raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
+    folder = run_folder.latest_checkpoint(run_dir)
     loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint)
     ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
     loaded.components.vae.requires_grad_(False).eval()

@@ -12,10 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from ffasynth.config import Config
 from ffasynth.evaluation.decoder_report import reconstruction_report
+from ffasynth.models.architecture import vae_config
 from ffasynth.training.loop import TrainResult, train
+from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
+from ffasynth.training.stage1 import build_stage1, trainable_parameters
+from ffasynth.training.stage2 import Stage2Task, record_stage1
+from ffasynth.training.vae import VAETask
+from ffasynth.weights import build_lpips
 
 
 def _quiet(message: str) -> None:
@@ -31,12 +38,6 @@ def run_vae(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
 ) -> TrainResult:
     """Stage 0: a VAE on source and target crops; RUN/vae/ is the diffusers folder to pass as --vae."""
-    from diffusers import AutoencoderKL
-
-    from ffasynth.models.components import vae_config
-    from ffasynth.training.run import load_training_data, prepare_run
-    from ffasynth.training.vae import VAETask
-
     first = is_first_process()
     say = say if first else _quiet
     dataset = load_training_data(data, config, say)
@@ -53,9 +54,6 @@ def run_stage1(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
 ) -> TrainResult:
     """Stage 1: the U-Net on target latents, conditioned on the source."""
-    from ffasynth.training.run import load_training_data, prepare_run, save_model_folder
-    from ffasynth.training.stage1 import build_stage1, trainable_parameters
-
     first = is_first_process()
     say = say if first else _quiet
     if config.model.pretrained is None and config.model.vae is None:
@@ -87,14 +85,9 @@ def run_stage2(
     ema: bool = True,
 ) -> tuple[TrainResult, dict]:
     """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR."""
-    from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run
-    from ffasynth.training.stage2 import Stage2Task, record_stage1
-
     stage1 = load_stage1_run(stage1_dir, ema=ema)
     lpips = None
     if config.stage2.lpips_weight > 0:
-        from ffasynth.weights import build_lpips
-
         lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
     first = is_first_process()
     say = say if first else _quiet
