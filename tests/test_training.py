@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from ffasynth.config import load_config
@@ -114,14 +115,25 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
     )
 
 
+@torch.no_grad()
+def _unit_variance_scale(vae, pairs, run_dir):
+    """1/std of z ~ q(z|x) over the run's first 32 training crops, photos and FFAs (grey as 3 channels),
+    in closed form: Var z = Var μ + E σ² over every latent element (law of total variance)."""
+    dataset = load_training_data(pairs, load_config(run_dir / "config.yaml"))
+    items = [dataset[(i, 0)] for i in range(min(32, len(dataset)))]
+    photos = torch.stack([item["source"] for item in items])
+    angiograms = torch.stack([item["target"] for item in items]).repeat(1, 3, 1, 1)
+    posterior = vae.eval().encode(torch.cat([photos, angiograms])).latent_dist
+    return float(1 / (posterior.mean.var(unbiased=False) + posterior.var.mean()).sqrt())
+
+
 def test_train_cli_runs_vae_then_stage1_and_refuses_bad_values(pairs, tmp_path):
     tiny = MICRO + ["data.crop_size=32", "vae.batch_size=2", "stage1.batch_size=2"]
     vae_run = ["train", "vae", "--data", pairs, "--out", tmp_path / "vae", "--preset", "tiny", "--quiet"]
     result = invoke(*vae_run, "--max-steps", 2, *tiny)
     assert result.exit_code == 0, result.output
-    vae_folder = tmp_path / "vae" / "vae"
-    assert (vae_folder / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((vae_folder / "config.json").read_text())["scaling_factor"] != 0.18215  # measured, not SD's
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "vae")  # its scale: from sampled z, so within 3%
+    assert vae.config.scaling_factor == pytest.approx(_unit_variance_scale(vae, pairs, tmp_path / "vae"), rel=0.03)
     stage1 = ["train", "stage1", "--data", pairs, "--out", tmp_path / "s1", "--quiet"]
     result = invoke(*stage1, "--preset", "tiny", "--vae", tmp_path / "vae", "--max-steps", 2, *tiny)
     assert result.exit_code == 0, result.output
