@@ -288,6 +288,14 @@ def line_problem(output: str, name: str, words: str) -> str | None:
     return None
 
 
+def kept_or_named(name: str, expected: str | None, kept, reported, output: str) -> str | None:
+    """A planted file `name`: kept and not reported when `expected` is None; else named in one line of
+    `output` with the words `expected`, and not kept."""
+    if expected is None:
+        return None if name in kept and name not in reported else f"{name} was left out or reported"
+    return line_problem(output, f"/{name}", expected) or (f"{name} is still kept" if name in kept else None)
+
+
 def no_partial_files(folder: Path) -> str | None:
     leftovers = [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")] if folder.exists() else []
     return f"half-written files left: {leftovers}" if leftovers else None

@@ -31,6 +31,7 @@ from tests.corpus import (
     cli,
     complete_png,
     exit_problem,
+    kept_or_named,
     line_problem,
     no_partial_files,
     write_case,
@@ -92,13 +93,9 @@ def data_check(pair_folder, tmp_path_factory) -> DataCheck:
 
 @pytest.mark.parametrize("case, slot", AS_PAIR)
 def test_data_check(pair_folder, data_check, case, slot):
-    name, expected = pair_folder.planted[(case.name, slot)], case.expected(slot)
-    if expected is None:
-        assert name in data_check.paired and name not in data_check.problems, f"{name} was not accepted as a pair"
-    else:
-        problem = line_problem(data_check.run.output, f"/{name}", expected)
-        assert not problem, problem
-        assert name not in data_check.paired, f"{name} is still paired"
+    name = pair_folder.planted[(case.name, slot)]
+    problem = kept_or_named(name, case.expected(slot), data_check.paired, data_check.problems, data_check.run.output)
+    assert not problem, problem
 
 
 def test_data_check_size_mismatch(data_check):
@@ -141,13 +138,9 @@ def training_data(pair_folder) -> TrainingData:
 
 @pytest.mark.parametrize("case, slot", AS_PAIR)
 def test_training_dataset(pair_folder, training_data, case, slot):
-    name, expected = pair_folder.planted[(case.name, slot)], case.expected(slot)
-    if expected is None:
-        assert name in training_data.used and name not in training_data.said, f"{name} was left out"
-    else:
-        problem = line_problem(training_data.said, f"/{name}", expected)
-        assert not problem, problem
-        assert name not in training_data.used, f"{name} is used"
+    name, said = pair_folder.planted[(case.name, slot)], training_data.said
+    problem = kept_or_named(name, case.expected(slot), training_data.used, said, said)
+    assert not problem, problem
 
 
 def test_training_dataset_size_mismatch(training_data):
