@@ -4,12 +4,15 @@ on shared machines are noise)."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from ffasynth.config import load_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -70,23 +73,56 @@ def test_bench_sampling_counts_three_passes_a_step_for_diffusers_and_one_for_our
     assert guided["timing"]["pass_ratio_vs_diffusers_defaults"] == 7.5
 
 
+def test_step_flops_counts_the_forward_and_the_backward_of_a_known_network(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_train
+
+    batch_size, inputs, hidden, outputs = 4, 8, 16, 2
+    network = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, outputs))
+
+    class Regression:
+        trainable = {"network": network}
+
+        def loss(self, batch, step, generator, optimizer):
+            return network(batch["target"]).square().mean(), {}
+
+    flops = bench_train.step_flops(Regression(), {"target": torch.randn(batch_size, inputs)})
+    # an (m×k)·(k×n) product is 2mkn FLOPs. Forward: both layers. Backward: both weight gradients,
+    # and the input gradient of the second layer only (the batch itself needs none).
+    forward = 2 * batch_size * (inputs * hidden + hidden * outputs)
+    backward = 2 * batch_size * (inputs * hidden + hidden * outputs) + 2 * batch_size * hidden * outputs
+    assert flops == forward + backward
+    assert all(p.grad is None for p in network.parameters())  # counting leaves no gradient behind
+
+
 @pytest.mark.slow
 def test_bench_memory_and_bench_train_print_their_figures():
-    memory = _run("bench_memory.py", "--sizes", "160x160,320x256", "--steps", "1", "--repeats", "2")
-    assert [(r["width"], r["height"]) for r in memory["sizes"]] == [(160, 160), (320, 256)]
+    memory = _run("bench_memory.py", "--sizes", "96x96,160x160,320x256", "--steps", "1", "--repeats", "2")
+    tile = load_config(preset="tiny").data.crop_size  # 128: the first size fits one tile, the others do not
+    assert [(r["width"], r["height"], r["tile_size"]) for r in memory["sizes"]] == [
+        (96, 96, tile),
+        (160, 160, tile),
+        (320, 256, tile),
+    ]
     for row in memory["sizes"]:  # two fresh processes a size; their median is the row's peak
-        assert len(row["peak_rss_mib_runs"]) == 2 and row["peak_rss_mib"] == sum(row["peak_rss_mib_runs"]) / 2
-    assert all(r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0 for r in memory["sizes"])
-    assert memory["spread_beyond_tile_pct"] is not None  # both sizes exceed the tiny preset's 128 px tile
+        assert len(row["peak_rss_mib_runs"]) == 2 and row["peak_rss_mib"] == statistics.median(row["peak_rss_mib_runs"])
+        assert row["megapixels"] == row["width"] * row["height"] / 1e6
+        assert row["seconds_per_megapixel"] == pytest.approx(row["seconds"] / row["megapixels"])
+        assert row["peak_rss_mib"] >= row["rss_after_load_mib"] > 0
+    beyond = [r["peak_rss_mib"] for r in memory["sizes"][1:]]  # the spread is over the sizes beyond one tile
+    assert memory["spread_beyond_tile_pct"] == pytest.approx((max(beyond) / min(beyond) - 1) * 100)
+    assert memory["flat_within_10pct"] == (memory["spread_beyond_tile_pct"] <= 10)
     train = _run("bench_train.py", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--resolution", "64")
-    assert set(train["variants"]) == {"default (sdpa)", "eager attention", "gradient checkpointing", "channels_last"}
-    for row in train["variants"].values():
-        assert row["steps_timed"] == 2 and row["steps_per_s"] > 0 and row["flops_per_step"] > 0
-    # checkpointing recomputes the forward: more FLOPs per step, never fewer
-    assert (
-        train["variants"]["gradient checkpointing"]["flops_per_step"]
-        > train["variants"]["default (sdpa)"]["flops_per_step"]
-    )
+    variants = train["variants"]
+    assert set(variants) == {"default (sdpa)", "eager attention", "gradient checkpointing", "channels_last"}
+    for row in variants.values():  # the derived figures, recomputed from the measured seconds a step
+        assert row["steps_timed"] == 2 and row["seconds_per_step"] > 0
+        assert row["steps_per_s"] == pytest.approx(1 / row["seconds_per_step"])
+        assert row["images_per_s"] == pytest.approx(2 / row["seconds_per_step"])
+        assert row["achieved_tflops"] == pytest.approx(row["flops_per_step"] / row["seconds_per_step"] / 1e12)
+    # the memory layout changes no arithmetic; checkpointing recomputes the forward: more FLOPs, never fewer
+    assert variants["channels_last"]["flops_per_step"] == variants["default (sdpa)"]["flops_per_step"] > 0
+    assert variants["gradient checkpointing"]["flops_per_step"] > variants["default (sdpa)"]["flops_per_step"]
 
 
 def test_sd15_memory_counts_the_sd15_parameters_and_extrapolates_a_line(monkeypatch):
