@@ -6,6 +6,7 @@ the traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -57,8 +58,6 @@ def _root(
 
 def _quiet_libraries() -> None:
     """Our own progress bars and messages only; the libraries' per-shard bars and notices are noise here."""
-    import logging
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)

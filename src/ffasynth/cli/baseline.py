@@ -6,49 +6,23 @@ from pathlib import Path
 
 import typer
 
-from ffasynth.cli.train import (
-    BATCH,
-    CONFIG,
-    DATA,
-    MAX_STEPS,
-    OUT,
-    OVERRIDES,
-    PRESET,
-    QUIET,
-    RESOLUTION,
-    RESUME,
-    SAVE_EVERY,
-    SEED,
-    _flags,
-    _say,
-    resolve_config,
-)
+from ffasynth.cli.options import TrainOptions, say, train_options
+from ffasynth.translate import collect_inputs
+
+# The baseline's training and tiling import accelerate and the training loop (seconds); they are
+# imported in the verbs that run them, so `ffasynth --help` does not wait for them.
 
 app = typer.Typer(help="The pix2pix baseline: `train` on the same pairs, `translate` photos.", no_args_is_help=True)
 
 
 @app.command("train")
-def train_pix2pix(
-    data: Path = DATA,
-    out: Path = OUT,
-    config_file: Path | None = CONFIG,
-    preset: str | None = PRESET,
-    resume: bool = RESUME,
-    max_steps: int | None = MAX_STEPS,
-    batch_size: int | None = BATCH,
-    resolution: int | None = RESOLUTION,
-    save_every: int | None = SAVE_EVERY,
-    seed: int | None = SEED,
-    quiet: bool = QUIET,
-    overrides: list[str] | None = OVERRIDES,
-) -> None:
+@train_options()
+def train_pix2pix(options: TrainOptions) -> None:
     """Train pix2pix (U-Net generator, 70×70 PatchGAN, GAN + 100·L1) on random paired crops, with the
     same data pipeline, loop, checkpoints and --resume as `ffasynth train`. Fields: pix2pix.*"""
     from ffasynth.baselines.training import run_pix2pix
 
-    flags = _flags(max_steps, batch_size, resolution, save_every, seed)
-    config = resolve_config("pix2pix", out, config_file, preset, resume, flags, overrides)
-    run_pix2pix(config, data, out, resume, not quiet, _say)
+    run_pix2pix(options.config("pix2pix"), options.data, options.out, options.resume, options.progress, say)
 
 
 @app.command("translate")
@@ -60,7 +34,6 @@ def translate_pix2pix(
     """Whole photos at native size (tiled when large) → `<name>_ffa.png`, named as `ffasynth translate`
     names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both."""
     from ffasynth.baselines.training import translate_folder
-    from ffasynth.translate import collect_inputs
 
     files, problems = collect_inputs(inputs)
     for path, reason in problems:

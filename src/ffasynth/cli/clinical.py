@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ffasynth.cli.options import settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.clinical import (
     ALIASES,
@@ -21,6 +22,7 @@ from ffasynth.evaluation.clinical import (
     run_clinical,
 )
 from ffasynth.evaluation.clinical_report import write_clinical_report
+from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
 
 MODE_HELP = (
     "source-only (photos), real-only (real FFA, the upper reference), source+real, source+synthetic "
@@ -30,8 +32,6 @@ MODE_HELP = (
 
 def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int, seed: int, console) -> Path:
     """Synthetic FFA of each eye's photo with an exported pipeline, named `<id>_ffa.png`."""
-    from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
-
     photos = [eye.images["source"] for eye in eyes if "source" in eye.images]
     if not photos:
         raise FFASynthError("--pipeline needs photos: the labelled data has angiograms only (no source images)")
@@ -73,6 +73,7 @@ def clinical(
     Reports accuracy, macro-F1 and one-vs-rest AUC (mean ± std over folds) per mode, writes
     OUT/metrics.json, OUT/confusion_<mode>.png and OUT/roc_<mode>.png.
     """
+    options = dict(locals())
     if fusion not in FUSIONS:
         raise FFASynthError(f"unknown --fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
     eyes = load_labelled(data)
@@ -99,23 +100,14 @@ def clinical(
             fg=typer.colors.YELLOW,
             err=True,
         )
-    settings = dict(
-        fusion=fusion,
-        folds=folds,
-        backbone=backbone,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        weights=str(backbone_weights) if backbone_weights else None,
-    )
+    weights = str(backbone_weights) if backbone_weights else None
     results = []
     with Progress(console=console, transient=True) as progress:
         for name in modes:
             task = progress.add_task(f"{name}: folds", total=folds)
             report = lambda done, total, task=task: progress.update(task, completed=done, total=total)  # noqa: E731
-            results.append(run_clinical(eyes, ClinicalSettings(mode=name, **settings), progress=report))
+            settings = settings_from(ClinicalSettings, options, mode=name, weights=weights)
+            results.append(run_clinical(eyes, settings, progress=report))
     path = write_clinical_report(
         results, out, skipped_modes, data=str(data), synthetic=str(synthetic) if synthetic else None
     )

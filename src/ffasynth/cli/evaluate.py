@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ffasynth.cli.options import settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import METRICS, EvalSettings, evaluate
 from ffasynth.evaluation.outputs import write_evaluation
@@ -66,19 +67,13 @@ def evaluate_command(
     A metric whose backbone weights are missing is skipped with a one-line reason; the rest is computed.
     An unreadable image is left out with a one-line warning. Exit code 1 when no metric could be computed.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = EvalSettings(
+    options = dict(locals())
+    settings = settings_from(
+        EvalSettings,
+        options,
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
-        resolution=resolution,
-        fov_mask=fov_mask,
-        fov_threshold=fov_threshold,
-        patches=patches,
-        patch_size=patch_size,
-        lpips_net=lpips_net,
         weights_dir=str(weights_dir) if weights_dir else None,
-        seed=seed,
-        device=device,
+        device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
     )
     fakes = parse_fakes(fake)
     console = Console(stderr=True)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+# ffasynth.export rebuilds models with diffusers and transformers (seconds to import): imported when
+# the verb runs, so `ffasynth --help` does not wait for it.
+
 
 def export(
     run_dir: Path = typer.Argument(

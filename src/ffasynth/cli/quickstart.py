@@ -6,6 +6,12 @@ from pathlib import Path
 
 import typer
 
+from ffasynth.app import ServeSettings
+from ffasynth.app import serve as serve_page
+
+# ffasynth.quickstart trains, exports and evaluates: it imports diffusers, transformers and accelerate
+# (seconds), so `quickstart` imports it when it runs, and `ffasynth --help` does not wait for it.
+
 
 def quickstart(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for data, runs, pipeline, outputs and report."),
@@ -43,11 +49,8 @@ def serve(
 ) -> None:
     """A web page for clinicians: upload a photo, see the synthetic angiogram (slider or side by side),
     the uncertainty map with several samples, and download it. Images are labelled synthetic."""
-    from ffasynth.app import ServeSettings
-    from ffasynth.app import serve as run
-
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host} exposes the page to your network", fg=typer.colors.YELLOW, err=True)
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_pixels=max_pixels, device=device)
     typer.echo(f"serving {pipeline} on http://{host}:{port} (Ctrl-C to stop)")
-    run(pipeline, host, port, settings)
+    serve_page(pipeline, host, port, settings)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from tqdm.auto import tqdm
+
+from ffasynth.cli.options import settings_from
+from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, translate_files
 
 
 def translate(
@@ -44,18 +48,13 @@ def translate(
     """Translate photos into FFA images of the same size (8-bit grey PNG). Large photos run in
     overlapping tiles blended at every step. A file that cannot be read or translated is reported
     in one line and skipped; the exit code is 1 when any failed."""
-    from tqdm.auto import tqdm
-
-    from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, translate_files
-
+    options = dict(locals())
     files, problems = collect_inputs(inputs)
     for path, reason in problems:
         typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
     pipeline = load_pipeline(pipeline_dir, device, dtype)
     pipeline.set_progress_bar_config(disable=quiet, leave=False, desc="steps")
-    settings = TranslateSettings(
-        steps, seed, samples, guidance, phase, tile_size, tile_overlap, decode_tile_size, uncertainty_max
-    )
+    settings = settings_from(TranslateSettings, options)
     bar = tqdm(total=len(files), desc="images", unit="image", disable=quiet)
 
     def done(path: Path, error: str | None, warning: str | None) -> None:

@@ -1,0 +1,119 @@
+"""What several verbs share: the training options (`ffasynth train ...`, `ffasynth baseline train`),
+written once and added to a verb by `@train_options()`; settings built from a verb's options; `say`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from ffasynth.config import Config, load_config
+
+
+@dataclass
+class TrainOptions:
+    """What every training verb is given, besides its own options."""
+
+    data: Path
+    out: Path
+    config_file: Path | None = None
+    preset: str | None = None
+    resume: bool = False
+    max_steps: int | None = None
+    batch_size: int | None = None
+    resolution: int | None = None
+    save_every: int | None = None
+    seed: int | None = None
+    quiet: bool = False
+    overrides: list[str] | None = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
+
+    def config(self, section: str, start: Path | None = None, **fields: object) -> Config:
+        """Defaults ← preset ← --config (or, with --resume, the run's saved config; else `start`)
+        ← the flags (train.* meaning `section`.*) and `fields` ← key=value."""
+        saved = self.out / "config.yaml"
+        base = self.config_file or (saved if self.resume and saved.is_file() else start)
+        flags = {
+            f"{section}.max_steps": self.max_steps,
+            f"{section}.batch_size": self.batch_size,
+            "data.crop_size": self.resolution,
+            f"{section}.save_every": self.save_every,
+            "seed": self.seed,
+            **fields,
+        }
+        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+        return load_config(base, self.preset, extra + list(self.overrides or []))
+
+
+# name → (type, typer option), in the order --help lists them
+TRAIN_OPTIONS = {
+    "data": (
+        Path,
+        typer.Option(..., "--data", help="Folder of registered pairs (its train/ subfolder is used when present)."),
+    ),
+    "out": (Path, typer.Option(..., "--out", help="Run folder to write (config, checkpoints, samples, logs).")),
+    "config_file": (Path | None, typer.Option(None, "--config", help="YAML config file (see `configs/`).")),
+    "preset": (str | None, typer.Option(None, "--preset", help="tiny (CPU, seconds) or sd15 (the paper's scale).")),
+    "resume": (
+        bool,
+        typer.Option(False, "--resume", help="Continue from the run's newest complete checkpoint and config."),
+    ),
+    "max_steps": (int | None, typer.Option(None, "--max-steps", help="Optimizer steps in total.")),
+    "batch_size": (int | None, typer.Option(None, "--batch-size", help="Crops per step (per process).")),
+    "resolution": (int | None, typer.Option(None, "--resolution", help="Crop size in pixels (data.crop_size).")),
+    "save_every": (int | None, typer.Option(None, "--save-every", help="Checkpoint every N steps.")),
+    "seed": (int | None, typer.Option(None, "--seed", help="Seed for crops, noise and initialisation.")),
+    "quiet": (bool, typer.Option(False, "--quiet", help="No progress bar.")),
+    "overrides": (
+        list[str] | None,
+        typer.Argument(None, help="Any config field as key=value, e.g. stage1.lr=1e-4 model.use_clip=false."),
+    ),
+}
+
+
+def train_options(without: tuple[str, ...] = ()) -> Callable:
+    """Give a verb `def verb(options: TrainOptions, <its own options>)` the command line of its own
+    options followed by TRAIN_OPTIONS (less `without`): typer reads the signature written here, and the
+    verb is called with the shared values gathered into `options`."""
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+        for name, (kind, option) in TRAIN_OPTIONS.items()
+        if name not in without
+    ]
+
+    def decorate(verb: Callable) -> Callable:
+        own = list(inspect.signature(verb, eval_str=True).parameters.values())[1:]  # after `options`
+
+        @functools.wraps(verb)
+        def command(**values):
+            options = TrainOptions(**{p.name: values.pop(p.name) for p in shared})
+            return verb(options, **values)
+
+        parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
+        command.__signature__ = inspect.Signature(parameters, return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command
+
+    return decorate
+
+
+def say(message: str) -> None:
+    """Progress lines to stdout; warnings in yellow to stderr."""
+    warning = message.startswith("warning")
+    typer.secho(message, err=warning, fg=typer.colors.YELLOW if warning else None)
+
+
+def settings_from(settings_class: type, options: dict, **fields: object):
+    """A settings dataclass from a verb's options named like its fields (`options = dict(locals())` as
+    the verb's first line: typer passes each option as the parameter of its name), `fields` given or
+    converted by the verb taking precedence."""
+    names = {field.name for field in dataclasses.fields(settings_class)}
+    return settings_class(**{**{k: v for k, v in options.items() if k in names}, **fields})
