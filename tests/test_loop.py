@@ -1,5 +1,6 @@
-"""The shared loop under fp16 loss scaling and torch.compile: an overflowed step is skipped by the
-GradScaler (which lowers its scale) and the run goes on; a compiled run's checkpoints hold plain keys."""
+"""The shared loop: the learning-rate schedule, how the data stream is split across processes, fp16
+loss scaling (an overflowed step is skipped by the GradScaler, which lowers its scale, and the run
+goes on) and torch.compile (a compiled run's checkpoints hold plain keys)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ffasynth.config import TrainConfig, load_config
+from ffasynth.data.dataset import StreamBatchSampler
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.training import checkpoint as ckpt
-from ffasynth.training.loop import Task, train
+from ffasynth.training.loop import Task, lr_factor, train
 from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1
 from tests.helpers import MICRO
@@ -52,6 +54,62 @@ class _Overflowing(Task):
 
     def samples(self, batch, generator):
         return [batch["target"]]
+
+
+# warm-up 4 steps: (s + 1)/4; cosine over steps 4-12: ½(1 + cos(π·(s − 4)/8)), e.g. ½(1 + cos 3π/4) at 10
+@pytest.mark.parametrize(
+    ("schedule", "factors"),
+    [
+        ("cosine", {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.85355339, 8: 0.5, 10: 0.14644661, 12: 0.0, 13: 0.0}),
+        ("constant", {0: 0.25, 2: 0.75, 3: 1.0, 4: 1.0, 11: 1.0}),
+    ],
+)
+def test_learning_rate_warms_up_linearly_then_follows_its_schedule(schedule, factors):
+    config = TrainConfig(max_steps=12, lr_warmup_steps=4, lr_schedule=schedule)
+    assert {step: lr_factor(step, config) for step in factors} == pytest.approx(factors, abs=1e-7)
+
+
+class _Linear(Task):
+    """One linear layer and a finite loss: the loop's bookkeeping without a model."""
+
+    name = "linear"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.trainable = {"layer": nn.Linear(2, 1)}
+
+    def to(self, device, weight_dtype):
+        self.trainable["layer"].to(device)
+
+    def loss(self, batch, step, generator, optimizer):
+        return self.trainable["layer"](torch.ones(1, 2)).sum() ** 2, {}
+
+    def samples(self, batch, generator):
+        return [batch["target"]]
+
+
+def test_each_step_trains_at_the_scheduled_learning_rate(tmp_path):
+    config = TrainConfig(
+        max_steps=6, lr=0.1, lr_warmup_steps=2, lr_schedule="cosine", log_every=1, save_every=100, ema_decay=0.0
+    )
+    result = train(_Linear(), _Blank(), config, tmp_path, progress=False)
+    # warm-up 0.05, 0.1; then 0.1·½(1 + cos(π·k/4)) for k = 0..3
+    assert [line["lr"] for line in result.losses] == pytest.approx([0.05, 0.1, 0.1, 0.08535534, 0.05, 0.01464466])
+
+
+def test_processes_read_disjoint_micro_batches_that_cover_every_epoch():
+    size, batch_size, world = 12, 2, 3
+    streams = [iter(StreamBatchSampler(size, batch_size, seed=7, rank=rank, world=world)) for rank in range(world)]
+    # 4 micro-batches per process: 3 processes × 4 × 2 items = 24 positions = epochs 0 and 1
+    per_process = [[next(stream) for _ in range(4)] for stream in streams]
+    assert all(len(micro_batch) == batch_size for batches in per_process for micro_batch in batches)
+    keys = [key for batches in per_process for micro_batch in batches for key in micro_batch]
+    # disjoint and covering: every (item, epoch) exactly once
+    assert sorted(keys) == sorted((index, epoch) for epoch in (0, 1) for index in range(size))
+    # a process resuming at micro-batch 2 reads exactly what it would have read
+    for rank in range(world):
+        resumed = iter(StreamBatchSampler(size, batch_size, seed=7, start=2, rank=rank, world=world))
+        assert [next(resumed), next(resumed)] == per_process[rank][2:]
 
 
 def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on(tmp_path, monkeypatch):

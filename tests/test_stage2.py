@@ -79,18 +79,31 @@ def test_every_loss_term_moves_the_decoder(stage1_run):
     task.to(torch.device("cpu"), torch.float32)
     batch = {"source": torch.rand(2, 3, 32, 32) * 2 - 1, "target": torch.rand(2, 1, 32, 32) * 2 - 1, "phase": [0, 1]}
     latents = task.latents(batch, torch.Generator().manual_seed(0))
-    decoded = task.decoder(latents)
-    terms = task.reconstruction_terms(decoded, batch["target"])
-    terms["adversarial"] = -task.discriminator(decoded.mean(1, keepdim=True)).mean()
-    assert set(terms) == {"rec", "lpips", "adversarial"} and lpips_calls
+    terms = task.reconstruction_terms(task.decoder(latents), batch["target"])
+    assert set(terms) == {"rec", "lpips"} and lpips_calls
     for name, term in terms.items():
         grads = torch.autograd.grad(term, list(task.decoder.parameters()), retain_graph=True, allow_unused=True)
         total = sum(g.abs().sum() for g in grads if g is not None)
         assert total > 0, f"{name} gives the decoder no gradient"
-    loss, logs = task.loss(batch, 5, torch.Generator().manual_seed(0), "decoder")
-    assert "g_loss" in logs and logs["adv_weight"] > 0
-    loss.backward()
-    assert all(p.grad is None for p in loaded.components.unet.parameters())
+
+
+def test_the_decoder_loss_holds_the_adaptively_weighted_adversarial_term(stage1_run):
+    # from disc_start on, Stage2Task.loss adds w·λ_adv·g with w = ‖∇_last rec‖/(‖∇_last g‖ + 1e-4):
+    # at the decoder's last layer the term's gradient is λ_adv times the reconstruction's (up to the 1e-4)
+    config = load_config(stage1_run[1] / "config.yaml", overrides=STAGE2 + ["stage2.disc_start=5"])
+    task = Stage2Task(load_stage1_run(stage1_run[1]), config.stage2, None)
+    task.to(torch.device("cpu"), torch.float32)
+    batch = {"source": torch.rand(2, 3, 32, 32) * 2 - 1, "target": torch.rand(2, 1, 32, 32) * 2 - 1, "phase": [0, 1]}
+    last = task.decoder.last_layer
+    before, _ = task.loss(batch, 4, torch.Generator().manual_seed(0), "decoder")  # the step before disc_start
+    with_adversarial, logs = task.loss(batch, 5, torch.Generator().manual_seed(0), "decoder")
+    assert with_adversarial.item() - before.item() == pytest.approx(logs["adv_weight"] * logs["g_loss"], rel=1e-4)
+    (rec_grad,) = torch.autograd.grad(before, [last])
+    (total_grad,) = torch.autograd.grad(with_adversarial, [last], retain_graph=True)
+    adversarial_grad = total_grad - rec_grad
+    assert adversarial_grad.norm().item() == pytest.approx(config.stage2.adv_weight * rec_grad.norm().item(), rel=1e-3)
+    with_adversarial.backward()
+    assert all(p.grad is None for p in task.stage1.components.unet.parameters())
 
 
 def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp_path):

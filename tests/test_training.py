@@ -1,5 +1,5 @@
 """The shared training loop through stage 0 and stage 1: exact resume, atomic checkpoints,
-non-finite losses, and the CLI."""
+non-finite losses, the CLI, and what stage 1's loss regresses (ε or v, min-SNR weighted)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainingError, train
 from ffasynth.training.run import load_stage1_run, load_training_data
-from tests.helpers import MICRO, invoke, train_micro_stage1
+from ffasynth.training.stage1 import build_stage1
+from tests.helpers import MICRO, invoke, micro_config, train_micro_stage1
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,56 @@ def test_channels_last_training_matches_the_default_layout_and_saves_loadable_we
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     loaded = load_stage1_run(tmp_path / "nhwc")
     assert loaded.components.unet.conv_in.weight.is_contiguous()
+
+
+def _stage1_loss(prediction_type: str, snr_gamma=None, error: float = 0.0, batch_size: int = 2):
+    """Stage 1's loss on a random batch with a U-Net whose output is replaced by the target computed
+    here from what the loss drew (z0, ε' and t, as given to add_noise), plus `error` everywhere.
+    Returns the loss and the ᾱ_t of the drawn timesteps."""
+    overrides = [f"stage1.prediction_type={prediction_type}", "stage1.conditioning_dropout=0", "data.crop_size=32"]
+    if snr_gamma is not None:
+        overrides.append(f"stage1.snr_gamma={snr_gamma}")
+    task = build_stage1(micro_config(*overrides))
+    scheduler = task.components.scheduler
+    drawn = {}
+    add_noise = scheduler.add_noise
+
+    def record(latents, noise, timesteps):
+        drawn.update(x0=latents, noise=noise, alphas=scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1))
+        return add_noise(latents, noise, timesteps)
+
+    def predict(module, args, output):
+        alpha, sigma = drawn["alphas"].sqrt(), (1 - drawn["alphas"]).sqrt()
+        wanted = alpha * drawn["noise"] - sigma * drawn["x0"] if prediction_type == "v_prediction" else drawn["noise"]
+        return type(output)(sample=wanted + error)
+
+    scheduler.add_noise = record
+    task.components.unet.register_forward_hook(predict)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "source": torch.rand(batch_size, 3, 32, 32, generator=generator) * 2 - 1,
+        "target": torch.rand(batch_size, 1, 32, 32, generator=generator) * 2 - 1,
+        "phase": [0] * batch_size,
+    }
+    loss, _ = task.loss(batch, 0, torch.Generator().manual_seed(1), "main")
+    return loss.item(), drawn["alphas"].flatten()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_stage1_regresses_the_noise_or_the_velocity_alpha_eps_minus_sigma_x0(prediction_type):
+    # the U-Net that predicts ε' (epsilon) or v = √ᾱ·ε' − √(1−ᾱ)·z0 (v_prediction) exactly has zero loss,
+    # and an error of 0.1 everywhere costs 0.1² (a mean squared error)
+    assert _stage1_loss(prediction_type)[0] == pytest.approx(0.0, abs=1e-10)
+    assert _stage1_loss(prediction_type, error=0.1)[0] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_min_snr_weighting_of_the_v_prediction_loss():
+    # with a unit error everywhere the loss is the mean weight; for v-prediction min(SNR, γ)/(SNR + 1)
+    # with SNR = ᾱ/(1−ᾱ) is min(ᾱ, γ·(1−ᾱ)): ᾱ where SNR ≤ γ (noisy steps), γ·(1−ᾱ) above
+    gamma = 1.0
+    loss, alphas = _stage1_loss("v_prediction", snr_gamma=gamma, error=1.0, batch_size=8)
+    clipped = alphas > gamma / (1 + gamma)  # SNR > γ
+    assert clipped.any() and not clipped.all()  # both branches drawn
+    assert loss == pytest.approx(torch.minimum(alphas, gamma * (1 - alphas)).mean().item(), rel=1e-4)
+    unweighted, _ = _stage1_loss("v_prediction", error=1.0, batch_size=8)
+    assert unweighted == pytest.approx(1.0, rel=1e-4)
