@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import accelerate
 import torch
+from accelerate.state import AcceleratorState
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -102,15 +104,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _accelerator(mixed_precision: str):
     """accelerate's Accelerator, joined to every process torchrun (or accelerate launch) started."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     # accelerate keeps the first mixed precision process-wide; a later stage in this process may differ
     AcceleratorState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # without a GPU, accelerate joins the processes only when told they run on CPUs; else each trains alone
     cpu = launched > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    accelerator = accelerate.Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     if accelerator.num_processes != launched:
         raise FFASynthError(
             f"launched as {launched} processes (WORLD_SIZE) but accelerate joined {accelerator.num_processes}; "
