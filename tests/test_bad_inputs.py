@@ -6,7 +6,7 @@ no traceback, the exit code is non-zero exactly where the command cannot go on, 
 are still processed, and no half-written file is left (outputs complete or absent, no *.tmp).
 Each entry point runs once over the whole corpus (a module fixture); every case is then its own
 pytest case named after it (e.g. `test_data_check[truncated-jpeg-as-photo]`), marked `corpus`;
-the terminal summary counts them (see conftest.py). 186 cases; the file takes ~2.5 min on 2 busy cores."""
+the terminal summary counts them (see conftest.py). 186 cases, ~17 s on a quiet 2-core CPU."""
 
 from __future__ import annotations
 
