@@ -38,7 +38,8 @@ def sd15_modules(device: str = "meta"):
     from transformers import CLIPVisionModelWithProjection
 
     from ffasynth.config import load_config
-    from ffasynth.models.components import add_phase_embedding, clip_config, unet_config, vae_config
+    from ffasynth.models.architecture import clip_config, unet_config, vae_config
+    from ffasynth.models.components import add_phase_embedding
 
     model = load_config(preset="sd15").model
     with torch.device(device):

@@ -13,7 +13,7 @@ from ffasynth.models import loading
 from ffasynth.models.architecture import downsampling_factor, unet_config, vae_config
 from ffasynth.models.components import add_phase_embedding, build_components, count_parameters, widen_conv_in
 from ffasynth.models.conditioning import SourceConditioner
-from ffasynth.training.stage1 import min_snr_weights, offset_noise, snr
+from ffasynth.training.stage1 import offset_noise
 from tests.helpers import micro_config
 from tests.ldm_format import unet_to_ldm, vae_to_ldm
 
@@ -57,18 +57,6 @@ def test_offset_noise_adds_the_stated_variance_to_channel_means(strength):
     expected = 1 / 64 + strength**2  # mean of 64 unit normals + the shared offset
     assert channel_means.var().item() == pytest.approx(expected, rel=0.05)
     assert noise.var().item() == pytest.approx(1 + strength**2, rel=0.03)
-
-
-def test_min_snr_weights_follow_the_formula():
-    components = build_components(micro_config(), random_weights=True)
-    scheduler = components.scheduler
-    t = torch.tensor([0, 100, 500, 999])
-    ratio = snr(scheduler, t)
-    alphas = scheduler.alphas_cumprod[t]
-    assert torch.allclose(ratio, alphas / (1 - alphas))
-    eps = min_snr_weights(scheduler, t, 5.0, "epsilon")
-    assert torch.allclose(eps, torch.clamp(ratio, max=5.0) / ratio)
-    assert eps[0] < 1 and eps[-1] == pytest.approx(1.0)  # low t (high SNR) is down-weighted
 
 
 def _conditioner(config, components):

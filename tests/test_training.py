@@ -221,3 +221,15 @@ def test_min_snr_weighting_of_the_v_prediction_loss():
     assert loss == pytest.approx(torch.minimum(alphas, gamma * (1 - alphas)).mean().item(), rel=1e-4)
     unweighted, _ = _stage1_loss("v_prediction", error=1.0, batch_size=8)
     assert unweighted == pytest.approx(1.0, rel=1e-4)
+
+
+def test_min_snr_weighting_of_the_epsilon_loss():
+    # for ε-prediction the weight is min(SNR, γ)/SNR = min(1, γ·(1−ᾱ)/ᾱ): 1 on the noisy steps, below 1
+    # (down-weighted) where SNR > γ, i.e. ᾱ > γ/(1+γ)
+    gamma = 1.0
+    loss, alphas = _stage1_loss("epsilon", snr_gamma=gamma, error=1.0, batch_size=8)
+    clipped = alphas > gamma / (1 + gamma)
+    assert clipped.any() and not clipped.all()
+    expected = torch.where(clipped, gamma * (1 - alphas) / alphas, torch.ones_like(alphas))
+    assert loss == pytest.approx(expected.mean().item(), rel=1e-4)
+    assert loss < 1.0

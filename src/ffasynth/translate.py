@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ffasynth.data.io import MIN_SIDE, is_image_file, read_image, save_image
-from ffasynth.errors import FFASynthError, ImageReadError, WeightsNotFoundError
+from ffasynth.data.pairs import discover_pairs
+from ffasynth.errors import FFASynthError, ImageReadError, PairError, WeightsNotFoundError
 
 OUTPUT_SUFFIXES = ("_ffa", "_uncertainty")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,9 +42,6 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str
 
 def _paired_targets(folder: Path) -> set[Path]:
     """The angiograms of a folder laid out as pairs (e.g. uwf `N.bmp` + `N.1.bmp`), else nothing."""
-    from ffasynth.data.pairs import discover_pairs
-    from ffasynth.errors import PairError
-
     try:
         layout, pairs, _ = discover_pairs(folder)
     except (PairError, OSError):
@@ -84,7 +82,7 @@ def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float3
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from ffasynth.pipeline import FFASynthesisPipeline
+    from ffasynth.pipeline import FFASynthesisPipeline  # imports diffusers (~2 s): only when a pipeline is loaded
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

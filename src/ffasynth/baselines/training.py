@@ -12,9 +12,14 @@ import torch
 from ffasynth import run_folder
 from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generator_loss, translate_image
 from ffasynth.config import Config, Pix2PixConfig, load_config
+from ffasynth.data.io import read_image, save_image
+from ffasynth.data.transforms import denormalise, normalise
+from ffasynth.errors import ConfigError, FFASynthError
 from ffasynth.models.discriminator import NLayerDiscriminator
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainResult, train
+from ffasynth.training.run import load_training_data, prepare_run
+from ffasynth.translate import output_stems
 
 
 def build_generator(config: Pix2PixConfig) -> UnetGenerator:
@@ -67,12 +72,8 @@ class Pix2PixTask(Task):
 def run_pix2pix(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = print
 ) -> TrainResult:
-    from ffasynth.training.run import load_training_data, prepare_run
-
     multiple = 2**config.pix2pix.num_downs
     if config.data.crop_size % multiple:
-        from ffasynth.errors import ConfigError
-
         raise ConfigError(
             f"data.crop_size={config.data.crop_size} must be a multiple of 2**pix2pix.num_downs={multiple}"
         )
@@ -89,8 +90,6 @@ def run_pix2pix(
 
 
 def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
-    from ffasynth.errors import FFASynthError
-
     run_dir = Path(run_dir)
     if run_folder.info(run_dir).get("kind") != "pix2pix":
         raise FFASynthError(f"{run_dir} is not a pix2pix run (made by `ffasynth baseline train`)")
@@ -103,11 +102,6 @@ def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
 
 def translate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
     """`<name>_ffa.png` per photo, like `ffasynth translate`; returns the (file, reason) that failed."""
-    from ffasynth.data.io import read_image, save_image
-    from ffasynth.data.transforms import denormalise, normalise
-    from ffasynth.errors import FFASynthError
-    from ffasynth.translate import output_stems
-
     generator, config = load_generator(run_dir)
     stems, failed = output_stems(files), []
     for path in files:

@@ -1,11 +1,13 @@
 """Figures for the clinical experiment: pooled one-vs-rest ROC curves and the confusion matrix (PNG,
-written atomically)."""
+written atomically). matplotlib is imported inside each function: with its Agg backend set first, and
+only by the runs that draw."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ffasynth.evaluation.clinical import ClinicalResult
+from ffasynth.files import atomic_write
 
 
 def plot_roc(result: ClinicalResult, path: str | Path) -> Path:
@@ -15,8 +17,6 @@ def plot_roc(result: ClinicalResult, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import auc, roc_curve
-
-    from ffasynth.files import atomic_write
 
     figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
     for index, name in enumerate(result.classes):
@@ -39,8 +39,6 @@ def plot_confusion(result: ClinicalResult, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ffasynth.files import atomic_write
 
     matrix = result.confusion()
     figure, axis = plt.subplots(figsize=(5, 4.5), dpi=100)
