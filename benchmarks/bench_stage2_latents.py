@@ -30,7 +30,7 @@ MODES = ("none", "encoder", "unet", "mix", "sampler")
 def train_mode(args, mode: str) -> dict:
     """Stage 2 in DIR/MODE/stage2 (reused when its reconstruction report exists); its report and seconds."""
     from ffasynth.config import load_config
-    from ffasynth.training.stages import run_stage2
+    from ffasynth.training.stages import train_stage2
 
     run_dir = args.out / mode / "stage2"
     info_path = run_dir / "run.json"
@@ -45,7 +45,7 @@ def train_mode(args, mode: str) -> dict:
     ]
     config = load_config(args.stage1 / "config.yaml", overrides=overrides)
     began = time.perf_counter()
-    result, report = run_stage2(config, args.stage1, args.data, run_dir, progress=False, say=log)
+    result, report = train_stage2(config, args.stage1, args.data, run_dir, progress=False, say=log)
     record = {"steps": result.step, "train_seconds": round(time.perf_counter() - began, 1), "decoder": report}
     (args.out / mode / "bench.json").write_text(json.dumps(record, indent=1))
     return record
@@ -55,7 +55,7 @@ def translate_mode(args, mode: str) -> Path:
     """Export (the stage-1 run itself for "none") and translate the held-out photos into DIR/MODE/translated."""
     from ffasynth.data.pairs import load_pairs
     from ffasynth.export import export_run
-    from ffasynth.quickstart import translate_held_out
+    from ffasynth.quickstart import sample_held_out
     from ffasynth.translate import load_pipeline
 
     folder = args.out / mode
@@ -65,7 +65,7 @@ def translate_mode(args, mode: str) -> Path:
     run_dir = args.stage1 if mode == "none" else folder / "stage2"
     pipeline = load_pipeline(export_run(run_dir, folder / "pipeline"), "cpu")
     began = time.perf_counter()
-    translate_held_out(pipeline, args.data / "test", translated, args.translate_steps, args.seed, log)
+    sample_held_out(pipeline, args.data / "test", translated, args.translate_steps, args.seed, log)
     record_path = folder / "bench.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["translate_seconds"] = round(time.perf_counter() - began, 1)

@@ -56,7 +56,7 @@ from ffasynth.data.pairs import load_pairs
 from ffasynth.data.transforms import fov_mask
 from ffasynth.models.conditioning import encode_latents, guided_prediction
 from ffasynth.training.run import load_stage1_run, load_training_data
-from ffasynth.training.stages import run_stage1, run_vae
+from ffasynth.training.stages import train_stage1, train_vae
 
 TIMESTEPS = (950, 700, 400)
 
@@ -376,10 +376,10 @@ def main(argv=None) -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "data.json").write_text(json.dumps(report, indent=1))
     elif args.command == "vae":
-        run_vae(tiny_config(None, args.steps, args.steps, args.set), args.data, args.out, progress=False, say=say)
+        train_vae(tiny_config(None, args.steps, args.steps, args.set), args.data, args.out, progress=False, say=say)
     elif args.command == "run":
         config = tiny_config(args.vae, args.steps, args.every, args.set)
-        result = run_stage1(config, args.data, args.out, progress=False, say=say)
+        result = train_stage1(config, args.data, args.out, progress=False, say=say)
         trained = time.perf_counter() - began
         say(f"trained {result.step} steps in {trained:.0f} s ({' '.join(args.set) or 'defaults'})")
         probe_run(args.out, None, args.crops, ema=args.ema)

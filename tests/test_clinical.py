@@ -13,11 +13,11 @@ from ffasynth.evaluation.clinical import (
     attach_synthetic,
     build_classifier,
     classification_metrics,
+    cross_validate,
     load_labelled,
     make_folds,
     recalibrate_batchnorm,
     resolve_modes,
-    run_clinical,
 )
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
 from tests.helpers import micro_pipeline
@@ -93,7 +93,7 @@ def test_classifier_learns_an_obvious_lesion_signal(lesion_phantoms, tmp_path):
     eyes = load_labelled(lesion_phantoms)
     assert len(eyes) == 24 and {e.label for e in eyes} == {"normal", "microaneurysms"}
     settings = ClinicalSettings(mode="real-only", folds=3, image_size=64, epochs=12, batch_size=8, lr=3e-3)
-    result = run_clinical(eyes, settings)
+    result = cross_validate(eyes, settings)
     summary = result.summary()
     assert summary["accuracy"]["mean"] >= 0.75, summary
     assert summary["auc_ovr"]["mean"] >= 0.8, summary
@@ -122,7 +122,7 @@ def test_class_folder_layout(tmp_path):
     assert len(eyes) == 6 and {e.label for e in eyes} == {"normal", "brvo"}
     assert all(set(e.images) == {"real"} for e in eyes)
     with pytest.raises(FFASynthError, match="source"):
-        run_clinical(eyes, ClinicalSettings(mode="source-only", folds=2))
+        cross_validate(eyes, ClinicalSettings(mode="source-only", folds=2))
     assert resolve_modes("all", eyes, folds=2)[0] == ["real-only"]
     assert resolve_modes("all", eyes, folds=3)[0] == ["real-only"]
     with pytest.raises(FFASynthError, match="no mode"):

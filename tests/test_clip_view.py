@@ -68,7 +68,7 @@ def test_tile_view_gives_each_tiles_unet_call_the_clip_tokens_of_exactly_that_ti
     expected = {t: conditioner.tokens(padded[(...,) + t.slices(factor)], unit_range=True)[0] for t in tiles}
     source_latents = pipe.encode_source(padded, 32, 16).latents
     with Recorder(pipe, pipe.unet) as seen:
-        pipe.translate(photo, 2, seeded(0), 1.0, 2, None, TileSettings.resolve(32, 16, batch_size=4))
+        pipe.sample_image(photo, 2, seeded(0), 1.0, 2, None, TileSettings.resolve(32, 16, batch_size=4))
     assert len(seen.clip_pixels) == -(-len(tiles) // 4)  # once per image, in batches of 4 tiles, not per step
     rows = [(x[i], h[i]) for x, h in seen.unet_calls for i in range(x.shape[0])]
     assert len(rows) == 2 * len(tiles) * 2  # steps × tiles × samples
@@ -90,8 +90,8 @@ def test_an_image_in_one_tile_gets_the_tokens_it_got_before_the_setting():
     condition = pipe.encode_source(padded, 40, 0, photo.shape[-2:])
     # before: CLIP of the padded photo, once, for the one U-Net input (tests/test_golden.py pins the output)
     assert torch.equal(condition.tokens, pipe.conditioner().tokens(padded, unit_range=True))
-    one = pipe.translate(photo, 2, seeded(1), 1.0, 1, None, TileSettings.resolve(0))
-    again = pipe.translate(photo, 2, seeded(1), 1.0, 1, None, TileSettings.resolve(64))
+    one = pipe.sample_image(photo, 2, seeded(1), 1.0, 1, None, TileSettings.resolve(0))
+    again = pipe.sample_image(photo, 2, seeded(1), 1.0, 1, None, TileSettings.resolve(64))
     assert torch.equal(one, again)
 
 

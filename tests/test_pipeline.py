@@ -157,7 +157,9 @@ def test_inputs_of_any_kind_and_size_come_back_at_their_size(pipe, tmp_path):
 
 
 def test_uncertainty_is_the_std_of_the_samples_and_the_image_their_mean(pipe, photo):
-    samples = pipe.translate(photo, 3, seeded(3), pipe.config.image_guidance_scale, 4, None, TileSettings.resolve(32))
+    samples = pipe.sample_image(
+        photo, 3, seeded(3), pipe.config.image_guidance_scale, 4, None, TileSettings.resolve(32)
+    )
     assert samples.shape == (4, 1, 40, 52)
     out = _run(pipe, photo, seed=3, num_samples=4)
     assert torch.allclose(out.images[0], samples.mean(0), atol=1e-6)

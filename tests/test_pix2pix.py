@@ -12,8 +12,8 @@ from torch import nn
 from ffasynth.baselines.pix2pix import (
     UnetGenerator,
     discriminator_loss,
+    generate_image,
     generator_loss,
-    translate_image,
 )
 from ffasynth.errors import FFASynthError
 from ffasynth.models.discriminator import NLayerDiscriminator
@@ -82,19 +82,19 @@ def test_output_is_bounded_and_input_sides_are_checked():
 @pytest.mark.parametrize("shape", [(3, 45, 37), (2, 3, 33, 70), (3, 5, 7)])
 def test_translate_keeps_odd_sizes(shape):
     generator = tiny_generator().float()
-    out = translate_image(generator, torch.rand(shape) * 2 - 1, tile=64, overlap=16)
+    out = generate_image(generator, torch.rand(shape) * 2 - 1, tile=64, overlap=16)
     assert out.shape == (*shape[:-3], 1, *shape[-2:])
     assert out.abs().max() <= 1 and torch.isfinite(out).all()
 
 
 def test_translate_restores_the_training_mode_and_checks_its_options():
     generator = tiny_generator().float().train()
-    translate_image(generator, torch.zeros(3, 32, 32), tile=32)
+    generate_image(generator, torch.zeros(3, 32, 32), tile=32)
     assert generator.training
     with pytest.raises(FFASynthError, match="multiple of 32"):
-        translate_image(generator, torch.zeros(3, 32, 32), tile=48)
+        generate_image(generator, torch.zeros(3, 32, 32), tile=48)
     with pytest.raises(FFASynthError, match="overlap"):
-        translate_image(generator, torch.zeros(3, 64, 64), tile=32, overlap=32)
+        generate_image(generator, torch.zeros(3, 64, 64), tile=32, overlap=32)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (45, 37)])
@@ -104,8 +104,8 @@ def test_an_image_that_fits_one_tile_is_the_plain_generator_output(size):
     source = torch.rand(3, *size, dtype=torch.double) * 2 - 1
     with torch.no_grad():
         direct = generator(pad_to_multiple(source[None], 32))[0, :, : size[0], : size[1]]
-    assert torch.allclose(translate_image(generator, source, tile=64).double(), direct, atol=1e-6)
-    assert torch.allclose(translate_image(generator, source, tile=128).double(), direct, atol=1e-6)
+    assert torch.allclose(generate_image(generator, source, tile=64).double(), direct, atol=1e-6)
+    assert torch.allclose(generate_image(generator, source, tile=128).double(), direct, atol=1e-6)
 
 
 class LocalGenerator(nn.Module):
@@ -130,8 +130,8 @@ def test_tiles_blend_without_seams(overlap):
     # where it is valid, so tiled = whole everywhere. A weight > 0 up to the tile edge fails here.
     generator = LocalGenerator()
     source = torch.rand(3, 101, 75) * 2 - 1
-    whole = translate_image(generator, source, tile=512)
-    tiled = translate_image(generator, source, tile=32, overlap=overlap)
+    whole = generate_image(generator, source, tile=512)
+    tiled = generate_image(generator, source, tile=32, overlap=overlap)
     assert len(plan_tiles(104, 80, 32, overlap, 8)) > 6  # really tiled (101 × 75 pads to 104 × 80)
     assert torch.allclose(tiled, whole, atol=1e-5), (tiled - whole).abs().max()
 
@@ -140,8 +140,8 @@ def test_the_seam_test_can_see_a_seam():
     # without overlap the tiles abut and their padding-spoiled edges show: the stand-in is not pointwise
     generator = LocalGenerator()
     source = torch.rand(3, 101, 75) * 2 - 1
-    whole = translate_image(generator, source, tile=512)
-    assert (translate_image(generator, source, tile=32, overlap=0) - whole).abs().max() > 1e-2
+    whole = generate_image(generator, source, tile=512)
+    assert (generate_image(generator, source, tile=32, overlap=0) - whole).abs().max() > 1e-2
 
 
 def test_objective_values_and_gradient_routes():
@@ -191,7 +191,7 @@ def test_pix2pix_learns_phantom_angiograms(tmp_path):
     opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
 
     def held_out_l1() -> float:
-        return (translate_image(generator, test_source) - test_target).abs().mean().item()
+        return (generate_image(generator, test_source) - test_target).abs().mean().item()
 
     start = held_out_l1()
     draw = torch.Generator().manual_seed(0)

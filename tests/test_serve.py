@@ -32,17 +32,17 @@ def test_handler_refuses_non_images_and_huge_images_in_one_line(tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("<html>not an image</html>")
     with pytest.raises(FFASynthError) as info:
-        translator.run(str(text), 2, 0, 1, "early")
+        translator.answer(str(text), 2, 0, 1, "early")
     assert "notes.png" in str(info.value) and "\n" not in str(info.value)
     big = tmp_path / "big.png"
     Image.new("RGB", (200, 200)).save(big)
     with pytest.raises(FFASynthError, match="pixels"):
-        translator.run(str(big), 2, 0, 1, "early")
+        translator.answer(str(big), 2, 0, 1, "early")
     with pytest.raises(FFASynthError, match="upload"):
-        translator.run(None, 2, 0, 1, "early")
+        translator.answer(None, 2, 0, 1, "early")
     photo = tmp_path / "eye.png"
     Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)).save(photo)
-    pair, grey, uncertainty, download = translator.run(str(photo), 2, 0, 2, "late")
+    pair, grey, uncertainty, download = translator.answer(str(photo), 2, 0, 2, "late")
     assert grey.shape == (40, 52) and uncertainty.shape == (40, 52, 3)
     assert Path(download).parent == tmp_path and Image.open(download).size == (52, 40)
 

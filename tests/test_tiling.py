@@ -143,7 +143,7 @@ def test_an_image_that_fits_in_one_tile_gives_the_untiled_sampler_result():
     pipe = micro_pipeline()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     photo = torch.rand(3, 24, 32, generator=seeded(2))
-    tiled = pipe.translate(photo, 4, seeded(5), 1.0, 2, "late", TileSettings.resolve(32, 8))
+    tiled = pipe.sample_image(photo, 4, seeded(5), 1.0, 2, "late", TileSettings.resolve(32, 8))
     # the plain sampler: whole-image conditioning, one U-Net pass on the whole latent per step, one decode
     conditioner = pipe.conditioner()
     source = photo[None] * 2 - 1
@@ -198,8 +198,8 @@ def test_no_visible_seam_at_tile_borders_on_a_phantom():
     eye = make_eye(size=128, seed=2)
     photo = torch.from_numpy(eye.photo.transpose(2, 0, 1).copy())
     try:  # decoded whole, so what is measured is the tiling of the denoising steps
-        blended = pipe.translate(photo, 6, seeded(0), 1.0, 1, None, TileSettings.resolve(32, 16, decode_size=0))
-        pipe.translate(photo, 6, seeded(0), 1.0, 1, None, TileSettings.resolve(32, 0, decode_size=0))
+        blended = pipe.sample_image(photo, 6, seeded(0), 1.0, 1, None, TileSettings.resolve(32, 16, decode_size=0))
+        pipe.sample_image(photo, 6, seeded(0), 1.0, 1, None, TileSettings.resolve(32, 0, decode_size=0))
     finally:
         for hook in hooks:
             hook.remove()

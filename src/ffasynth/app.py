@@ -40,7 +40,7 @@ class ServeSettings:
 
 
 class Translator:
-    """Holds the pipeline; `run` is what the page calls (serialised by the queue and a lock)."""
+    """Holds the pipeline; `answer` is what the page calls (serialised by the queue and a lock)."""
 
     def __init__(self, pipeline, workdir: Path, settings: ServeSettings):
         self.pipeline = pipeline
@@ -55,7 +55,7 @@ class Translator:
             raise FFASynthError("upload a photograph first (PNG, JPEG, BMP or TIFF)")
         return read_photo(path, max_pixels=self.settings.max_pixels)
 
-    def run(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
+    def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
         """warn(message) receives a one-line warning about the upload (the page shows it)."""
         source, warning = self.read_upload(path)
         if warning is not None and warn is not None:
@@ -92,7 +92,7 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
 
     def handle(path, steps, seed, samples, phase):
         try:
-            return translator.run(path, steps, seed, samples, phase, warn=gr.Warning)
+            return translator.answer(path, steps, seed, samples, phase, warn=gr.Warning)
         except FFASynthError as error:
             raise gr.Error(str(error).replace(str(Path(path or "").parent) + "/", ""), print_exception=False) from None
 

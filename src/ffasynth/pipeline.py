@@ -291,7 +291,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return predict
 
     @torch.no_grad()
-    def translate(
+    def sample_image(
         self,
         source: torch.Tensor,
         num_inference_steps: int,
@@ -393,7 +393,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         photos = image if isinstance(image, (list, tuple)) else [image]
         means, stds = [], []
         for photo in photos:
-            samples = self.translate(
+            samples = self.sample_image(
                 source_tensor(photo),
                 num_inference_steps,
                 generator,

@@ -23,7 +23,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import EvalSettings, evaluate
 from ffasynth.evaluation.outputs import write_evaluation
 from ffasynth.export import export_run
-from ffasynth.training.stages import run_stage1, run_stage2, run_vae
+from ffasynth.training.stages import train_stage1, train_stage2, train_vae
 from ffasynth.translate import load_pipeline
 
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
@@ -42,7 +42,7 @@ class QuickstartResult:
     minutes: float
 
 
-def translate_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int, seed: int, say: Callable) -> list[Path]:
+def sample_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int, seed: int, say: Callable) -> list[Path]:
     """Each held-out photo → one synthetic angiogram per phase present, named like its real partner
     (`N.1_ffa.png` for `N.1.png`), so evaluation pairs them by name."""
     written = []
@@ -92,18 +92,18 @@ def quickstart(
     )
     runs = out / "runs"
     say(f"stage 0 (VAE), about {budget * SHARES['vae']:.1f} min")
-    run_vae(config, data, runs / "vae", resume=True, progress=progress, say=say)
+    train_vae(config, data, runs / "vae", resume=True, progress=progress, say=say)
     config.model.vae = str((runs / "vae").resolve())
     say(f"stage 1 (U-Net), about {budget * SHARES['stage1']:.1f} min")
-    run_stage1(config, data, runs / "stage1", resume=True, progress=progress, say=say)
+    train_stage1(config, data, runs / "stage1", resume=True, progress=progress, say=say)
     say(f"stage 2 (decoder), about {budget * SHARES['stage2']:.1f} min")
-    run_stage2(config, runs / "stage1", data, runs / "stage2", resume=True, progress=progress, say=say)
+    train_stage2(config, runs / "stage1", data, runs / "stage2", resume=True, progress=progress, say=say)
     save_config(config, out / "config.yaml")
     pipeline_dir = export_run(runs / "stage2", out / "pipeline")
     say(f"exported the pipeline to {pipeline_dir}")
     pipeline = load_pipeline(pipeline_dir, "cpu" if not torch.cuda.is_available() else "auto")
     test_dir = run_folder.split_dir(data, "test")  # held-out pairs: test/, val/ or valid/
-    translated = translate_held_out(pipeline, test_dir, out / "translated", steps, seed, say)
+    translated = sample_held_out(pipeline, test_dir, out / "translated", steps, seed, say)
     settings = EvalSettings(seed=seed)
     evaluation = evaluate(test_dir, {"ffasynth": out / "translated"}, settings, source_dir=test_dir)
     written = write_evaluation(evaluation, out / "report")

@@ -110,7 +110,7 @@ def read_photo(path: str | Path, max_pixels: int | None = None) -> tuple[torch.T
     return image.expand(3, -1, -1).contiguous(), warning
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TranslateSettings:
     steps: int = 20
     seed: int = 0

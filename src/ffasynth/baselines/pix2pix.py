@@ -4,7 +4,7 @@ PatchGAN on (source, target) pairs, and the objective cGAN + λ·L1 (λ = 100).
 The generator is pix2pix's `UnetGenerator` written as an explicit encoder/decoder instead of
 nested blocks; the layers, widths, biases, dropout placement and initialisation are the same. As
 in the reference code (its in-place LeakyReLU), each skip carries the activated encoder feature.
-`translate_image` runs a whole image through the package's one padding rule and tiler
+`generate_image` runs a whole image through the package's one padding rule and tiler
 (`ffasynth.tiling`), the same as the diffusion pipeline's.
 """
 
@@ -136,7 +136,7 @@ def _check(gan_loss: str) -> str:
 
 
 @torch.no_grad()
-def translate_image(
+def generate_image(
     generator: nn.Module,
     source_tensor: torch.Tensor,
     tile: int = 512,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ffasynth import run_folder
-from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generator_loss, translate_image
+from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generate_image, generator_loss
 from ffasynth.config import Config, Pix2PixConfig, load_config
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.transforms import denormalise, normalise
@@ -65,11 +65,11 @@ class Pix2PixTask(Task):
         return [
             batch["source"],
             batch["target"],
-            translate_image(self.generator, batch["source"], self.config.tile, self.config.tile_overlap),
+            generate_image(self.generator, batch["source"], self.config.tile, self.config.tile_overlap),
         ]
 
 
-def run_pix2pix(
+def train_pix2pix(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = print
 ) -> TrainResult:
     multiple = 2**config.pix2pix.num_downs
@@ -100,14 +100,14 @@ def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
     return generator.eval(), config
 
 
-def translate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
+def generate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
     """`<name>_ffa.png` per photo, like `ffasynth translate`; returns the (file, reason) that failed."""
     generator, config = load_generator(run_dir)
     stems, failed = output_stems(files), []
     for path in files:
         try:
             source = normalise(read_image(path, channels=3))
-            fake = translate_image(generator, source, config.tile, config.tile_overlap)
+            fake = generate_image(generator, source, config.tile, config.tile_overlap)
             save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / f"{stems[path]}_ffa.png")
             say(f"{path.name} → {stems[path]}_ffa.png")
         except FFASynthError as error:

@@ -17,27 +17,27 @@ app = typer.Typer(help="The pix2pix baseline: `train` on the same pairs, `transl
 
 @app.command("train")
 @train_options()
-def train_pix2pix(options: TrainOptions) -> None:
+def train_command(options: TrainOptions) -> None:
     """Train pix2pix (U-Net generator, 70×70 PatchGAN, GAN + 100·L1) on random paired crops, with the
     same data pipeline, loop, checkpoints and --resume as `ffasynth train`. Fields: pix2pix.*"""
-    from ffasynth.baselines.training import run_pix2pix
+    from ffasynth.baselines.training import train_pix2pix
 
-    run_pix2pix(options.config("pix2pix"), options.data, options.out, options.resume, options.progress, say)
+    train_pix2pix(options.config("pix2pix"), options.data, options.out, options.resume, options.progress, say)
 
 
 @app.command("translate")
-def translate_pix2pix(
+def translate_command(
     run: Path = typer.Argument(..., help="A `ffasynth baseline train` run folder."),
     inputs: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>_ffa.png outputs."),
 ) -> None:
     """Whole photos at native size (tiled when large) → `<name>_ffa.png`, named as `ffasynth translate`
     names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both."""
-    from ffasynth.baselines.training import translate_folder
+    from ffasynth.baselines.training import generate_folder
 
     files, problems = collect_inputs(inputs)
     for path, reason in problems:
         typer.secho(f"error: {path}: {reason}", fg=typer.colors.RED, err=True)
-    failed = translate_folder(run, files, out, typer.echo)
+    failed = generate_folder(run, files, out, typer.echo)
     if problems or failed or not files:
         raise typer.Exit(1)

@@ -17,9 +17,9 @@ from ffasynth.evaluation.clinical import (
     MODES,
     ClinicalSettings,
     attach_synthetic,
+    cross_validate,
     load_labelled,
     resolve_modes,
-    run_clinical,
 )
 from ffasynth.evaluation.clinical_report import write_clinical_report
 from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
@@ -107,7 +107,7 @@ def clinical(
             task = progress.add_task(f"{name}: folds", total=folds)
             report = lambda done, total, task=task: progress.update(task, completed=done, total=total)  # noqa: E731
             settings = settings_from(ClinicalSettings, options, mode=name, weights=weights)
-            results.append(run_clinical(eyes, settings, progress=report))
+            results.append(cross_validate(eyes, settings, progress=report))
     path = write_clinical_report(
         results, out, skipped_modes, data=str(data), synthetic=str(synthetic) if synthetic else None
     )

@@ -20,32 +20,32 @@ app = typer.Typer(
 
 @app.command("vae")
 @train_options()
-def train_vae(options: TrainOptions) -> None:
+def vae_command(options: TrainOptions) -> None:
     """Stage 0: train a VAE on source and target crops (L1 + small KL). Writes RUN/vae/ for `--vae RUN`."""
-    from ffasynth.training.stages import run_vae
+    from ffasynth.training.stages import train_vae
 
-    run_vae(options.config("vae"), options.data, options.out, options.resume, options.progress, say)
+    train_vae(options.config("vae"), options.data, options.out, options.resume, options.progress, say)
 
 
 @app.command("stage1")
 @train_options()
-def train_stage1(
+def stage1_command(
     options: TrainOptions,
     vae: str | None = typer.Option(None, "--vae", help="A `train vae` run or diffusers VAE folder (model.vae)."),
 ) -> None:
     """Stage 1: train the denoising U-Net on FFA latents, conditioned on the photo (CLIP tokens and/or
     the concatenated source latent), with offset noise. VAE and CLIP stay frozen."""
-    from ffasynth.training.stages import run_stage1
+    from ffasynth.training.stages import train_stage1
 
     if vae is not None:
         vae = str(Path(vae).resolve()) if Path(vae).exists() else vae
     config = options.config("stage1", **{"model.vae": vae})
-    run_stage1(config, options.data, options.out, options.resume, options.progress, say)
+    train_stage1(config, options.data, options.out, options.resume, options.progress, say)
 
 
 @app.command("stage2")
 @train_options(without=("preset",))  # its starting config is the stage-1 run's, already resolved
-def train_stage2(
+def stage2_command(
     options: TrainOptions,
     from_run: Path = typer.Option(
         ..., "--from", help="The stage-1 run whose U-Net latents the decoder learns to decode."
@@ -55,7 +55,7 @@ def train_stage2(
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + PatchGAN with adaptive weight) on real FFA
     crops, decoding what the frozen stage-1 model samples for their photos (stage2.latents=sampler; also
     encoder, unet or mix). Reports the decoder's reconstruction PSNR on the test images before and after."""
-    from ffasynth.training.stages import run_stage2
+    from ffasynth.training.stages import train_stage2
 
     config = options.config("stage2", start=from_run / "config.yaml")
-    run_stage2(config, from_run, options.data, options.out, options.resume, options.progress, say, ema=not no_ema)
+    train_stage2(config, from_run, options.data, options.out, options.resume, options.progress, say, ema=not no_ema)

@@ -343,11 +343,13 @@ def resolve_modes(mode: str, eyes: list[LabelledEye], folds: int) -> tuple[list[
     return chosen, skipped
 
 
-def run_clinical(
+def cross_validate(
     eyes: list[LabelledEye],
     settings: ClinicalSettings,
     progress: Callable[[int, int], None] | None = None,
 ) -> ClinicalResult:
+    """The clinical experiment for one mode: a classifier trained and scored on each of settings.folds
+    eye-grouped folds (no eye in both train and test), its out-of-fold predictions pooled."""
     if settings.mode not in MODES:
         raise FFASynthError(f"unknown mode {settings.mode!r}; choose from {', '.join(MODES)}")
     inputs = MODES[settings.mode]

@@ -34,7 +34,7 @@ def is_first_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_vae(
+def train_vae(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
 ) -> TrainResult:
     """Stage 0: a VAE on source and target crops; RUN/vae/ is the diffusers folder to pass as --vae."""
@@ -50,7 +50,7 @@ def run_vae(
     return result
 
 
-def run_stage1(
+def train_stage1(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
 ) -> TrainResult:
     """Stage 1: the U-Net on target latents, conditioned on the source."""
@@ -74,7 +74,7 @@ def run_stage1(
     return result
 
 
-def run_stage2(
+def train_stage2(
     config: Config,
     stage1_dir: Path,
     data: Path,
