@@ -59,9 +59,12 @@ class ModelConfig:
     openai/clip-vit-large-patch14 (a .bin-only encoder: `ffasynth weights convert-clip` first).
     allow_random_init: a component with no weights named above starts from random values only when
     this is true (the tiny preset, which has no pretrained weights); otherwise training refuses.
+    base: a pretrained base model file (models/base.py) for the parts no option above names: `tiny`
+    (shipped in the package, made by `ffasynth base build`), a path, or none (random initialisation).
     """
 
     pretrained: str | None = None
+    base: str | None = None
     vae: str | None = None
     image_encoder: str | None = None
     allow_random_init: bool = False

@@ -19,6 +19,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ffasynth.config import Config, ModelConfig
 from ffasynth.errors import ConfigError
+from ffasynth.models import base
 from ffasynth.models.architecture import clip_config, clip_processor, unet_config, unet_in_channels, vae_config
 from ffasynth.models.loading import load_image_encoder, load_unet_and_vae, load_vae
 
@@ -109,7 +110,7 @@ def refuse_silent_random_init(model: ModelConfig) -> None:
     if model.use_clip and not model.image_encoder:
         parts.append("CLIP image encoder")
         options.append("model.image_encoder to a CLIP vision folder or hub id (e.g. openai/clip-vit-large-patch14)")
-    if parts and not model.allow_random_init:
+    if parts and not model.allow_random_init and base.resolve(model.base) is None:
         raise ConfigError(
             f"no weights are named for the {_listed(parts)}, which would start from random values: set "
             f"{' and '.join(options)}, or model.allow_random_init=true to train from random initialisation"
@@ -156,6 +157,12 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
         else:
             image_encoder = CLIPVisionModelWithProjection(clip_config(model))
             processor = clip_processor(model.clip_image_size)
+    if not random_weights:
+        # the base fills every part no weight option named (model.pretrained, model.vae, model.image_encoder)
+        named = {"unet": bool(model.pretrained), "vae": bool(model.pretrained or model.vae)}
+        named["image_encoder"] = bool(model.image_encoder)
+        parts = {"unet": unet, "vae": vae, "image_encoder": image_encoder}
+        sources.update(base.apply(model.base, model, {k: v for k, v in parts.items() if not named[k]}))
     set_attention(unet, model.attention)
     vae.requires_grad_(False)
     if image_encoder is not None:

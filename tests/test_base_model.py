@@ -1,0 +1,103 @@
+"""The pretrained base model (models/base.py): written once, loaded into every part no other weight
+option names, refused with one line when it does not fit the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ffasynth.errors import ConfigError, WeightsNotFoundError
+from ffasynth.models import base
+from ffasynth.models.components import build_components
+from tests.helpers import micro_config
+
+
+def _trained_like_base(tmp_path, *overrides):
+    """Random micro components with every weight moved off its initial value, written as a base."""
+    config = micro_config("model.base=none", *overrides)
+    torch.manual_seed(1)
+    components = build_components(config, random_weights=True)
+    parts = {"unet": components.unet, "vae": components.vae, "image_encoder": components.image_encoder}
+    with torch.no_grad():
+        for module in parts.values():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    path = base.save(tmp_path / "base.safetensors", parts, config.model, scaling_factor=0.777, recipe={"steps": 1})
+    return path, parts
+
+
+def _max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    other = b.state_dict()
+    return max((value.float() - other[key].float()).abs().max().item() for key, value in a.state_dict().items())
+
+
+def test_every_part_starts_from_the_base(tmp_path):
+    path, saved = _trained_like_base(tmp_path)
+    torch.manual_seed(2)  # a different random init underneath
+    components = build_components(micro_config(f"model.base={path}"))
+    assert _max_difference(components.vae, saved["vae"]) == 0.0  # the VAE is kept in float32
+    # U-Net and CLIP in float16: relative rounding 2^-11 of weights of size ~0.1-1
+    assert _max_difference(components.unet, saved["unet"]) < 2e-3
+    assert _max_difference(components.image_encoder, saved["image_encoder"]) < 2e-3
+    assert components.vae.config.scaling_factor == pytest.approx(0.777)
+    assert components.sources == {"unet": f"base:{path}", "vae": f"base:{path}", "image_encoder": f"base:{path}"}
+    assert components.unet.conv_in.weight.dtype == torch.float32
+
+
+def test_none_is_random_initialisation(tmp_path):
+    path, saved = _trained_like_base(tmp_path)
+    components = build_components(micro_config("model.base=none"))
+    assert _max_difference(components.unet, saved["unet"]) > 0.01
+    assert components.sources["unet"] == ""
+
+
+def test_a_named_vae_replaces_the_bases(tmp_path):
+    path, saved = _trained_like_base(tmp_path)
+    vae_dir = tmp_path / "vae"
+    other = build_components(micro_config("model.base=none"), random_weights=True).vae
+    other.save_pretrained(vae_dir)
+    components = build_components(micro_config(f"model.base={path}", f"model.vae={vae_dir}"))
+    assert _max_difference(components.vae, other) == 0.0
+    assert components.sources["vae"] == str(vae_dir)
+    assert _max_difference(components.unet, saved["unet"]) < 2e-3
+
+
+def test_a_base_counts_as_weights_for_the_random_init_guard(tmp_path):
+    path, _ = _trained_like_base(tmp_path)
+    with pytest.raises(ConfigError, match="allow_random_init"):
+        build_components(micro_config("model.base=none", "model.allow_random_init=false"))
+    build_components(micro_config(f"model.base={path}", "model.allow_random_init=false"))
+
+
+def test_another_architecture_is_refused_naming_the_key(tmp_path):
+    path, _ = _trained_like_base(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        build_components(micro_config(f"model.base={path}", "model.unet_channels=[16,16]"))
+    message = str(caught.value)
+    assert "\n" not in message and "model.unet_channels=[16, 16] (base: [16, 32])" in message
+
+
+def test_mis_shaped_tensors_are_refused(tmp_path):
+    # a header that claims this architecture over weights of another one
+    path, _ = _trained_like_base(tmp_path, "model.unet_channels=[16,16]")
+    header = base.read_header(path)
+    header["architecture"]["unet_channels"] = [16, 32]
+    save_file(load_file(str(path)), str(path), metadata={"ffasynth_base": json.dumps(header)})
+    with pytest.raises(ConfigError, match="its unet does not fit"):
+        build_components(micro_config(f"model.base={path}"))
+
+
+def test_missing_and_foreign_files_are_one_line(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="model.base=.*does not exist.*ffasynth base build"):
+        build_components(micro_config(f"model.base={tmp_path / 'absent.safetensors'}"))
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(WeightsNotFoundError, match="not an ffasynth base model"):
+        build_components(micro_config(f"model.base={foreign}"))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 20)
+    with pytest.raises(WeightsNotFoundError, match="not a readable safetensors file"):
+        build_components(micro_config(f"model.base={broken}"))
