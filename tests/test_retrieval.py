@@ -1,0 +1,56 @@
+"""Own-eye retrieval (evaluation/retrieval.py) on constructed eyes with known answers."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from ffasynth.data.phantom import make_eye
+from ffasynth.evaluation.retrieval import correlation, retrieval
+
+
+@pytest.fixture(scope="module")
+def eyes():
+    return {str(i): make_eye(96, seed=i).ffa_early for i in range(4)}
+
+
+def test_correlation_is_pearson_inside_the_mask():
+    rng = np.random.default_rng(0)
+    a = rng.random((20, 20))
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    b = np.where(mask, 2 * a + 1, rng.random((20, 20)))  # a linear function of a inside only
+    assert correlation(a, b, mask) == pytest.approx(1.0)
+    assert correlation(a, -b, mask) == pytest.approx(-1.0)
+    assert correlation(a, np.full((20, 20), 0.5), mask) == 0.0  # constant: no information
+    assert correlation(a, b, np.ones((20, 20), bool)) < 0.9  # outside the mask it is noise
+
+
+def test_own_real_images_are_retrieved_perfectly(eyes):
+    result = retrieval(eyes, eyes)
+    assert result.accuracy == 1.0 and result.mean_margin > 0.1
+    assert result.chance == pytest.approx(0.25)
+
+
+def test_shuffled_outputs_are_never_their_own_and_a_blind_output_scores_no_better_than_chance(eyes):
+    keys = sorted(eyes)
+    shuffled = {key: eyes[keys[(i + 1) % len(keys)]] for i, key in enumerate(keys)}
+    assert retrieval(shuffled, eyes).accuracy == 0.0
+    mean = np.mean([eyes[key] for key in keys], axis=0)  # the same image for every input
+    blind = retrieval({key: mean for key in keys}, eyes)
+    assert blind.accuracy <= 0.5 and blind.mean_margin < 0  # at most one real FFA can be its best match
+
+
+def test_groups_compare_within_a_phase_only(eyes):
+    groups = {"0": "early", "1": "early", "2": "late", "3": "late"}
+    result = retrieval(eyes, eyes, groups)
+    assert np.isnan(result.similarity[0, 2]) and not np.isnan(result.similarity[0, 1])
+    assert result.chance == pytest.approx(0.5) and result.accuracy == 1.0
+    alone = retrieval({"0": eyes["0"], "2": eyes["2"]}, eyes, {"0": "early", "2": "late"})
+    assert alone.own_first == []  # nothing to tell apart: not scored
+
+
+def test_a_resized_output_is_compared_at_the_real_images_size(eyes):
+    small = {key: cv2.resize(value, (48, 48), interpolation=cv2.INTER_AREA) for key, value in eyes.items()}
+    assert retrieval(small, eyes).accuracy == 1.0
