@@ -1,9 +1,11 @@
 """Does the stage-1 U-Net use its conditioning photo? The conditioning-gain probe of issue 20, and
 the data checks that explain its answer.
 
-Probe: on N fixed training crops, at fixed timesteps t, with the same noise for every variant, the
-v-prediction loss ‖U([z_t ⊕ c_lat], t, c_tok) − v‖² with c = the true photo, the photos of other
-eyes' crops (shuffled), or the null condition (zeros, what conditioning dropout trains).
+Probe: on N fixed training crops, at fixed timesteps t, with the same noise for every variant,
+stage 1's loss (v-prediction in the tiny preset: ‖U([z_t ⊕ c_lat], t, c_tok) − v‖²) with c = the true
+photo, other eyes' photos (shuffled along the batch), or the null condition (zeros, what
+conditioning dropout trains); the code is training's own (training/conditioning_gain.py, logged
+as cond_gain every stage1.cond_gain_every steps), here per t at every checkpoint of a run.
   gain = loss(shuffled) − loss(true)   (> 0: the photo is used; ≈ 0: it is ignored)
 gain_concat / gain_clip shuffle one path only (the other keeps the true photo).
 
@@ -31,11 +33,13 @@ machine was free and stopped at 51 steps in 9 min when it was not; the probe tak
   $PY vae --data $UWF --out /tmp/probe/vae-uwf --steps 100
   $PY run --data $UWF --vae /tmp/probe/vae-uwf --out /tmp/probe/s1-raw --steps 150 --set stage1.max_minutes=9
   $PY run --data /tmp/probe/uwf-aligned --vae /tmp/probe/vae-uwf --out /tmp/probe/s1-aligned --steps 150
-What it found (tiny preset, seed 0, 24 crops, raw weights): the shared UWF pairs are not registered
-(best whole-image shift 43-60 px down, ~20 px left, plus ~6-10° shear/rotation; Frangi vessel
-correlation per 128² crop, median: 0.02 raw vs 0.31 after registration; phantoms 0.79-0.95 whole
-image). Gain at t=950/700/400: raw pairs, step 50: -0.002/-0.012/-0.004; registered pairs, step 50:
-+0.001/+0.005/+0.002, step 150: +0.022/+0.008/+0.004 (concat path +0.019; CLIP path ≈ 0 everywhere).
+What it found (tiny preset, seed 0, 24 crops, raw weights; measured with the script's earlier copy of
+the probe: sampled target latents, each crop given the next other eye's photo rather than a shift of
+the batch): the shared UWF pairs are not registered (best whole-image shift 43-60 px down, ~20 px
+left, plus ~6-10° shear/rotation; Frangi vessel correlation per 128² crop, median: 0.02 raw vs 0.31
+after registration; phantoms 0.79-0.95 whole image). Gain at t=950/700/400: raw pairs, step 50:
+-0.002/-0.012/-0.004; registered pairs, step 50: +0.001/+0.005/+0.002, step 150: +0.022/+0.008/+0.004
+(concat path +0.019; CLIP path ≈ 0 everywhere).
 Only public functions of the package are used (config, stages, run folders, dataset, conditioning).
 """
 
@@ -54,8 +58,9 @@ from ffasynth.config import load_config
 from ffasynth.data.io import read_image
 from ffasynth.data.pairs import load_pairs
 from ffasynth.data.transforms import fov_mask
-from ffasynth.models.conditioning import encode_latents, guided_prediction
+from ffasynth.models.conditioning import encode_latents
 from ffasynth.training.run import load_stage1_run, load_training_data
+from ffasynth.training.stage1 import Stage1Task
 from ffasynth.training.stages import train_stage1, train_vae
 
 TIMESTEPS = (950, 700, 400)
@@ -84,54 +89,21 @@ def other_eye_order(ids: list[str]) -> torch.Tensor:
     return torch.tensor(order)
 
 
-@torch.no_grad()
-def conditioning_gain(loaded, batch: dict, timesteps=TIMESTEPS, seed: int = 0) -> dict:
-    """v-loss per variant and t, same noise: {t: {"true", "shuffled", "null", "concat_shuffled", ...}}."""
-    components, conditioner = loaded.components, loaded.conditioner
-    vae, unet, scheduler = components.vae, components.unet, components.scheduler
-    unet.eval()
-    source, target = batch["source"], batch["target"]
-    generator = torch.Generator().manual_seed(seed)
-    latents = encode_latents(vae, target, generator, sample=True).float()
-    noise = torch.randn(latents.shape, generator=generator)
-    tokens = conditioner.tokens(source).float()
-    source_latents = conditioner.source_latents(vae, source)
-    labels = batch["phase"].long() if loaded.config.model.num_phases else None
-    order = other_eye_order(list(batch["id"]))
-
-    def take(x, idx):
-        return None if x is None else x[idx]
-
-    def zeros(x):
-        return None if x is None else torch.zeros_like(x)
-
-    variants = {
-        "true": (tokens, source_latents),
-        "shuffled": (tokens[order], take(source_latents, order)),
-        "null": (zeros(tokens), zeros(source_latents)),
-        "concat_shuffled": (tokens, take(source_latents, order)),
-        "clip_shuffled": (tokens[order], source_latents),
-    }
-    result = {}
-    for t in timesteps:
-        steps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        noisy = scheduler.add_noise(latents, noise, steps)
-        wanted = scheduler.get_velocity(latents, noise, steps)  # v = √ᾱ ε − √(1−ᾱ) z0
-        losses = {}
-        for name, (tok, lat) in variants.items():
-            prediction = guided_prediction(unet, noisy, steps, tok, lat, labels, 1.0)
-            losses[name] = float(F.mse_loss(prediction, wanted))
-        losses["gain"] = losses["shuffled"] - losses["true"]
-        losses["gain_concat"] = losses["concat_shuffled"] - losses["true"]
-        losses["gain_clip"] = losses["clip_shuffled"] - losses["true"]
-        result[t] = losses
-    return result
+def conditioning_gain(loaded, batch: dict, timesteps=TIMESTEPS) -> dict:
+    """Stage 1's own loss per variant and t, same noise (`Stage1Task.conditioning_losses`, what training
+    logs as cond_gain): {t: {"true", "shuffled", "null", "concat_shuffled", ..., "gain", ...}}."""
+    config = loaded.config
+    task = Stage1Task(
+        loaded.components, loaded.conditioner, config.stage1, config.model.num_phases, config.model.clip_view
+    )
+    return task.conditioning_losses(batch, timesteps)
 
 
 def format_gain(step, result: dict) -> str:
+    nan = float("nan")  # a path that is off has no gain of its own
     cells = [
         f"t={t}: {r['true']:.3f}/{r['shuffled']:.3f}/{r['null']:.3f} gain {r['gain']:+.3f} "
-        f"(concat {r['gain_concat']:+.3f}, clip {r['gain_clip']:+.3f})"
+        f"(concat {r.get('gain_concat', nan):+.3f}, clip {r.get('gain_clip', nan):+.3f})"
         for t, r in result.items()
     ]
     return f"step {step:>5}  " + " | ".join(cells)
@@ -147,7 +119,7 @@ def probe_run(run_dir: Path, data: Path | None, count: int, ema: bool) -> list[d
             source_data = data or Path(json.loads((run_dir / "run.json").read_text())["data"])
             batch = probe_crops(source_data, loaded.config, count)
         step = int(folder.name.split("-")[-1])
-        result = conditioning_gain(loaded, batch, seed=loaded.config.seed)
+        result = conditioning_gain(loaded, batch)
         print(format_gain(step, result), flush=True)
         rows.append({"step": step, "ema": ema, **{str(t): r for t, r in result.items()}})
     (run_dir / "probe.json").write_text(json.dumps(rows, indent=1))

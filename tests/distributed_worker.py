@@ -36,6 +36,7 @@ OVERRIDES = MICRO + [
     "stage1.log_every=1",
     "stage1.save_every=2",
     "stage1.sample_every=100",
+    "stage1.cond_gain_every=2",  # the main process measures it alone, with the unwrapped U-Net
     "stage1.sample_steps=1",
     "stage1.lr_warmup_steps=1",
     "seed=3",

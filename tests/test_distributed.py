@@ -131,6 +131,7 @@ def test_a_nan_on_one_process_is_skipped_by_every_process(runs):
 def test_one_process_writes_the_checkpoints_and_the_log(runs):
     for run_dir in (runs / "whole", runs / "split"):
         assert _logged_steps(run_dir) == [1, 2, 3, 4]
+        assert [line["step"] for line in _metrics(run_dir) if "cond_gain" in line] == [2, 4]
         assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["step-000002", "step-000004"]
         assert not list((run_dir / "checkpoints").glob(".*"))
     assert _logged_steps(runs / "stage2") == [1, 2]

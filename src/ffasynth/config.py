@@ -170,6 +170,10 @@ class Stage1Config(TrainConfig):
     # image classifier-free guidance for the sample grids and the exported pipeline's default;
     # 1 = none (one U-Net pass per step; InstructPix2Pix users often ask 1.5)
     image_guidance_scale: float = 1.0
+    # conditioning gain (training/conditioning_gain.py): the loss with shuffled photos minus the loss with the
+    # true ones, on the first `cond_gain_items` crops, logged every this many steps; None = sample_every, 0 = off
+    cond_gain_every: int | None = None
+    cond_gain_items: int = 8
     lr: float = 1e-5
     _section = "stage1"
 
@@ -179,6 +183,9 @@ class Stage1Config(TrainConfig):
         _require(0.0 <= self.conditioning_dropout < 1.0, "stage1.conditioning_dropout", "must be in [0, 1)")
         _require(self.snr_gamma is None or self.snr_gamma > 0, "stage1.snr_gamma", "must be positive or null")
         _require(self.image_guidance_scale >= 1.0, "stage1.image_guidance_scale", "must be >= 1 (1 = no guidance)")
+        every = self.cond_gain_every
+        _require(every is None or every >= 0, "stage1.cond_gain_every", "must be >= 0 (0 = off) or null")
+        _require(self.cond_gain_items >= 2, "stage1.cond_gain_items", "must be at least 2 (to shuffle photos)")
 
 
 @dataclass

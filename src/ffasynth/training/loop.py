@@ -1,9 +1,10 @@
 """The training loop every stage shares (VAE stage 0, stage 1, stage 2, the pix2pix baseline).
 
-A stage is a `Task`: its trainable modules, how to compute each optimizer's loss on a batch, and
-what to draw in sample grids. The loop owns the rest: accelerate (devices, DDP, mixed precision),
-AdamW with warm-up, gradient accumulation and clipping, EMA, atomic checkpoints and exact resume,
-non-finite-loss guarding; what it logs and draws goes through `training.progress`.
+A stage is a `Task`: its trainable modules, how to compute each optimizer's loss on a batch, what
+to draw in sample grids and, optionally, figures it measures on a fixed batch (`diagnostics`). The
+loop owns the rest: accelerate (devices, DDP, mixed precision), AdamW with warm-up, gradient
+accumulation and clipping, EMA, atomic checkpoints and exact resume, non-finite-loss guarding;
+what it logs and draws goes through `training.progress`.
 
 Under DDP (several processes) every process reads different micro-batches, gradients are all-reduced
 once per optimizer step (the other micro-batches run under no_sync), all processes agree to skip a
@@ -49,6 +50,8 @@ class Task:
     name = "task"
     trainable: dict[str, nn.Module]
     ema_names: tuple[str, ...] = ()
+    diagnostics_every: int = 0  # steps between diagnostics() calls; 0 = never
+    diagnostic_items: int = 0  # how many of the dataset's first items (epoch-0 crops) they look at
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         """optimizer name → the trainable modules it updates; stepped in this order each step."""
@@ -70,6 +73,12 @@ class Task:
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:
         """Columns of a sample grid, each (B, C, H, W) in [-1, 1]."""
         raise NotImplementedError
+
+    def diagnostics(self, probe: dict, step: int) -> dict[str, float]:
+        """Figures logged beside the losses (e.g. stage 1's conditioning gain) on the fixed `probe` batch;
+        the main process alone calls it, under no_grad, with `trainable` holding the raw modules. It must
+        not draw from the training generators or change the weights."""
+        return {}
 
     def finish(self, run_dir: Path) -> None:
         """Called once after the last step (e.g. to export a model folder)."""
@@ -256,15 +265,23 @@ def _save_checkpoint(run_dir: Path, step: int, raw, emas, optimizers, state: dic
     return path
 
 
-def _samples(task: Task, raw: dict, preview: dict, generator: torch.Generator) -> list[torch.Tensor]:
-    """The task's sample columns from the raw modules: the main process alone draws them, so no DDP
-    forward may run that the other processes would not join."""
+@contextlib.contextmanager
+def _raw_modules(task: Task, raw: dict):
+    """task.trainable holds the raw modules inside, under no_grad: for what the main process alone runs
+    (samples, diagnostics), so no DDP forward runs that the other processes would not join."""
     prepared = dict(task.trainable)
     task.trainable.update(raw)
-    with torch.no_grad():
-        columns = task.samples(preview, generator)
-    task.trainable.update(prepared)
-    return columns
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        task.trainable.update(prepared)
+
+
+def _first_items(dataset, count: int, device) -> dict | None:
+    """The dataset's first `count` items (epoch-0 crops) as one batch on the device; None for none."""
+    items = [dataset[(i, 0)] for i in range(min(count, len(dataset)))]
+    return _to_device(torch.utils.data.default_collate(items), device) if items else None
 
 
 def train(
@@ -306,8 +323,8 @@ def train(
         dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda"
     )
     stream = iter(loader)
-    preview_items = [dataset[(i, 0)] for i in range(min(sample_items, len(dataset)))]
-    preview = _to_device(torch.utils.data.default_collate(preview_items), device)
+    preview = _first_items(dataset, sample_items, device)
+    probe = _first_items(dataset, task.diagnostic_items, device) if task.diagnostics_every else None
 
     log = RunLog(run_dir, config, task.name, start, progress, accelerator)
     result = TrainResult(start, skipped_steps=state["skipped_steps"])
@@ -343,15 +360,22 @@ def train(
         out_of_time = deadline is not None and not _every_process(accelerator, time.perf_counter() <= deadline)
         last = done == config.max_steps or out_of_time
 
+        # Diagnostics: the task's own figures on a fixed batch (main process, raw modules), logged this step
+        diagnose = probe is not None and done % task.diagnostics_every == 0
+        if diagnose and accelerator.is_main_process:
+            with _raw_modules(task, raw):
+                logs.update(task.diagnostics(probe, done))
+
         # Log
         logs.update(step=done, lr=next(iter(optimizers.values())).param_groups[0]["lr"], skipped=state["skipped_steps"])
-        summary = log.step(logs, write=done % config.log_every == 0 or last)
+        summary = log.step(logs, write=done % config.log_every == 0 or last or diagnose)
         if summary is not None:
             result.losses.append(summary)
 
         # Sample grid
         if (done % config.sample_every == 0 or last) and accelerator.is_main_process:
-            log.samples(_samples(task, raw, preview, step_generator(seed, done, 0, 99, 0, device)), done)
+            with _raw_modules(task, raw):
+                log.samples(task.samples(preview, step_generator(seed, done, 0, 99, 0, device)), done)
 
         # Save checkpoint
         if done % config.save_every == 0 or last:

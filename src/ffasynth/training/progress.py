@@ -32,7 +32,8 @@ def sample_grid(columns: list[torch.Tensor]) -> torch.Tensor:
 
 class RunLog:
     """metrics.jsonl and TensorBoard (main process only) and the progress bar. Each line holds the
-    mean of every value over the steps since the last one, and the images per second."""
+    mean of every value over the steps since the last line that logged it (so a figure measured once,
+    such as stage 1's cond_gain, is written as it is), and the images per second."""
 
     def __init__(self, run_dir: Path, config: TrainConfig, name: str, start: int, progress: bool, accelerator):
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
@@ -43,6 +44,7 @@ class RunLog:
         self.images_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         self.window: list[dict] = []
         self.tick = time.perf_counter()
+        self.shown: dict[str, str] = {}  # the progress bar's figures, kept until they change
 
     def step(self, logs: dict, write: bool) -> dict | None:
         """Add one step's values; with `write`, log their means (returned) and start a new window."""
@@ -50,7 +52,8 @@ class RunLog:
         summary = None
         if write:
             window, elapsed = self.window, time.perf_counter() - self.tick
-            summary = {k: sum(w.get(k, 0.0) for w in window) / len(window) for k in window[-1] if k != "step"}
+            keys = dict.fromkeys(k for w in window for k in w if k != "step")  # first-seen order
+            summary = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
             summary.update(step=logs["step"], images_per_s=len(window) * self.images_per_step / max(elapsed, 1e-9))
             if self.main:
                 with open(self.path, "a") as f:
@@ -59,7 +62,10 @@ class RunLog:
                     if key != "step":
                         self.writer.add_scalar(key, value, logs["step"])
             loss = next((v for k, v in summary.items() if k.startswith("loss/")), float("nan"))
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{summary['lr']:.2e}", img_s=f"{summary['images_per_s']:.1f}")
+            self.shown.update(loss=f"{loss:.4f}", lr=f"{summary['lr']:.2e}", img_s=f"{summary['images_per_s']:.1f}")
+            if "cond_gain" in summary:  # stage 1's conditioning gain (training/conditioning_gain.py)
+                self.shown["cond_gain"] = f"{summary['cond_gain']:+.4f}"
+            self.bar.set_postfix(self.shown)
             self.window, self.tick = [], time.perf_counter()
         self.bar.update(1)
         return summary

@@ -6,6 +6,8 @@ VAE and CLIP are frozen; the U-Net (and the CLIP token projection, if any) learn
   y = ε' (epsilon) or √ᾱ_t ε' − √(1−ᾱ_t) z0 (v), optionally min-SNR-γ weighted.
 CLIP's view (`model.clip_view`) is what the pipeline gives it: the crop itself ("tile"; the pipeline
 encodes each denoising tile) or the whole photo ("whole"; the item's "whole_source").
+Every `stage1.cond_gain_every` steps the loop logs the conditioning gain (`training.conditioning_gain`):
+the same loss on a fixed batch with shuffled photos minus with the true ones.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from ffasynth.models.conditioning import (
     encode_latents,
     guided_prediction,
 )
+from ffasynth.training.conditioning_gain import (
+    conditioning_losses,
+    eye_of,
+    gain_figures,
+    probe_timesteps,
+    shuffle_order,
+)
 from ffasynth.training.loop import Task
+
+PROBE_SEED = 0  # the conditioning-gain probe's own noise stream (never the training generator)
 
 
 def offset_noise(latents: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
@@ -88,6 +99,9 @@ class Stage1Task(Task):
         if conditioner.projection is not None:
             self.trainable["projection"] = conditioner.projection
         self.ema_names = tuple(self.trainable)
+        every = config.cond_gain_every
+        self.diagnostics_every = config.sample_every if every is None else every
+        self.diagnostic_items = config.cond_gain_items
         self.components.unet.train()
 
     def to(self, device, weight_dtype) -> None:
@@ -113,6 +127,22 @@ class Stage1Task(Task):
             tokens = conditioner.project(features, self.trainable.get("projection"))
         return drop_condition(tokens, source_latents, keep) if keep is not None else (tokens, source_latents)
 
+    def _denoising_loss(self, unet, latents, noise, timesteps, tokens, source_latents, labels) -> torch.Tensor:
+        """Per-sample ‖U([z_t ⊕ c_lat], t, c_tok) − y‖², min-SNR-γ weighted when stage1.snr_gamma is set."""
+        scheduler = self.components.scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if self.config.prediction_type == "v_prediction":
+            wanted = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            wanted = noise
+        prediction = guided_prediction(unet, noisy, timesteps, tokens, source_latents, labels, guidance=1.0)
+        per_sample = F.mse_loss(prediction, wanted.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.config.snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(
+                scheduler, timesteps, self.config.snr_gamma, self.config.prediction_type
+            )
+        return per_sample
+
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         scheduler, vae, unet = self.components.scheduler, self.components.vae, self.trainable["unet"]
         target = batch["target"]
@@ -125,19 +155,40 @@ class Stage1Task(Task):
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=target.device
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if self.config.prediction_type == "v_prediction":
-            wanted = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            wanted = noise
         labels = phase_labels(batch, self.num_phases, target.device)
-        prediction = guided_prediction(unet, noisy, timesteps, tokens, source_latents, labels, guidance=1.0)
-        per_sample = F.mse_loss(prediction, wanted.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.config.snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(
-                scheduler, timesteps, self.config.snr_gamma, self.config.prediction_type
-            )
+        per_sample = self._denoising_loss(unet, latents, noise, timesteps, tokens, source_latents, labels)
         return per_sample.mean(), {}
+
+    @torch.no_grad()
+    def conditioning_losses(self, probe: dict, timesteps=None) -> dict[int, dict[str, float]]:
+        """The loss on `probe` at each timestep (default: conditioning_gain.probe_timesteps) with the true,
+        shuffled and null conditions, and the gains (`conditioning_gain.conditioning_losses`). No dropout;
+        the target latent is the posterior mode and the noise comes from its own seeded generator, so
+        the numbers repeat and the training generator is untouched. The U-Net is the one `trainable`
+        holds (the loop swaps in the live, unwrapped weights), in eval mode for the call."""
+        unet, vae, target = self.trainable["unet"], self.components.vae, probe["target"]
+        latents = encode_latents(vae, target).float()
+        generator = torch.Generator(device=target.device).manual_seed(PROBE_SEED)
+        noise = offset_noise(latents, self.config.offset_noise_strength, generator)
+        tokens, source_latents = self._condition(probe, None)
+        labels = phase_labels(probe, self.num_phases, target.device)
+        order = shuffle_order([eye_of(str(i)) for i in probe["id"]])
+        steps = timesteps or probe_timesteps(self.components.scheduler.config.num_train_timesteps)
+
+        def loss_at(tok, lat, t: int) -> torch.Tensor:
+            at = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+            return self._denoising_loss(unet, latents, noise, at, tok, lat, labels).mean()
+
+        was_training = unet.training
+        unet.eval()
+        try:
+            return conditioning_losses(loss_at, tokens, source_latents, order, steps, self.conditioner.use_clip)
+        finally:
+            unet.train(was_training)
+
+    def diagnostics(self, probe: dict, step: int) -> dict[str, float]:
+        """The conditioning gain (cond_gain, cond_gain_concat, cond_gain_clip, cond_gain_null, cond_loss_true)."""
+        return gain_figures(self.conditioning_losses(probe))
 
     @torch.no_grad()
     def samples(self, batch: dict, generator: torch.Generator) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL
 from ffasynth.config import Config
 from ffasynth.evaluation.decoder_report import reconstruction_report
 from ffasynth.models.architecture import vae_config
+from ffasynth.training.conditioning_gain import gain_line
 from ffasynth.training.loop import TrainResult, train
 from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1, trainable_parameters
@@ -71,6 +72,8 @@ def train_stage1(
     if result.losses:
         start_loss, end_loss = result.losses[0]["loss/main"], result.losses[-1]["loss/main"]
         say(f"done: {result.step} steps; loss {start_loss:.4f} → {end_loss:.4f}; skipped {result.skipped_steps}")
+    if (line := gain_line(result.losses)) is not None:
+        say(line)
     return result
 
 
