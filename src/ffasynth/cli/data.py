@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ffasynth.data.alignment import REPORT_NAME, RegistrationRow, register_folder
 from ffasynth.data.pairs import LAYOUTS, check_pairs
-from ffasynth.data.phantom import DISEASES, write_phantom_dataset
+from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
 from ffasynth.files import atomic_write_text
 
@@ -72,8 +72,15 @@ def phantom(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same images."),
     diseases: str = typer.Option(",".join(DISEASES), help="Comma-separated labels to draw, balanced."),
     test_fraction: float = typer.Option(0.0, min=0.0, max=0.9, help="Put this fraction in test/, the rest in train/."),
+    style: str = typer.Option(
+        "standard",
+        help="standard: a colour fundus photo, round 45-degree field; uwf: Optos-like ultra-widefield "
+        "pseudo-colour (red/green) photo with lids, lashes and a wide elliptical field.",
+    ),
 ) -> None:
     """Generate procedural registered photo/FFA pairs (early and late phase) with disease labels."""
+    if style not in STYLES:
+        raise typer.BadParameter(f"unknown style {style!r}; choose from {', '.join(STYLES)}", param_hint="--style")
     chosen = tuple(d.strip() for d in diseases.split(",") if d.strip())
     unknown = [d for d in chosen if d not in DISEASES]
     if unknown or not chosen:
@@ -84,9 +91,16 @@ def phantom(
     with Progress(transient=True) as progress:
         task = progress.add_task("drawing eyes", total=n)
         write_phantom_dataset(
-            out, n, size, seed, chosen, test_fraction, progress=lambda done: progress.update(task, completed=done)
+            out,
+            n,
+            size,
+            seed,
+            chosen,
+            test_fraction,
+            progress=lambda done: progress.update(task, completed=done),
+            style=style,
         )
-    typer.echo(f"wrote {n} phantom pairs ({size}x{size}, early + late FFA) to {out}")
+    typer.echo(f"wrote {n} {style} phantom pairs ({size}x{size}, early + late FFA) to {out}")
 
 
 @app.command("register")

@@ -109,15 +109,17 @@ class PairedTransform:
         target: torch.Tensor,
         generator: torch.Generator,
         view: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """source (Cs, H, W), target (Ct, H, W) in [0, 1] → crops in [-1, 1] and a (1, h, w) FOV mask;
         "whole_source": the whole source's CLIP view in [-1, 1], with the crop's flips (`view`: that view,
-        computed before, e.g. cached; computed here when not given)."""
+        computed before, e.g. cached; computed here when not given; `mask` likewise: the source's
+        `fov_mask` at fov_threshold)."""
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in size")
         if view is None and self.whole_view_size > 0:
             view = whole_view(source, self.whole_view_size)
-        mask = fov_mask(source, self.fov_threshold)
+        mask = fov_mask(source, self.fov_threshold) if mask is None else mask
         size = self.crop_size
         source, target, mask = (pad_to(x, size, size) for x in (source, target, mask))
         top, left = choose_crop(mask, size, generator, self.min_fov_fraction)
