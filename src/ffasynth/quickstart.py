@@ -23,12 +23,14 @@ from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import EvalSettings, evaluate
 from ffasynth.evaluation.outputs import write_evaluation
 from ffasynth.export import export_run
+from ffasynth.models import base
 from ffasynth.training.stages import train_stage1, train_stage2, train_vae
 from ffasynth.translate import load_pipeline
 
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
 # translation and evaluation.
 SHARES = {"vae": 0.35, "stage1": 0.55, "stage2": 0.10}
+BASE_SHARES = {"stage1": 0.85, "stage2": 0.15}
 OVERHEAD_MINUTES = 0.75
 
 
@@ -84,19 +86,23 @@ def quickstart(
             write_phantom_dataset(data, n=48, size=256, seed=seed, test_fraction=0.125)
     data = Path(data)
     budget = max(minutes - OVERHEAD_MINUTES, 0.5 * minutes)
+    base_model = load_config(preset="tiny", overrides=list(overrides or [])).model.base
+    # from a base model the VAE is the base's: its share goes to the U-Net and the decoder
+    shares = SHARES if base.resolve(base_model) is None else BASE_SHARES
     config = load_config(
         preset="tiny",
-        overrides=[f"seed={seed}", *(f"{stage}.max_minutes={budget * share:.3f}" for stage, share in SHARES.items())]
-        + [f"{stage}.max_steps=100000" for stage in SHARES]
+        overrides=[f"seed={seed}", *(f"{stage}.max_minutes={budget * share:.3f}" for stage, share in shares.items())]
+        + [f"{stage}.max_steps=100000" for stage in shares]
         + list(overrides or []),
     )
     runs = out / "runs"
-    say(f"stage 0 (VAE), about {budget * SHARES['vae']:.1f} min")
-    train_vae(config, data, runs / "vae", resume=True, progress=progress, say=say)
-    config.model.vae = str((runs / "vae").resolve())
-    say(f"stage 1 (U-Net), about {budget * SHARES['stage1']:.1f} min")
+    if base.resolve(config.model.base) is None:
+        say(f"stage 0 (VAE), about {budget * SHARES['vae']:.1f} min")
+        train_vae(config, data, runs / "vae", resume=True, progress=progress, say=say)
+        config.model.vae = str((runs / "vae").resolve())
+    say(f"stage 1 (U-Net), about {budget * shares['stage1']:.1f} min")
     train_stage1(config, data, runs / "stage1", resume=True, progress=progress, say=say)
-    say(f"stage 2 (decoder), about {budget * SHARES['stage2']:.1f} min")
+    say(f"stage 2 (decoder), about {budget * shares['stage2']:.1f} min")
     train_stage2(config, runs / "stage1", data, runs / "stage2", resume=True, progress=progress, say=say)
     save_config(config, out / "config.yaml")
     pipeline_dir = export_run(runs / "stage2", out / "pipeline")

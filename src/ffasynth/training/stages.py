@@ -1,5 +1,6 @@
 """One function per training stage, from a resolved config to a finished run folder: what the
-`train` verbs and `quickstart` call. `say` receives one-line progress messages.
+`train` verbs, `quickstart` and the base recipe call. `say` receives one-line progress messages; `dataset`
+replaces DATA's training pairs (DATA is still recorded, and its test split is stage 2's report set).
 
 Launched as several processes (torchrun, accelerate launch), every process trains, but only the
 first (RANK 0) writes the run folder's files and reports: the others would write the same files
@@ -15,7 +16,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from ffasynth.config import Config
+from ffasynth.data.dataset import PairDataset
 from ffasynth.evaluation.decoder_report import reconstruction_report
+from ffasynth.models import base
 from ffasynth.models.architecture import vae_config
 from ffasynth.training.conditioning_gain import gain_line
 from ffasynth.training.loop import TrainResult, train
@@ -24,6 +27,8 @@ from ffasynth.training.stage1 import build_stage1, trainable_parameters
 from ffasynth.training.stage2 import Stage2Task, record_stage1
 from ffasynth.training.vae import VAETask
 from ffasynth.weights import build_lpips
+
+Say = Callable[[str], None]  # receives one-line progress messages
 
 
 def _quiet(message: str) -> None:
@@ -35,14 +40,20 @@ def is_first_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train_vae(
-    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
-) -> TrainResult:
-    """Stage 0: a VAE on source and target crops; RUN/vae/ is the diffusers folder to pass as --vae."""
+def _start(config: Config, data: Path, out: Path, kind: str, resume: bool, say: Callable, dataset):
+    """What every stage begins with: whether this is the first process, its reporter (silent in the
+    others), the training pairs (DATA's unless given) and the checked (first process: written) run folder."""
     first = is_first_process()
     say = say if first else _quiet
-    dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "vae", data, resume, write=first)
+    dataset = dataset if dataset is not None else load_training_data(data, config, say)
+    return first, say, dataset, prepare_run(out, config, kind, data, resume, write=first)
+
+
+def train_vae(
+    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Say = _quiet, dataset=None
+) -> TrainResult:
+    """Stage 0: a VAE on source and target crops; RUN/vae/ is the diffusers folder to pass as --vae."""
+    _, say, dataset, run_dir = _start(config, data, out, "vae", resume, say, dataset)
     say(f"{len(dataset)} training pairs from {data}; run folder {run_dir}")
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(**vae_config(config.model))
@@ -52,18 +63,15 @@ def train_vae(
 
 
 def train_stage1(
-    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = _quiet
+    config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Say = _quiet, dataset=None
 ) -> TrainResult:
     """Stage 1: the U-Net on target latents, conditioned on the source."""
-    first = is_first_process()
-    say = say if first else _quiet
-    if config.model.pretrained is None and config.model.vae is None:
+    first, say, dataset, run_dir = _start(config, data, out, "stage1", resume, say, dataset)
+    if config.model.pretrained is None and config.model.vae is None and base.resolve(config.model.base) is None:
         say(
-            "warning: no pretrained VAE (model.pretrained / --vae): stage 1 runs on a random VAE, so its latents "
-            "mean nothing; train one first with `ffasynth train vae`"
+            "warning: no pretrained VAE (model.pretrained / --vae / model.base): stage 1 runs on a random VAE, so "
+            "its latents mean nothing; train one first with `ffasynth train vae`"
         )
-    dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "stage1", data, resume, write=first)
     task = build_stage1(config)
     if first:
         save_model_folder(run_dir, task.components)
@@ -86,16 +94,14 @@ def train_stage2(
     progress: bool = True,
     say: Callable = _quiet,
     ema: bool = True,
+    dataset: PairDataset | None = None,
 ) -> tuple[TrainResult, dict]:
     """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR."""
     stage1 = load_stage1_run(stage1_dir, ema=ema)
     lpips = None
     if config.stage2.lpips_weight > 0:
         lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
-    first = is_first_process()
-    say = say if first else _quiet
-    dataset = load_training_data(data, config, say)
-    run_dir = prepare_run(out, config, "stage2", data, resume, write=first)
+    first, say, dataset, run_dir = _start(config, data, out, "stage2", resume, say, dataset)
     if first:
         record_stage1(run_dir, stage1)
     task = Stage2Task(stage1, config.stage2, lpips)
