@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from ffasynth.errors import ConfigError, WeightsNotFoundError
 from ffasynth.models import base
 from ffasynth.models.components import build_components
-from tests.helpers import micro_config
+from tests.corpus import cli
+from tests.helpers import invoke, micro_config
 
 
 def _trained_like_base(tmp_path, *overrides):
@@ -101,3 +102,15 @@ def test_missing_and_foreign_files_are_one_line(tmp_path):
     broken.write_bytes(b"\x00" * 20)
     with pytest.raises(WeightsNotFoundError, match="not a readable safetensors file"):
         build_components(micro_config(f"model.base={broken}"))
+
+
+def test_base_info_and_build_answer_in_one_line(tmp_path):
+    path, _ = _trained_like_base(tmp_path)
+    shown = invoke("base", "info", path)
+    assert shown.exit_code == 0 and "scaling_factor: 0.777" in shown.output
+    assert "random initialisation" in invoke("base", "info", "none").output
+    missing = cli("base", "info", tmp_path / "absent.safetensors")
+    assert missing.exit_code == 2 and missing.output.count("\n") == 1 and "does not exist" in missing.output
+    refused = cli("base", "build", "--out", tmp_path / "b", "--scale", "huge", "--shared", tmp_path)
+    assert refused.exit_code == 2 and "--scale must be one of full, mini" in refused.output
+    assert not (tmp_path / "b").exists()

@@ -13,6 +13,7 @@ import sys
 import typer
 
 from ffasynth import __version__
+from ffasynth.cli import base as base_cli
 from ffasynth.cli import baseline as baseline_cli
 from ffasynth.cli import clinical as clinical_cli
 from ffasynth.cli import data as data_cli
@@ -41,6 +42,7 @@ app.command("serve")(quickstart_cli.serve)
 app.command("clinical")(clinical_cli.clinical)
 app.add_typer(baseline_cli.app, name="baseline")
 app.add_typer(weights_cli.app, name="weights")
+app.add_typer(base_cli.app, name="base")
 
 
 def _version(value: bool) -> None:

@@ -148,3 +148,36 @@ class StreamBatchSampler:
         while True:
             yield self.batch(micro_batch)
             micro_batch += 1
+
+
+class Mixture(Dataset):
+    """Several datasets as one, keyed like PairDataset ((index, epoch) from a StreamBatchSampler):
+    index i < len(first) is the first's item i, the next len(second) the second's, and so on. An
+    epoch visits every part's items once, so each part's share is its length over the total (repeat
+    a small part's pairs to give it more)."""
+
+    def __init__(self, parts: Sequence[Dataset]):
+        self.parts = [part for part in parts if len(part)]
+        if not self.parts:
+            raise PairError("the mixture has no items")
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside 0..{len(self) - 1}")
+        which = next(i for i in range(len(self.parts)) if index < self.starts[i + 1])
+        inner = index - self.starts[which]
+        item = self.parts[which][(inner, epoch) if epoch is not None else inner]
+        item["index"] = index
+        return item

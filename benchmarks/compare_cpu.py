@@ -1,0 +1,190 @@
+"""Issue 20's side-by-side: on the shared UWF test eyes (7, 8, 10; early and late) at native size, each
+method trained for the same CPU minutes on the shared training eyes (1-4, registered first):
+
+- ffasynth from random initialisation (model.base=none: VAE, U-Net, decoder within the budget),
+- ffasynth from the base model (model.base: U-Net and decoder fine-tuned within the budget),
+- pix2pix (tiny generator, same data pipeline),
+- the inverted green channel of the photo (no training: the trivial method).
+
+Reported per method: own-eye retrieval first (is each synthetic FFA closest, by correlation inside the
+field of view, to its own eye's real FFA of the same phase? fraction and mean margin; chance = 1/3),
+then PSNR, SSIM, MS-SSIM and seconds per image. Nothing is fitted to the test eyes.
+
+    .venv/bin/python benchmarks/compare_cpu.py --out /tmp/compare --minutes 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, log, machine  # noqa: E402
+
+from ffasynth.baselines.training import generate_folder, train_pix2pix  # noqa: E402
+from ffasynth.config import load_config  # noqa: E402
+from ffasynth.data.alignment import register_folder  # noqa: E402
+from ffasynth.data.io import read_image, save_image  # noqa: E402
+from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
+from ffasynth.evaluation.retrieval import retrieval  # noqa: E402
+from ffasynth.quickstart import quickstart  # noqa: E402
+
+METHODS = ("ffasynth-random", "ffasynth-base", "pix2pix", "inverted-green")
+
+
+def prepare_data(shared: Path, out: Path) -> Path:
+    """OUT/data/train = the registered training eyes; OUT/data/test = links to the test eyes as shipped."""
+    data = out / "data"
+    if not (data / "train").is_dir():
+        register_folder(shared / "uwf-slo-ffa" / "train", data / "train")
+    if not (data / "test").is_dir():
+        (data / "test").mkdir(parents=True)
+        for path in sorted((shared / "uwf-slo-ffa" / "test").iterdir()):
+            if path.suffix.lower() == ".bmp":
+                os.symlink(path.resolve(), data / "test" / path.name)
+    return data
+
+
+def per_phase_copies(outputs: dict[Path, Path], test: Path, folder: Path) -> None:
+    """A phase-blind method's one output per photo, named for each of that photo's angiograms."""
+    for pair in load_pairs(test):
+        name = f"{pair.target.with_suffix('').name}_ffa.png"
+        shutil.copyfile(outputs[pair.source], folder / name)
+
+
+def run_ffasynth(args, data: Path, method: str) -> dict:
+    folder = args.out / method
+    overrides = ["model.base=none"] if method == "ffasynth-random" else [f"model.base={args.base}"]
+    began = time.perf_counter()
+    quickstart(folder, args.minutes, data, args.seed, args.steps, False, log, overrides + args.overrides)
+    return {"translated": folder / "translated", "minutes": round((time.perf_counter() - began) / 60, 1)}
+
+
+def run_pix2pix(args, data: Path) -> dict:
+    folder = args.out / "pix2pix"
+    config = load_config(
+        preset="tiny",
+        overrides=[
+            f"seed={args.seed}",
+            f"pix2pix.max_minutes={args.minutes}",
+            "pix2pix.max_steps=1000000",
+            *args.overrides,
+        ],
+    )
+    began = time.perf_counter()
+    train_pix2pix(config, data, folder / "run", resume=True, progress=False, say=log)
+    raw = folder / "raw"
+    photos = [pair.source for pair in load_pairs(data / "test")]
+    photos = list(dict.fromkeys(photos))
+    translate_began = time.perf_counter()
+    generate_folder(folder / "run", photos, raw, say=log)
+    seconds = (time.perf_counter() - translate_began) / len(photos)
+    translated = folder / "translated"
+    translated.mkdir(exist_ok=True)
+    per_phase_copies({photo: raw / f"{photo.stem}_ffa.png" for photo in photos}, data / "test", translated)
+    return {"translated": translated, "minutes": round((time.perf_counter() - began) / 60, 1), "s_per_image": seconds}
+
+
+def _inside(image: np.ndarray) -> np.ndarray:
+    return image.max(axis=0) > 0.04 if image.ndim == 3 else image > 0.04
+
+
+def run_inverted_green(args, data: Path) -> dict:
+    """1 − green, standardised inside the photo's field, then given the mean and spread of the real
+    training FFAs inside theirs (two numbers from the training eyes; nothing from the test eyes)."""
+    folder = args.out / "inverted-green"
+    raw = folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    train = [read_image(pair.target, channels=1).numpy()[0] for pair in load_pairs(data / "train")]
+    values = np.concatenate([image[_inside(image)] for image in train])
+    mean, std = float(values.mean()), float(values.std())
+    outputs = {}
+    began = time.perf_counter()
+    for pair in load_pairs(data / "test"):
+        if pair.source in outputs:
+            continue
+        photo = read_image(pair.source, channels=3).numpy()
+        inverted, inside = 1.0 - photo[1], _inside(photo)
+        z = (inverted - inverted[inside].mean()) / max(float(inverted[inside].std()), 1e-6)
+        image = np.where(inside, np.clip(mean + std * z, 0, 1), 0.0).astype(np.float32)
+        outputs[pair.source] = save_image(image[None], raw / f"{pair.source.stem}_ffa.png")
+    seconds = (time.perf_counter() - began) / max(len(outputs), 1)
+    translated = folder / "translated"
+    translated.mkdir(exist_ok=True)
+    per_phase_copies(outputs, data / "test", translated)
+    return {"translated": translated, "minutes": 0.0, "s_per_image": seconds}
+
+
+def score(data: Path, runs: dict, seed: int) -> dict:
+    test = data / "test"
+    evaluation = evaluate(
+        test, {name: run["translated"] for name, run in runs.items()}, EvalSettings(seed=seed), source_dir=test
+    )
+    pairs = load_pairs(test)
+    reals = {pair.target.with_suffix("").name: read_image(pair.target, channels=1).numpy()[0] for pair in pairs}
+    groups = {pair.target.with_suffix("").name: pair.phase for pair in pairs}
+    rows = {}
+    for method in evaluation.methods:
+        fakes = {
+            key: read_image(runs[method.name]["translated"] / f"{key}_ffa.png", channels=1).numpy()[0] for key in reals
+        }
+        found = retrieval(fakes, reals, groups)
+        rows[method.name] = {
+            "own_eye": found.accuracy,
+            "own_eye_margin": found.mean_margin,
+            "chance": found.chance,
+            **{metric: values["mean"] for metric, values in method.summary.items()},
+            **{k: v for k, v in runs[method.name].items() if k != "translated"},
+        }
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=6.0, help="training minutes per method")
+    parser.add_argument("--base", default="tiny", help="model.base for ffasynth-base (tiny or a file)")
+    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("FFASYNTH_SHARED_DATA", "../shared/data")))
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("overrides", nargs="*", help="config key=value for every trained method")
+    args = parser.parse_args()
+    if not (args.shared / "uwf-slo-ffa" / "test").is_dir():
+        sys.exit(f"no shared UWF pairs at {args.shared}/uwf-slo-ffa (set --shared or FFASYNTH_SHARED_DATA)")
+    data = prepare_data(args.shared, args.out)
+    runs = {}
+    for method in args.methods:
+        log(f"== {method}")
+        if method.startswith("ffasynth"):
+            runs[method] = run_ffasynth(args, data, method)
+        elif method == "pix2pix":
+            runs[method] = run_pix2pix(args, data)
+        else:
+            runs[method] = run_inverted_green(args, data)
+    rows = score(data, runs, args.seed)
+    record = {"machine": machine(), "minutes_per_method": args.minutes, "steps": args.steps, "methods": rows}
+    (args.out / "compare.json").write_text(json.dumps(record, indent=1, default=str))
+    log(
+        "| method | own eye (chance {:.2f}) | margin | PSNR | SSIM | MS-SSIM | train min |".format(
+            next(iter(rows.values()))["chance"]
+        )
+    )
+    for name, row in rows.items():
+        log(
+            f"| {name} | {row['own_eye']:.2f} | {row['own_eye_margin']:+.3f} | {row.get('psnr', float('nan')):.2f} | "
+            f"{row.get('ssim', float('nan')):.3f} | {row.get('ms_ssim', float('nan')):.3f} | {row['minutes']} |"
+        )
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
