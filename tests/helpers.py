@@ -21,8 +21,10 @@ from ffasynth.training.loop import train
 from ffasynth.training.run import LoadedRun, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1
 
-# the smallest model that still has every part: 2 U-Net levels, 2 VAE levels (×2), a 32-d CLIP
+# the smallest model that still has every part: 2 U-Net levels, 2 VAE levels (×2), a 32-d CLIP; random
+# initialisation (the tiny preset's base model has the tiny architecture, not this one)
 MICRO = [
+    "model.base=none",
     "model.unet_channels=[16,32]",
     "model.unet_attention_heads=2",
     "model.cross_attention_dim=32",

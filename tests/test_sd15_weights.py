@@ -171,10 +171,13 @@ def test_sd15_preset_without_weights_is_refused_naming_the_missing_option(overri
 
 
 def test_random_init_only_when_asked_and_recorded_as_such():
-    tiny = build_components(load_config(preset="tiny"))  # the tiny preset asks for it: it has no weights
+    # the tiny preset asks for random values where its base model is switched off
+    tiny = build_components(load_config(preset="tiny", overrides=["model.base=none"]))
     assert tiny.sources == {"unet": "", "vae": "", "image_encoder": ""}
     with pytest.raises(ConfigError, match="no weights are named for the U-Net, VAE and CLIP image encoder"):
-        build_components(load_config(preset="tiny", overrides=["model.allow_random_init=false"]))
+        build_components(load_config(preset="tiny", overrides=["model.base=none", "model.allow_random_init=false"]))
+    based = build_components(load_config(preset="tiny"))  # by default: every part from the shipped base
+    assert set(based.sources.values()) == {"base:tiny"}
 
 
 def test_sd15_yaml_with_sd15_format_folders_loads_them_and_trains_a_step(tmp_path):

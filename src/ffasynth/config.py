@@ -270,6 +270,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "data": {"crop_size": 128},
         "model": {
+            # the shipped base model (ffasynth base build; model.base=none: random init, for ablations)
+            "base": "tiny",
             "allow_random_init": True,
             "unet_channels": [32, 64, 64],
             "unet_layers_per_block": 1,
