@@ -30,15 +30,13 @@ from ffasynth.data.phantom_draw import (
     LESION_OF,
     Lesion,
     PhantomEye,
-    draw_segments,
     gauss,
     grow_tree,
     lesion_blobs,
-    perfusion_map,
-    pruner,
     ramp,
     scatter_lesions,
     texture,
+    vascular_maps,
 )
 from ffasynth.data.phantom_uwf import make_uwf_eye
 from ffasynth.files import atomic_write, atomic_write_text
@@ -131,16 +129,10 @@ def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str
     else:
         lesions = []
 
-    perfusion = perfusion_map(lesions, shape)
-    pruned = pruner(perfusion, 0.008 * size)  # small vessels vanish inside non-perfused areas
-    artery_map = draw_segments(arteries, size, pruned)
-    vein_map = draw_segments(veins, size, pruned)
-    vessel_mask = (np.maximum(artery_map, vein_map) > 0.5) & fov
-
+    maps = vascular_maps(arteries, veins, lesions, size, fov, 0.008 * size)
+    perfusion, artery_map, vein_map, vessel_mask = maps.perfusion, maps.artery, maps.vein, maps.vessel_mask
+    haem, leak, leak_late = maps.haemorrhage, maps.leakage, maps.leakage_late
     ma = lesion_blobs(lesions, "microaneurysm", shape, 0.8)
-    haem = np.clip(lesion_blobs(lesions, "haemorrhage", shape, 0.7) * 1.5, 0, 1)
-    leak = lesion_blobs(lesions, "leakage", shape)
-    leak_late = lesion_blobs(lesions, "leakage", shape, 1.8)
     disc_blob = np.clip(gauss(shape, *disc, disc_radius * 0.75) * 1.4, 0, 1)
     macula_blob = gauss(shape, *macula, 0.07 * size)
     faz = gauss(shape, *macula, faz_radius)

@@ -203,3 +203,33 @@ def ramp(rng, xs, ys, centre, size, strength) -> np.ndarray:
     angle, slope = rng.uniform(0, 2 * math.pi), rng.uniform(0, strength)
     along = ((xs - centre[0]) * math.cos(angle) + (ys - centre[1]) * math.sin(angle)) / size
     return np.clip(1.0 + slope * along, 0.3, None).astype(np.float32)
+
+
+@dataclass
+class VascularMaps:
+    perfusion: np.ndarray
+    artery: np.ndarray
+    vein: np.ndarray
+    vessel_mask: np.ndarray
+    haemorrhage: np.ndarray
+    leakage: np.ndarray
+    leakage_late: np.ndarray  # the leak spread 1.8× by the late phase
+
+
+def vascular_maps(arteries, veins, lesions, size: int, fov: np.ndarray, prune_width: float) -> VascularMaps:
+    """What both styles draw from their trees and lesions: the perfusion map, the vessels (those
+    thinner than prune_width px vanish inside non-perfused areas), the vessel mask inside the field,
+    and the haemorrhage and leakage blobs."""
+    shape = (size, size)
+    perfusion = perfusion_map(lesions, shape)
+    pruned = pruner(perfusion, prune_width)
+    artery, vein = draw_segments(arteries, size, pruned), draw_segments(veins, size, pruned)
+    return VascularMaps(
+        perfusion,
+        artery,
+        vein,
+        (np.maximum(artery, vein) > 0.5) & fov,
+        np.clip(lesion_blobs(lesions, "haemorrhage", shape, 0.7) * 1.5, 0, 1),
+        lesion_blobs(lesions, "leakage", shape),
+        lesion_blobs(lesions, "leakage", shape, 1.8),
+    )

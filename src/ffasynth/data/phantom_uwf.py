@@ -53,15 +53,12 @@ from ffasynth.data.phantom_draw import (
     SUPERSAMPLE,
     Lesion,
     PhantomEye,
-    draw_segments,
     gauss,
     grow_tree,
-    lesion_blobs,
-    perfusion_map,
-    pruner,
     ramp,
     scatter_lesions,
     texture,
+    vascular_maps,
 )
 
 BLUE_LEVEL = 4 / 255  # Optos pseudo-colour has no blue: a constant 4 in the shared photos
@@ -216,16 +213,10 @@ def make_uwf_eye(size: int = 512, seed: int = 0, disease: str = "normal") -> Pha
 
     arteries, veins = _trees(rng, size, centre, axes, tilt, disc, macula, faz_radius, side)
     lesions = _lesions(rng, disease, size, centre, disc, macula, disc_radius, faz_radius)
-    perfusion = perfusion_map(lesions, shape)
-    pruned = pruner(perfusion, 0.004 * size)
-    artery_map = draw_segments(arteries, size, pruned)
-    vein_map = draw_segments(veins, size, pruned)
-    vessel_mask = (np.maximum(artery_map, vein_map) > 0.5) & fov
-
+    maps = vascular_maps(arteries, veins, lesions, size, fov, 0.004 * size)
+    perfusion, artery_map, vein_map, vessel_mask = maps.perfusion, maps.artery, maps.vein, maps.vessel_mask
+    haem, leak, leak_late = maps.haemorrhage, maps.leakage, maps.leakage_late
     ma = _spots(lesions, "microaneurysm", size, 0.6)
-    haem = np.clip(lesion_blobs(lesions, "haemorrhage", shape, 0.7) * 1.5, 0, 1)
-    leak = lesion_blobs(lesions, "leakage", shape)
-    leak_late = lesion_blobs(lesions, "leakage", shape, 1.8)
     scars = _spots(lesions, "laser_scar", size, 0.35)
     scar_rims = cv2.dilate(scars, np.ones((3, 3))) - cv2.erode(scars, np.ones((3, 3)))  # window-defect rings
     disc_blob = np.clip(gauss(shape, *disc, disc_radius * 0.75) * 1.4, 0, 1)
