@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine  # noqa: E402
@@ -33,8 +34,10 @@ from ffasynth.config import load_config  # noqa: E402
 from ffasynth.data.alignment import register_folder  # noqa: E402
 from ffasynth.data.io import read_image, save_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
 from ffasynth.evaluation.retrieval import retrieval  # noqa: E402
+from ffasynth.pretrain import default_shared  # noqa: E402
 from ffasynth.quickstart import quickstart  # noqa: E402
 
 METHODS = ("ffasynth-random", "ffasynth-base", "pix2pix", "inverted-green")
@@ -94,7 +97,9 @@ def run_pix2pix(args, data: Path) -> dict:
 
 
 def _inside(image: np.ndarray) -> np.ndarray:
-    return image.max(axis=0) > 0.04 if image.ndim == 3 else image > 0.04
+    """The field of view: the project's brightness threshold, unsmoothed ((C, H, W) or (H, W))."""
+    channels = torch.from_numpy(image if image.ndim == 3 else image[None])
+    return fov_mask(channels, smooth=1)[0].numpy() > 0.5
 
 
 def run_inverted_green(args, data: Path) -> dict:
@@ -152,7 +157,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--minutes", type=float, default=6.0, help="training minutes per method")
     parser.add_argument("--base", default="tiny", help="model.base for ffasynth-base (tiny or a file)")
-    parser.add_argument("--shared", type=Path, default=Path(os.environ.get("FFASYNTH_SHARED_DATA", "../shared/data")))
+    parser.add_argument("--shared", type=Path, default=default_shared())
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ffasynth.config import Config, load_config, save_config, to_dict
-from ffasynth.data.alignment import register_folder
+from ffasynth.data.alignment import eye_of, register_folder
 from ffasynth.data.dataset import Mixture, PairDataset
 from ffasynth.data.io import is_image_file
 from ffasynth.data.pairs import Pair, load_pairs
@@ -49,6 +49,7 @@ STREAM = {
     "full": {"size": (512, 853), "eyes_per_epoch": 32, "crops_per_eye": 16, "report_eyes": 6, "report_size": 512},
     "mini": {"size": (64, 96), "eyes_per_epoch": 2, "crops_per_eye": 4, "report_eyes": 2, "report_size": 96},
 }
+STYLE_MIX = {"uwf": 0.7, "standard": 0.3}  # the stream's share of UWF-like and standard-field eyes
 REAL_REPEAT = 4  # the registered real training pairs are few (8): each counts 4 times per epoch
 FFA_FOLDERS = ("01.phase_identification/arterial_phase", "01.phase_identification/venous_phase", "02.disease_diagnosis")
 
@@ -85,8 +86,7 @@ def collect_data(out: Path, shared: Path | None, scale: str, seed: int, say: Cal
             say(f"registering the shared UWF training eyes into {registered}")
             register_folder(shared / "uwf-slo-ffa" / "train", registered)
         sets["uwf-train"] = load_pairs(registered)
-        # the registered pairs are named N-early / N-late after the eye N
-        used["uwf_train_eyes"] = sorted({pair.source.stem.rsplit("-", 1)[0] for pair in sets["uwf-train"]})
+        used["uwf_train_eyes"] = sorted({eye_of(pair.id) for pair in sets["uwf-train"]})
     if shared is not None and (shared / "ffa-labelled").is_dir():
         sets["ffa"] = real_ffa_pairs(shared)
         used["ffa_images"] = len(sets["ffa"])
@@ -103,7 +103,7 @@ def training_data(config: Config, plan: dict, real: list[Pair], repeat: int = 1)
     stream = PhantomStream(
         size=plan["size"],
         crop=config.data.crop_size,
-        styles={"uwf": 0.7, "standard": 0.3},
+        styles=STYLE_MIX,
         seed=config.seed,
         eyes_per_epoch=plan["eyes_per_epoch"],
         crops_per_eye=plan["crops_per_eye"],
@@ -115,7 +115,7 @@ def training_data(config: Config, plan: dict, real: list[Pair], repeat: int = 1)
     return Mixture(parts)
 
 
-def half_precision_error(unet: torch.nn.Module, model) -> float:
+def half_precision_error(unet: torch.nn.Module) -> float:
     """Relative error of the U-Net's output with float16-rounded weights (computed in float32), on
     random inputs: what storing it in float16 costs."""
     generator = torch.Generator().manual_seed(0)
@@ -184,11 +184,11 @@ def build_base(
         "data": {
             **collected["used"],
             "real_pairs": {name: len(pairs) for name, pairs in sets.items()},
-            "stream": {**plan, "size": list(plan["size"]), "styles": {"uwf": 0.7, "standard": 0.3}},
+            "stream": {**plan, "size": list(plan["size"]), "styles": STYLE_MIX},
         },
         "steps": {"vae": vae.step, "stage1": stage1.step, "stage2": stage2.step},
         "minutes": round((time.perf_counter() - began) / 60, 1),
-        "float16_relative_error_unet": half_precision_error(components.unet, config.model),
+        "float16_relative_error_unet": half_precision_error(components.unet),
         "config": to_dict(config),
         "versions": versions("diffusers", "transformers"),
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.pairs import Pair, discover_pairs
 from ffasynth.data.registration import (
@@ -143,6 +144,13 @@ def output_stem(pair: Pair) -> str:
     """The aligned pair's id: the input id, with "-<phase>" when the input has phases ("." would
     end the id in the uwf layout, so it becomes "_")."""
     return (f"{pair.id}-{pair.phase}" if pair.phase else pair.id).replace(".", "_")
+
+
+def eye_of(item_id: str) -> str:
+    """The eye an aligned pair's id names: output_stem's id without its "-early" / "-late"."""
+    for phase in PHASES:
+        item_id = item_id.removesuffix(f"-{phase}")
+    return item_id
 
 
 def _target_suffix(pair: Pair) -> str:

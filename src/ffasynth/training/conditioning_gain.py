@@ -18,8 +18,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ffasynth.data.dataset import PHASES
-
 # Fractions of num_train_timesteps (t = 400, 700, 950 of 1000), as benchmarks/probe_conditioning.py: at
 # high noise z_t says little about the target, so there the photo matters most (issue 20's probe
 # found the gain largest at t = 950); t = 400 shows whether it still matters once z_t is readable.
@@ -30,13 +28,6 @@ GAIN_WARNING_FRACTION = 0.01
 
 def probe_timesteps(num_train_timesteps: int) -> list[int]:
     return [min(num_train_timesteps - 1, round(f * num_train_timesteps)) for f in PROBE_FRACTIONS]
-
-
-def eye_of(item_id: str) -> str:
-    """A pair's id without a phase suffix: a registered set names its pairs "3-early", "3-late"."""
-    for phase in PHASES:
-        item_id = item_id.removesuffix(f"-{phase}")
-    return item_id
 
 
 def shuffle_order(eyes: Sequence[str]) -> torch.Tensor:

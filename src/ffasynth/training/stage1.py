@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from ffasynth.config import Stage1Config
+from ffasynth.data.alignment import eye_of
 from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.components import Components, build_components
@@ -31,7 +32,6 @@ from ffasynth.models.conditioning import (
 )
 from ffasynth.training.conditioning_gain import (
     conditioning_losses,
-    eye_of,
     gain_figures,
     probe_timesteps,
     shuffle_order,
