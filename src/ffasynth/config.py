@@ -158,6 +158,27 @@ class VAETrainConfig(TrainConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters on the stage-1 U-Net (peft, as diffusers uses them) instead of training all its
+    weights: each targeted layer W learns W + (alpha/rank)·B·A, B (out×rank) zero at the start, A (rank×in).
+    rank 0 = full fine-tuning. conv_in (it reads the source latent) and the phase embedding stay fully
+    trainable. target_modules: layer names (a name or its dotted tail); the attention projections by
+    default; "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2" (transformer blocks), "conv1", "conv2"
+    (ResNet convolutions) add more."""
+
+    rank: int = 0
+    alpha: float | None = None  # None = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def validate(self) -> None:
+        _require(self.rank >= 0, "stage1.lora.rank", "must be >= 0 (0 = full fine-tuning)")
+        _require(self.alpha is None or self.alpha > 0, "stage1.lora.alpha", "must be positive or null (= rank)")
+        _require(0.0 <= self.dropout < 1.0, "stage1.lora.dropout", "must be in [0, 1)")
+        _require(not self.rank or bool(self.target_modules), "stage1.lora.target_modules", "must name a layer")
+
+
+@dataclass
 class Stage1Config(TrainConfig):
     """Stage 1: the denoising U-Net on target latents, conditioned on the source."""
 
@@ -174,6 +195,7 @@ class Stage1Config(TrainConfig):
     # true ones, on the first `cond_gain_items` crops, logged every this many steps; None = sample_every, 0 = off
     cond_gain_every: int | None = None
     cond_gain_items: int = 8
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     lr: float = 1e-5
     _section = "stage1"
 

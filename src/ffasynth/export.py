@@ -5,6 +5,11 @@ Which runs can be exported is the table `RUN_LOADERS` (run.json "kind" → how t
 and what the card should add). A stage-1 run gives U-Net, VAE and CLIP; a stage-2 run gives its
 stage-1 model with the fine-tuned decoder swapped in (`training.run.load_model_run`). Another kind
 is one more loader returning an `ExportedModel`; `export_run`, the card and the CLI need no change.
+
+A U-Net trained with LoRA (stage1.lora.rank > 0) is exported with its adapters merged into its weights
+(a plain pipeline folder), or, with lora="separate", unmerged: unet/ holds the base weights (with the
+trained conv_in and phase embedding) and unet_lora/ the adapters, which `FFASynthesisPipeline.from_pretrained`
+puts back on the U-Net.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ffasynth.data.pairs import load_pairs
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.models.components import sampling_scheduler
+from ffasynth.models.lora import ADAPTER_FOLDER, has_lora, split_lora
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
 from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run
 
@@ -45,12 +51,12 @@ def _step(checkpoint: Path) -> int:
     return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
 
 
-def _load_stage1(run_dir: Path, ema: bool) -> ExportedModel:
-    return ExportedModel(load_stage1_run(run_dir, ema=ema), "stage1")
+def _load_stage1(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
+    return ExportedModel(load_stage1_run(run_dir, ema=ema, merge=merge), "stage1")
 
 
-def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
-    loaded = load_model_run(run_dir, ema=ema)
+def _load_stage2(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
+    loaded = load_model_run(run_dir, ema=ema, merge=merge)
     folder = run_folder.latest_checkpoint(run_dir)
     info = run_folder.info(run_dir)
     notes = [f"- decoder fine-tuned by stage-2 run `{run_dir}`, checkpoint `{folder.name}` = step {_step(folder)}"]
@@ -65,16 +71,17 @@ def _load_stage2(run_dir: Path, ema: bool) -> ExportedModel:
     return ExportedModel(loaded, "stage2", notes, metrics)
 
 
-RUN_LOADERS: dict[str, Callable[[Path, bool], ExportedModel]] = {"stage1": _load_stage1, "stage2": _load_stage2}
+# (run folder, EMA weights, merge LoRA adapters) → the model
+RUN_LOADERS: dict[str, Callable[[Path, bool, bool], ExportedModel]] = {"stage1": _load_stage1, "stage2": _load_stage2}
 
 
-def load_run(run_dir: str | Path, ema: bool = True) -> ExportedModel:
+def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> ExportedModel:
     run_dir = Path(run_dir)
     kind = run_folder.info(run_dir).get("kind")
     loader = RUN_LOADERS.get(kind)
     if loader is None:
         raise FFASynthError(f"{run_dir} is a '{kind}' run; export takes a {' or '.join(RUN_LOADERS)} run")
-    return loader(run_dir, ema)
+    return loader(run_dir, ema, merge_lora)
 
 
 def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
@@ -118,7 +125,18 @@ def _count_pairs(data_dir: str | None, config) -> str:
         return "unknown (the data folder is not readable from here)"
 
 
-def model_card(exported: ExportedModel) -> str:
+def _lora_line(config, separate: bool) -> list[str]:
+    lora = config.stage1.lora
+    if not lora.rank:
+        return []
+    where = f"kept apart in `{ADAPTER_FOLDER}/` (from_pretrained loads them)" if separate else "merged into the U-Net"
+    return [
+        f"- LoRA: rank {lora.rank}, alpha {lora.alpha if lora.alpha is not None else lora.rank}, on "
+        f"{', '.join(lora.target_modules)}; conv_in and the phase embedding fully trained; adapters {where}"
+    ]
+
+
+def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
     """README.md: what the model is, what it was trained on, how, with which results, and its limits."""
     loaded, config, run_dir = exported.run, exported.run.config, exported.stage1_dir
     info = run_folder.info(run_dir)
@@ -171,6 +189,7 @@ def model_card(exported: ExportedModel) -> str:
             f"- preset {config.preset}; batch {stage1.batch_size} × {stage1.gradient_accumulation}, lr {stage1.lr}, "
             f"offset noise {stage1.offset_noise_strength}, conditioning dropout {stage1.conditioning_dropout}, "
             f"min-SNR γ {stage1.snr_gamma}, {stage1.prediction_type} prediction",
+            *_lora_line(config, separate_lora),
             f"- starting weights: {starting}",
             *random_note,
             f"- software: {versions or 'unknown'}",
@@ -211,17 +230,26 @@ def model_card(exported: ExportedModel) -> str:
     )
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True) -> Path:
-    """Write OUT_DIR (replacing an earlier export there, atomically) and return it."""
+def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True, lora: str = "merge") -> Path:
+    """Write OUT_DIR (replacing an earlier export there, atomically) and return it. lora: "merge" folds a
+    LoRA run's adapters into the U-Net; "separate" writes them to OUT_DIR/unet_lora/ (see the module docstring)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if lora not in ("merge", "separate"):
+        raise FFASynthError(f"export: lora must be 'merge' or 'separate', not {lora!r}")
     occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
     if occupied and not (out_dir / "model_index.json").is_file():
         raise FFASynthError(f"{out_dir} exists and is not a pipeline folder; choose an empty or new --out")
-    exported = load_run(run_dir, ema)
+    exported = load_run(run_dir, ema, merge_lora=lora == "merge")
+    unet = exported.run.components.unet
+    separate = lora == "separate"
+    if separate and not has_lora(unet):
+        raise FFASynthError(f"export --lora separate: {run_dir} was trained without LoRA (stage1.lora.rank is 0)")
     pipeline = build_pipeline(exported.run)
-    card = model_card(exported)
+    card = model_card(exported, separate_lora=separate)
 
     def fill(folder: Path) -> None:
+        if separate:  # the adapters out first: the pipeline saves a plain U-Net
+            split_lora(unet, folder / ADAPTER_FOLDER)
         pipeline.save_pretrained(folder, safe_serialization=True)
         (folder / "README.md").write_text(card)
 

@@ -37,6 +37,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.models.loading import check_pipeline_folder
+from ffasynth.models.lora import ADAPTER_FOLDER, load_lora
 from ffasynth.tiling import Tile, latent_tile, pad_to_multiple, plan_tiles, tiled_decode, tiled_encode, tiled_map
 
 __all__ = [
@@ -199,9 +200,13 @@ class FFASynthesisPipeline(DiffusionPipeline):
         """A folder written by save_pretrained (or `ffasynth export`); safetensors weights only. A
         missing or damaged weights file is refused in one line naming it."""
         kwargs.setdefault("use_safetensors", True)
-        if Path(pretrained_model_name_or_path).is_dir():
-            check_pipeline_folder(Path(pretrained_model_name_or_path))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            check_pipeline_folder(folder)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if (folder / ADAPTER_FOLDER).is_dir():  # exported with `--lora separate`: the U-Net's adapters apart
+            load_lora(pipeline.unet, folder / ADAPTER_FOLDER)
+        return pipeline
 
     @property
     def vae_scale_factor(self) -> int:

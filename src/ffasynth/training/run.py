@@ -27,6 +27,7 @@ from ffasynth.models import loading
 from ffasynth.models.components import Components, add_phase_embedding, set_attention, training_scheduler
 from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.models.decoder import Decoder
+from ffasynth.models.lora import add_lora, merge_lora
 from ffasynth.provenance import versions
 from ffasynth.training import checkpoint as ckpt
 
@@ -90,8 +91,11 @@ class LoadedRun:
     ema: bool
 
 
-def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Path | None = None) -> LoadedRun:
-    """Rebuild the stage-1 model of a run from its newest complete checkpoint (or the one given)."""
+def load_stage1_run(
+    run_dir: str | Path, ema: bool = True, checkpoint: str | Path | None = None, merge: bool = True
+) -> LoadedRun:
+    """Rebuild the stage-1 model of a run from its newest complete checkpoint (or the one given). A run
+    trained with LoRA (stage1.lora.rank > 0) has its adapters merged into plain weights unless merge=False."""
     run_dir = Path(run_dir)
     info = run_folder.info(run_dir)
     if info.get("kind") != "stage1":
@@ -101,7 +105,10 @@ def load_stage1_run(run_dir: str | Path, ema: bool = True, checkpoint: str | Pat
     model_dir = run_dir / "model"
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
     add_phase_embedding(unet, config.model.num_phases)
+    add_lora(unet, config.stage1.lora)  # the checkpoint holds the adapters under peft's names
     used_ema = ckpt.load_weights(folder, "unet", unet, ema=ema)
+    if merge:
+        merge_lora(unet)
     set_attention(unet, config.model.attention)
     vae = loading.load_vae(str(model_dir / "vae"))
     encoder = processor = None
@@ -145,15 +152,16 @@ def _stage1_of(run_dir: Path, info: dict) -> tuple[Path, Path | None]:
     return stage1_dir, Path(checkpoint) if checkpoint else None
 
 
-def load_model_run(run_dir: str | Path, ema: bool = True) -> LoadedRun:
-    """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in)."""
+def load_model_run(run_dir: str | Path, ema: bool = True, merge: bool = True) -> LoadedRun:
+    """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in);
+    merge: fold a LoRA U-Net's adapters into its weights (`load_stage1_run`)."""
     run_dir = Path(run_dir)
     info = run_folder.info(run_dir)
     if info.get("kind") != "stage2":
-        return load_stage1_run(run_dir, ema=ema)
+        return load_stage1_run(run_dir, ema=ema, merge=merge)
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
     folder = run_folder.latest_checkpoint(run_dir)
-    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint)
+    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint, merge=merge)
     ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
     loaded.components.vae.requires_grad_(False).eval()
     loaded.components.sources["decoder"] = str(folder)

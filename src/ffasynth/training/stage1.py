@@ -12,6 +12,7 @@ the same loss on a fixed batch with shuffled photos minus with the true ones.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from ffasynth.models.conditioning import (
     encode_latents,
     guided_prediction,
 )
+from ffasynth.models.lora import add_lora, has_lora
 from ffasynth.training.conditioning_gain import (
     conditioning_losses,
     gain_figures,
@@ -103,14 +105,31 @@ class Stage1Task(Task):
         self.diagnostics_every = config.sample_every if every is None else every
         self.diagnostic_items = config.cond_gain_items
         self.components.unet.train()
+        self.lowered_dtype: torch.dtype | None = None  # set by to(): a LoRA U-Net's frozen weights in it
 
     def to(self, device, weight_dtype) -> None:
         frozen = [self.components.vae] + ([self.conditioner.image_encoder] if self.conditioner.use_clip else [])
         for module in frozen:  # frozen parts in the mixed-precision dtype: half the memory, no gradients needed
             module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
-        self.components.unet.to(device)
+        unet = self.components.unet
+        if has_lora(unet) and weight_dtype != torch.float32:
+            # with LoRA the U-Net's own weights are frozen too: in the mixed-precision dtype; what learns stays float32
+            unet.to(device, dtype=weight_dtype)
+            for parameter in unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+            self.lowered_dtype = weight_dtype
+        else:
+            unet.to(device)
         if self.conditioner.projection is not None:
             self.conditioner.projection.to(device)
+
+    def _mixed_weights(self, device) -> contextlib.AbstractContextManager:
+        """Autocast for what runs outside the loop's (samples, diagnostics) when the U-Net holds weights of
+        two dtypes (LoRA under mixed precision); a no-op otherwise, so full fine-tuning samples in float32."""
+        if self.lowered_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.lowered_dtype)
 
     def enable_gradient_checkpointing(self) -> None:
         self.components.unet.enable_gradient_checkpointing()
@@ -182,7 +201,8 @@ class Stage1Task(Task):
         was_training = unet.training
         unet.eval()
         try:
-            return conditioning_losses(loss_at, tokens, source_latents, order, steps, self.conditioner.use_clip)
+            with self._mixed_weights(target.device):
+                return conditioning_losses(loss_at, tokens, source_latents, order, steps, self.conditioner.use_clip)
         finally:
             unet.train(was_training)
 
@@ -207,9 +227,10 @@ class Stage1Task(Task):
         latents = torch.randn(shape, generator=generator, device=batch["source"].device)
         labels = phase_labels(batch, self.num_phases, latents.device)
         for t in sampler.timesteps:  # guided as the pipeline samples
-            prediction = guided_prediction(
-                unet, latents, t, tokens, source_latents, labels, self.config.image_guidance_scale
-            )
+            with self._mixed_weights(latents.device):
+                prediction = guided_prediction(
+                    unet, latents, t, tokens, source_latents, labels, self.config.image_guidance_scale
+                )
             latents = sampler.step(prediction, t, latents).prev_sample
         unet.train(was_training)
         return [batch["source"], batch["target"], decode_latents(vae, latents).float()]
@@ -226,5 +247,6 @@ def build_stage1(config) -> Stage1Task:
     """Components (seeded random init where nothing is loaded), the conditioner and the task."""
     torch.manual_seed(config.seed)
     components = build_components(config)
+    add_lora(components.unet, config.stage1.lora)  # rank 0: full fine-tuning, the U-Net unchanged
     conditioner = SourceConditioner.from_components(components, config.model)
     return Stage1Task(components, conditioner, config.stage1, config.model.num_phases, config.model.clip_view)
