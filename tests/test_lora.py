@@ -4,16 +4,23 @@ the merged export computes what the adapter model computes (a wrong alpha/rank s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from ffasynth.config import load_config
+from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import ConfigError
+from ffasynth.export import export_run
 from ffasynth.models.components import build_components
-from ffasynth.models.lora import add_lora, has_lora
+from ffasynth.models.lora import ADAPTER_FOLDER, add_lora, has_lora
+from ffasynth.pipeline import FFASynthesisPipeline
+from ffasynth.training.run import load_stage1_run
 from ffasynth.training.stage1 import build_stage1, trainable_parameters
-from tests.helpers import micro_config
+from tests.helpers import invoke, micro_config, train_micro_stage1
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -87,3 +94,86 @@ def test_target_modules_that_match_no_layer_are_one_line_naming_the_key():
         build_stage1(micro_config("stage1.lora.rank=2", "stage1.lora.target_modules=[to_nothing]"))
     with pytest.raises(ConfigError, match=r"stage1\.lora\.rank"):
         load_config(preset="tiny", overrides=["stage1.lora.rank=-1"])
+
+
+# A micro LoRA run: rank 2, alpha 6 (scale 3, so a merge that forgot alpha/rank would show), a learning
+# rate that moves the adapters well away from zero in a few steps
+LORA_RUN = ["stage1.lora.rank=2", "stage1.lora.alpha=6", "stage1.lr=2e-2"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """Six LoRA steps straight, and three then three more resumed; the pairs they trained on."""
+    root = tmp_path_factory.mktemp("lora")
+    pairs = write_phantom_dataset(root / "pairs", n=3, size=48, seed=1)
+    train_micro_stage1(pairs, root / "straight", 6, extra=LORA_RUN)
+    train_micro_stage1(pairs, root / "resumed", 3, extra=LORA_RUN)
+    train_micro_stage1(pairs, root / "resumed", 6, resume=True, extra=LORA_RUN)
+    return root
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_its_adapters_and_resumes_bit_for_bit(lora_run):
+    straight = lora_run / "straight" / "checkpoints" / "step-000006"
+    resumed = lora_run / "resumed" / "checkpoints" / "step-000006"
+    unet, ema = load_file(str(straight / "unet.safetensors")), load_file(str(straight / "unet.ema.safetensors"))
+    adapters = [k for k in unet if ".lora_B." in k]
+    assert adapters and all(unet[k].abs().max() > 0 for k in adapters)  # the adapters learned
+    # the EMA follows only what trains: adapters, conv_in, the phase embedding
+    assert set(ema) == {k for k in unet if ".lora_" in k} | {"conv_in.weight", "conv_in.bias", "class_embedding.weight"}
+    for name in ("unet.safetensors", "unet.ema.safetensors"):
+        other = load_file(str(resumed / name))
+        assert all(torch.equal(value, other[key]) for key, value in load_file(str(straight / name)).items())
+
+
+@pytest.mark.slow
+def test_merged_and_separate_exports_compute_what_the_adapter_model_computes(lora_run):
+    run = lora_run / "straight"
+    adapted = load_stage1_run(run, merge=False).components.unet
+    assert has_lora(adapted)
+    merged_dir = export_run(run, lora_run / "merged")
+    separate_dir = export_run(run, lora_run / "separate", lora="separate")
+
+    # merged: a plain diffusers U-Net, no adapter left in its weights file
+    merged = FFASynthesisPipeline.from_pretrained(merged_dir).unet
+    assert not has_lora(merged)
+    assert not any(
+        "lora" in k or "base_layer" in k for k in load_file(str(next((merged_dir / "unet").glob("*.safetensors"))))
+    )
+    # separate: the adapters apart, put back by from_pretrained
+    assert (separate_dir / ADAPTER_FOLDER).is_dir()
+    separate = FFASynthesisPipeline.from_pretrained(separate_dir).unet
+    assert has_lora(separate)
+
+    inputs = _unet_inputs(adapted)
+    reference = _output(adapted, inputs)
+    adapted.disable_adapters()
+    without = _output(adapted, inputs)  # the same U-Net with its adapters switched off
+    gap = (reference - without).abs().max()
+    assert gap > 1e-2  # what the adapters contribute is far above the tolerance below
+    for unet in (merged, separate):
+        assert (_output(unet, inputs) - reference).abs().max() < 1e-3 * gap
+    assert "LoRA: rank 2, alpha 6.0" in (merged_dir / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_exported_lora_model_translates_unlike_its_base(lora_run, tmp_path):
+    photo = tmp_path / "photo.png"
+    pixels = torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0))
+    Image.fromarray((pixels * 255).byte().numpy()).save(photo)
+    folder = export_run(lora_run / "straight", tmp_path / "merged")
+    result = invoke("translate", folder, photo, "--out", tmp_path / "out", "--steps", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out" / "photo_ffa.png").size == (56, 40)
+
+    def translate(pipeline) -> np.ndarray:
+        pipeline.set_progress_bar_config(disable=True)
+        image = pipeline(str(photo), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+        return np.asarray(image, dtype=np.float32)  # grey levels 0-255
+
+    merged = translate(FFASynthesisPipeline.from_pretrained(folder))
+    apart = export_run(lora_run / "straight", tmp_path / "apart", lora="separate")
+    adapters = FFASynthesisPipeline.from_pretrained(apart)
+    assert np.abs(translate(adapters) - merged).max() <= 1.0  # the same model, rounding aside
+    adapters.unet.disable_adapters()  # the model the adapters started from (with the trained conv_in)
+    assert np.abs(translate(adapters) - merged).mean() > 1.0
