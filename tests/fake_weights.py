@@ -2,7 +2,8 @@
 dtypes as torchvision's and torch-fidelity's downloads), so tests run the real loading code.
 
 Layers the metrics never use (the classifier heads) are stored as one random value broadcast to
-the full shape: the state dict is unchanged in keys and shapes, but the file stays small.
+the full shape: the state dict is unchanged in keys and shapes, but the file stays small. Each file
+is listed in its folder's trusted list (`ffasynth.weights.trust_file`): its hash is not upstream's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from unittest import mock
 
 import torch
 
-from ffasynth.weights import KNOWN_WEIGHTS
+from ffasynth.weights import KNOWN_WEIGHTS, trust_file
 
 
 def _compact(state: dict[str, torch.Tensor], unused_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -43,6 +44,7 @@ def write_inception(folder: Path, seed: int = 0) -> Path:
     _variance_preserving(model, seed)
     path = Path(folder) / KNOWN_WEIGHTS["inception"].filename
     torch.save(_compact(model.state_dict(), ("fc.",)), path)
+    trust_file(path)
     return path
 
 
@@ -53,6 +55,7 @@ def write_torchvision(folder: Path, name: str, seed: int = 0) -> Path:
     model = getattr(torchvision.models, name)(weights=None)
     path = Path(folder) / KNOWN_WEIGHTS[name].filename
     torch.save(_compact(model.state_dict(), ("classifier.",)), path)
+    trust_file(path)
     return path
 
 

@@ -23,7 +23,15 @@ from ffasynth.evaluation.metrics import (
     sample_patches,
 )
 from ffasynth.evaluation.pairing import real_images
-from ffasynth.weights import KNOWN_WEIGHTS, WEIGHTS_ENV, build_inception, build_lpips, locate, resolve_weights_dir
+from ffasynth.weights import (
+    KNOWN_WEIGHTS,
+    WEIGHTS_ENV,
+    build_inception,
+    build_lpips,
+    locate,
+    resolve_weights_dir,
+    trust_file,
+)
 from tests.fake_weights import write_inception, write_torchvision
 
 
@@ -87,9 +95,13 @@ def test_missing_weights_say_which_file_goes_where(tmp_path):
 
 def test_weights_in_the_wrong_format_are_named(tmp_path):
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / KNOWN_WEIGHTS["alexnet"].filename)
+    trust_file(tmp_path / KNOWN_WEIGHTS["alexnet"].filename)  # past the hash check, to the format check
     with pytest.raises(FFASynthError, match="do not match"):
         build_lpips("alex", tmp_path)
     (tmp_path / KNOWN_WEIGHTS["inception"].filename).write_bytes(b"not a checkpoint")
+    with pytest.raises(FFASynthError, match="is not the pinned"):  # refused before torch reads it
+        build_inception(tmp_path)
+    trust_file(tmp_path / KNOWN_WEIGHTS["inception"].filename)
     with pytest.raises(FFASynthError, match="not a readable tensor-only state dict"):
         build_inception(tmp_path)
 

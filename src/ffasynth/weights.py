@@ -1,15 +1,23 @@
-"""Locate and load third-party backbone weights without ever downloading them.
+"""Locate, verify and load third-party backbone weights (`ffasynth weights download` fetches them).
 
 The metric backbones (torch-fidelity's FID Inception-v3, torchvision's VGG-16 and AlexNet for
 LPIPS) are read from one weights folder: `--weights-dir`, else $FFASYNTH_WEIGHTS_DIR, else the
 torch hub cache (`torch.hub.get_dir()/checkpoints`, where torch and torchvision download to).
 Each file keeps its upstream name, so a hub cache filled on another machine can be copied as is.
-A missing file raises `WeightsNotFoundError` saying which file goes where; every file is read
-with `torch.load(..., weights_only=True)` (tensors only, no pickled code).
+A missing file raises `WeightsNotFoundError` saying which file goes where and the command that
+fetches it. Every file is checked against the SHA-256 pinned below before it is read (hashed once
+a process, cached by path, size and modification time), so a damaged or foreign file is named and
+refused, never used; a file of your own (a re-saved backbone, the tests' random stand-ins) is
+accepted when the folder's `ffasynth-trusted.sha256` lists its digest (`sha256sum` format), and is
+reported as trusted, not upstream. Files are read with `torch.load(..., weights_only=True)`
+(tensors only, no pickled code).
 
 Public API:
 - `resolve_weights_dir(weights_dir=None) -> Path`
 - `locate(name, weights_dir=None) -> Path` (name in `KNOWN_WEIGHTS`: inception, vgg16, alexnet)
+- `verify(name, path) -> str` (the file's origin: "upstream" or "trusted"; FFASynthError when damaged)
+- `weights_status(weights_dir=None) -> list[WeightsStatus]` (what `ffasynth weights check` prints)
+- `trust_file(path) -> str`: list a file of your own in its folder's trusted list
 - `load_state_dict(name, weights_dir=None) -> dict[str, Tensor]`
 - `build_inception(weights_dir=None) -> nn.Module`: uint8 (N, 3, H, W) → ((N, 2048) pool features,)
 - `build_lpips(net="vgg", weights_dir=None) -> LPIPS`: differentiable distance, inputs in [-1, 1]
@@ -17,6 +25,7 @@ Public API:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -27,8 +36,10 @@ import torch
 from torch import nn
 
 from ffasynth.errors import FFASynthError, WeightsNotFoundError
+from ffasynth.files import atomic_write_text
 
 WEIGHTS_ENV = "FFASYNTH_WEIGHTS_DIR"
+TRUSTED_LIST = "ffasynth-trusted.sha256"
 
 
 @dataclass(frozen=True)
@@ -36,21 +47,46 @@ class WeightsFile:
     filename: str
     url: str
     used_for: str
+    sha256: str  # the full hex digest, or the leading hex digits where only those are published
+    size: int | None  # bytes, where known
+    enables: str  # what the file makes possible, as `ffasynth weights check` lists it
+    command: str  # its name for `ffasynth weights download`
 
 
+# Digests: torch.hub names a file `name-<first 8 hex of its SHA-256>.ext` and checks that prefix
+# (`check_hash`); neither torchvision nor torch-fidelity publishes more. The full Inception and
+# VGG-16 digests and sizes are those recorded, in agreement, by several independent public projects
+# that pin these same files (each begins with the upstream prefix; torchvision's VGG-16 metadata
+# gives 527.796 MiB = 553433881 bytes; pytorch-fid's pt_inception-2015-12-05-6726825d.pth is recorded
+# with the same digest as torch-fidelity's file). No full AlexNet digest was found: it is checked against
+# torchvision's 8-digit prefix only, a weaker check (32 bits), said so by `ffasynth weights check`.
 KNOWN_WEIGHTS: dict[str, WeightsFile] = {
     "inception": WeightsFile(
         "weights-inception-2015-12-05-6726825d.pth",
         "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
         "FID/KID (torch-fidelity Inception-v3)",
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+        95_628_359,
+        "evaluate: FID, KID",
+        "inception",
     ),
     "vgg16": WeightsFile(
-        "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "LPIPS-VGG (torchvision VGG-16)"
+        "vgg16-397923af.pth",
+        "https://download.pytorch.org/models/vgg16-397923af.pth",
+        "LPIPS-VGG (torchvision VGG-16)",
+        "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+        553_433_881,
+        "stage 2: LPIPS loss (stage2.lpips_net=vgg, the default); evaluate --lpips-net vgg",
+        "vgg",
     ),
     "alexnet": WeightsFile(
         "alexnet-owt-7be5be79.pth",
         "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
         "LPIPS-Alex (torchvision AlexNet)",
+        "7be5be79",
+        None,
+        "evaluate: LPIPS (--lpips-net alex, the default); stage2.lpips_net=alex",
+        "alexnet",
     ),
 }
 LPIPS_BACKBONES = {"vgg": "vgg16", "alex": "alexnet"}
@@ -66,6 +102,11 @@ def resolve_weights_dir(weights_dir: str | os.PathLike | None = None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def _download_hint(name: str, weights_dir: str | os.PathLike | None) -> str:
+    folder = f" --dir {Path(weights_dir).expanduser()}" if weights_dir is not None else ""
+    return f"`ffasynth weights download {KNOWN_WEIGHTS[name].command}{folder}`"
+
+
 def locate(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
     """Path of a known weights file; WeightsNotFoundError (one sentence) when it is absent."""
     if name not in KNOWN_WEIGHTS:
@@ -75,15 +116,115 @@ def locate(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
     path = folder / spec.filename
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{spec.used_for} needs {spec.filename}: put it in {folder} (--weights-dir or ${WEIGHTS_ENV}); "
-            f"it is normally downloaded from {spec.url}"
+            f"{spec.used_for} needs {spec.filename} in {folder}: run {_download_hint(name, weights_dir)}, "
+            f"or put the file from {spec.url} there by hand"
         )
     return path
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256, computed once a process while its size and modification time stay the same."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path)
+    return _DIGESTS[key]
+
+
+def matches_pin(name: str, digest: str) -> bool:
+    """Whether a SHA-256 is the pinned one (or begins with the pinned prefix)."""
+    return digest.lower().startswith(KNOWN_WEIGHTS[name].sha256)
+
+
+def _trusted(folder: Path) -> set[tuple[str, str]]:
+    """(digest, file name) pairs listed in the folder's trusted list (`sha256sum` lines)."""
+    listing = folder / TRUSTED_LIST
+    if not listing.is_file():
+        return set()
+    pairs = set()
+    for line in listing.read_text(errors="replace").splitlines():
+        digest, _, filename = line.strip().partition(" ")
+        if digest and filename:
+            pairs.add((digest.lower(), Path(filename.strip().lstrip("*")).name))
+    return pairs
+
+
+def trust_file(path: str | os.PathLike) -> str:
+    """Add a file of your own (not the upstream one) to its folder's trusted list; returns its SHA-256."""
+    path = Path(path)
+    digest = file_sha256(path)
+    if (digest, path.name) not in _trusted(path.parent):
+        listing = path.parent / TRUSTED_LIST
+        before = listing.read_text() if listing.is_file() else ""
+        if before and not before.endswith("\n"):
+            before += "\n"
+        atomic_write_text(listing, f"{before}{digest}  {path.name}\n")
+    return digest
+
+
+def origin(name: str, path: str | os.PathLike) -> tuple[str, str]:
+    """("upstream" | "trusted" | "damaged", SHA-256) of a file at a known weights name."""
+    path = Path(path)
+    digest = file_sha256(path)
+    if matches_pin(name, digest):
+        return "upstream", digest
+    return ("trusted" if (digest, path.name) in _trusted(path.parent) else "damaged"), digest
+
+
+def damaged_message(name: str, path: Path, digest: str, weights_dir: str | os.PathLike | None = None) -> str:
+    spec = KNOWN_WEIGHTS[name]
+    return (
+        f"{path}: SHA-256 {digest[:16]}… is not the pinned {spec.sha256[:16]}… of {spec.used_for}: the file is "
+        f"damaged or another one, and is not used; delete it and run {_download_hint(name, weights_dir)}"
+    )
+
+
+def verify(name: str, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None) -> str:
+    """The file's origin ("upstream" or "trusted"); FFASynthError (one line) when its hash does not match."""
+    state, digest = origin(name, path)
+    if state == "damaged":
+        raise FFASynthError(damaged_message(name, Path(path), digest, weights_dir))
+    return state
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    name: str
+    path: Path
+    state: str  # "upstream" (hash matches the pin), "trusted" (listed in the folder), "damaged", "missing"
+    sha256: str | None
+    message: str  # empty when the file is usable
+
+
+def weights_status(weights_dir: str | os.PathLike | None = None) -> list[WeightsStatus]:
+    """Every known file in the weights folder: present and verified, trusted, damaged or missing."""
+    folder = resolve_weights_dir(weights_dir)
+    statuses = []
+    for name, spec in KNOWN_WEIGHTS.items():
+        path = folder / spec.filename
+        if not path.is_file():
+            message = f"missing: run {_download_hint(name, weights_dir)}"
+            statuses.append(WeightsStatus(name, path, "missing", None, message))
+            continue
+        state, digest = origin(name, path)
+        message = damaged_message(name, path, digest, weights_dir) if state == "damaged" else ""
+        statuses.append(WeightsStatus(name, path, state, digest, message))
+    return statuses
+
+
 def load_state_dict(name: str, weights_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The file's state dict, loaded on the CPU with weights_only=True."""
+    """The file's state dict, loaded on the CPU with weights_only=True, once its hash is checked."""
     path = locate(name, weights_dir)
+    verify(name, path, weights_dir)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated download or a pickle with code: say which file
