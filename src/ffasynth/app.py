@@ -2,16 +2,25 @@
 synthetic angiogram beside it (slider or side by side), with an uncertainty map when several
 samples are drawn, and downloads the result as PNG.
 
-Safety: binds 127.0.0.1 unless told otherwise; uploads are capped in bytes (Gradio) and in pixels
-(our reader); anything that is not a readable image gets a one-line message; one request runs the
-model at a time (queue); every file the page writes stays in its own temporary folder.
+Safety: binds 127.0.0.1 unless told otherwise; uploads are capped in bytes (Gradio answers 413) and
+in pixels (our reader, before any pixel is decoded: a decompression bomb is refused from its
+header); an upload reaches no decoder but ours (the event skips Gradio's preprocessing), so
+anything that is not a readable image gets a one-line message; one request is decoded and run at a
+time (the queue, and a lock behind it), so memory holds one photo however many wait; every file the
+page writes, Gradio's uploads included, stays in one temporary folder, removed when the server
+stops (Ctrl-C, SIGTERM, SIGHUP or interpreter exit).
 """
 
 from __future__ import annotations
 
+import atexit
+import math
 import os
+import shutil
+import signal
 import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +36,9 @@ BANNER = (
     "photograph; it is not a fluorescein angiogram of this patient and can be wrong, most of all where "
     "the uncertainty map is bright."
 )
+PHASES = ("early", "late")
+RESULT_MAX_AGE_S = 3600  # results and uploads older than this are deleted (a long-running page's disk stays bounded)
+TEMP_DIR_ENV = "GRADIO_TEMP_DIR"  # where Gradio puts uploads and the files it serves
 
 
 @dataclass
@@ -35,8 +47,20 @@ class ServeSettings:
     max_pixels: int = 25_000_000
     max_samples: int = 8
     max_steps: int = 100
+    max_queue: int = 32  # requests waiting beyond this are told the queue is full; a waiting one holds a path only
     device: str = "auto"
     dtype: str = "float32"
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """value as an int in [low, high]; FFASynthError (one line) for anything else (the page's
+    controls cannot send it, an API client can)."""
+    refusal = FFASynthError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)  # the page's number fields send 20.0 for 20
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise refusal
+    return value
 
 
 class Translator:
@@ -57,13 +81,16 @@ class Translator:
 
     def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
         """warn(message) receives a one-line warning about the upload (the page shows it)."""
-        source, warning = self.read_upload(path)
-        if warning is not None and warn is not None:
-            warn(f"{Path(path).name}: {warning}")
-        steps = int(min(max(1, steps), self.settings.max_steps))
-        samples = int(min(max(1, samples), self.settings.max_samples))
-        generator = torch.Generator(device=self.pipeline.device).manual_seed(int(seed))
-        with self.lock:
+        steps = whole_number(steps, "steps", 1, self.settings.max_steps)
+        samples = whole_number(samples, "samples", 1, self.settings.max_samples)
+        seed = whole_number(seed, "seed", 0, 2**32 - 1)
+        if phase not in PHASES:
+            raise FFASynthError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
+        with self.lock:  # the photo is decoded under the lock too: one full-size image in memory at a time
+            source, warning = self.read_upload(path)
+            if warning is not None and warn is not None:
+                warn(f"{Path(path).name}: {warning}")
+            generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
             output = self.pipeline(
                 source,
                 num_inference_steps=steps,
@@ -73,6 +100,7 @@ class Translator:
                 output_type="np",
             )
         ffa = output.images[0][..., 0]
+        self.remove_old_results()
         name = f"ffa-{uuid.uuid4().hex[:8]}"
         ffa_path = save_image(torch.from_numpy(ffa)[None], self.workdir / f"{name}.png")
         photo = to_uint8(source)
@@ -83,6 +111,18 @@ class Translator:
             uncertainty = uncertainty_rgb(std, max(float(std.max()), 1e-6))
         return (photo, grey), grey, uncertainty, str(ffa_path)
 
+    def remove_old_results(self) -> None:
+        """Gradio copies each result into its own cache when answering: ours are only needed briefly."""
+        cutoff = time.time() - RESULT_MAX_AGE_S
+        for old in self.workdir.glob("ffa-*.png"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+
+
+def upload_path(photo) -> str | None:
+    """The uploaded file's path: the event passes Gradio's file record (a dict) unprocessed."""
+    return photo.get("path") if isinstance(photo, dict) else photo
+
 
 def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
     import gradio as gr  # optional extra (ffasynth[serve]) and ~3 s to import: only when the page is built
@@ -90,22 +130,28 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     translator = Translator(pipeline, workdir, settings)
 
-    def handle(path, steps, seed, samples, phase):
+    def handle(photo, steps, seed, samples, phase):
+        path = upload_path(photo)
         try:
             return translator.answer(path, steps, seed, samples, phase, warn=gr.Warning)
         except FFASynthError as error:
             raise gr.Error(str(error).replace(str(Path(path or "").parent) + "/", ""), print_exception=False) from None
 
-    with gr.Blocks(title="ffasynth — synthetic fluorescein angiography", analytics_enabled=False) as app:
+    blocks = gr.Blocks(
+        title="ffasynth — synthetic fluorescein angiography",
+        analytics_enabled=False,
+        delete_cache=(RESULT_MAX_AGE_S // 4, RESULT_MAX_AGE_S),
+    )
+    with blocks as app:
         gr.Markdown("# ffasynth: photograph → synthetic fluorescein angiogram")
         gr.Markdown(BANNER, elem_id="banner")
         with gr.Row():
             with gr.Column(scale=1):
                 photo = gr.Image(label="Fundus / SLO photograph", type="filepath", sources=["upload"], elem_id="photo")
                 steps = gr.Slider(1, settings.max_steps, value=20, step=1, label="Denoising steps")
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 samples = gr.Slider(1, settings.max_samples, value=1, step=1, label="Samples (>1: uncertainty map)")
-                phase = gr.Radio(["early", "late"], value="early", label="Phase", visible=translator.has_phases)
+                phase = gr.Radio(list(PHASES), value="early", label="Phase", visible=translator.has_phases)
                 button = gr.Button("Synthesise angiogram", variant="primary", elem_id="run")
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="Photo | synthetic FFA (drag the slider)", elem_id="slider")
@@ -118,9 +164,72 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
             [photo, steps, seed, samples, phase],
             [slider, result, uncertainty, download],
             concurrency_limit=1,
+            preprocess=False,  # Gradio's preprocessing would open (and convert) the upload with no pixel limit
         )
-    app.queue(default_concurrency_limit=1, max_size=16)
+    app.queue(default_concurrency_limit=1, max_size=settings.max_queue)
     return app
+
+
+class RunningPage:
+    """A started page: its address and its temporary folder; close() stops the server and removes the
+    folder (idempotent; also run at interpreter exit)."""
+
+    def __init__(self, app, folder: Path, previous_temp_dir: str | None):
+        self.app = app
+        self.folder = folder
+        self.previous_temp_dir = previous_temp_dir
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    @property
+    def url(self) -> str:
+        return self.app.local_url
+
+    def close(self) -> None:
+        with self.lock:
+            if self.app is not None:
+                self.app.close(verbose=False)
+                self.app = None
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if os.environ.get(TEMP_DIR_ENV) == str(self.folder / "uploads"):
+                restore_env(TEMP_DIR_ENV, self.previous_temp_dir)
+        atexit.unregister(self.close)
+
+
+def restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def start_page(pipeline, host: str, port: int, settings: ServeSettings) -> RunningPage:
+    """Build and launch the page in the background, every file it writes inside a new temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="ffasynth-serve-"))
+    previous = os.environ.get(TEMP_DIR_ENV)
+    # Gradio reads the variable when components are built and at every request: it stays set while serving.
+    os.environ[TEMP_DIR_ENV] = str(folder / "uploads")
+    try:
+        (folder / "results").mkdir()
+        app = build_app(pipeline, folder / "results", settings)
+        app.launch(
+            server_name=host,
+            server_port=port,
+            max_file_size=f"{settings.max_upload_mb}mb",
+            prevent_thread_lock=True,
+            show_error=True,
+            quiet=True,
+            allowed_paths=[str(folder)],
+        )
+    except BaseException:  # a port in use or Ctrl-C while starting: nothing left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        restore_env(TEMP_DIR_ENV, previous)
+        raise
+    return RunningPage(app, folder, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def serve(
@@ -129,20 +238,25 @@ def serve(
     port: int = 7860,
     settings: ServeSettings | None = None,
     block: bool = True,
-):
-    """Load the pipeline and start the page; returns the running app when block=False."""
+) -> RunningPage | None:
+    """Load the pipeline and start the page. block=False returns the RunningPage (close() stops it);
+    block=True serves until Ctrl-C, SIGTERM or SIGHUP, then stops it and removes its folder."""
     settings = settings or ServeSettings()
     pipeline = load_pipeline(pipeline_dir, settings.device, settings.dtype)  # first: a bad folder leaves nothing
-    workdir = Path(tempfile.mkdtemp(prefix="ffasynth-serve-"))
-    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")  # Gradio's upload cache stays inside our folder
-    app = build_app(pipeline, workdir, settings)
-    app.launch(
-        server_name=host,
-        server_port=port,
-        max_file_size=f"{settings.max_upload_mb}mb",
-        prevent_thread_lock=not block,
-        show_error=True,
-        quiet=True,
-        allowed_paths=[str(workdir)],
-    )
-    return app
+    if not block:
+        return start_page(pipeline, host, port, settings)
+    # SIGTERM/SIGHUP end the process without unwinding by default: make them the same clean stop as Ctrl-C.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    page = None
+    try:
+        page = start_page(pipeline, host, port, settings)
+        while page.app.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if page is not None:
+            page.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return None

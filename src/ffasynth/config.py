@@ -118,11 +118,14 @@ class TrainConfig:
     lr: float = 1e-5
     lr_warmup_steps: int = 500
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # adamw8bit: bitsandbytes' 8-bit AdamW (a CUDA GPU with bitsandbytes installed): moments in 2 bytes, not 8
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999  # 0 = no EMA
+    ema_device: Literal["same", "cpu"] = "same"  # cpu: the EMA copy leaves the accelerator (a copy per step)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     channels_last: bool = False  # NHWC memory format for the trainable convolutional modules
@@ -228,6 +231,9 @@ class Stage2Config(TrainConfig):
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr_factor: float = 1.0
+    # the frozen U-Net and CLIP encoder: "same" = the mixed-precision dtype (float32 without it); bf16 halves
+    # their memory even when the decoder trains in float32
+    frozen_dtype: Literal["same", "fp32", "bf16", "fp16"] = "same"
     lr: float = 1e-5
     ema_decay: float = 0.0
     _section = "stage2"

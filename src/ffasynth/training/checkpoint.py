@@ -26,12 +26,15 @@ from ffasynth.run_folder import complete_checkpoints  # what "complete" means is
 
 
 class ExponentialMovingAverage:
-    """shadow ← decay·shadow + (1 − decay)·param, with decay warmed up as min(decay, (1+n)/(10+n))."""
+    """shadow ← decay·shadow + (1 − decay)·param, with decay warmed up as min(decay, (1+n)/(10+n)).
+    The shadow (float32, of the trainable parameters) lives on `device` (default: beside them)."""
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, device: torch.device | str | None = None):
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: p.detach().clone().float() for k, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {
+            k: p.detach().to(device, torch.float32, copy=True) for k, p in module.named_parameters() if p.requires_grad
+        }
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -39,13 +42,14 @@ class ExponentialMovingAverage:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for name, param in module.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach().float(), 1.0 - decay)
+                shadow = self.shadow[name]
+                shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1.0 - decay)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
         for name, param in module.named_parameters():
             if name in self.shadow:
-                param.copy_(self.shadow[name].to(param.dtype))
+                param.copy_(self.shadow[name].to(param.device, param.dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -37,6 +37,7 @@ from ffasynth.data.dataset import StreamBatchSampler
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
 from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.optimizers import build_optimizer, ema_device
 from ffasynth.training.progress import RunLog
 
 
@@ -175,7 +176,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _build_optimizers(task: Task, config: TrainConfig, accelerator) -> tuple[dict, dict, dict]:
-    """(raw modules, optimizers, EMAs): the task on the device, one AdamW per optimizer group over the
+    """(raw modules, optimizers, EMAs): the task on the device, one optimizer per optimizer group over the
     raw modules, their EMAs; then the trainable modules and optimizers wrapped by accelerate (DDP)
     and, with config.compile, torch.compile. Checkpoints, EMA and samples use the raw modules."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -185,18 +186,16 @@ def _build_optimizers(task: Task, config: TrainConfig, accelerator) -> tuple[dic
     if config.channels_last:  # before the optimizers are built, so they hold the converted parameters
         for module in task.trainable.values():
             module.to(memory_format=torch.channels_last)
-    rates = task.learning_rates(config.lr)
+    rates, device = task.learning_rates(config.lr), accelerator.device
     optimizers = {
-        name: torch.optim.AdamW(
-            [p for m in modules for p in task.trainable[m].parameters() if p.requires_grad],
-            lr=rates[name],
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.weight_decay,
+        name: build_optimizer(
+            [p for m in modules for p in task.trainable[m].parameters() if p.requires_grad], rates[name], config, device
         )
         for name, modules in task.optimizer_groups().items()
     }
-    raw = dict(task.trainable)
-    emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay) for n in task.ema_names if config.ema_decay > 0}
+    raw, where = dict(task.trainable), ema_device(config, device)
+    kept = task.ema_names if config.ema_decay > 0 else ()
+    emas = {n: ckpt.ExponentialMovingAverage(raw[n], config.ema_decay, where) for n in kept}
     for name in raw:
         module = torch.compile(raw[name]) if config.compile else raw[name]
         task.trainable[name] = accelerator.prepare(module)

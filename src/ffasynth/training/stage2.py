@@ -45,6 +45,21 @@ from ffasynth.training.loop import Task
 from ffasynth.training.run import LoadedRun
 from ffasynth.training.stage1 import clip_input, phase_labels
 
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # stage2.frozen_dtype
+
+
+def batch_rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The items `rows` of a collated batch: tensors and lists of one entry per item, indexed."""
+    size = len(batch["target"])
+    picked = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dim() and value.shape[0] == size:
+            value = value[rows]
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            value = [value[i] for i in rows.tolist()]
+        picked[key] = value
+    return picked
+
 
 def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """ẑ0 from ε̂: (z_t − √(1−ᾱ)·ε̂)/√ᾱ; from v̂: √ᾱ·z_t − √(1−ᾱ)·v̂."""
@@ -87,11 +102,13 @@ class Stage2Task(Task):
         return {"decoder": base_lr, "discriminator": base_lr * self.config.disc_lr_factor}
 
     def to(self, device, weight_dtype) -> None:
+        """The VAE in float32 (its decoder trains); the frozen U-Net and CLIP in `stage2.frozen_dtype`."""
+        frozen_dtype = FROZEN_DTYPES.get(self.config.frozen_dtype, weight_dtype)  # "same": the training dtype
         components = self.stage1.components
         components.vae.to(device)
-        components.unet.to(device, dtype=weight_dtype)
+        components.unet.to(device, dtype=frozen_dtype)
         if self.stage1.conditioner.use_clip:
-            self.stage1.conditioner.to(device, dtype=weight_dtype)
+            self.stage1.conditioner.to(device, dtype=frozen_dtype)
         self.discriminator.to(device)
         if self.lpips is not None:
             self.lpips.to(device)
@@ -114,13 +131,15 @@ class Stage2Task(Task):
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
             high = min(self.config.unet_max_timestep, scheduler.config.num_train_timesteps)
             timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator, device=latents.device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            tokens, source_latents = self.condition(batch)
+            # CLIP and the U-Net only on the items drawn for them (the draws are the whole batch's, as before)
+            rows = use_unet.nonzero().squeeze(1)
+            part, at = batch_rows(batch, rows), timesteps[rows]
+            noisy = scheduler.add_noise(latents[rows], noise[rows], at)
+            tokens, source_latents = self.condition(part)
             prediction = guided_prediction(
-                components.unet, noisy, timesteps, tokens, source_latents, self.labels(batch), guidance=1.0
+                components.unet, noisy, at, tokens, source_latents, self.labels(part), guidance=1.0
             )
-            estimate = predicted_x0(scheduler, noisy, prediction, timesteps)
-            latents = torch.where(use_unet.view(-1, 1, 1, 1), estimate, latents)
+            latents[rows] = predicted_x0(scheduler, noisy, prediction, at)
         return latents
 
     @torch.no_grad()
