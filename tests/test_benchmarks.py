@@ -148,3 +148,22 @@ def test_sd15_memory_counts_the_sd15_parameters_and_extrapolates_a_line(monkeypa
     intercept, slope = bench.fit(points)
     assert intercept == pytest.approx(100) and slope == pytest.approx(0.01)
     assert [bench.fits(t, 22.35) for t in (20.0, 21.0, 23.0)] == ["yes", "tight", "no"]
+
+
+def test_gpu_check_reads_steady_speed_and_peak_memory_from_a_run_log(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    # the first window holds the warm-up (slow); the steady rate is the median of the rest
+    rows = [
+        {"step": 5, "loss/main": 1.0, "images_per_s": 0.5, "cuda_peak_gib": 20.0},
+        {"step": 10, "loss/main": 0.8, "images_per_s": 4.0, "cuda_peak_gib": 21.5},
+        {"step": 15, "loss/main": 0.7, "images_per_s": 6.0, "cuda_peak_gib": 21.0},
+        {"step": 20, "loss/main": 0.6, "images_per_s": 5.0, "cuda_peak_gib": 21.5, "cond_gain": 0.01},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = gpu_check.training_figures(tmp_path, images_per_step=2)
+    assert figures["steps_per_s"] == 2.5 and figures["cuda_peak_gib"] == 21.5
+    assert figures["steps"] == 20 and figures["final_loss"] == 0.6 and figures["cond_gain"] == 0.01
+    # the FLOPs behind its utilisation figure: SD1.5's U-Net at 768² (96² latents), ≈2.14 TFLOP a forward
+    assert gpu_check.count_unet_flops(smoke=False) == pytest.approx(2.1375e12, rel=1e-3)
