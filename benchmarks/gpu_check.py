@@ -12,10 +12,10 @@ Steps, each in its own process with its own time limit (one failing is recorded,
  3. stage1    `ffasynth train stage1 --config configs/sd15.yaml` at 768² in bf16 for ~30 steps
               (steps/s, peak CUDA memory, model FLOP utilisation from the U-Net's FLOPs counted on
               the meta device: 3 × forward, recomputation and the frozen VAE/CLIP encodes not counted);
- 4. stage1_lora the same with LoRA adapters, where this checkout has them (stage1.lora.rank);
- 5. stage2    `ffasynth train stage2` for a few steps (decoder fine-tuning, fp32, LPIPS-VGG);
- 6. export    `ffasynth export` → a pipeline folder;
- 7. translate the 3,000-px photo in bfloat16 and float16;
+ 4. stage2    `ffasynth train stage2` for a few steps (decoder fine-tuning, fp32, LPIPS-VGG);
+ 5. export    `ffasynth export` → a pipeline folder;
+ 6. translate the 3,000-px photo in bfloat16 and float16;
+ 7. stage1_lora stage 1 again with LoRA adapters (rank 64), where this checkout has them;
  8. sampling  benchmarks/bench_sampling.py at full step counts (ours 20 vs InstructPix2Pix 100 × 3);
  9. memory    benchmarks/bench_memory.py on the exported pipeline from 768² to 4096 × 3072.
 Prints one JSON object (also written to OUT/gpu_check.json after every step)."""
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="/tmp/ffasynth-gpu-check", help="scratch folder (weights, runs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_check.json goes")
     parser.add_argument("--only", nargs="*", help="run only these steps (names as in the docstring)")
-    parser.add_argument("--deadline", type=float, default=480, help="seconds; steps not begun by then are skipped")
+    parser.add_argument("--deadline", type=float, default=400, help="seconds; steps not begun by then are skipped")
     parser.add_argument("--child", choices=["weights", "data"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -309,11 +309,6 @@ def main(argv: list[str] | None = None) -> None:
             .splitlines()[-1]
         ),  # fmt: skip
         "stage1": lambda: stage1("stage1", []),
-        "stage1_lora": lambda: (
-            stage1("stage1-lora", ["stage1.lora.rank=64", f"stage1.max_steps={min(every, 20)}"])
-            if has_lora()
-            else {"skipped": "this checkout has no stage1.lora keys"}
-        ),
         "stage2": lambda: {
             "wall_s": round(
                 run(
@@ -333,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             "wall_s": round(run(ffasynth("export", work / "runs" / "stage2", pipeline), 300, out / "export.log")[0], 1)
         },
         "translate": translate,
+        "stage1_lora": lambda: (
+            stage1("stage1-lora", ["stage1.lora.rank=64", f"stage1.max_steps={min(every, 20)}"])
+            if has_lora()
+            else {"skipped": "this checkout has no stage1.lora keys"}
+        ),
         "sampling": lambda: bench(
             "bench_sampling.py", [*settings["sampling"], "--device", settings["device"], "--skip-quality"], "sampling"
         ),
