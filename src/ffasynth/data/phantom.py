@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -45,15 +46,19 @@ from ffasynth.files import atomic_write, atomic_write_text
 __all__ = [
     "DISEASES",
     "LESION_OF",
+    "LESIONS_SUFFIX",
     "STYLES",
     "Lesion",
     "PhantomEye",
     "assign_diseases",
+    "lesion_record",
     "make_eye",
+    "read_lesion_record",
     "write_phantom_dataset",
 ]
 
 STYLES = ("standard", "uwf")
+LESIONS_SUFFIX = ".lesions.json"  # `N.lesions.json` beside `N.png`: where the eye's lesions were drawn
 
 
 def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str = "standard", vary: bool = False):
@@ -195,6 +200,25 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
+def lesion_record(eye: PhantomEye) -> dict:
+    """What evaluation needs to find the eye's lesions again: the image size, and each lesion's kind,
+    centre and radius in pixels of that size."""
+    lesions = [{"kind": lesion.kind, "x": lesion.x, "y": lesion.y, "radius": lesion.radius} for lesion in eye.lesions]
+    return {"size": list(eye.ffa_early.shape), "style": eye.style, "label": eye.label, "lesions": lesions}
+
+
+def read_lesion_record(path: str | Path) -> tuple[tuple[int, int], list[Lesion]]:
+    """((height, width), lesions) from a record `lesion_record` wrote; ValueError when it is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+        size = (int(record["size"][0]), int(record["size"][1]))
+        lesions = [Lesion(str(item["kind"]), float(item["x"]), float(item["y"]), float(item["radius"]))
+                   for item in record["lesions"]]  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"{path}: not a phantom lesion record ({error})") from None
+    return size, lesions
+
+
 def write_phantom_dataset(
     out: str | Path,
     n: int = 100,
@@ -207,7 +231,8 @@ def write_phantom_dataset(
 ) -> Path:
     """Write n eyes of `style` in the `uwf` layout (`N.png` photo, `N.1.png` early, `N.2.png` late
     FFA) with `labels.csv` (id, label, lesion counts; UWF eyes may mix in a second kind and laser
-    scars, counted in a `laser_scars` column). With test_fraction > 0, ids go to train/ and test/."""
+    scars, counted in a `laser_scars` column) and `N.lesions.json` (where each lesion was drawn, for
+    the evaluation's lesion recall). With test_fraction > 0, ids go to train/ and test/."""
     if n < 1 or size < 32:
         raise ValueError("a phantom set needs n >= 1 and size >= 32")
     if style not in STYLES:
@@ -225,6 +250,7 @@ def write_phantom_dataset(
         for suffix, array in (("", eye.photo), (".1", eye.ffa_early), (".2", eye.ffa_late)):
             data = _png_bytes(array)
             atomic_write(out / f"{pair_id}{suffix}.png", lambda tmp, data=data: tmp.write_bytes(data))
+        atomic_write_text(out / f"{pair_id}{LESIONS_SUFFIX}", json.dumps(lesion_record(eye), indent=1) + "\n")
         counts = {column: sum(lesion.kind == kind for lesion in eye.lesions) for column, kind in columns.items()}
         rows.append({"id": pair_id, "label": eye.label, **counts})
         if progress is not None:
