@@ -159,10 +159,11 @@ def test_write_evaluation_two_methods(uwf, two_methods, tmp_path):
     assert len(rows) == 6 + 5 and {r["method"] for r in rows} == {"copy", "noisy"}
     assert all(r["psnr"] == "inf" for r in rows if r["method"] == "copy")
     links = assert_offline(tmp_path / "report")
-    # 6 rows x (source, real, 2 methods x (generated, difference)) less noisy's missing 1.1; thumb + full size
-    assert len(links) == 2 * (6 * 6 - 2)
+    # 6 rows x (source, real, 2 methods x (generated, difference)) and 6 rows x (real regions, 2 methods x
+    # (vessels, regions)), each less noisy's missing 1.1; thumb + full size
+    assert len(links) == 2 * ((6 * 6 - 2) + (6 * 5 - 2))
     summary = paths["summary.md"].read_text()
-    assert "| copy | 6 | **inf** | **1 ± 0** |" in summary
+    assert "| **inf** | **1 ± 0** |" in summary.split("| copy | 6 | ")[1].splitlines()[0]
     html = paths["report.html"].read_text()
     assert "FID, KID: FID/KID (torch-fidelity Inception-v3) needs weights-inception" in html
     (tmp_path / "other").mkdir()

@@ -13,7 +13,7 @@ from rich.table import Table
 from ffasynth.cli.options import settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import METRICS, EvalSettings, evaluate
-from ffasynth.evaluation.outputs import write_evaluation
+from ffasynth.evaluation.outputs import summary_table, write_evaluation
 from ffasynth.evaluation.report import format_value
 from ffasynth.weights import WEIGHTS_ENV
 
@@ -86,15 +86,11 @@ def evaluate_command(
         paths = write_evaluation(evaluation, out)
 
     table = Table(title=f"{real} vs {', '.join(fakes)}")
-    shown = [m for m in settings.metrics if m not in evaluation.skipped]
-    for column in ("method", "pairs", *shown):
+    columns, rows, _ = summary_table(evaluation)  # the report's table
+    for column in columns:
         table.add_column(column)
-    for method in evaluation.methods:
-        values = [
-            method.summary[m]["mean"] if m in method.summary else method.distribution.get(m, float("nan"))
-            for m in shown
-        ]
-        table.add_row(method.name, str(len(method.per_image)), *(format_value(float(v)) for v in values))
+    for row in rows:
+        table.add_row(*map(format_value, row))
     Console().print(table)
     reasons: dict[str, list[str]] = {}
     for metric, reason in evaluation.skipped.items():

@@ -87,10 +87,10 @@ def to_numpy(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
 
 
-def field_of_view(image: np.ndarray) -> np.ndarray:
+def field_of_view(image: np.ndarray, threshold: float = 0.04) -> np.ndarray:
     """(H, W[, C]) in [0, 1] → bool mask: the project's FOV threshold, largest blob, holes filled."""
     chw = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[..., None])).permute(2, 0, 1)
-    mask = fov_mask(chw)[0].numpy() > 0.5
+    mask = fov_mask(chw, threshold)[0].numpy() > 0.5
     labels, count = ndimage.label(mask)
     if count > 1:
         mask = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))

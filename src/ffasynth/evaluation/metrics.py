@@ -27,20 +27,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ffasynth.data.io import MIN_SIDE, read_image
 from ffasynth.data.transforms import choose_crop, fov_mask, pad_to
 from ffasynth.errors import FFASynthError, ImageReadError
+from ffasynth.evaluation import agreement
+from ffasynth.evaluation.agreement import AGREEMENT_METRICS, AgreementScorer, summarise
 from ffasynth.evaluation.pairing import Pairing, generated_images, match, real_images
 from ffasynth.weights import LPIPS_BACKBONES, build_inception, build_lpips
 
-METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "fid", "kid")
+METRICS = (*AGREEMENT_METRICS, "psnr", "ssim", "ms_ssim", "lpips", "fid", "kid")
 PAIRED_METRICS = ("psnr", "ssim", "ms_ssim", "lpips")
 DISTRIBUTION_METRICS = ("fid", "kid")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "lpips": False, "fid": False, "kid": False}
+HIGHER_IS_BETTER |= agreement.HIGHER_IS_BETTER
 INCEPTION_DIMS = 2048
 MS_SSIM_MIN_SIDE = 176  # torchmetrics' 5 scales with an 11-px window need a side > 10 * 2**4
 
@@ -273,6 +275,7 @@ class MethodResult:
     distribution: dict[str, float] = field(default_factory=dict)  # fid, kid, kid_std
     n_features: dict[str, int] = field(default_factory=dict)  # real, fake
     warnings: list[str] = field(default_factory=list)
+    agreement: dict = field(default_factory=dict)  # retrieval, lesions, by_phase: AgreementScorer.results
 
 
 @dataclass
@@ -307,20 +310,6 @@ def _features(paths, keys, settings: EvalSettings, inception) -> tuple[torch.Ten
     return inception_features(images, inception, settings.batch_size), unreadable
 
 
-def _summarise(per_image: list[dict], metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    summary = {}
-    for metric in metrics:
-        values = np.array([row[metric] for row in per_image if metric in row and not math.isnan(row[metric])])
-        if len(values):
-            finite = np.isfinite(values).all()
-            summary[metric] = {
-                "mean": float(values.mean()) if finite else float(values.max()),
-                "std": float(values.std()) if finite else math.nan,
-                "n": len(values),
-            }
-    return summary
-
-
 def evaluate_method(
     name: str,
     fake_dir: Path,
@@ -329,12 +318,17 @@ def evaluate_method(
     backbones: Backbones,
     real_features: torch.Tensor | None,
     progress: Callable[[str], None] | None = None,
+    real_maps: dict | None = None,
 ) -> MethodResult:
+    """Scores of one folder of generated images; `real_maps` (shared by the methods of one evaluation)
+    keeps the real images' vessel and region maps."""
     result = MethodResult(name, Path(fake_dir), pairing)
     paired = tuple(m for m in PAIRED_METRICS if m in settings.metrics and m not in backbones.skipped)
+    chosen = tuple(m for m in AGREEMENT_METRICS if m in settings.metrics)
+    scorer = AgreementScorer(chosen, settings.fov_threshold, {} if real_maps is None else real_maps)
     resized = empty_fov = 0
     colour: list[str] = []
-    for pair in pairing.pairs if paired else []:
+    for pair in pairing.pairs if paired or chosen else []:
         try:
             real, fake, was_resized, colour_files = load_pair(pair.real, pair.fake, settings.resolution)
         except ImageReadError as error:
@@ -352,7 +346,10 @@ def evaluate_method(
             "size": f"{real.shape[2]}x{real.shape[1]}",
         }
         row["fov_fraction"] = float(mask.mean()) if mask is not None else 1.0
-        row.update(paired_scores(real, fake, mask, paired, backbones.lpips))
+        if paired:  # (its torchmetrics import alone takes seconds)
+            row.update(paired_scores(real, fake, mask, paired, backbones.lpips))
+        if chosen:
+            row.update(scorer.score(pair.key, pair.real, real[0].numpy(), fake[0].numpy()))
         result.per_image.append(row)
         if progress:
             progress(f"{name}: {pair.key}")
@@ -365,7 +362,9 @@ def evaluate_method(
         result.warnings.append(f"{len(colour)} images are colour ({names}); an FFA should be grey; compared as luma")
     if any(math.isnan(row.get("ms_ssim", 0.0)) for row in result.per_image):
         result.warnings.append(f"MS-SSIM skipped for images (or FOV boxes) under {MS_SSIM_MIN_SIDE} px")
-    result.summary = _summarise(result.per_image, paired)
+    columns = [c for metric in ("vessels", "regions") if metric in chosen for c in agreement.PER_IMAGE[metric]]
+    result.summary = summarise(result.per_image, (*columns, *paired))
+    result.agreement = scorer.results(result.per_image) if chosen else {}
     if backbones.inception is not None and real_features is not None:
         fakes = generated_images(fake_dir)[0]
         fake_features, unreadable = _features(list(fakes.values()), list(fakes), settings, backbones.inception)
@@ -398,12 +397,14 @@ def evaluate(
         warnings.extend(f"real image left out of FID/KID: {cause}" for cause in unreadable)
         if progress:
             progress(f"Inception features of {len(real_features)} real images/patches")
+    real_maps: dict = {}
     methods = [
-        evaluate_method(name, Path(fakes[name]), pairing, settings, backbones, real_features, progress)
+        evaluate_method(name, Path(fakes[name]), pairing, settings, backbones, real_features, progress, real_maps)
         for name, pairing in pairings.items()
     ]
     skipped = dict(backbones.skipped)
     for metric in settings.metrics:
         if metric in PAIRED_METRICS and metric not in skipped and not any(m.per_image for m in methods):
             skipped[metric] = "no real/generated pairs matched"
+    skipped |= agreement.skipped(settings.metrics, methods)
     return Evaluation(Path(real_dir), Path(source_dir) if source_dir else None, settings, methods, skipped, warnings)

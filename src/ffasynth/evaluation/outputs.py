@@ -1,7 +1,8 @@
 """Write an `Evaluation` to a report folder: metrics.json (values, configuration, software
 versions), metrics.csv (one row per method and image), and, through the generic
 `evaluation.report.Report`, report.html and summary.md with the metrics table (best value per
-column marked) and the source | real | generated | |difference| grid of every pair.
+column marked; the agreement metrics of `evaluation.agreement` first), the source | real |
+generated | |difference| grid of every pair and beside it the vessel overlap and region maps.
 
 The folder is filled beside its final place and renamed into it, so a killed run leaves no half
 report; an existing folder is replaced only when it is an earlier report (holds metrics.json).
@@ -20,7 +21,17 @@ import torch
 
 from ffasynth.data.io import read_image, save_image
 from ffasynth.errors import FFASynthError, ImageReadError
-from ffasynth.evaluation.metrics import HIGHER_IS_BETTER, PAIRED_METRICS, Evaluation, load_pair, resize_to
+from ffasynth.evaluation import agreement_report
+from ffasynth.evaluation.agreement import AGREEMENT_METRICS, PER_IMAGE, analyse_real
+from ffasynth.evaluation.agreement import LABELS as AGREEMENT_LABELS
+from ffasynth.evaluation.metrics import (
+    HIGHER_IS_BETTER,
+    METRICS,
+    PAIRED_METRICS,
+    Evaluation,
+    load_pair,
+    resize_to,
+)
 from ffasynth.evaluation.report import Cell, Report
 from ffasynth.files import atomic_folder, atomic_write, atomic_write_text
 from ffasynth.provenance import versions
@@ -28,7 +39,10 @@ from ffasynth.provenance import versions
 DIFFERENCE_GAIN = 4.0  # |real - generated| x 4, clipped: a 0.25 difference shows white
 LIBRARIES = ("torchvision", "torchmetrics", "torch-fidelity", "lpips", "pillow")  # what the metrics run on
 LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS", "fid": "FID", "kid": "KID"}
-CSV_COLUMNS = ["method", "key", "real", "fake", "size", "fov_fraction", *PAIRED_METRICS]
+LABELS |= AGREEMENT_LABELS
+IMAGE_COLUMNS = [column for metric in AGREEMENT_METRICS for column in PER_IMAGE.get(metric, ())]
+CSV_COLUMNS = ["method", "key", "real", "fake", "size", "fov_fraction", "phase", *PAIRED_METRICS, *IMAGE_COLUMNS]
+CSV_COLUMNS += ["lesions_shown_real", "lesions_shown_generated"]
 
 
 def json_safe(value):
@@ -74,6 +88,7 @@ def to_json(evaluation: Evaluation) -> dict:
             "n_features": m.n_features,
             "pairing": m.pairing.to_json(),
             "warnings": m.warnings,
+            "agreement": m.agreement,
             "per_image": m.per_image,
         }
     return json_safe(
@@ -91,10 +106,16 @@ def to_json(evaluation: Evaluation) -> dict:
     )
 
 
-def _summary_table(evaluation: Evaluation) -> tuple[list[str], list[list], dict[str, str]]:
-    chosen = [m for m in evaluation.settings.metrics if m not in evaluation.skipped]
+def summary_table(evaluation: Evaluation) -> tuple[list[str], list[list], dict[str, str]]:
+    """(columns, a row per method, column → "max"/"min" for the best value): the report's metrics table."""
+    chosen = [m for m in METRICS if m in evaluation.settings.metrics and m not in evaluation.skipped]
     columns, best = ["method", "pairs"], {}
     for metric in chosen:
+        if metric in AGREEMENT_METRICS:
+            for column in agreement_report.COLUMNS[metric]:
+                columns.append(agreement_report.column_label(column))
+                best[columns[-1]] = "max" if HIGHER_IS_BETTER[column] else "min"
+            continue
         label = f"{LABELS[metric]}{' (mean ± std)' if metric in PAIRED_METRICS or metric == 'kid' else ''}"
         label += " ↑" if HIGHER_IS_BETTER[metric] else " ↓"
         columns.append(label)
@@ -104,7 +125,9 @@ def _summary_table(evaluation: Evaluation) -> tuple[list[str], list[list], dict[
     for m in evaluation.methods:
         row = [m.name, len(m.per_image)]
         for metric in chosen:
-            if metric in PAIRED_METRICS and metric in m.summary:
+            if metric in AGREEMENT_METRICS:
+                row += agreement_report.cells(m, metric)
+            elif metric in PAIRED_METRICS and metric in m.summary:
                 mean, std = m.summary[metric]["mean"], m.summary[metric]["std"]
                 text = "inf" if math.isinf(mean) else f"{mean:.4g} ± {std:.2g}"
                 row.append(Cell(mean, text))
@@ -130,21 +153,26 @@ def _file_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
 
 
-def _grid_images(evaluation: Evaluation, folder: Path) -> tuple[list[str], list[tuple[str, list]]]:
-    """Full-size PNGs under folder/images/pairs/: source, real, and per method generated + |difference|."""
-    columns = ["source", "real"]
+def _grid_images(evaluation: Evaluation, folder: Path, maps: bool) -> tuple[list[str], list, list[str], list]:
+    """Full-size PNGs under folder/images/pairs/: source, real, and per method generated + |difference|;
+    with `maps`, a second grid: the real image's regions, and per method the vessel overlap and the
+    generated image's regions. Returns (columns, rows) of each grid."""
+    columns, map_columns = ["source", "real"], ["real regions"]
     for m in evaluation.methods:
         name = m.name if len(evaluation.methods) > 1 else "generated"
         columns += [name, f"{name} |difference| ×{DIFFERENCE_GAIN:g}"]
+        map_columns += [f"{name} vessels", f"{name} regions"]
     keys = list(dict.fromkeys(p.key for m in evaluation.methods for p in m.pairing.pairs))
-    rows = []
+    rows, map_rows = [], []
     for key in keys:
         base = folder / "images" / "pairs" / _file_name(key)
         cells: list[Path | None] = [None, None]
+        map_cells: list[Path | None] = [None]
+        real_maps = None
         for index, m in enumerate(evaluation.methods):
             pair = next((p for p in m.pairing.pairs if p.key == key), None)
             if pair is None:
-                cells += [None, None]
+                cells, map_cells = cells + [None, None], map_cells + [None, None]
                 continue
             try:
                 real, fake, _, _ = load_pair(pair.real, pair.fake, evaluation.settings.resolution)
@@ -154,13 +182,19 @@ def _grid_images(evaluation: Evaluation, folder: Path) -> tuple[list[str], list[
                         source = resize_to(read_image(pair.source), tuple(real.shape[-2:]))
                         cells[0] = save_image(source, base / "source.png")
             except ImageReadError:
-                cells += [None, None]
+                cells, map_cells = cells + [None, None], map_cells + [None, None]
                 continue
             difference = ((real - fake).abs() * DIFFERENCE_GAIN).clamp(0, 1)
             cells.append(save_image(fake, base / f"generated_{index}.png"))
             cells.append(save_image(difference, base / f"difference_{index}.png"))
+            if maps:
+                if real_maps is None:
+                    real_maps = analyse_real(real[0].numpy(), evaluation.settings.fov_threshold)
+                    map_cells[0] = agreement_report.save_regions(real, real_maps, base / "real_regions.png")
+                map_cells += agreement_report.save_maps(real_maps, fake, base, index)
         rows.append((key, cells))
-    return columns, rows
+        map_rows.append((key, map_cells))
+    return columns, rows, map_columns, map_rows if maps else []
 
 
 def _write_csv(evaluation: Evaluation, path: Path) -> None:
@@ -181,9 +215,12 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
     per-image scores, pairing, conventions, software."""
     names = ", ".join(m.name for m in evaluation.methods)
     report = Report("ffasynth evaluation", intro=f"Generated angiograms ({names}) against {evaluation.real_dir}.")
-    columns, rows, best = _summary_table(evaluation)
+    columns, rows, best = summary_table(evaluation)
     note = "Best value per column in bold. ↑ higher is better, ↓ lower is better."
+    shown = [m for m in AGREEMENT_METRICS if m in evaluation.settings.metrics and m not in evaluation.skipped]
+    note = f"{note} {agreement_report.note(evaluation, shown)}".strip()
     report.add_table("Metrics", columns, rows, best, note)
+    agreement_report.add_sections(report, evaluation)
     if evaluation.skipped:
         reasons: dict[str, list[str]] = {}
         for metric, reason in evaluation.skipped.items():
@@ -196,10 +233,14 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
         warnings.append(f"the methods were scored on different pairs ({counts}): paired means are not like for like")
     if warnings:
         report.add_text("Warnings", "\n".join(warnings))
-    grid_columns, grid_rows = _grid_images(evaluation, folder)
+    maps = any(m in shown for m in ("vessels", "regions"))
+    grid_columns, grid_rows, map_columns, map_rows = _grid_images(evaluation, folder, maps)
     if grid_rows:
         report.add_grid("Source | real | generated | difference", grid_columns, grid_rows)
-    metrics = [k for k in PAIRED_METRICS if any(k in row for m in evaluation.methods for row in m.per_image)]
+    if map_rows:
+        report.add_grid(f"Vessels and regions ({agreement_report.MAPS_NOTE})", map_columns, map_rows)
+    columns = [*PAIRED_METRICS, *IMAGE_COLUMNS]
+    metrics = [k for k in columns if any(k in row for m in evaluation.methods for row in m.per_image)]
     for m in evaluation.methods:
         if m.per_image:
             per_image = [

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ffasynth.data.io import is_image_file
-from ffasynth.data.pairs import _UWF_SOURCE, _UWF_TARGET
+from ffasynth.data.pairs import _UWF_SOURCE, _UWF_TARGET, UWF_PHASES
 from ffasynth.errors import PairError
 
 PAIRING_MODES = ("auto", "name", "manifest")
@@ -91,6 +91,12 @@ def _uwf_id(key: str) -> str | None:
     name = Path(key).name
     match = _UWF_TARGET.match(name + ".png")
     return (Path(key).parent / match["id"]).as_posix().removeprefix("./") if match else None
+
+
+def phase_of(key: str) -> str | None:
+    """The phase of a uwf target's key, as data.pairs names it: `sub/7.1` → early; None elsewhere."""
+    match = _UWF_TARGET.match(Path(key).name + ".png")
+    return UWF_PHASES.get(match["phase"], f"phase{match['phase']}") if match else None
 
 
 def real_images(real_dir: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:

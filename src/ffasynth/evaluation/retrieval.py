@@ -3,19 +3,24 @@ should be more like its own eye's real FFA than like any other real FFA of the s
 that ignores its input scores chance here however good its pixel metrics look (an FFA-grey texture
 can out-score an input-shaped but imperfect output on PSNR/SSIM).
 
-Similarity: Pearson correlation over the field of view of the real FFA being compared (its largest
-bright blob, holes filled: data.registration.field_of_view), after resizing the synthetic image to
-that real image's size.
+Two similarities, each over the field of view of the real FFA being compared (its largest bright
+blob, holes filled: data.registration.field_of_view), the synthetic image resized to that real
+image's size first:
+- `correlation`: Pearson correlation of the grey levels;
+- `vessel_overlap`: Dice of the two vessel masks (`evaluation.vessels.vessel_mask`, the synthetic
+  one drawn inside its own eye's field of view): does it show this eye's vessel tree?
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from ffasynth.data.registration import field_of_view
+from ffasynth.evaluation.vessels import dice
 
 
 def correlation(fake: np.ndarray, real: np.ndarray, fov: np.ndarray) -> float:
@@ -28,6 +33,15 @@ def correlation(fake: np.ndarray, real: np.ndarray, fov: np.ndarray) -> float:
     a, b = a - a.mean(), b - b.mean()
     norm = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / norm) if norm > 0 else 0.0
+
+
+def vessel_overlap(fake_vessels: np.ndarray, real_vessels: np.ndarray, fov: np.ndarray) -> float:
+    """Dice of two bool vessel masks inside `fov` (0 when neither has a vessel there)."""
+    if fake_vessels.shape != real_vessels.shape:
+        size = (real_vessels.shape[1], real_vessels.shape[0])
+        fake_vessels = cv2.resize(fake_vessels.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    overlap = dice(fake_vessels & fov, real_vessels & fov)
+    return 0.0 if np.isnan(overlap) else overlap
 
 
 @dataclass
@@ -52,18 +66,26 @@ class Retrieval:
         return float(np.mean(1.0 / sizes[sizes > 0])) if len(sizes) else float("nan")
 
 
-def retrieval(fakes: dict[str, np.ndarray], reals: dict[str, np.ndarray], groups: dict[str, str] | None = None):
-    """fakes/reals: key → (H, W) grey in [0, 1] (the same keys); groups: key → phase (compare within a
-    phase only; default: one group). Items alone in their group are left out of the score."""
+def retrieval(
+    fakes: dict[str, np.ndarray],
+    reals: dict[str, np.ndarray],
+    groups: dict[str, str] | None = None,
+    measure: Callable[[np.ndarray, np.ndarray, np.ndarray], float] = correlation,
+    fovs: dict[str, np.ndarray] | None = None,
+) -> Retrieval:
+    """fakes/reals: key → (H, W) grey in [0, 1], or bool vessel masks with measure=vessel_overlap (the
+    same keys); groups: key → phase (compare within a phase only; default: one group); fovs: key → the
+    real image's field of view (default: found in the real image). Items alone in their group are
+    left out of the score."""
     keys = sorted(fakes)
     groups = groups or {}
-    fovs = {key: field_of_view(reals[key]) for key in keys}
+    fovs = fovs or {key: field_of_view(reals[key]) for key in keys}
     n = len(keys)
     similarity = np.full((n, n), np.nan)
     for i, key in enumerate(keys):
         for j, other in enumerate(keys):
             if groups.get(key) == groups.get(other):
-                similarity[i, j] = correlation(fakes[key], reals[other], fovs[other])
+                similarity[i, j] = measure(fakes[key], reals[other], fovs[other])
     own_first, margins = [], []
     for i in range(n):
         others = [similarity[i, j] for j in range(n) if j != i and not np.isnan(similarity[i, j])]
