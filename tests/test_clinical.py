@@ -173,6 +173,12 @@ def test_clinical_cli_runs_every_mode_the_data_allows(lesion_phantoms, tmp_path)
     assert (out / "roc_real-only.png").is_file() and (out / "confusion_source+synthetic.png").is_file()
     page = (out / "report.html").read_text()
     assert "source+synthetic" in page and "★" in page and (out / "summary.md").is_file()
+    agreement = metrics["agreement_by_class"]  # the synthetic images are copies: perfect wherever defined
+    assert set(agreement) == {"normal", "microaneurysms"} and sum(c["n"] for c in agreement.values()) == 23
+    assert all(
+        s["mean"] == (0.0 if "error" in k else 1.0) for c in agreement.values() for k, s in c.items() if k != "n"
+    )
+    assert "Synthetic against real angiograms, per class" in page
 
 
 def test_clinical_cli_refuses_a_synthetic_mode_without_images(lesion_phantoms, tmp_path):

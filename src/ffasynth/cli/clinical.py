@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ffasynth.cli.options import settings_from
 from ffasynth.errors import FFASynthError
+from ffasynth.evaluation.agreement import scores_by_class
 from ffasynth.evaluation.clinical import (
     ALIASES,
     FUSIONS,
@@ -108,8 +109,10 @@ def clinical(
             report = lambda done, total, task=task: progress.update(task, completed=done, total=total)  # noqa: E731
             settings = settings_from(ClinicalSettings, options, mode=name, weights=weights)
             results.append(cross_validate(eyes, settings, progress=report))
+    pairs = [(e.label, e.images["real"], e.images["synthetic"]) for e in eyes if {"real", "synthetic"} <= set(e.images)]
+    agreement = scores_by_class(pairs) if pairs else None  # vessels and regions of synthetic vs real, per class
     path = write_clinical_report(
-        results, out, skipped_modes, data=str(data), synthetic=str(synthetic) if synthetic else None
+        results, out, skipped_modes, agreement, data=str(data), synthetic=str(synthetic) if synthetic else None
     )
     table = Table(title=f"{data.name}: {folds}-fold cross-validation ({backbone})")
     for column in ("mode", "examples", "accuracy", "macro-F1", "AUC (one-vs-rest)"):

@@ -1,6 +1,7 @@
 """What a clinical experiment leaves on disk: `metrics.json` (per mode: mean ± std over folds, the
 per-fold values, the confusion matrix and every out-of-fold prediction; the settings; library
-versions) and, per mode, `confusion_<mode>.png` and `roc_<mode>.png`."""
+versions; with synthetic angiograms, their vessel and region agreement with the real ones per
+class) and, per mode, `confusion_<mode>.png` and `roc_<mode>.png`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from ffasynth.evaluation.agreement import HIGHER_IS_BETTER, LABELS, PER_IMAGE
 from ffasynth.evaluation.clinical import ClinicalResult
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
 from ffasynth.evaluation.report import Cell, Report
@@ -43,10 +45,15 @@ def mode_record(result: ClinicalResult) -> dict:
 
 
 def write_clinical_report(
-    results: list[ClinicalResult], out: str | Path, skipped_modes: dict[str, str] | None = None, **context
+    results: list[ClinicalResult],
+    out: str | Path,
+    skipped_modes: dict[str, str] | None = None,
+    agreement: dict[str, dict] | None = None,
+    **context,
 ) -> Path:
-    """Write metrics.json and the figures into `out`; `context` (data folder, synthetic folder...)
-    goes beside the settings. Returns the metrics.json path."""
+    """Write metrics.json and the figures into `out`; `agreement` (class → vessel/region scores of the
+    synthetic angiograms against the real ones: `evaluation.agreement.scores_by_class`) and `context`
+    (data folder, synthetic folder...) go beside the settings. Returns the metrics.json path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     modes = {}
@@ -64,6 +71,10 @@ def write_clinical_report(
         "settings": {**settings, **context, "pretrained_backbone": settings["weights"] is not None},
         "modes": modes,
         "skipped_modes": skipped_modes or {},
+        "agreement_by_class": {
+            label: {k: v if k == "n" else {s: _finite(x) for s, x in v.items()} for k, v in scores.items()}
+            for label, scores in (agreement or {}).items()
+        },
         "versions": versions("timm", "scikit-learn"),
     }
     path = atomic_write_text(out / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
@@ -94,6 +105,21 @@ def write_html(document: dict, out: Path) -> dict[str, Path]:
             row.append(Cell(mean, "-" if mean is None else f"{mean:.3f} ± {std or 0:.3f}"))
         rows.append(row)
     report.add_table("Scores", columns, rows, best={c: "max" for c in columns[2:]})
+    if document.get("agreement_by_class"):
+        metrics = (*PER_IMAGE["vessels"], *PER_IMAGE["regions"])
+        labels = [f"{LABELS[m]} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in metrics]
+        rows = []
+        for label, scores in document["agreement_by_class"].items():
+            cells = [Cell(scores[m]["mean"], f"{scores[m]['mean']:.3f} ± {scores[m]['std']:.3f}") if m in scores
+                     else "-" for m in metrics]  # fmt: skip
+            rows.append([label, scores["n"], *cells])
+        report.add_table(
+            "Synthetic against real angiograms, per class",
+            ["class", "pairs", *labels],
+            rows,
+            note="Vessel masks (Frangi) and regions brighter / darker than the local background by 0.1, as in "
+            "`ffasynth evaluate`: does the synthetic angiogram keep each class's vessels and lesions?",
+        )
     figures = []
     for mode, record in document["modes"].items():
         figures += [
