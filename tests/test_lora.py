@@ -4,9 +4,12 @@ the merged export computes what the adapter model computes (a wrong alpha/rank s
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -20,7 +23,11 @@ from ffasynth.models.lora import ADAPTER_FOLDER, add_lora, has_lora
 from ffasynth.pipeline import FFASynthesisPipeline
 from ffasynth.training.run import load_stage1_run
 from ffasynth.training.stage1 import build_stage1, trainable_parameters
+from ffasynth.training.stages import train_stage1
 from tests.helpers import invoke, micro_config, train_micro_stage1
+from tests.sd15_format import write_openai_clip_folder, write_sd15_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -177,3 +184,67 @@ def test_the_exported_lora_model_translates_unlike_its_base(lora_run, tmp_path):
     assert np.abs(translate(adapters) - merged).max() <= 1.0  # the same model, rounding aside
     adapters.unet.disable_adapters()  # the model the adapters started from (with the trained conv_in)
     assert np.abs(translate(adapters) - merged).mean() > 1.0
+
+
+def _cli(*args) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 0, f"{' '.join(map(str, args[:3]))}: {result.output}\n{result.exception!r}"
+    return result.output
+
+
+@pytest.mark.slow
+def test_configs_sd15_lora_trains_sd15_shaped_weights_exports_and_translates(tmp_path):
+    """configs/sd15-lora.yaml through the CLI on folders in SD1.5's and CLIP ViT-L/14's layouts (reduced
+    widths): bf16 with gradient checkpointing as configured, its feed-forward targets found, merged export."""
+    sd15 = write_sd15_folder(tmp_path / "weights" / "sd15")
+    clip = write_openai_clip_folder(tmp_path / "weights" / "clip")
+    data = write_phantom_dataset(tmp_path / "data", n=3, size=80, seed=1)
+    run = tmp_path / "s1"
+    small = ["data.crop_size=64", "stage1.max_steps=2", "stage1.save_every=2", "stage1.sample_every=2"]
+    small += ["stage1.sample_steps=2", "stage1.lr_warmup_steps=1", "stage1.gradient_accumulation=1"]
+    where = [f"model.pretrained={sd15}", f"model.image_encoder={clip}"]
+    config = REPO / "configs" / "sd15-lora.yaml"
+    output = _cli("train", "stage1", "--config", config, "--data", data, "--out", run, *where, *small)
+
+    settings = load_config(run / "config.yaml")
+    assert settings.stage1.lora.rank == 32 and settings.stage1.mixed_precision == "bf16"
+    weights = load_file(str(run / "checkpoints" / "step-000002" / "unet.safetensors"))
+    for target in settings.stage1.lora.target_modules:  # every configured target found a layer
+        assert any(k.endswith(f"{target}.lora_B.default.weight") for k in weights), target
+    plain = UNet2DConditionModel.from_pretrained(sd15 / "unet")
+    trainable = float(output.split(" M trainable parameters")[0].rsplit(" ", 1)[-1]) * 1e6
+    assert trainable < 0.5 * sum(p.numel() for p in plain.parameters())
+
+    _cli("export", run, tmp_path / "pipeline")
+    pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipeline")
+    assert not has_lora(pipe.unet) and pipe.unet.config.in_channels == 8
+    photo = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(72, 100, 3) * 255).byte().numpy()).save(photo)
+    _cli("translate", tmp_path / "pipeline", photo, "--out", tmp_path / "out", "--steps", "2", "--quiet")
+    assert Image.open(tmp_path / "out" / "photo_ffa.png").size == (100, 72)
+
+
+@pytest.mark.slow
+def test_lora_on_the_tiny_preset_leaves_its_shipped_base_weights_as_they_were(tmp_path):
+    """The tiny preset starts from its shipped base model; with LoRA every base weight stays as shipped
+    (peft's base_layer), the adapters and conv_in learn, and the merged export translates."""
+    overrides = ["stage1.lora.rank=4", "data.crop_size=64", "stage1.batch_size=2", "stage1.max_steps=2"]
+    overrides += ["stage1.save_every=2", "stage1.sample_every=100", "stage1.lr_warmup_steps=1"]
+    config = load_config(preset="tiny", overrides=overrides)
+    data = write_phantom_dataset(tmp_path / "data", n=3, size=80, seed=2)
+    train_stage1(config, data, tmp_path / "s1", progress=False)
+
+    base = build_components(load_config(preset="tiny")).unet.state_dict()
+    trained = load_file(str(tmp_path / "s1" / "checkpoints" / "step-000002" / "unet.safetensors"))
+    frozen = {k.replace(".base_layer", ""): v for k, v in trained.items() if ".lora_" not in k}
+    learned = {"conv_in.weight", "conv_in.bias", "class_embedding.weight"}
+    assert set(frozen) == set(base)
+    assert all(torch.equal(frozen[k], base[k]) for k in set(base) - learned)
+    assert not torch.equal(frozen["conv_in.weight"], base["conv_in.weight"])
+    assert any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k)
+
+    folder = export_run(tmp_path / "s1", tmp_path / "pipeline")
+    pipe = FFASynthesisPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(torch.rand(3, 96, 80), num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (80, 96)
