@@ -51,4 +51,5 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert all(Image.open(p).size == (64, 64) for p in translated)
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert len(metrics["methods"]["ffasynth"]["per_image"]) == 4
+    assert "of the phantoms' lesions the real angiograms show, the synthetic ones show" in result.output
     assert "report: " in result.output and "ffasynth train stage1 --config configs/sd15.yaml" in result.output

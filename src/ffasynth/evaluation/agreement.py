@@ -179,8 +179,8 @@ class AgreementScorer:
             kept = self.kept
             groups = {key: phase_of(key) for key in kept}
             fovs = {key: item.fov for key, item in kept.items()}
-            fakes = {key: item.fake / 255.0 for key, item in kept.items()}
-            by_grey = retrieval(fakes, {key: item.real / 255.0 for key, item in kept.items()}, groups, fovs=fovs)
+            fakes = {key: item.fake for key, item in kept.items()}  # uint8: a correlation ignores the scale
+            by_grey = retrieval(fakes, {key: item.real for key, item in kept.items()}, groups, fovs=fovs)
             fakes = {key: item.fake_vessels for key, item in kept.items()}
             reals = {key: item.real_vessels for key, item in kept.items()}
             by_vessels = retrieval(fakes, reals, groups, vessel_overlap, fovs)
