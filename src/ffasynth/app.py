@@ -6,9 +6,9 @@ Safety: binds 127.0.0.1 unless told otherwise; uploads are capped in bytes (Grad
 in pixels (our reader, before any pixel is decoded: a decompression bomb is refused from its
 header); an upload reaches no decoder but ours (the event skips Gradio's preprocessing), so
 anything that is not a readable image gets a one-line message; one request is decoded and run at a
-time (the queue, and a lock behind it), so memory holds one photo however many wait; every file the
-page writes, Gradio's uploads included, stays in one temporary folder, removed when the server
-stops (Ctrl-C, SIGTERM, SIGHUP or interpreter exit).
+time (the queue, and one model thread behind it), so memory holds one photo however many wait;
+every file the page writes, Gradio's uploads included, stays in one temporary folder, removed when
+the server stops (Ctrl-C, SIGTERM, SIGHUP or interpreter exit).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +65,17 @@ def whole_number(value, name: str, low: int, high: int) -> int:
 
 
 class Translator:
-    """Holds the pipeline; `answer` is what the page calls (serialised by the queue and a lock)."""
+    """Holds the pipeline; `answer` is what the page calls. Decoding, the model and the result images
+    run one request at a time on one thread of their own: glibc gives each thread its own heap, so
+    runs spread over Gradio's worker threads would each keep a heap grown to a run's peak
+    (bench_serve_load.py, 20 uploads at 853x682: peak RSS +392 MiB over one request's on Gradio's
+    threads, +122 MiB on one thread)."""
 
     def __init__(self, pipeline, workdir: Path, settings: ServeSettings):
         self.pipeline = pipeline
         self.workdir = workdir
         self.settings = settings
-        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffasynth-model")
         self.has_phases = bool(getattr(pipeline.unet.config, "num_class_embeds", None))
 
     def read_upload(self, path: str | None) -> tuple[torch.Tensor, str | None]:
@@ -80,25 +85,30 @@ class Translator:
         return read_photo(path, max_pixels=self.settings.max_pixels)
 
     def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
-        """warn(message) receives a one-line warning about the upload (the page shows it)."""
+        """warn(message) receives a one-line warning about the upload (the page shows it; called on the
+        caller's thread, where Gradio knows the request)."""
         steps = whole_number(steps, "steps", 1, self.settings.max_steps)
         samples = whole_number(samples, "samples", 1, self.settings.max_samples)
         seed = whole_number(seed, "seed", 0, 2**32 - 1)
         if phase not in PHASES:
             raise FFASynthError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
-        with self.lock:  # the photo is decoded under the lock too: one full-size image in memory at a time
-            source, warning = self.read_upload(path)
-            if warning is not None and warn is not None:
-                warn(f"{Path(path).name}: {warning}")
-            generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
-            output = self.pipeline(
-                source,
-                num_inference_steps=steps,
-                generator=generator,
-                num_samples=samples,
-                phase=phase if self.has_phases else None,
-                output_type="np",
-            )
+        outputs, warning = self.worker.submit(self.translate, path, steps, seed, samples, phase).result()
+        if warning is not None and warn is not None:
+            warn(f"{Path(path).name}: {warning}")
+        return outputs
+
+    def translate(self, path: str | None, steps: int, seed: int, samples: int, phase: str):
+        """The page's outputs for one upload, and the reader's warning (None when there is none)."""
+        source, warning = self.read_upload(path)
+        generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
+        output = self.pipeline(
+            source,
+            num_inference_steps=steps,
+            generator=generator,
+            num_samples=samples,
+            phase=phase if self.has_phases else None,
+            output_type="np",
+        )
         ffa = output.images[0][..., 0]
         self.remove_old_results()
         name = f"ffa-{uuid.uuid4().hex[:8]}"
@@ -109,7 +119,7 @@ class Translator:
         if output.uncertainty is not None:
             std = output.uncertainty[0][..., 0]
             uncertainty = uncertainty_rgb(std, max(float(std.max()), 1e-6))
-        return (photo, grey), grey, uncertainty, str(ffa_path)
+        return ((photo, grey), grey, uncertainty, str(ffa_path)), warning
 
     def remove_old_results(self) -> None:
         """Gradio copies each result into its own cache when answering: ours are only needed briefly."""
