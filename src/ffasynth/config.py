@@ -40,7 +40,11 @@ class DataConfig:
     min_fov_fraction: float = 0.5
     fov_threshold: float = 0.04  # source intensity (0-1) above which a pixel is inside the FOV
     max_pixels: int = 64_000_000
+    # each image decoded once, with its FOV mask and crop-window counts, into .npy files every loader worker
+    # memory-maps (data.cache); cache_dir: where (null: a temporary folder per run process, removed at its
+    # end; a folder: kept and shared by the processes and runs that name it, e.g. on a local SSD)
     cache_images: bool = True
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         _require(self.crop_size >= 8, "data.crop_size", "must be at least 8")
@@ -134,7 +138,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 500
     log_every: int = 10
-    num_workers: int = 0
+    # DataLoader worker processes preparing batches beside the training step; auto = 0 without a GPU,
+    # min(4, cores) with one (data.dataset.loader_workers). A batch is the same with any number.
+    num_workers: int | Literal["auto"] = "auto"
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when it runs out
 
@@ -145,6 +151,8 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, f"{self._section}.ema_decay", "must be in [0, 1)")
         _require(self.keep_checkpoints >= 1, f"{self._section}.keep_checkpoints", "must be at least 1")
         _require(self.lr_warmup_steps >= 0, f"{self._section}.lr_warmup_steps", "must be >= 0")
+        workers = self.num_workers
+        _require(workers == "auto" or workers >= 0, f"{self._section}.num_workers", "must be >= 0 or auto")
 
     _section = "train"
 

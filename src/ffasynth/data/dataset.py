@@ -1,15 +1,19 @@
-"""A torch Dataset of registered pairs with paired transforms."""
+"""A torch Dataset of registered pairs with paired transforms, and the DataLoader that feeds training."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from ffasynth.data.io import read_image
+from ffasynth.data.cache import ArrayStore, file_key
+from ffasynth.data.io import read_image, unit_float
 from ffasynth.data.pairs import Pair
-from ffasynth.data.transforms import PairedTransform, fov_mask, normalise, whole_view
+from ffasynth.data.transforms import PairedTransform, as_tensor, fov_mask, normalise, whole_view, window_counts
 from ffasynth.errors import PairError
 
 PHASES = ("early", "late")
@@ -20,6 +24,16 @@ def phase_index(phase: str | None) -> int:
     return PHASES.index(phase) if phase in PHASES else 0
 
 
+def stored_levels(image: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float → uint16 codes, exact for 8-bit (k/255 = 257k/65535) and 16-bit data, or uint8 levels
+    when every code is a multiple of 257 (8-bit data): half or a quarter of float32's memory.
+    `unit_float` gives back the same float32 values either way."""
+    codes = (image * 65535.0).round().to(torch.int32)
+    if bool((codes % 257 == 0).all()):
+        return (codes // 257).to(torch.uint8)
+    return codes.to(torch.uint16)
+
+
 class PairDataset(Dataset):
     """Items: {"source": (3, h, w), "target": (1, h, w)} in [-1, 1], "mask" (1, h, w) FOV {0, 1},
     "phase" (0 early / 1 late), "label", "id", "index"; with a transform, also "whole_source": the
@@ -27,6 +41,12 @@ class PairDataset(Dataset):
 
     With a transform, each item is a random paired crop drawn from a generator seeded by
     (seed, epoch, index): deterministic across workers and resumes. Without, whole images.
+
+    cache: each image is decoded once, and its FOV mask, window counts and CLIP view computed once,
+    into .npy files (`cache.ArrayStore`) that every loader worker maps instead of copying; a crop
+    reads and converts only its window. cache_dir: where (None: a temporary folder for this dataset;
+    a folder: kept, and shared by the processes and runs that name it). cache=False: everything is
+    recomputed from the files for every item.
     """
 
     def __init__(
@@ -38,6 +58,7 @@ class PairDataset(Dataset):
         max_pixels: int | None = None,
         source_channels: int = 3,
         target_channels: int = 1,
+        cache_dir: str | Path | None = None,
     ):
         if not pairs:
             raise PairError("the dataset has no pairs")
@@ -49,8 +70,7 @@ class PairDataset(Dataset):
         self.max_pixels = max_pixels
         self.source_channels = source_channels
         self.target_channels = target_channels
-        self._images: dict[tuple, torch.Tensor] = {}
-        self._views: dict[str, torch.Tensor] = {}  # whole-photo CLIP views by source path (kept when caching)
+        self.store = ArrayStore(cache_dir) if cache else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -58,22 +78,20 @@ class PairDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _read(self, path, channels: int) -> torch.Tensor:
-        key = (str(path), channels)
-        cached = self._images.get(key)
-        if cached is None:
-            image = read_image(path, channels=channels, max_pixels=self.max_pixels)
-            # uint16 codes: exact for 8-bit (k/255 = 257k/65535) and 16-bit data, half of float32's memory.
-            cached = (image * 65535.0).round().to(torch.int32).to(torch.uint16)
-            if self.cache:
-                self._images[key] = cached
-        return cached.to(torch.float32) / 65535.0
+    def _decode(self, path, channels: int) -> torch.Tensor:
+        return stored_levels(read_image(path, channels=channels, max_pixels=self.max_pixels))
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole source (3, H, W) and target (1, H, W) in [0, 1]."""
+    def _levels(self, path, channels: int) -> torch.Tensor | np.ndarray:
+        """The image as stored (`stored_levels`), (C, H, W): memory-mapped when caching."""
+        if self.store is None:
+            return self._decode(path, channels)
+        name = "image-" + file_key(path, channels, self.max_pixels)
+        return self.store.get(name, lambda: self._decode(path, channels).numpy())
+
+    def _pair_levels(self, index: int):
         pair = self.pairs[index]
-        source = self._read(pair.source, self.source_channels)
-        target = self._read(pair.target, self.target_channels)
+        source = self._levels(pair.source, self.source_channels)
+        target = self._levels(pair.target, self.target_channels)
         if source.shape[-2:] != target.shape[-2:]:
             raise PairError(
                 f"{pair.target}: size {target.shape[-1]}x{target.shape[-2]} differs from its source "
@@ -81,16 +99,33 @@ class PairDataset(Dataset):
             )
         return source, target
 
-    def _whole_view(self, path, source: torch.Tensor) -> torch.Tensor | None:
-        size = self.transform.whole_view_size
-        if size <= 0:
-            return None
-        view = self._views.get(str(path))
-        if view is None:
-            view = whole_view(source, size)
-            if self.cache:
-                self._views[str(path)] = view
-        return view
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole source (3, H, W) and target (1, H, W) in [0, 1]."""
+        source, target = self._pair_levels(index)
+        return unit_float(as_tensor(source)), unit_float(as_tensor(target))
+
+    def _field_of_view(self, index: int, source) -> dict:
+        """What the transform would compute from the whole source, computed once per image and kept:
+        the FOV mask (uint8), its window counts at the crop size and the CLIP view."""
+        if self.store is None:
+            return {}
+        transform, path = self.transform, self.pairs[index].source
+        key = (self.source_channels, self.max_pixels, transform.fov_threshold)
+        mask_name = "fov-" + file_key(path, *key)
+
+        def mask() -> np.ndarray:
+            return fov_mask(as_tensor(source), transform.fov_threshold).to(torch.uint8).numpy()
+
+        def view() -> np.ndarray:
+            return whole_view(as_tensor(source), transform.whole_view_size).numpy()
+
+        parts = {"mask": self.store.get(mask_name, mask)}
+        counts_name = "counts-" + file_key(path, *key, transform.crop_size)
+        parts["counts"] = self.store.get(counts_name, lambda: window_counts(parts["mask"], transform.crop_size).numpy())
+        if transform.whole_view_size > 0:
+            view_name = "view-" + file_key(path, self.source_channels, self.max_pixels, transform.whole_view_size)
+            parts["view"] = self.store.get(view_name, view)
+        return parts
 
     def generator(self, index: int, epoch: int | None = None) -> torch.Generator:
         # One stream per (seed, epoch, index); the large odd multipliers keep streams apart.
@@ -102,14 +137,40 @@ class PairDataset(Dataset):
         """key: an index (crop drawn for the current epoch) or (index, epoch) from a StreamBatchSampler."""
         index, epoch = key if isinstance(key, tuple) else (key, None)
         pair = self.pairs[index]
-        source, target = self.load(index)
         if self.transform is not None:
-            view = self._whole_view(pair.source, source)
-            item = self.transform(source, target, self.generator(index, epoch), view)
+            source, target = self._pair_levels(index)
+            item = self.transform(source, target, self.generator(index, epoch), **self._field_of_view(index, source))
         else:
+            source, target = self.load(index)
             item = {"source": normalise(source), "target": normalise(target), "mask": fov_mask(source)}
         item.update(phase=phase_index(pair.phase), label=pair.label or "", id=pair.id, index=index)
         return item
+
+
+def loader_workers(setting: int | str, cuda: bool) -> int:
+    """DataLoader worker processes for a num_workers setting: a number as it is; "auto" 0 without a
+    GPU (the training step uses every core) and min(4, the cores this process may use) with one."""
+    if setting != "auto":
+        return int(setting)
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
+def training_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    """The training DataLoader: `num_workers` processes prepare batches ahead of the training step
+    (kept for the whole run), pinned for a fast copy to the GPU when `pin_memory`. A batch depends only
+    on its sampler keys, so it is the same with any number of workers. Code that draws from a worker's
+    global generators gets them seeded (torch, NumPy, random) from `seed` and the worker's number."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=num_workers > 0,
+    )
 
 
 class StreamBatchSampler:

@@ -217,9 +217,14 @@ def read_image(
     return tensor if tensor.dtype == torch.uint8 else tensor.clamp_(0.0, 1.0)
 
 
+# integer levels → their full scale: 8-bit levels and 16-bit codes
+LEVELS = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
 def unit_float(image: torch.Tensor) -> torch.Tensor:
-    """uint8 levels (0-255) → float32 in [0, 1]; a float tensor as it is (no copy)."""
-    return image.float().div_(255.0) if image.dtype == torch.uint8 else image
+    """uint8 levels (0-255) or uint16 codes (0-65535) → float32 in [0, 1]; a float tensor as it is (no copy)."""
+    scale = LEVELS.get(image.dtype)
+    return image.float().div_(scale) if scale is not None else image
 
 
 ROWS_PER_BLOCK = 512  # to_uint8 converts this many rows at a time: no full-size float copy

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.phantom import DISEASES, STYLES, make_eye
-from ffasynth.data.transforms import PairedTransform, fov_mask, whole_view
+from ffasynth.data.transforms import PairedTransform, fov_mask, whole_view, window_counts
 
 
 def _levels(array: np.ndarray) -> torch.Tensor:
@@ -123,7 +123,8 @@ class PhantomStream(Dataset):
         cached = {"source": _levels(eye.photo), "early": _levels(eye.ffa_early), "late": _levels(eye.ffa_late), **spec}
         if self.transform.whole_view_size > 0:
             cached["view"] = whole_view(cached["source"], self.transform.whole_view_size)
-        cached["mask"] = fov_mask(cached["source"].float() / 255.0, self.transform.fov_threshold)
+        cached["mask"] = fov_mask(cached["source"], self.transform.fov_threshold)
+        cached["counts"] = window_counts(cached["mask"], self.transform.crop_size)  # once per eye, not per crop
         if self.cache_eyes > 0:
             self._eyes[number] = cached
             while len(self._eyes) > self.cache_eyes:
@@ -142,8 +143,7 @@ class PhantomStream(Dataset):
         state = np.random.SeedSequence([self.seed, number, crop]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state) >> 1)
         phase = self.phases[int(torch.randint(len(self.phases), (1,), generator=generator))]
-        source = eye["source"].float() / 255.0
-        target = eye[phase].float() / 255.0
-        item = self.transform(source, target, generator, eye.get("view"), eye["mask"])
+        # 8-bit levels: the transform converts the crop's window to float, not the whole eye
+        item = self.transform(eye["source"], eye[phase], generator, eye.get("view"), eye["mask"], eye["counts"])
         item.update(phase=PHASES.index(phase), label=eye["disease"], id=f"{eye['style']}-{number}", index=index)
         return item

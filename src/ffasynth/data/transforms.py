@@ -3,12 +3,17 @@ and the whole photo's CLIP view (for `model.clip_view=whole`), flipped as the cr
 
 Everything that is random takes an explicit `torch.Generator`, so a sample is a pure function of
 (seed, epoch, index): resumed runs and any number of workers see the same crops.
+
+Images may come as float in [0, 1] or as stored (uint8 levels, uint16 codes; tensors or memory-mapped
+arrays): only the crop's window is read and converted to float. The FOV mask and its window counts
+may be given, computed once per image (`PairDataset` caches them): each costs a pass over the whole image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +25,12 @@ CLIP_VIEW_SIZE = 224
 
 
 def fov_mask(source: torch.Tensor, threshold: float = 0.04, smooth: int = 7) -> torch.Tensor:
-    """(C, H, W) in [0, 1] → (1, H, W) float {0, 1}: pixels brighter than `threshold` after a
-    `smooth`-pixel box blur (so dark vessels and pupil-edge noise inside the field stay inside)."""
-    brightness = source.amax(dim=0, keepdim=True)[None]
+    """(C, H, W) in [0, 1] (or uint8/uint16 levels) → (1, H, W) float {0, 1}: pixels brighter than
+    `threshold` after a `smooth`-pixel box blur (so dark vessels and pupil-edge noise inside the field stay inside)."""
+    brightness = unit_float(source[:1])
+    for channel in range(1, source.shape[0]):  # one channel in float at a time (and uint16 has no amax)
+        brightness = torch.maximum(brightness, unit_float(source[channel : channel + 1]))
+    brightness = brightness[None]
     if smooth > 1:
         brightness = F.avg_pool2d(brightness, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
     return (brightness[0] > threshold).float()
@@ -43,6 +51,11 @@ def whole_view(image: torch.Tensor, size: int = CLIP_VIEW_SIZE) -> torch.Tensor:
     return view if image.ndim == 4 else view[0]
 
 
+def as_tensor(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor as it is; an array (e.g. memory-mapped, read-only) copied into one."""
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+
+
 def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pad with zeros (black) symmetrically to at least height x width."""
     pad_h, pad_w = max(0, height - image.shape[-2]), max(0, width - image.shape[-1])
@@ -51,22 +64,58 @@ def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
 
 
+def crop_padded(image: torch.Tensor | np.ndarray, top: int, left: int, size: int) -> torch.Tensor:
+    """The size x size window at (top, left) of `image` (…, H, W) zero-padded as `pad_to(image, size,
+    size)` pads it, reading only the window (from a tensor or an array, e.g. memory-mapped; a copy then)."""
+    height, width = image.shape[-2:]
+    top, left = top - max(0, size - height) // 2, left - max(0, size - width) // 2  # into image coordinates
+    rows = slice(max(0, top), max(0, min(height, top + size)))
+    cols = slice(max(0, left), max(0, min(width, left + size)))
+    window = image[..., rows, cols]
+    window = as_tensor(window)
+    if window.shape[-2:] == (size, size):
+        return window
+    padded = window.new_zeros((*window.shape[:-2], size, size))
+    padded[..., rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = window
+    return padded
+
+
 def _integral(mask: torch.Tensor) -> torch.Tensor:
     """Summed-area table with a zero first row/column: box sums in O(1)."""
     return F.pad(mask[0].double().cumsum(0).cumsum(1), (1, 0, 1, 0))
 
 
-def choose_crop(mask: torch.Tensor, size: int, generator: torch.Generator, min_fraction: float) -> tuple[int, int]:
-    """Top-left of a size x size crop, uniform over the positions (on a grid of stride ~size/16)
-    whose crop has at least `min_fraction` of its pixels inside the mask; the best position when
-    none has."""
-    height, width = mask.shape[-2:]
+def _window_grid(height: int, width: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tops and lefts of the windows choose_crop draws from (stride ~size/16) in an image padded to size."""
     stride = max(1, size // 16)
+    height, width = max(height, size), max(width, size)
+    return torch.arange(0, height - size + 1, stride), torch.arange(0, width - size + 1, stride)
+
+
+def window_counts(mask: torch.Tensor | np.ndarray, size: int) -> torch.Tensor:
+    """FOV pixels inside each size x size window of the grid choose_crop draws from, for a (1, H, W)
+    {0, 1} mask zero-padded to at least size: float64 (rows, cols), box sums of one integral image."""
+    mask = pad_to(as_tensor(mask), size, size)
     table = _integral(mask)
-    tops = torch.arange(0, height - size + 1, stride)
-    lefts = torch.arange(0, width - size + 1, stride)
+    tops, lefts = _window_grid(mask.shape[-2], mask.shape[-1], size)
     t, lo = tops[:, None], lefts[None, :]
-    inside = table[t + size, lo + size] - table[t, lo + size] - table[t + size, lo] + table[t, lo]
+    return table[t + size, lo + size] - table[t, lo + size] - table[t + size, lo] + table[t, lo]
+
+
+def choose_crop(
+    mask: torch.Tensor | np.ndarray,
+    size: int,
+    generator: torch.Generator,
+    min_fraction: float,
+    counts: torch.Tensor | np.ndarray | None = None,
+) -> tuple[int, int]:
+    """Top-left (in the mask padded to size) of a size x size crop, uniform over the positions (on a
+    grid of stride ~size/16) whose crop has at least `min_fraction` of its pixels inside the mask; the
+    best position when none has. counts: `window_counts(mask, size)`, when computed before."""
+    height, width = (max(side, size) for side in mask.shape[-2:])
+    stride = max(1, size // 16)
+    tops, lefts = _window_grid(height, width, size)
+    inside = window_counts(mask, size) if counts is None else as_tensor(counts)
     fraction = inside / (size * size)
     valid = (fraction >= min_fraction).flatten().nonzero().flatten()
     if len(valid) == 0:
@@ -77,9 +126,8 @@ def choose_crop(mask: torch.Tensor, size: int, generator: torch.Generator, min_f
     if stride > 1:  # jitter within the grid cell, kept only if the crop stays good enough
         jitter = torch.randint(0, stride, (2,), generator=generator)
         top_j, left_j = min(top + int(jitter[0]), height - size), min(left + int(jitter[1]), width - size)
-        box = table[top_j + size, left_j + size] - table[top_j, left_j + size]
-        box = box - table[top_j + size, left_j] + table[top_j, left_j]
-        if float(box) / (size * size) >= min(min_fraction, float(fraction.flatten()[flat])):
+        box = float(crop_padded(mask, top_j, left_j, size).sum(dtype=torch.float64))  # exact: a pixel count
+        if box / (size * size) >= min(min_fraction, float(fraction.flatten()[flat])):
             top, left = top_j, left_j
     return top, left
 
@@ -105,27 +153,30 @@ class PairedTransform:
 
     def __call__(
         self,
-        source: torch.Tensor,
-        target: torch.Tensor,
+        source: torch.Tensor | np.ndarray,
+        target: torch.Tensor | np.ndarray,
         generator: torch.Generator,
-        view: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        view: torch.Tensor | np.ndarray | None = None,
+        mask: torch.Tensor | np.ndarray | None = None,
+        counts: torch.Tensor | np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
-        """source (Cs, H, W), target (Ct, H, W) in [0, 1] → crops in [-1, 1] and a (1, h, w) FOV mask;
-        "whole_source": the whole source's CLIP view in [-1, 1], with the crop's flips (`view`: that view,
-        computed before, e.g. cached; computed here when not given; `mask` likewise: the source's
-        `fov_mask` at fov_threshold)."""
+        """source (Cs, H, W), target (Ct, H, W), float in [0, 1] or uint8/uint16 levels → crops in
+        [-1, 1] and a (1, h, w) FOV mask; "whole_source": the whole source's CLIP view in [-1, 1], with
+        the crop's flips. Computed here when not given (each a pass over the whole image): `view`, the
+        source's CLIP view; `mask`, its (1, H, W) `fov_mask` at fov_threshold; `counts`, the mask's
+        `window_counts` at crop_size."""
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in size")
         if view is None and self.whole_view_size > 0:
-            view = whole_view(source, self.whole_view_size)
-        mask = fov_mask(source, self.fov_threshold) if mask is None else mask
+            view = whole_view(as_tensor(source), self.whole_view_size)
+        if mask is None:
+            mask = fov_mask(as_tensor(source), self.fov_threshold)
         size = self.crop_size
-        source, target, mask = (pad_to(x, size, size) for x in (source, target, mask))
-        top, left = choose_crop(mask, size, generator, self.min_fov_fraction)
-        crops = [x[:, top : top + size, left : left + size] for x in (source, target, mask)]
+        top, left = choose_crop(mask, size, generator, self.min_fov_fraction, counts)
+        crops = [unit_float(crop_padded(x, top, left, size)) for x in (source, target)]
+        crops.append(crop_padded(mask, top, left, size).float())
         flips = torch.rand(2, generator=generator)
-        crops.append(view)
+        crops.append(None if view is None else as_tensor(view))
         if self.hflip and flips[0] < 0.5:
             crops = [None if x is None else x.flip(-1) for x in crops]
         if self.vflip and flips[1] < 0.5:

@@ -30,10 +30,9 @@ import accelerate
 import torch
 from accelerate.state import AcceleratorState
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ffasynth.config import TrainConfig
-from ffasynth.data.dataset import StreamBatchSampler
+from ffasynth.data.dataset import StreamBatchSampler, loader_workers, training_loader
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
 from ffasynth.training import checkpoint as ckpt
@@ -318,12 +317,12 @@ def train(
         rank=accelerator.process_index,
         world=accelerator.num_processes,
     )
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda"
-    )
-    stream = iter(loader)
+    # first the fixed batches, read here, so the loader's workers start with those images' caches made
     preview = _first_items(dataset, sample_items, device)
     probe = _first_items(dataset, task.diagnostic_items, device) if task.diagnostics_every else None
+    workers = loader_workers(config.num_workers, device.type == "cuda")
+    loader_seed = seed * 65_537 + accelerator.process_index  # worker RNGs differ per process
+    stream = iter(training_loader(dataset, sampler, workers, device.type == "cuda", loader_seed))
 
     log = RunLog(run_dir, config, task.name, start, progress, accelerator)
     result = TrainResult(start, skipped_steps=state["skipped_steps"])

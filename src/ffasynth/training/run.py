@@ -51,6 +51,7 @@ def load_training_data(data_dir: str | Path, config: Config, say: Callable[[str]
         seed=config.seed,
         cache=config.data.cache_images,
         max_pixels=config.data.max_pixels,
+        cache_dir=config.data.cache_dir,
     )
 
 

@@ -1,0 +1,74 @@
+"""Arrays computed once per image and kept on disk as .npy files, opened memory-mapped read-only.
+
+`PairDataset` keeps here what a crop needs: the decoded image (8-bit levels or 16-bit codes), the
+source's field-of-view mask, the FOV pixel counts of the crop windows and the whole photo's CLIP
+view. Every DataLoader worker (and, with a shared folder, every process of a run) maps the same
+files, so the operating system's page cache holds one copy of each image however many read it,
+and a worker reads and converts to float only its crop's pixels.
+
+An entry is written under a temporary name and renamed: two workers that compute the same entry
+at once both write a complete file and the second rename wins (same content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def file_key(path: str | os.PathLike, *details) -> str:
+    """A name for what is computed from the file at `path` with `details`: its resolved path, size and
+    modification time go in, so an entry of an edited or replaced file is never reused."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    text = repr((str(path), stat.st_size, stat.st_mtime_ns, *details))
+    return hashlib.sha1(text.encode()).hexdigest()[:24]
+
+
+def _remove_folder(folder: Path, owner: int) -> None:
+    # forked DataLoader workers inherit this finaliser: only the process that made the folder removes it
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class ArrayStore:
+    """Named arrays in `folder` (None: a new temporary folder, removed when the store is collected or
+    the process exits; its place follows $TMPDIR). `computed` counts the arrays this process made."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="ffasynth-cache-"))
+            self._cleanup = weakref.finalize(self, _remove_folder, self.folder, os.getpid())
+        else:
+            self.folder = Path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._cleanup = None
+        self.computed = 0
+        self._open: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The array called `name`, memory-mapped read-only; `make()` computes it when no file has it yet."""
+        array = self._open.get(name)
+        if array is not None:
+            return array
+        path = self.folder / f"{name}.npy"
+        if not path.is_file():
+            value = np.ascontiguousarray(make())
+            self.computed += 1
+            partial = self.folder / f".{name}.{os.getpid()}.partial.npy"
+            np.save(partial, value)
+            os.replace(partial, path)
+        array = np.load(path, mmap_mode="r")
+        self._open[name] = array
+        return array
+
+    def __getstate__(self) -> dict:
+        # a spawned worker gets the folder, not the mapped arrays (pickling would copy them) nor the finaliser
+        return {"folder": self.folder, "_cleanup": None, "computed": 0, "_open": {}}
