@@ -1,11 +1,15 @@
 """Feeding the training step (issue 23): images decoded and their field of view computed once, kept
 in memory-mapped files every loader worker shares; crops identical to the whole-image path; the same
-batches with any number of workers."""
+batches with any number of workers; the stage-2 reconstruction report on a few images, tiled, in the
+first process only."""
 
 from __future__ import annotations
 
 import gc
+import json
 import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ import torch
 from PIL import Image
 
 import ffasynth.data.dataset as dataset_module
+import ffasynth.evaluation.decoder_report as report_module
 from ffasynth.config import load_config
 from ffasynth.data.dataset import PairDataset, StreamBatchSampler, loader_workers, training_loader
 from ffasynth.data.io import read_image
@@ -181,3 +186,86 @@ def test_a_run_with_two_loader_workers_trains_exactly_as_one_without(tmp_path):
         result = train_micro_stage1(pairs, tmp_path / f"run{workers}", 3, extra=[f"stage1.num_workers={workers}"])
         losses[workers] = [row["loss/main"] for row in result.losses]
     assert len(losses[2]) == 3 and losses[2] == losses[0]
+
+
+class _LosslessVAE(torch.nn.Module):
+    """4 pixels per latent as a 3-level VAE, losslessly: each 4 x 4 block becomes 48 latent channels
+    (pixel_unshuffle) and back (scaling 1), so D(E(x)) = x; it records the sizes it is given."""
+
+    config = SimpleNamespace(block_out_channels=(8, 8, 8), scaling_factor=1.0)
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # its device is where the report runs
+        self.sizes = []
+
+    def encode(self, image):
+        self.sizes.append(tuple(image.shape[-2:]))
+        latents = torch.nn.functional.pixel_unshuffle(image, 4)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: latents))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=torch.nn.functional.pixel_shuffle(latents, 4))
+
+
+def test_the_tiled_report_sees_tiles_no_larger_than_asked_and_measures_the_same():
+    ramp = torch.linspace(-1, 1, 45 * 70).view(1, 45, 70)
+    vae = _LosslessVAE()
+    whole = report_module.decoder_errors(vae, None, [ramp])
+    assert vae.sizes == [(48, 72)]  # padded to the multiple of 4, in one piece
+    vae.sizes.clear()
+    tiled = report_module.decoder_errors(vae, None, [ramp], tile=32)
+    assert vae.sizes and max(max(size) for size in vae.sizes) <= 32 and len(vae.sizes) > 1
+    assert tiled["l1"] < 1e-6 and tiled["db"] > 100 and whole["db"] == pytest.approx(120.0)
+
+
+def test_the_report_reads_at_most_report_images_angiograms(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from ffasynth.models.decoder import Decoder
+
+    data = write_phantom_dataset(tmp_path / "data", n=6, size=32, seed=1, test_fraction=0.5)
+    reads = _Counter(report_module.read_image)
+    monkeypatch.setattr(report_module, "read_image", reads)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(overrides=["stage2.report_images=2", "data.phase=early"])
+    report = report_module.reconstruction_report(
+        run, data, config.data, vae, Decoder(vae), config.stage2.report_images, tile=16
+    )
+    assert report["images"] == 2 and report["split"] == "test" and reads.calls == 2  # 3 test eyes, 2 read
+    assert report["before_db"] == pytest.approx(report["after_db"])  # no checkpoint: the same decoder
+    assert json.loads((run / "run.json").read_text())["decoder_psnr"]["images"] == 2
+
+
+@pytest.mark.slow
+def test_only_the_first_process_writes_the_reconstruction_report(tmp_path, monkeypatch):
+    import ffasynth.training.stages as stages
+
+    pairs = write_phantom_dataset(tmp_path / "pairs", n=4, size=48, seed=5, test_fraction=0.5)
+    train_micro_stage1(pairs, tmp_path / "s1", 1)
+    calls = []
+
+    def recorded(*args):
+        calls.append(args)
+        return report_module.reconstruction_report(*args)
+
+    monkeypatch.setattr(stages, "reconstruction_report", recorded)
+    overrides = ["stage2.max_steps=1", "stage2.report_images=1", "stage2.lpips_weight=0", "stage2.sampler_steps=2"]
+    config = load_config(tmp_path / "s1" / "config.yaml", overrides=overrides)
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        result, report = stages.train_stage2(config, tmp_path / "s1", pairs, tmp_path / f"s2-{rank}", progress=False)
+        assert result.step == 1
+        assert (report == {}) == (rank == "1")
+    assert len(calls) == 1 and calls[0][5] == 1  # once, by rank 0, with stage2.report_images
+    assert report["images"] == 1 and Path(calls[0][0]).name == "s2-0"

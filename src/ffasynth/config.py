@@ -239,6 +239,8 @@ class Stage2Config(TrainConfig):
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr_factor: float = 1.0
+    # the decoder reconstruction report at the end (evaluation/decoder_report.py): this many test angiograms
+    report_images: int = 4
     # the frozen U-Net and CLIP encoder: "same" = the mixed-precision dtype (float32 without it); bf16 halves
     # their memory even when the decoder trains in float32
     frozen_dtype: Literal["same", "fp32", "bf16", "fp16"] = "same"
@@ -253,6 +255,7 @@ class Stage2Config(TrainConfig):
         _require(self.unet_max_timestep >= 1, "stage2.unet_max_timestep", "must be at least 1")
         _require(self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
         _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
+        _require(self.report_images >= 1, "stage2.report_images", "must be at least 1")
 
 
 @dataclass

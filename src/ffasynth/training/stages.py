@@ -109,7 +109,11 @@ def train_stage2(
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
     if not first:
         return result, {}
-    report = reconstruction_report(run_dir, data, config.data, task.original_vae, task.decoder)
+    # on the training device, tiled as translate decodes (tiles of the crop size, at least 512 px)
+    tile = max(config.data.crop_size, 512)
+    report = reconstruction_report(
+        run_dir, data, config.data, task.original_vae, task.decoder, config.stage2.report_images, tile
+    )
     say(
         f"done: {result.step} steps; decoder reconstruction of {report['images']} {report['split']} FFA images: "
         f"L1 {report['before_l1']:.4f} → {report['after_l1']:.4f}, "
