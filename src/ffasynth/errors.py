@@ -25,3 +25,16 @@ class ConfigError(FFASynthError):
 
 class WeightsNotFoundError(FFASynthError):
     """Model weights are absent; the message says which file to put where."""
+
+
+class OutputError(FFASynthError, OSError):
+    """An output could not be written (disk full, no permission, a file where a folder should be) or
+    must not be (it would land on an input); the message names the path. Also an OSError with the
+    errno kept, so code that handles a failed write as an OSError still does."""
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None):
+        super().__init__(errno, strerror)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -14,7 +14,7 @@ import torch
 
 from ffasynth.data.io import MIN_SIDE, is_image_file, read_image, save_image
 from ffasynth.data.pairs import discover_pairs
-from ffasynth.errors import FFASynthError, ImageReadError, PairError, WeightsNotFoundError
+from ffasynth.errors import FFASynthError, ImageReadError, OutputError, PairError, WeightsNotFoundError
 
 OUTPUT_SUFFIXES = ("_ffa", "_uncertainty")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,12 +49,53 @@ def _paired_targets(folder: Path) -> set[Path]:
     return {pair.target for pair in pairs if pair.target.parent == folder} if layout in ("uwf", "named") else set()
 
 
-def output_stems(files: list[Path]) -> dict[Path, str]:
-    """Each input's output name: its stem, prefixed by its folder's name where two stems collide."""
-    counts: dict[str, int] = {}
+def output_names(files: list[Path]) -> tuple[dict[Path, str], list[str]]:
+    """Each input's output name (`<name>_ffa.png`), decided before anything is written so that no two
+    outputs share a file, and a note for each group of inputs not named by their stem. The name is the
+    file's stem; where several inputs share a stem: in different folders, the folder's name before it
+    (`x_7`, `y_7`); in one folder, the stem with its suffix (`a.jpg`, `a.png`); else both (`x_a.png`).
+    A name still taken by an earlier input: an input named by its stem takes its suffix too (`a.jpg`
+    for `a.jpg.png`), any other a number (`x_a.png-2`)."""
+    groups: dict[str, list[Path]] = {}
     for path in files:
-        counts[path.stem] = counts.get(path.stem, 0) + 1
-    return {p: p.stem if counts[p.stem] == 1 else f"{p.parent.name}_{p.stem}" for p in files}
+        groups.setdefault(path.stem, []).append(path)
+    names: dict[Path, str] = {}
+    for stem, group in groups.items():
+        for path in group:
+            if len(group) == 1:
+                names[path] = stem
+            elif len({p.parent.name for p in group}) == len(group):
+                names[path] = f"{path.parent.name}_{stem}"
+            elif len({p.name for p in group}) == len(group):
+                names[path] = path.name
+            else:
+                names[path] = f"{path.parent.name}_{path.name}"
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    taken = {name for name, count in counts.items() if count == 1}
+    for path in files:  # names still shared, in input order
+        name = names[path]
+        if counts[name] > 1:
+            longer = [path.name] if name == path.stem else []
+            numbered = (f"{name}-{number}" for number in range(2, len(files) + 2))
+            names[path] = next(c for c in (name, *longer, *numbered) if c not in taken)
+            taken.add(names[path])
+    renamed: dict[str, list[Path]] = {}
+    for path in files:
+        if len(groups[path.stem]) > 1 or names[path] != path.stem:
+            renamed.setdefault(path.stem, []).append(path)
+    notes = [
+        f"{', '.join(map(str, group))} would share the output name {stem}_ffa.png; written as "
+        f"{', '.join(f'{names[p]}_ffa.png' for p in group)} instead"
+        for stem, group in renamed.items()
+    ]
+    return names, notes
+
+
+def output_stems(files: list[Path]) -> dict[Path, str]:
+    """Each input's output name (see output_names)."""
+    return output_names(files)[0]
 
 
 def uncertainty_rgb(std: np.ndarray, vmax: float) -> np.ndarray:
@@ -173,6 +214,8 @@ def translate_files(
                 colour = uncertainty_rgb(output.uncertainty[0], settings.uncertainty_max)
                 report.written.append(save_image(colour, out_dir / f"{stems[path]}_uncertainty.png"))
             del output, image
+        except OutputError:  # disk full, no permission: every later image would fail alike
+            raise
         except ImageReadError as failure:
             error = failure.cause
         except FFASynthError as failure:

@@ -14,12 +14,12 @@ from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, genera
 from ffasynth.config import Config, Pix2PixConfig, load_config
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.transforms import denormalise, normalise
-from ffasynth.errors import ConfigError, FFASynthError
+from ffasynth.errors import ConfigError, FFASynthError, OutputError
 from ffasynth.models.discriminator import NLayerDiscriminator
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainResult, train
 from ffasynth.training.run import load_training_data, prepare_run
-from ffasynth.translate import output_stems
+from ffasynth.translate import output_names
 
 
 def build_generator(config: Pix2PixConfig) -> UnetGenerator:
@@ -103,13 +103,18 @@ def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
 def generate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
     """`<name>_ffa.png` per photo, like `ffasynth translate`; returns the (file, reason) that failed."""
     generator, config = load_generator(run_dir)
-    stems, failed = output_stems(files), []
+    stems, notes = output_names(files)
+    failed = []
+    for note in notes:
+        say(f"note: {note}")
     for path in files:
         try:
             source = normalise(read_image(path, channels=3))
             fake = generate_image(generator, source, config.tile, config.tile_overlap)
             save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / f"{stems[path]}_ffa.png")
             say(f"{path.name} → {stems[path]}_ffa.png")
+        except OutputError:  # disk full, no permission: every later image would fail alike
+            raise
         except FFASynthError as error:
             failed.append((path, str(error)))
             say(f"error: {error}")

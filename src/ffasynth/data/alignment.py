@@ -227,6 +227,8 @@ def register_folder(
         raise PairError(f"{root}: no pairs found to register")
     if out.resolve().is_relative_to(root.resolve()):
         raise PairError(f"{out}: the output folder must not lie inside {root}")
+    if root.resolve().is_relative_to(out.resolve()):  # replacing `out` would delete the inputs
+        raise PairError(f"{out}: the output folder must not hold the inputs {root}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PairError(f"{out}: folder exists and is not empty (choose another --out, or --overwrite)")
     rows: list[RegistrationRow] = []

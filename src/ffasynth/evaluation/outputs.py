@@ -33,7 +33,7 @@ from ffasynth.evaluation.metrics import (
     resize_to,
 )
 from ffasynth.evaluation.report import Cell, Report
-from ffasynth.files import atomic_folder, atomic_write, atomic_write_text
+from ffasynth.files import atomic_folder, atomic_write, atomic_write_text, check_output_folder
 from ffasynth.provenance import versions
 
 DIFFERENCE_GAIN = 4.0  # |real - generated| x 4, clipped: a 0.25 difference shows white
@@ -263,11 +263,22 @@ def build_report(evaluation: Evaluation, folder: Path) -> Report:
     return report
 
 
+def check_report_folder(out: str | Path, inputs=()) -> Path:
+    """Refuse, in one line, a report folder that cannot be written or replaced: a file, not writable, a
+    folder holding other things than an earlier report, or one holding an input (`inputs`: the real,
+    generated and source folders), which replacing the report would delete."""
+    out = Path(out)
+    check_output_folder(out, inputs, "--out", replaces=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise FFASynthError(f"--out {out}: exists and is not an earlier ffasynth report; choose another --out")
+    return out
+
+
 def write_evaluation(evaluation: Evaluation, out: str | Path) -> dict[str, Path]:
     """Write metrics.json, metrics.csv, report.html, summary.md (and images/) into `out`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
-        raise FFASynthError(f"{out}: exists and is not an earlier ffasynth report; choose another --out")
+    out = check_report_folder(
+        out, [evaluation.real_dir, evaluation.source_dir, *(m.fake_dir for m in evaluation.methods)]
+    )
 
     def fill(folder: Path) -> None:
         atomic_write_text(folder / "metrics.json", json.dumps(to_json(evaluation), indent=2, allow_nan=False))
