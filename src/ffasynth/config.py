@@ -26,6 +26,8 @@ __all__ = ["Config", "PRESETS", "load_config", "save_config", "from_dict", "to_d
 # (detect). Kept here, the lowest layer, so the config needs nothing from data/ (nor torch).
 LAYOUTS = ("uwf", "isfahan", "manifest", "named")
 Layout = Literal[("auto", *LAYOUTS)]
+# Seeds feed torch's and numpy's generators: both take 0 to 2**32 - 1 (numpy refuses a negative one).
+SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -110,6 +112,14 @@ class ModelConfig:
         _require(self.use_clip or self.use_concat, "model.use_clip", "or model.use_concat must be true")
         _require(0 <= self.num_phases <= 16, "model.num_phases", "must be between 0 and 16")
         _require(self.clip_hidden_size % self.clip_heads == 0, "model.clip_hidden_size", "must divide by clip_heads")
+        for key in ("unet_layers_per_block", "unet_attention_heads", "cross_attention_dim", "vae_layers_per_block"):
+            _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
+        for key in ("latent_channels", "clip_layers", "clip_heads", "clip_intermediate_size", "clip_patch_size"):
+            _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
+        _require(all(c >= 1 for c in (*self.unet_channels, *self.vae_channels)), "model.unet_channels", "must be >= 1")
+        _require(self.latent_scaling > 0, "model.latent_scaling", "must be positive")
+        image, patch = self.clip_image_size, self.clip_patch_size
+        _require(image % patch == 0, "model.clip_image_size", f"must be a multiple of clip_patch_size ({patch})")
 
 
 @dataclass
@@ -151,6 +161,13 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, f"{self._section}.ema_decay", "must be in [0, 1)")
         _require(self.keep_checkpoints >= 1, f"{self._section}.keep_checkpoints", "must be at least 1")
         _require(self.lr_warmup_steps >= 0, f"{self._section}.lr_warmup_steps", "must be >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, key) < 1.0, f"{self._section}.{key}", "must be in [0, 1)")
+        for key in ("weight_decay", "max_grad_norm"):
+            _require(getattr(self, key) >= 0, f"{self._section}.{key}", "must be >= 0 (0 = off)")
+        _require(self.max_bad_steps >= 1, f"{self._section}.max_bad_steps", "must be at least 1")
+        minutes = self.max_minutes
+        _require(minutes is None or minutes > 0, f"{self._section}.max_minutes", "must be positive or null (no limit)")
         workers = self.num_workers
         _require(workers == "auto" or workers >= 0, f"{self._section}.num_workers", "must be >= 0 or auto")
 
@@ -166,6 +183,10 @@ class VAETrainConfig(TrainConfig):
     lr_warmup_steps: int = 50
     ema_decay: float = 0.0
     _section = "vae"
+
+    def validate(self) -> None:
+        super().validate()
+        _require(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
 
 
 @dataclass
@@ -219,6 +240,9 @@ class Stage1Config(TrainConfig):
         every = self.cond_gain_every
         _require(every is None or every >= 0, "stage1.cond_gain_every", "must be >= 0 (0 = off) or null")
         _require(self.cond_gain_items >= 2, "stage1.cond_gain_items", "must be at least 2 (to shuffle photos)")
+        _require(self.num_train_timesteps >= 2, "stage1.num_train_timesteps", "must be at least 2")
+        steps = self.num_train_timesteps
+        _require(1 <= self.sample_steps <= steps, "stage1.sample_steps", f"must be in [1, num_train_timesteps={steps}]")
 
 
 @dataclass
@@ -256,6 +280,9 @@ class Stage2Config(TrainConfig):
         _require(self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
         _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
         _require(self.report_images >= 1, "stage2.report_images", "must be at least 1")
+        _require(self.disc_start >= 0, "stage2.disc_start", "must be >= 0")
+        _require(self.disc_channels >= 1, "stage2.disc_channels", "must be at least 1")
+        _require(self.disc_lr_factor > 0, "stage2.disc_lr_factor", "must be positive")
 
 
 @dataclass
@@ -285,6 +312,11 @@ class Pix2PixConfig(TrainConfig):
         _require(self.num_downs >= 5, "pix2pix.num_downs", "must be at least 5")
         _require(self.l1_weight >= 0, "pix2pix.l1_weight", "must be >= 0")
         _require(0 <= self.tile_overlap < self.tile, "pix2pix.tile_overlap", "must be in [0, tile)")
+        for key in ("ngf", "disc_channels"):
+            _require(getattr(self, key) >= 1, f"pix2pix.{key}", "must be at least 1")
+        _require(1 <= self.disc_layers <= 6, "pix2pix.disc_layers", "must be between 1 and 6")
+        multiple = 2**self.num_downs
+        _require(self.tile % multiple == 0, "pix2pix.tile", f"must be a multiple of 2**num_downs ({multiple})")
 
 
 @dataclass
@@ -300,6 +332,14 @@ class Config:
 
     def validate(self) -> None:
         _require(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
+        _require(0 <= self.seed <= SEED_MAX, "seed", f"must be between 0 and {SEED_MAX}")
+        # every crop must pass through the VAE and the U-Net's levels whole (the pipeline's default tile is it)
+        factor = 2 ** (len(self.model.vae_channels) - 1) * 2 ** (len(self.model.unet_channels) - 1)
+        _require(self.data.crop_size % factor == 0, "data.crop_size", f"must be a multiple of {factor}, the model's "
+                 "downsampling (2^(VAE levels - 1) x 2^(U-Net levels - 1))")  # fmt: skip
+        limit = self.stage1.num_train_timesteps
+        _require(self.stage2.unet_max_timestep <= limit, "stage2.unet_max_timestep", f"must be at most {limit} "
+                 "(stage1.num_train_timesteps)")  # fmt: skip
 
 
 # channels_last: +16% stage-1 steps/s on 2 CPU cores (benchmarks/bench_train.py)

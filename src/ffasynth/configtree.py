@@ -3,7 +3,9 @@ merging, validation and `key=value` overrides. Errors name the dotted key."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,8 +17,11 @@ from ffasynth.errors import ConfigError
 
 
 def require(ok: bool, key: str, message: str) -> None:
+    """Refuse a value breaking a rule; `validate` adds the value asked to the message (key=value)."""
     if not ok:
-        raise ConfigError(f"config value {key} {message}")
+        error = ConfigError(f"config value {key} {message}")
+        error.key, error.rule = key, message
+        raise error
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
@@ -59,14 +64,17 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"config value {key}={value!r} must be an integer")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config value {key}={value!r} must be a number")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"config value {key}={value!r} must be a number")
+        if not math.isfinite(number):  # .nan / .inf in YAML, "nan" as text: no setting means that
+            raise ConfigError(f"config value {key}={value!r} must be a finite number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -131,14 +139,39 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
     return merge(read_yaml(path.parent / parent, (*_chain, path)), values)
 
 
-def validate(config: Any) -> None:
-    """Run every section's validate(), depth first."""
+def validate(config: Any, root: Any = None) -> None:
+    """Run every section's validate(), depth first. A broken rule names the key and the value asked."""
+    root = config if root is None else root
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value)
+            validate(value, root)
     if hasattr(config, "validate"):
-        config.validate()
+        try:
+            config.validate()
+        except ConfigError as error:
+            key = getattr(error, "key", None)
+            asked = _lookup(root, key) if key else _MISSING
+            if asked is _MISSING:
+                raise
+            raise ConfigError(f"config value {key}={_plain(asked)!r} {error.rule}") from None
+
+
+_MISSING = object()
+
+
+def _lookup(root: Any, key: str) -> Any:
+    """The value at a dotted key of a config tree, or _MISSING."""
+    node = root
+    for part in key.split("."):
+        node = getattr(node, part, _MISSING)
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ffasynth.errors import FFASynthError
+
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """(N, C, H, W) → padded on the bottom/right to multiples of `multiple`, so the top-left pixel
@@ -161,6 +163,47 @@ def tiled_map(
             piece = result[index * count : (index + 1) * count].float() * weights.to(result.device)
             output[..., rows, cols] += piece.to(output.device)
     return output.to(result.dtype)
+
+
+def check_tile_settings(
+    size: int | None,
+    overlap: int | None,
+    decode_size: int | None,
+    vae_factor: int,
+    unet_factor: int,
+    names: tuple[str, str, str] = ("tile_size", "tile_overlap", "decode_tile_size"),
+) -> list[str]:
+    """Refuse, in one line saying what was asked and what is allowed, tile settings (in pixels; None =
+    the default, not checked) that the tiler would otherwise change quietly; return a note for each
+    value rounded on purpose.
+    size: 0 (whole image) or a multiple of the model's downsampling f = VAE × U-Net factor, at least f.
+    overlap: 0 to half the tile (latent_tile caps the blend there); rounded down to the VAE's grid,
+    the pixels of one latent (noted). decode_size: 0 (whole image) or a multiple of the VAE factor."""
+    size_name, overlap_name, decode_name = names
+    factor = vae_factor * unet_factor
+    notes = []
+    if size is not None and (size < 0 or (size > 0 and size % factor)):
+        below = max(factor, size // factor * factor)
+        raise FFASynthError(
+            f"{size_name} {size}: allowed 0 (the whole image) or a multiple of {factor}, the model's downsampling "
+            f"(e.g. {below} or {below + factor})"
+        )
+    if overlap is not None:
+        tile = size if size else None
+        if overlap < 0 or (tile is not None and overlap > tile // 2):
+            allowed = f"0 to {tile // 2} (half the tile)" if tile is not None else "0 or more"
+            raise FFASynthError(f"{overlap_name} {overlap}: allowed {allowed}")
+        if overlap % vae_factor:
+            rounded = overlap // vae_factor * vae_factor
+            notes.append(f"{overlap_name} {overlap} is rounded down to {rounded}, a whole number of latent pixels "
+                         f"({vae_factor} px each)")  # fmt: skip
+    if decode_size is not None and (decode_size < 0 or (decode_size > 0 and decode_size % vae_factor)):
+        below = max(vae_factor, decode_size // vae_factor * vae_factor)
+        raise FFASynthError(
+            f"{decode_name} {decode_size}: allowed 0 (the whole image) or a multiple of {vae_factor}, the VAE's "
+            f"downsampling (e.g. {below})"
+        )
+    return notes
 
 
 def latent_tile(tile_px: int, overlap_px: int, vae_factor: int, unet_factor: int) -> tuple[int, int]:
