@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -269,3 +270,28 @@ def test_only_the_first_process_writes_the_reconstruction_report(tmp_path, monke
         assert (report == {}) == (rank == "1")
     assert len(calls) == 1 and calls[0][5] == 1  # once, by rank 0, with stage2.report_images
     assert report["images"] == 1 and Path(calls[0][0]).name == "s2-0"
+
+
+def test_the_data_benchmark_times_the_before_path_it_claims(small_pairs, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_data
+
+    transform = PairedTransform(crop_size=48)
+    before = bench_data.WholeImageCrops(small_pairs, transform, seed=3)
+    now = PairDataset(small_pairs, transform, seed=3)
+    for key in [(index, epoch) for epoch in range(2) for index in range(len(small_pairs))]:
+        for name in ("source", "target", "mask", "whole_source"):
+            assert torch.equal(before[key][name], now[key][name])
+    assert len(before.codes) == 6  # each file once, whole, in this process
+
+    for number in (1, 2):  # the uwf layout the benchmark writes
+        for suffix, image in (("", "a.png"), (".1", "a.1.png")):
+            (tmp_path / f"{number}{suffix}.png").write_bytes((small_pairs[0].source.parent / image).read_bytes())
+    args = SimpleNamespace(crop=32, workers=[0, 2], rounds=2, seconds=0.05)
+    result = bench_data.measure(args, tmp_path)
+    paths = result["paths"]
+    assert list(paths) == ["whole-image (before)", "cached, 0 workers", "cached, 2 workers"]
+    for row in paths.values():
+        assert len(row["rounds"]) == 2 and row["items_per_s"] == statistics.median(row["rounds"])
+        assert row["vs_before"] == pytest.approx(row["items_per_s"] / paths["whole-image (before)"]["items_per_s"])
+    assert result["pairs"] == 2 and result["memory"]["cache_files_mib_shared"] > 0
