@@ -2,7 +2,8 @@
 its record run.json, which data split a stage reads, and its newest complete checkpoint.
 
 RUN/run.json            kind, data, versions, and what later stages add (sources, stage1_run, ...)
-RUN/checkpoints/step-N/ complete once its state.json is written (training/checkpoint.py writes it last)
+RUN/checkpoints/step-N/ complete once its state.json is written (training/checkpoint.py verifies it
+                        further, against the manifest.json written last, before a run resumes)
 
 Standard library only, so any layer may use it without importing torch.
 """
@@ -54,13 +55,19 @@ def split_dir(data_dir: str | Path, split: str) -> Path:
     return data_dir if split == "train" else split_dir(data_dir, "train")
 
 
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders with their state.json written, oldest first; temporary folders are skipped."""
+def checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """Every RUN/checkpoints/step-N folder, complete or not, oldest first (temporary and set-aside
+    folders, `.step-N.*.tmp` and `step-N.damaged`, are not in the sequence)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders with their state.json written, oldest first; temporary folders are skipped."""
+    return [p for p in checkpoint_folders(run_dir) if (p / "state.json").is_file()]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:

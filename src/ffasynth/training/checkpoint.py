@@ -5,13 +5,21 @@ Layout of RUN/checkpoints/step-000120/:
   <module>.safetensors        trainable weights (e.g. unet, projection, decoder, discriminator)
   <module>.ema.safetensors    their exponential moving average, when kept
   optimizer-<name>.safetensors + .json   AdamW moments (tensors) and param groups (JSON)
-  state.json                  step, LR-schedule position, counters; written last
+  state.json                  step, LR-schedule position, counters
+  manifest.json               sha256 and size of every file above; written last
+
+Resuming verifies checkpoints newest first (files present, sizes and hashes as the manifest says,
+safetensors headers sound) and takes the newest that passes; the damaged ones it skipped are renamed
+step-N.damaged (kept, never deleted; out of the run's sequence, so no later save replaces them).
+Checkpoints written before manifests existed are accepted when their sizes and headers are sound.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +29,9 @@ from torch import nn
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
+from ffasynth.integrity import DamagedFileError, manifest_problem, read_manifest, safetensors_header, write_manifest
 from ffasynth.models.loading import load_safetensors_into
-from ffasynth.run_folder import complete_checkpoints  # what "complete" means is the run folder's rule
+from ffasynth.run_folder import checkpoint_folders, complete_checkpoints  # the run folder's rules
 
 
 class ExponentialMovingAverage:
@@ -131,11 +140,103 @@ def save_checkpoint(
             save_optimizer(optimizer, folder, name)
         ema_updates = {name: ema.updates for name, ema in emas.items()}
         (folder / "state.json").write_text(json.dumps({**state, "step": step, "ema_updates": ema_updates}, indent=1))
+        write_manifest(folder)
 
     path = atomic_folder(Path(run_dir) / "checkpoints" / f"step-{step:06d}", fill)
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    # only sound checkpoints count towards `keep` and are pruned: a damaged newer one never costs a good one
+    expected = expected_files(modules, emas, optimizers)
+    sound = [c for c in complete_checkpoints(run_dir) if checkpoint_problem(c, expected, hashes=False)[0] is None]
+    for old in sound[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def expected_files(modules, emas, optimizers) -> list[str]:
+    """The files save_checkpoint writes for these modules, EMAs and optimizers (the manifest aside)."""
+    weights = [f"{name}.safetensors" for name in modules] + [f"{name}.ema.safetensors" for name in emas]
+    optimizer_files = [f"optimizer-{name}{ext}" for name in optimizers for ext in (".safetensors", ".json")]
+    return ["state.json", *weights, *optimizer_files]
+
+
+def checkpoint_problem(folder: Path, expected: list[str], hashes: bool = True) -> tuple[str | None, bool]:
+    """(why FOLDER cannot be resumed, in a few words, or None; whether it has a manifest). Checks
+    that the `expected` files are there, that every file has the manifest's size (and sha256, when
+    `hashes`), and that each safetensors header and JSON file parses. No tensor is loaded."""
+    try:
+        listed = read_manifest(folder)
+    except DamagedFileError as error:
+        return str(error), True
+    missing = [name for name in expected if not (folder / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing", listed is not None
+    if listed is not None:
+        unlisted = [name for name in expected if name not in listed]
+        problem = f"{unlisted[0]} is not in its manifest" if unlisted else manifest_problem(folder, listed, hashes)
+        if problem:
+            return problem, True
+    for name in sorted(set(expected) | set(listed or {})):
+        try:
+            if name.endswith(".safetensors"):
+                safetensors_header(folder / name)
+            elif name.endswith(".json"):
+                json.loads((folder / name).read_text())
+        except DamagedFileError as error:
+            return f"{name}: {error}", listed is not None
+        except (OSError, UnicodeDecodeError, ValueError):
+            return f"{name} is not readable JSON", listed is not None
+    return None, listed is not None
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run starts from (None: none to resume), and what was passed over."""
+
+    folder: Path | None
+    verified: bool = False  # its files matched the sha256 hashes of its manifest
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (newer checkpoint, why it was skipped)
+
+    def set_aside_skipped(self) -> list[str]:
+        """Rename the skipped checkpoints step-N.damaged (one process only); the warnings to print."""
+        warnings = []
+        if self.skipped:
+            moved = [f"{folder.name} ({why}) → kept as {set_aside(folder).name}" for folder, why in self.skipped]
+            warnings.append(
+                f"warning: skipped damaged checkpoint(s) {'; '.join(moved)}; resuming from {self.folder.name}"
+            )
+        if self.folder is not None and not self.verified:
+            warnings.append(
+                f"warning: {self.folder.name} has no manifest (written before checkpoints had one): its sizes "
+                "and safetensors headers are sound, but its contents were not hash-verified"
+            )
+        return warnings
+
+
+def resume_point(run_dir: str | Path, expected: list[str]) -> ResumePoint:
+    """The newest checkpoint of RUN that passes checkpoint_problem, and the newer ones that did not.
+    A run whose checkpoints are all damaged is one FFASynthError naming each and why."""
+    skipped = []
+    for folder in reversed(checkpoint_folders(run_dir)):
+        problem, has_manifest = checkpoint_problem(folder, expected)
+        if problem is None:
+            return ResumePoint(folder, has_manifest, skipped)
+        skipped.append((folder, problem))
+    if skipped:
+        raise FFASynthError(
+            f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'} can be resumed ("
+            + "; ".join(f"{folder.name}: {why}" for folder, why in skipped)
+            + "); they are left as they are: restore a good copy, or start again with another --out"
+        )
+    return ResumePoint(None)
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to step-N.damaged (-2, -3... when taken): kept, out of the sequence."""
+    for number in range(1, 1000):
+        target = folder.with_name(f"{folder.name}.damaged" + (f"-{number}" if number > 1 else ""))
+        if not target.exists():
+            os.replace(folder, target)
+            return target
+    raise FFASynthError(f"{folder}: too many damaged copies beside it; remove some {folder.name}.damaged-*")
 
 
 def load_checkpoint(

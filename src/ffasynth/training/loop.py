@@ -202,16 +202,22 @@ def _build_optimizers(task: Task, config: TrainConfig, accelerator) -> tuple[dic
 
 
 def _resume(run_dir: Path, accelerator, raw: dict, emas: dict, optimizers: dict) -> tuple[int, dict]:
-    """(first step, the loop's saved counters) from RUN's newest complete checkpoint, its weights, EMAs
-    and optimizer states loaded; (0, {}) without one. Partial checkpoints and log lines past it go."""
+    """(first step, the loop's saved counters) from RUN's newest sound checkpoint (ckpt.resume_point),
+    its weights, EMAs and optimizer states loaded; (0, {}) without one. Partial checkpoints and log
+    lines past it go; damaged newer checkpoints are set aside (renamed, kept) with a warning."""
     start, state = 0, {}
     if accelerator.is_main_process:
         ckpt.remove_partial_checkpoints(run_dir)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, raw, emas, optimizers)
+    point = ckpt.resume_point(run_dir, ckpt.expected_files(raw, emas, optimizers))
+    accelerator.wait_for_everyone()  # every process has chosen before the main one renames what it skipped
+    if accelerator.is_main_process:
+        for warning in point.set_aside_skipped():
+            accelerator.print(warning)
+    accelerator.wait_for_everyone()
+    if point.folder is not None:
+        state = ckpt.load_checkpoint(point.folder, raw, emas, optimizers)
         start = state["step"]
-        accelerator.print(f"resuming {run_dir} from {latest.name}")
+        accelerator.print(f"resuming {run_dir} from {point.folder.name}")
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", start)
     return start, state
