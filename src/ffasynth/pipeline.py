@@ -15,6 +15,7 @@ diffusers' folder format, safetensors only) and the scheduler is swappable, e.g.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,16 @@ from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.models.loading import check_pipeline_folder
 from ffasynth.models.lora import ADAPTER_FOLDER, load_lora
-from ffasynth.tiling import Tile, latent_tile, pad_to_multiple, plan_tiles, tiled_decode, tiled_encode, tiled_map
+from ffasynth.tiling import (
+    Tile,
+    check_tile_settings,
+    latent_tile,
+    pad_to_multiple,
+    plan_tiles,
+    tiled_decode,
+    tiled_encode,
+    tiled_map,
+)
 
 __all__ = [
     "FFASynthesisOutput",
@@ -353,8 +363,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
             raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
         if num_samples < 1:
             raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
-        if guidance is not None and guidance < 1.0:  # None: __call__ takes the config's value and checks it
-            raise FFASynthError(f"image_guidance_scale must be >= 1 (1 = no guidance), not {guidance}")
+        if guidance is not None and not (math.isfinite(guidance) and guidance >= 1.0):  # None: the config's value
+            raise FFASynthError(f"image_guidance_scale {guidance}: allowed a finite number >= 1 (1 = no guidance)")
         if output_type not in ("pil", "np", "pt"):
             raise FFASynthError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
         scheduler_type = self.scheduler.config.get("prediction_type", self.config.prediction_type)
@@ -394,6 +404,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
         self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase)
         tile_size = self.config.tile_size if tile_size is None else tile_size
+        check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)
         photos = image if isinstance(image, (list, tuple)) else [image]
         means, stds = [], []
