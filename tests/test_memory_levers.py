@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,42 @@ def test_the_frozen_unet_runs_once_a_batch_for_both_optimizers(stage1_run):
     for optimizer in ("decoder", "discriminator"):
         task.loss(batch, 5, torch.Generator().manual_seed(0), optimizer)
     assert len(components.unet.items) == 2  # sampler_steps passes, for the decoder's loss only
+
+
+# --- the memory estimate (benchmarks/bench_sd15_memory.py) --------------------------------------
+
+
+@pytest.mark.slow
+def test_the_sd15_memory_estimate_counts_lora_8bit_adamw_and_a_host_ema(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_sd15_memory as bench
+
+    # 8-bit AdamW: one byte a moment plus a float32 absmax per 256-value block; small tensors stay float32
+    big, small = nn.Parameter(torch.empty(5000, device="meta")), nn.Parameter(torch.empty(100, device="meta"))
+    assert bench.optimizer_bytes([big, small], "adamw8bit") == 2 * 5000 + 2 * 4 * 20 + 8 * 100
+    assert bench.optimizer_bytes([big, small], "adamw") == 8 * 5100
+
+    full, lora = bench.static_gib(1, True, 2), bench.static_gib(1, True, 2, lora=True)
+    plain, _, _ = bench.sd15_modules()
+    settings = load_config(bench.LORA_CONFIG).stage1.lora
+    targeted = [
+        m
+        for n, m in plain.named_modules()
+        if isinstance(m, nn.Linear) and any(n.endswith(t) for t in settings.target_modules)
+    ]
+    whole = sum(p.numel() for p in [*plain.conv_in.parameters(), *plain.class_embedding.parameters()])
+    adapters = sum(settings.rank * (m.in_features + m.out_features) for m in targeted)
+    assert lora["trainable_params_m"] * 1e6 == pytest.approx(adapters + whole, abs=1)
+    # with LoRA the U-Net's own weights are frozen, in bf16: 2 bytes each more in the frozen part
+    unet_frozen = full["trainable_params_m"] * 1e6 - whole
+    assert lora["frozen_gib"] == pytest.approx(full["frozen_gib"] + 2 * unet_frozen / 2**30)
+    assert lora["trainable_gib"] == pytest.approx(20 * (adapters + whole) / 2**30)
+
+    host = bench.static_gib(1, True, 2, ema_on_cpu=True)
+    values = full["trainable_params_m"] * 1e6
+    assert host["trainable_gib"] == pytest.approx(full["trainable_gib"] - 4 * values / 2**30)
+    assert host["ema_host_gib"] == pytest.approx(4 * values / 2**30)
+    # stage 2: a bf16 frozen U-Net and CLIP take half their float32 bytes; the VAE encoder stays float32
+    fp32, bf16 = bench.static_gib(2, False, 4), bench.static_gib(2, False, 2)
+    halved = (sum(p.numel() for p in plain.parameters()) + bench.count(bench.sd15_modules()[2])) * 2 / 2**30
+    assert fp32["frozen_gib"] - bf16["frozen_gib"] == pytest.approx(halved)
