@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ffasynth.cli.options import SEED, in_range
+from ffasynth.files import check_output_folder
 from ffasynth.models import base as base_model
 
 app = typer.Typer(help="The tiny preset's pretrained base model (model.base).", no_args_is_help=True)
@@ -17,11 +19,13 @@ app = typer.Typer(help="The tiny preset's pretrained base model (model.base).", 
 @app.command("build")
 def build_command(
     out: Path = typer.Option(..., "--out", help="Folder for the data, the runs, base.safetensors and MODEL_CARD.md."),
-    minutes: float = typer.Option(60.0, "--minutes", help="Training budget over the three stages (CPU minutes)."),
+    minutes: float = typer.Option(
+        60.0, "--minutes", callback=in_range(0, above=True), help="Training budget over the three stages (CPU minutes)."
+    ),
     shared: Path | None = typer.Option(
         None, "--shared", help="The shared real images (default $FFASYNTH_SHARED_DATA or ../shared/data)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the procedural data and training."),
+    seed: int = typer.Option(0, "--seed", callback=SEED, help="Seed for the procedural data and training."),
     scale: str = typer.Option("full", "--scale", help="full (the shipped recipe) or mini (a smoke run)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     overrides: list[str] | None = typer.Argument(None, help="Config fields as key=value (tiny preset)."),
@@ -32,6 +36,7 @@ def build_command(
     from ffasynth.pretrain import build_base, default_shared
 
     shared = shared if shared is not None else default_shared()
+    check_output_folder(out, [shared])
     if not shared.is_dir():
         typer.echo(f"note: no shared real images at {shared}: the base learns from procedural pairs only")
         shared = None

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ffasynth.cli.options import TrainOptions, say, train_options
+from ffasynth.files import check_output_folder, removed_if_left_empty
 from ffasynth.translate import collect_inputs
 
 # The baseline's training and tiling import accelerate and the training loop (seconds); they are
@@ -35,9 +36,11 @@ def translate_command(
     names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both."""
     from ffasynth.baselines.training import generate_folder
 
+    check_output_folder(out, [*inputs, run])
     files, problems = collect_inputs(inputs)
     for path, reason in problems:
         typer.secho(f"error: {path}: {reason}", fg=typer.colors.RED, err=True)
-    failed = generate_folder(run, files, out, typer.echo)
+    with removed_if_left_empty(out):
+        failed = generate_folder(run, files, out, typer.echo)
     if problems or failed or not files:
         raise typer.Exit(1)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ffasynth.cli.options import settings_from
+from ffasynth.cli.options import SEED, in_range, settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.agreement import scores_by_class
 from ffasynth.evaluation.clinical import (
@@ -23,6 +23,7 @@ from ffasynth.evaluation.clinical import (
     resolve_modes,
 )
 from ffasynth.evaluation.clinical_report import write_clinical_report
+from ffasynth.files import check_output_folder
 from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
 
 MODE_HELP = (
@@ -53,7 +54,9 @@ def clinical(
     pipeline: Path | None = typer.Option(
         None, "--pipeline", help="An exported pipeline: generate the synthetic FFA of every photo into OUT/synthetic."
     ),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps when generating with --pipeline."),
+    steps: int = typer.Option(
+        20, "--steps", callback=in_range(1), help="Denoising steps when generating with --pipeline."
+    ),
     synthetic: Path | None = typer.Option(
         None, "--synthetic", help="Folder of generated FFA named by eye id (`7.png` or `7_ffa.png`)."
     ),
@@ -62,12 +65,18 @@ def clinical(
     backbone_weights: Path | None = typer.Option(
         None, "--backbone-weights", help="Pretrained backbone weights (.safetensors); random init without."
     ),
-    folds: int = typer.Option(5, "--folds", min=2, help="Cross-validation folds (stratified, grouped by eye)."),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Training epochs per fold."),
-    image_size: int = typer.Option(128, "--image-size", min=16, help="Images are resized to this square side."),
-    batch_size: int = typer.Option(16, "--batch-size", min=2, help="Images per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, one-cycle schedule)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for folds, initialisation and augmentation."),
+    folds: int = typer.Option(
+        5, "--folds", callback=in_range(2), help="Cross-validation folds (stratified, grouped by eye)."
+    ),
+    epochs: int = typer.Option(15, "--epochs", callback=in_range(1), help="Training epochs per fold."),
+    image_size: int = typer.Option(
+        128, "--image-size", callback=in_range(16), help="Images are resized to this square side."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", callback=in_range(2), help="Images per step."),
+    lr: float = typer.Option(
+        1e-3, "--lr", callback=in_range(0, above=True), help="Peak learning rate (AdamW, one-cycle schedule)."
+    ),
+    seed: int = typer.Option(0, "--seed", callback=SEED, help="Seed for folds, initialisation and augmentation."),
 ) -> None:
     """Cross-validated disease classification on photos, real FFA and/or synthetic FFA.
 
@@ -77,6 +86,7 @@ def clinical(
     options = dict(locals())
     if fusion not in FUSIONS:
         raise FFASynthError(f"unknown --fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
+    check_output_folder(out, [data, synthetic, pipeline, backbone_weights])
     eyes = load_labelled(data)
     console = Console(stderr=True)
     if pipeline is not None:

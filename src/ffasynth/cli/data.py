@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -10,11 +11,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ffasynth.cli.options import SEED, in_range
 from ffasynth.data.alignment import REPORT_NAME, RegistrationRow, register_folder
 from ffasynth.data.pairs import LAYOUTS, check_pairs
 from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
-from ffasynth.files import atomic_write_text
+from ffasynth.errors import FFASynthError
+from ffasynth.files import atomic_write_text, check_output_file, check_output_folder
 
 app = typer.Typer(help="Inspect, check, register and generate paired photo/FFA data.", no_args_is_help=True)
 
@@ -28,13 +31,15 @@ def check(
         True, help="Decode every image fully (catches truncated files); --no-decode reads headers only."
     ),
     max_pixels: int | None = typer.Option(
-        None, help="Refuse images with more pixels (default 64e6, or $FFASYNTH_MAX_PIXELS)."
+        None, callback=in_range(1), help="Refuse images with more pixels (default 64e6, or $FFASYNTH_MAX_PIXELS)."
     ),
 ) -> None:
     """List the pairs found in FOLDER and every problem (unpaired, unreadable, size mismatch...).
 
     Exit code 0 when at least one valid pair exists, 1 otherwise.
     """
+    if json_out is not None:
+        check_output_file(json_out, [folder], "--json", suffixes=(".json",))
     report = check_pairs(folder, layout, decode=decode, max_pixels=max_pixels)
     console = Console()
     table = Table(title=f"{folder} ({report.layout} layout)")
@@ -66,12 +71,17 @@ def check(
 
 @app.command("phantom")
 def phantom(
-    out: Path = typer.Argument(..., help="Output folder (uwf layout: N.png, N.1.png, N.2.png, labels.csv)."),
-    n: int = typer.Option(100, "--n", min=1, help="Number of eyes."),
-    size: int = typer.Option(256, "--size", min=32, help="Image side in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same images."),
+    out: Path = typer.Argument(
+        ...,
+        help="Output folder (uwf layout: N.png, N.1.png, N.2.png, labels.csv): new, empty or an earlier phantom set.",
+    ),
+    n: int = typer.Option(100, "--n", callback=in_range(1), help="Number of eyes."),
+    size: int = typer.Option(256, "--size", callback=in_range(32), help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", callback=SEED, help="Random seed; the same seed gives the same images."),
     diseases: str = typer.Option(",".join(DISEASES), help="Comma-separated labels to draw, balanced."),
-    test_fraction: float = typer.Option(0.0, min=0.0, max=0.9, help="Put this fraction in test/, the rest in train/."),
+    test_fraction: float = typer.Option(
+        0.0, callback=in_range(0.0, 0.9), help="Put this fraction in test/, the rest in train/."
+    ),
     style: str = typer.Option(
         "standard",
         help="standard: a colour fundus photo, round 45-degree field; uwf: Optos-like ultra-widefield "
@@ -88,6 +98,10 @@ def phantom(
             f"unknown disease {unknown[0] if unknown else '(none)'}; choose from {', '.join(DISEASES)}",
             param_hint="--diseases",
         )
+    check_output_folder(out, option="OUT")
+    if out.is_dir() and any(out.iterdir()) and not _phantom_set(out):
+        message = f"OUT {out} holds other files than an earlier phantom set, which could be overwritten"
+        raise FFASynthError(f"{message}; choose a new or empty folder")
     with Progress(transient=True) as progress:
         task = progress.add_task("drawing eyes", total=n)
         write_phantom_dataset(
@@ -101,6 +115,15 @@ def phantom(
             style=style,
         )
     typer.echo(f"wrote {n} {style} phantom pairs ({size}x{size}, early + late FFA) to {out}")
+
+
+def _phantom_set(folder: Path) -> bool:
+    """Only what `data phantom` writes: N.png, N.1.png, N.2.png, N.lesions.json and labels.csv (in train/
+    and test/ too)."""
+    names = re.compile(r"^\d+(\.[12])?\.png$|^\d+\.lesions\.json$|^labels\.csv$")
+    found = [p for p in folder.rglob("*") if p.is_file()]
+    inside = all(p.parent in (folder, folder / "train", folder / "test") for p in found)
+    return inside and all(names.match(p.name) for p in found) and (folder / "labels.csv").is_file()
 
 
 @app.command("register")
@@ -118,10 +141,12 @@ def register(
         None, "--target", help="One pair per folder: the angiogram's file stem (e.g. ffa)."
     ),
     min_score: float = typer.Option(
-        RegistrationParams.min_score, min=0.0, max=1.0, help="Flag pairs whose vessel-agreement score is lower."
+        RegistrationParams.min_score,
+        callback=in_range(0.0, 1.0),
+        help="Flag pairs whose vessel-agreement score is lower.",
     ),
     min_inliers: int = typer.Option(
-        RegistrationParams.min_inliers, min=0, help="Flag pairs with fewer agreeing vessel tiles."
+        RegistrationParams.min_inliers, callback=in_range(0), help="Flag pairs with fewer agreeing vessel tiles."
     ),
     overwrite: bool = typer.Option(False, help="Replace OUT when it exists and is not empty."),
 ) -> None:
@@ -135,6 +160,7 @@ def register(
         raise typer.BadParameter(f"unknown model {model!r}; choose one of {', '.join(MODELS)}", param_hint="--model")
     if (source is None) != (target is None):
         raise typer.BadParameter("give both --source and --target, or neither", param_hint="--source/--target")
+    check_output_folder(out, [folder], replaces=overwrite)
     params = RegistrationParams(model=model, min_score=min_score, min_inliers=min_inliers)
     names = (source, target) if source and target else None
     with Progress(transient=True) as progress:

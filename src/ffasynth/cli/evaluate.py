@@ -10,10 +10,10 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ffasynth.cli.options import settings_from
+from ffasynth.cli.options import SEED, in_range, settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import METRICS, EvalSettings, evaluate
-from ffasynth.evaluation.outputs import summary_table, write_evaluation
+from ffasynth.evaluation.outputs import check_report_folder, summary_table, write_evaluation
 from ffasynth.evaluation.report import format_value
 from ffasynth.weights import WEIGHTS_ENV
 
@@ -48,18 +48,25 @@ def evaluate_command(
         True, "--fov-mask/--no-fov-mask", help="Score paired metrics only inside the real image's field of view."
     ),
     fov_threshold: float = typer.Option(
-        0.04, "--fov-threshold", min=0.0, max=1.0, help="Field of view: brightness above this after a 7-px blur."
+        0.04,
+        "--fov-threshold",
+        callback=in_range(0.0, 1.0),
+        help="Field of view: brightness above this after a 7-px blur.",
     ),
-    patches: int = typer.Option(0, "--patches", min=0, help="FID/KID on N random crops per image (0: whole images)."),
-    patch_size: int = typer.Option(512, "--patch-size", min=16, help="Side of the FID/KID crops in pixels."),
+    patches: int = typer.Option(
+        0, "--patches", callback=in_range(0), help="FID/KID on N random crops per image (0: whole images)."
+    ),
+    patch_size: int = typer.Option(
+        512, "--patch-size", callback=in_range(16), help="Side of the FID/KID crops in pixels."
+    ),
     resolution: int | None = typer.Option(
-        None, "--resolution", min=16, help="Scale every image's shorter side to this many pixels first."
+        None, "--resolution", callback=in_range(16), help="Scale every image's shorter side to this many pixels first."
     ),
     lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS backbone: alex or vgg."),
     weights_dir: Path | None = typer.Option(
         None, "--weights-dir", help=f"Backbone weights folder (default ${WEIGHTS_ENV}, else the torch hub cache)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the crops and of the KID subsets."),
+    seed: int = typer.Option(0, "--seed", callback=SEED, help="Seed of the crops and of the KID subsets."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Compare generated angiograms with real ones: PSNR, SSIM, MS-SSIM, LPIPS on pairs; FID, KID between sets.
@@ -76,6 +83,7 @@ def evaluate_command(
         device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
     )
     fakes = parse_fakes(fake)
+    check_report_folder(out, [real, source, *fakes.values()])  # before minutes of metrics, not after
     console = Console(stderr=True)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("loading backbones", total=None)

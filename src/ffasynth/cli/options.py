@@ -1,18 +1,24 @@
 """What several verbs share: the training options (`ffasynth train ...`, `ffasynth baseline train`),
-written once and added to a verb by `@train_options()`; settings built from a verb's options; `say`."""
+written once and added to a verb by `@train_options()` (which also checks --out before any work);
+`in_range`, the option callback that refuses a number outside its range in one line; settings built
+from a verb's options; `say`."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-from ffasynth.config import Config, load_config
+from ffasynth.config import SEED_MAX, Config, load_config
+from ffasynth.errors import FFASynthError
+from ffasynth.files import check_output_folder
+from ffasynth.run_folder import split_dir
 
 
 @dataclass
@@ -53,6 +59,44 @@ class TrainOptions:
         return load_config(base, self.preset, extra + list(self.overrides or []))
 
 
+def allowed_range(low: float | None = None, high: float | None = None, above: bool = False) -> str:
+    """[low, high] (or (low, high] with `above`) in words: "1 or more", "0 to 1", "more than 0"."""
+
+    def number(value: float) -> str:
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+    if low is not None and high is not None:
+        return f"{'more than ' if above else ''}{number(low)} to {number(high)}"
+    if low is not None:
+        return f"more than {number(low)}" if above else f"{number(low)} or more"
+    return f"{number(high)} or less" if high is not None else "any finite number"
+
+
+def in_range(low: float | None = None, high: float | None = None, above: bool = False) -> Callable:
+    """A typer option callback refusing, in one line naming the option with the value asked and what is
+    allowed, a number outside [low, high] ((low, high] with `above`) or a float that is not finite
+    (nan, inf). Used in place of typer's min/max, whose message does not say what was asked."""
+
+    def check(param: typer.CallbackParam, value):
+        for asked in value if isinstance(value, list | tuple) else [value]:
+            if asked is None or isinstance(asked, bool):
+                continue
+            finite = not isinstance(asked, float) or math.isfinite(asked)
+            inside = finite and (low is None or asked > low or (asked == low and not above))
+            inside = inside and (high is None or asked <= high)
+            if not inside:
+                why = "" if finite else "not a finite number; "
+                raise FFASynthError(f"{param.opts[0]} {asked}: {why}allowed {allowed_range(low, high, above)}")
+        return value
+
+    return check
+
+
+# Seeds feed torch and numpy generators; both take 0 to 2**32 - 1 (numpy refuses a negative seed).
+SEED = in_range(0, SEED_MAX)
+at_least_1 = in_range(1)
+
+
 # name → (type, typer option), in the order --help lists them
 TRAIN_OPTIONS = {
     "data": (
@@ -66,11 +110,25 @@ TRAIN_OPTIONS = {
         bool,
         typer.Option(False, "--resume", help="Continue from the run's newest complete checkpoint and config."),
     ),
-    "max_steps": (int | None, typer.Option(None, "--max-steps", help="Optimizer steps in total.")),
-    "batch_size": (int | None, typer.Option(None, "--batch-size", help="Crops per step (per process).")),
-    "resolution": (int | None, typer.Option(None, "--resolution", help="Crop size in pixels (data.crop_size).")),
-    "save_every": (int | None, typer.Option(None, "--save-every", help="Checkpoint every N steps.")),
-    "seed": (int | None, typer.Option(None, "--seed", help="Seed for crops, noise and initialisation.")),
+    "max_steps": (int | None, typer.Option(None, "--max-steps", callback=at_least_1, help="Optimizer steps in total.")),
+    "batch_size": (
+        int | None,
+        typer.Option(None, "--batch-size", callback=at_least_1, help="Crops per step (per process)."),
+    ),
+    "resolution": (
+        int | None,
+        typer.Option(
+            None,
+            "--resolution",
+            callback=at_least_1,
+            help="Crop size in pixels (data.crop_size), a multiple of the model's downsampling.",
+        ),
+    ),
+    "save_every": (
+        int | None,
+        typer.Option(None, "--save-every", callback=at_least_1, help="Checkpoint every N steps."),
+    ),
+    "seed": (int | None, typer.Option(None, "--seed", callback=SEED, help="Seed for crops, noise and initialisation.")),
     "quiet": (bool, typer.Option(False, "--quiet", help="No progress bar.")),
     "overrides": (
         list[str] | None,
@@ -95,6 +153,8 @@ def train_options(without: tuple[str, ...] = ()) -> Callable:
         @functools.wraps(verb)
         def command(**values):
             options = TrainOptions(**{p.name: values.pop(p.name) for p in shared})
+            data = options.data
+            check_output_folder(options.out, [data, split_dir(data, "train"), split_dir(data, "test")])
             return verb(options, **values)
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared

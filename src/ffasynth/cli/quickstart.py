@@ -8,6 +8,8 @@ import typer
 
 from ffasynth.app import ServeSettings
 from ffasynth.app import serve as serve_page
+from ffasynth.cli.options import SEED, in_range
+from ffasynth.files import check_output_folder
 
 # ffasynth.quickstart trains, exports and evaluates: it imports diffusers, transformers and accelerate
 # (seconds), so `quickstart` imports it when it runs, and `ffasynth --help` does not wait for it.
@@ -15,10 +17,17 @@ from ffasynth.app import serve as serve_page
 
 def quickstart(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for data, runs, pipeline, outputs and report."),
-    minutes: float = typer.Option(5.0, "--minutes", help="Wall-clock budget for the whole job (CPU: about this long)."),
+    minutes: float = typer.Option(
+        5.0,
+        "--minutes",
+        callback=in_range(0.2),
+        help="Wall-clock budget for the whole job (CPU: about this long).",
+    ),
     data: Path | None = typer.Option(None, "--data", help="Your folder of pairs (default: generated phantom pairs)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data, training and sampling."),
-    steps: int = typer.Option(20, "--steps", help="Denoising steps when translating the held-out photos."),
+    seed: int = typer.Option(0, "--seed", callback=SEED, help="Seed for data, training and sampling."),
+    steps: int = typer.Option(
+        20, "--steps", callback=in_range(1), help="Denoising steps when translating the held-out photos."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     overrides: list[str] | None = typer.Argument(None, help="Config fields as key=value (tiny preset)."),
 ) -> None:
@@ -26,6 +35,7 @@ def quickstart(
     translate held-out photos → evaluate → HTML report. Needs no weights, no GPU, no internet."""
     from ffasynth.quickstart import quickstart as run
 
+    check_output_folder(out, [data])
     result = run(out, minutes, data, seed, steps, not quiet, typer.echo, overrides)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items() if isinstance(v, float))
     typer.echo(f"\nfinished in {result.minutes:.1f} min; held-out {shown}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ffasynth.cli.options import TrainOptions, say, train_options
+from ffasynth.files import check_output_folder
 
 # The training stages import diffusers, transformers and accelerate (seconds); they are imported in
 # the verbs that run them, so `ffasynth --help` and the other verbs do not wait for them.
@@ -57,5 +58,6 @@ def stage2_command(
     encoder, unet or mix). Reports the decoder's reconstruction PSNR on the test images before and after."""
     from ffasynth.training.stages import train_stage2
 
+    check_output_folder(options.out, [from_run])  # the stage-1 run is read, never written
     config = options.config("stage2", start=from_run / "config.yaml")
     train_stage2(config, from_run, options.data, options.out, options.resume, options.progress, say, ema=not no_ema)

@@ -7,30 +7,52 @@ from pathlib import Path
 import typer
 from tqdm.auto import tqdm
 
-from ffasynth.cli.options import settings_from
-from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, translate_files
+from ffasynth.cli.options import SEED, in_range, settings_from
+from ffasynth.files import check_output_folder, removed_if_left_empty
+from ffasynth.tiling import check_tile_settings
+from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, output_names, translate_files
 
 
 def translate(
     pipeline_dir: Path = typer.Argument(..., help="A pipeline folder written by `ffasynth export`."),
     inputs: list[Path] = typer.Argument(..., help="Photo files and/or folders of photos."),
-    out: Path = typer.Option(..., "--out", help="Folder for <name>_ffa.png (and <name>_uncertainty.png)."),
-    steps: int = typer.Option(20, "--steps", min=1, help="Denoising steps (DPM-Solver++)."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed; each image is seeded alike, so results are reproducible."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Folder for <name>_ffa.png (and <name>_uncertainty.png); not an input's folder. Inputs sharing a "
+        "name (a.jpg, a.png) keep their suffix (a.jpg_ffa.png), with a note.",
+    ),
+    steps: int = typer.Option(20, "--steps", callback=in_range(1), help="Denoising steps (DPM-Solver++)."),
+    seed: int = typer.Option(
+        0, "--seed", callback=SEED, help="Noise seed (0 to 2^32-1); each image is seeded alike, so results repeat."
+    ),
     samples: int = typer.Option(
-        1, "--samples", min=1, help="Samples per image; > 1 writes their mean and a per-pixel std map."
+        1, "--samples", callback=in_range(1), help="Samples per image; > 1 writes their mean and a per-pixel std map."
     ),
     tile_size: int | None = typer.Option(
-        None, "--tile-size", help="Tile side in pixels (default: the training crop); 0 = whole image at once."
+        None,
+        "--tile-size",
+        callback=in_range(0),
+        help="Tile side in pixels, a multiple of the model's downsampling (default: the training crop); 0 = whole "
+        "image at once.",
     ),
-    tile_overlap: int | None = typer.Option(None, "--tile-overlap", help="Tile overlap in pixels (default: tile/4)."),
+    tile_overlap: int | None = typer.Option(
+        None,
+        "--tile-overlap",
+        callback=in_range(0),
+        help="Tile overlap in pixels, up to half the tile (default: tile/4).",
+    ),
     decode_tile_size: int | None = typer.Option(
-        None, "--decode-tile-size", help="VAE decode tile in pixels (default: max(tile, 512)); 0 = whole image."
+        None,
+        "--decode-tile-size",
+        callback=in_range(0),
+        help="VAE decode tile in pixels (default: max(tile, 512)); 0 = whole image.",
     ),
     phase: str | None = typer.Option(None, "--phase", help="FFA phase to synthesise: early or late."),
     guidance: float | None = typer.Option(
         None,
         "--guidance",
+        callback=in_range(1),
         help="Image guidance scale; 1 = none (one U-Net pass per step), > 1 = stronger (two). Default: the "
         "pipeline's (stage1.image_guidance_scale when it was exported).",
     ),
@@ -41,7 +63,10 @@ def translate(
         help="U-Net/CLIP weights: float32, float16 or bfloat16 (GPU); with float16 the VAE stays float32.",
     ),
     uncertainty_max: float = typer.Option(
-        0.2, "--uncertainty-max", min=1e-6, help="Std (in [0, 1] intensity) shown as the brightest colour."
+        0.2,
+        "--uncertainty-max",
+        callback=in_range(0, above=True),
+        help="Std (in [0, 1] intensity) shown as the brightest colour.",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -49,10 +74,18 @@ def translate(
     overlapping tiles blended at every step. A file that cannot be read or translated is reported
     in one line and skipped; the exit code is 1 when any failed."""
     options = dict(locals())
+    check_output_folder(out, [*inputs, pipeline_dir])
     files, problems = collect_inputs(inputs)
     for path, reason in problems:
         typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
+    for note in output_names(files)[1]:
+        typer.echo(f"note: {note}")
     pipeline = load_pipeline(pipeline_dir, device, dtype)
+    names = ("--tile-size", "--tile-overlap", "--decode-tile-size")
+    tile = pipeline.config.tile_size if tile_size is None else tile_size
+    factors = (pipeline.vae_scale_factor, pipeline.unet_scale_factor)
+    for note in check_tile_settings(tile, tile_overlap, decode_tile_size, *factors, names):
+        typer.echo(f"note: {note}")
     pipeline.set_progress_bar_config(disable=quiet, leave=False, desc="steps")
     settings = settings_from(TranslateSettings, options)
     bar = tqdm(total=len(files), desc="images", unit="image", disable=quiet)
@@ -64,7 +97,8 @@ def translate(
             tqdm.write(typer.style(f"warning: {path}: {warning}", fg=typer.colors.YELLOW))
         bar.update(1)
 
-    report = translate_files(pipeline, files, out, settings, on_done=done)
+    with removed_if_left_empty(out):
+        report = translate_files(pipeline, files, out, settings, on_done=done)
     bar.close()
     failed = len(report.failed) + len(problems)
     seconds = sum(report.seconds.values())
