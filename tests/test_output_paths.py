@@ -98,8 +98,7 @@ def test_out_is_an_existing_file(verb, pipeline_dir, pairs, tmp_path):
     out.write_text("precious")
     before = snapshot(out, pairs)
     run = cli(*_verbs_with_out(tmp_path, pipeline_dir, pairs, out)[verb])
-    words = "not a pipeline folder" if verb == "export" else "is a file"
-    problem = refused(run, out, words) or no_partial_files(tmp_path)
+    problem = refused(run, out, "is a file") or no_partial_files(tmp_path)
     assert not problem, problem
     assert snapshot(out, pairs) == before
 
@@ -325,7 +324,9 @@ def test_register_overwrite_of_a_folder_holding_the_inputs(tmp_path):
 
 
 @corpus
-@pytest.mark.parametrize("verb", ["train-into-data", "train-into-train-split", "stage2-into-stage1", "clinical"])
+@pytest.mark.parametrize(
+    "verb", ["train-into-data", "train-into-train-split", "stage2-into-stage1", "export-into-the-run", "clinical"]
+)
 def test_runs_into_their_inputs(verb, tmp_path):
     from ffasynth.data.phantom import write_phantom_dataset
 
@@ -340,6 +341,7 @@ def test_runs_into_their_inputs(verb, tmp_path):
             ["train", "stage2", "--from", stage1, "--data", data, "--out", stage1, *STAGE1[2:]],
             stage1,
         ),
+        "export-into-the-run": (["export", stage1, stage1], stage1),
         "clinical": (["clinical", "--data", data, "--out", data, "--folds", "2", "--epochs", "1"], data),
     }[verb]
     before = snapshot(data, stage1)

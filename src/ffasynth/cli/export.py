@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ffasynth.files import check_output_folder
+
 # ffasynth.export rebuilds models with diffusers and transformers (seconds to import): imported when
 # the verb runs, so `ffasynth --help` does not wait for it.
 
@@ -26,6 +28,7 @@ def export(
     """Write OUT_DIR as a diffusers pipeline folder (safetensors only) with a README.md model card:
     what the model was trained on, its configuration, steps and training metrics. Load it with
     `FFASynthesisPipeline.from_pretrained(OUT_DIR)` or use it with `ffasynth translate`."""
+    check_output_folder(out_dir, [run_dir], "OUT_DIR", replaces=True)  # before seconds of imports and loading
     from ffasynth.export import export_run
 
     folder = export_run(run_dir, out_dir, ema=ema, lora=lora)
