@@ -37,7 +37,7 @@ from ffasynth.data.transforms import whole_view
 from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
-from ffasynth.models.loading import check_pipeline_folder
+from ffasynth.models.folders import check_pipeline_folder
 from ffasynth.models.lora import ADAPTER_FOLDER, load_lora
 from ffasynth.tiling import (
     Tile,

@@ -9,14 +9,13 @@ put where.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, PretrainedConfig
 
@@ -24,9 +23,8 @@ from ffasynth.config import ModelConfig
 from ffasynth.errors import WeightsNotFoundError
 from ffasynth.files import atomic_folder
 from ffasynth.models.architecture import clip_processor, unet_config, vae_config
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+from ffasynth.models.folders import DIFFUSERS_WEIGHTS as WEIGHTS
+from ffasynth.models.folders import PICKLE_SUFFIXES, check_base_folder, check_model_folder
 
 
 def _is_hub_id(name: str) -> bool:
@@ -67,6 +65,7 @@ def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DCondit
         for sub in ("unet", "vae"):
             _require(path / sub, "config.json", f"the {sub} of {path}")
             _require(path / sub, WEIGHTS, f"the {sub} of {path}")
+        check_base_folder(path)  # its index, links and shapes, before diffusers reads a tensor
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
         return unet, vae
@@ -116,6 +115,7 @@ def load_vae(source: str) -> AutoencoderKL:
         for folder in (path, path / "vae"):
             if (folder / "config.json").is_file():
                 _require(folder, WEIGHTS, f"the VAE in {folder}")
+                check_model_folder(folder, "AutoencoderKL")
                 return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
         raise WeightsNotFoundError(
             f"{path} holds no VAE: expected config.json + {WEIGHTS} there or in {path / 'vae'} "
@@ -292,32 +292,3 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str) -> None:
     bad = list(result.missing_keys) + list(result.unexpected_keys)
     if bad:
         raise WeightsNotFoundError(f"{what} does not match the model ({len(bad)} keys differ, e.g. {bad[0]})")
-
-
-def check_pipeline_folder(folder: Path) -> None:
-    """Refuse, in one line naming the file, a pipeline folder whose index or model weights are
-    missing, cut short or not safetensors; before diffusers' loader, whose errors span many lines."""
-    index_path = Path(folder) / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as error:
-        raise WeightsNotFoundError(f"{index_path}: not a readable pipeline index ({error})") from None
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[:1] == [None]:
-            continue
-        component = Path(folder) / name
-        if not component.is_dir():
-            raise WeightsNotFoundError(f"{component}: missing; the pipeline index lists {name} ({'.'.join(spec)})")
-        if not (component / "config.json").is_file():
-            continue  # no weights: a scheduler or an image processor
-        weights = sorted(component.glob("*.safetensors"))
-        if not weights:
-            expected = component / ("model.safetensors" if spec[0] == "transformers" else WEIGHTS)
-            raise WeightsNotFoundError(f"{expected}: missing (the {name} weights); export the pipeline again")
-        for path in weights:
-            try:
-                with safe_open(str(path), "pt"):
-                    pass
-            except (SafetensorError, OSError) as error:
-                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-                raise WeightsNotFoundError(f"{path}: corrupt or cut short ({cause}); export it again") from None
