@@ -130,7 +130,7 @@ def _phantom_set(folder: Path) -> bool:
 def register(
     folder: Path = typer.Argument(..., help="Folder of unregistered pairs (any layout `data check` knows)."),
     out: Path = typer.Option(
-        ..., "--out", help="Folder for the aligned pairs (uwf layout), registration.csv, and _checkerboards/."
+        ..., "--out", help="Folder for the aligned pairs (uwf layout) and their report (registration.csv, _*/)."
     ),
     model: str = typer.Option("affine", help=f"Transform model: {', '.join(MODELS)}."),
     layout: str = typer.Option("auto", help=f"Pair layout: auto, {', '.join(LAYOUTS)}."),
@@ -140,28 +140,28 @@ def register(
     target: str | None = typer.Option(
         None, "--target", help="One pair per folder: the angiogram's file stem (e.g. ffa)."
     ),
-    min_score: float = typer.Option(
-        RegistrationParams.min_score,
+    min_margin: float = typer.Option(
+        RegistrationParams.min_margin,
         callback=in_range(0.0, 1.0),
-        help="Flag pairs whose vessel-agreement score is lower.",
-    ),
-    min_inliers: int = typer.Option(
-        RegistrationParams.min_inliers, callback=in_range(0), help="Flag pairs with fewer agreeing vessel tiles."
+        help="Refuse a pair whose vessel correlation is not this far above what the mirrored angiogram "
+        "(an unrelated eye) reaches.",
     ),
     overwrite: bool = typer.Option(False, help="Replace OUT when it exists and is not empty."),
 ) -> None:
-    """Align each photo onto its angiogram from the vessel tree, crop both to the common field of
-    view, and write the trustworthy pairs to OUT; untrustworthy ones are flagged in
-    OUT/registration.csv with the reason. A cfp.jpg + ffa.jpg folder is found as the `named` layout.
+    """Align each photo onto its angiogram from the vessel tree and write the photo in the
+    angiogram's frame (the angiogram unchanged) to OUT, with OUT/registration.csv and one JSON per
+    pair (transform, vessel correlations, consistency between phases). A pair whose match is not
+    clear keeps the identity when both images have one size (else it is left out), with one warning
+    line naming it. A cfp.jpg + ffa.jpg folder is found as the `named` layout.
 
-    Exit code 0 when at least one pair was aligned, 1 otherwise.
+    Exit code 0 when at least one pair was registered, 1 otherwise.
     """
     if model not in MODELS:
         raise typer.BadParameter(f"unknown model {model!r}; choose one of {', '.join(MODELS)}", param_hint="--model")
     if (source is None) != (target is None):
         raise typer.BadParameter("give both --source and --target, or neither", param_hint="--source/--target")
     check_output_folder(out, [folder], replaces=overwrite)
-    params = RegistrationParams(model=model, min_score=min_score, min_inliers=min_inliers)
+    params = RegistrationParams(model=model, min_margin=min_margin)
     names = (source, target) if source and target else None
     with Progress(transient=True) as progress:
         task = progress.add_task("registering", total=None)
@@ -172,15 +172,16 @@ def register(
         rows = register_folder(folder, out, params, layout, names, overwrite, progress=advance)
     console = Console()
     table = Table(title=f"{folder} → {out}")
-    for column in ("id", "phase", "status", "score", "inliers", "overlap", "seconds", "reason"):
+    for column in ("id", "phase", "status", "correlation", "mirrored", "consistency", "seconds", "reason"):
         table.add_column(column)
     for row in rows:
-        style = "green" if row.status == "aligned" else "red"
+        style = "green" if row.status in ("registered", "transferred") else "red"
         table.add_row(
-            row.id, row.phase or "-", f"[{style}]{row.status}[/{style}]", f"{row.score:.2f}",
-            f"{row.inliers}/{row.tiles}", f"{row.overlap:.0%}", f"{row.seconds:.1f}", row.reason,
+            row.id, row.phase or "-", f"[{style}]{row.status}[/{style}]",
+            f"{row.identity_correlation:.2f} → {row.correlation:.2f}", f"{row.null_correlation:.2f}",
+            f"{row.consistency_px:.0f} px", f"{row.seconds:.1f}", row.reason,
         )  # fmt: skip
     console.print(table)
-    aligned = sum(row.status == "aligned" for row in rows)
-    console.print(f"{aligned} of {len(rows)} pairs aligned; report: {out / REPORT_NAME}")
+    aligned = sum(row.status in ("registered", "transferred") for row in rows)
+    console.print(f"{aligned} of {len(rows)} pairs registered; report: {out / REPORT_NAME}")
     raise typer.Exit(0 if aligned else 1)

@@ -1,23 +1,33 @@
 """Register a folder of photo/angiogram pairs and write the aligned set.
 
 For each pair found by `ffasynth.data.pairs` (any layout), `register_pair` estimates the transform;
-the source is warped into the target's frame, both are cut to the bounding box of their common
-field of view (black outside it, in both), and written in the `uwf` layout:
+the source photo is warped into the angiogram's frame (black outside its field) and the angiogram
+is written unchanged, in the `uwf` layout:
 
-    ALIGNED_DIR/<id>.png     aligned source photo      (<id> gets "-<phase>" when the input has phases)
-    ALIGNED_DIR/<id>.1.png   aligned target angiogram  (.2 for a late-phase target)
-    ALIGNED_DIR/registration.csv        one row per input pair: status, reason, transform, quality
-    ALIGNED_DIR/_checkerboards/<id>.png source and target tiles alternating, for a person to check
+    ALIGNED_DIR/<id>.png     the photo in the angiogram's frame (<id> gets "-<phase>" when the input has phases)
+    ALIGNED_DIR/<id>.1.png   the angiogram, unchanged      (.2 for a late-phase target)
+    ALIGNED_DIR/registration.csv        one row per input pair: status, reason, transform, figures
+    ALIGNED_DIR/_registration/<id>.json the same per pair, with the 3x3 transform
+    ALIGNED_DIR/_checkerboards/<id>.png photo and angiogram tiles alternating, for a person to check
 
-Pairs whose alignment is not trustworthy are flagged in the CSV (status `flagged`, with the
-reason) and left out of the aligned images; their checkerboard is still written. Pair discovery
-skips `_`-folders, so `ffasynth data check ALIGNED_DIR` sees only the aligned pairs.
+Consistency, where a photo has two angiograms (early and late): photo→early, photo→late and
+early→late are registered independently; early→late after photo→early should put the photo where
+photo→late does. When all three are accepted and disagree by more than `max_residual` of the image
+diagonal at its corners, both pairs are refused. When one phase is refused on its own but the
+other phase and early→late are accepted, it is registered through them (status `transferred`).
+
+A refused pair of same-size images keeps the identity (status `identity`, written as it is, one
+warning line naming it); a refused pair of different sizes is left out (status `flagged`). Pair
+discovery skips `_`-folders, so `ffasynth data check ALIGNED_DIR` sees only the aligned pairs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,7 +42,9 @@ from ffasynth.data.pairs import Pair, discover_pairs
 from ffasynth.data.registration import (
     Registration,
     RegistrationParams,
-    field_of_view,
+    angiogram_field,
+    corner_residual,
+    photo_field,
     register_pair,
     to_numpy,
     vessel_channel,
@@ -40,41 +52,46 @@ from ffasynth.data.registration import (
 from ffasynth.errors import ImageReadError, PairError
 from ffasynth.files import atomic_folder, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 CHECKERBOARD_FOLDER = "_checkerboards"
+JSON_FOLDER = "_registration"
 REPORT_NAME = "registration.csv"
 PHASE_SUFFIX = {None: "1", "early": "1", "late": "2"}
+WRITTEN = ("registered", "transferred", "identity")  # statuses whose pair is in the aligned set
 
 
 @dataclass
 class AlignedPair:
-    source: np.ndarray  # (h, w[, 3]) float32 in [0, 1], in the target's frame, cropped
-    target: np.ndarray  # (h, w[, 3]) float32 in [0, 1], cropped
-    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the crop in the target's frame
-    common: np.ndarray  # (h, w) bool: the common field of view inside the crop
+    source: np.ndarray  # (H, W[, 3]) float32 in [0, 1]: the photo in the target's frame
+    target: np.ndarray  # (H, W[, 3]) float32 in [0, 1]: the angiogram, unchanged
+    common: np.ndarray  # (H, W) bool: the common field of view
 
 
 @dataclass
 class RegistrationRow:
-    """One line of registration.csv."""
+    """One line of registration.csv (and the figures of its JSON)."""
 
     id: str
     phase: str
     source: str
     target: str
-    status: str = "unreadable"  # aligned, flagged or unreadable
+    status: str = "unreadable"  # registered, transferred, identity, flagged or unreadable
     reason: str = ""
     model: str = ""
-    method: str = "none"
-    score: float = 0.0
-    inliers: int = 0
-    tiles: int = 0
+    correlation: float = float("nan")  # vessel-map NCC, transform found
+    identity_correlation: float = float("nan")  # the same at the identity
+    null_correlation: float = float("nan")  # best NCC against the mirrored angiograms
     overlap: float = 0.0
+    dog_identity: float = float("nan")  # DoG vessel correlation (dog_correlation) at the identity
+    dog_registered: float = float("nan")  # the same for the transform written
+    consistency_px: float = float("nan")  # photo→other phase vs the two steps, at the image corners
     seconds: float = 0.0
-    transform: str = ""  # 9 numbers, row-major 3x3, source px → target px (before the crop)
-    crop: str = ""  # x0 y0 x1 y1 in the target's pixels
+    transform: str = ""  # 9 numbers, row-major 3x3, source px → target px: the transform written
     aligned_source: str = ""
     aligned_target: str = ""
     checkerboard: str = ""
+    details: str = ""  # the JSON file
 
 
 def warp_to_target(source: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -96,24 +113,16 @@ def warp_to_target(source: np.ndarray, matrix: np.ndarray, shape: tuple[int, int
 
 
 def apply_registration(source: np.ndarray, target: np.ndarray, matrix: np.ndarray) -> AlignedPair:
-    """Warp the source into the target's frame and cut both to their common field of view."""
+    """Warp the source photo into the target's frame; the target stays as it is."""
     shape = target.shape[:2]
     warped = warp_to_target(source, matrix, shape)
     source_fov = cv2.warpPerspective(
-        field_of_view(source).astype(np.uint8), matrix, (shape[1], shape[0]), flags=cv2.INTER_NEAREST
+        photo_field(source).astype(np.uint8), matrix, (shape[1], shape[0]), flags=cv2.INTER_NEAREST
     )
-    common = field_of_view(target) & (source_fov > 0)
+    common = angiogram_field(target) & (source_fov > 0)
     if not common.any():
         raise ValueError("the source and target fields of view do not overlap")
-    ys, xs = np.nonzero(common)
-    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    inside = common[y0:y1, x0:x1]
-
-    def cut(image: np.ndarray) -> np.ndarray:
-        crop = image[y0:y1, x0:x1]
-        return crop * (inside[..., None] if crop.ndim == 3 else inside)
-
-    return AlignedPair(cut(warped), cut(target), (x0, y0, x1, y1), inside)
+    return AlignedPair(warped, target, common)
 
 
 def _display(image: np.ndarray, mask: np.ndarray, photo: bool) -> np.ndarray:
@@ -128,16 +137,40 @@ def _display(image: np.ndarray, mask: np.ndarray, photo: bool) -> np.ndarray:
 
 
 def checkerboard(aligned: AlignedPair, tiles: int = 8) -> np.ndarray:
-    """(h, w, 3) uint8: source (warm tint) and target (grey) in alternating square tiles, `tiles`
-    along the longer side, so that a vessel crossing a tile border shows whether they line up."""
-    source = _display(aligned.source, aligned.common, photo=True)
-    target = _display(aligned.target, aligned.common, photo=False)
-    height, width = aligned.common.shape
+    """(h, w, 3) uint8 over the common field's bounding box: source (warm tint) and target (grey) in
+    alternating square tiles, `tiles` along the longer side, so that a vessel crossing a tile
+    border shows whether they line up."""
+    ys, xs = np.nonzero(aligned.common)
+    box = np.s_[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    common = aligned.common[box]
+    source = _display(aligned.source[box], common, photo=True)
+    target = _display(aligned.target[box], common, photo=False)
+    height, width = common.shape
     side = max(1, round(max(height, width) / tiles))
     ys, xs = np.mgrid[0:height, 0:width]
     from_source = ((ys // side + xs // side) % 2 == 0)[..., None]
-    board = np.where(from_source, source, target) * aligned.common[..., None]
+    board = np.where(from_source, source, target) * common[..., None]
     return np.uint8(board * 255 + 0.5)
+
+
+def dog_correlation(source: np.ndarray, target: np.ndarray, matrix: np.ndarray, source_is_photo: bool = True) -> float:
+    """A figure independent of the search: Pearson correlation of difference-of-Gaussians vessel
+    maps (σ 1.5 − 6 px, clipped at 0; of the inverted green of a photo, of the angiogram itself)
+    over both fields (eroded 12 px), the source warped by `matrix` (full-resolution px)."""
+    shape = target.shape[:2]
+
+    def dog(grey: np.ndarray) -> np.ndarray:
+        return np.clip(cv2.GaussianBlur(grey, (0, 0), 1.5) - cv2.GaussianBlur(grey, (0, 0), 6.0), 0, None)
+
+    grey = vessel_channel(source)
+    grey, field = (1.0 - grey, photo_field(source)) if source_is_photo else (grey, angiogram_field(source))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (25, 25))
+    inside = cv2.erode(angiogram_field(target).astype(np.uint8), kernel) > 0
+    inside &= cv2.erode(warp_to_target(field.astype(np.float32), matrix, shape), kernel) > 0.99
+    if inside.sum() < 16:
+        return float("nan")
+    warped = cv2.warpPerspective(dog(grey), matrix, (shape[1], shape[0]), flags=cv2.INTER_LINEAR)
+    return float(np.corrcoef(warped[inside], dog(vessel_channel(target))[inside])[0, 1])
 
 
 def output_stem(pair: Pair) -> str:
@@ -168,35 +201,110 @@ def _format_matrix(matrix: np.ndarray) -> str:
     return " ".join(f"{value:.6g}" for value in matrix.ravel())
 
 
-def register_one(pair: Pair, out: Path, params: RegistrationParams) -> RegistrationRow:
-    """Register one pair, write its checkerboard (and aligned images when trustworthy) under `out`."""
-    stem, started = output_stem(pair), time.perf_counter()
-    row = RegistrationRow(pair.id, pair.phase or "", str(pair.source), str(pair.target), model=params.model)
+@dataclass
+class _Work:
+    """One pair on its way: its row, its images, what registration found and the transform to write."""
+
+    pair: Pair
+    row: RegistrationRow
+    source: np.ndarray | None = None
+    target: np.ndarray | None = None
+    result: Registration | None = None
+    matrix: np.ndarray | None = None  # None: refused
+    transferred: bool = False  # registered through the photo's other angiogram
+
+
+def _register(pair: Pair, params: RegistrationParams) -> _Work:
+    started = time.perf_counter()
+    work = _Work(
+        pair, RegistrationRow(pair.id, pair.phase or "", str(pair.source), str(pair.target), model=params.model)
+    )
     try:
-        source, target = to_numpy(read_image(pair.source)), to_numpy(read_image(pair.target))
+        work.source, work.target = to_numpy(read_image(pair.source)), to_numpy(read_image(pair.target))
     except ImageReadError as error:
-        row.reason = str(error)
-        return row
-    result: Registration = register_pair(source, target, params)
-    row.status, row.reason, row.method = ("aligned" if result.ok else "flagged"), result.reason, result.method
-    row.score, row.inliers, row.tiles = round(result.score, 4), result.inliers, result.tiles
-    row.overlap, row.transform = round(result.overlap, 4), _format_matrix(result.matrix)
-    if result.method != "none":
+        work.row.reason = str(error)
+        return work
+    work.result = result = register_pair(work.source, work.target, params)
+    work.matrix = result.matrix if result.ok else None
+    work.row.reason = result.reason
+    for name in ("correlation", "identity_correlation", "null_correlation", "overlap"):
+        setattr(work.row, name, round(float(getattr(result, name)), 4))
+    work.row.seconds = round(time.perf_counter() - started, 3)
+    return work
+
+
+def _check_phases(first: _Work, second: _Work, params: RegistrationParams) -> None:
+    """Two angiograms of one photo: registered to each other, then either the two photo→angiogram
+    transforms must agree through that step (else both are refused), or an accepted one carries a
+    refused one (status `transferred`)."""
+    started = time.perf_counter()
+    between = register_pair(first.target, second.target, params, source_is_photo=False)
+    seconds = (time.perf_counter() - started) / 2
+    shape = first.source.shape[:2]
+    if first.result.found is not None and second.result.found is not None and between.found is not None:
+        residual = round(corner_residual(between.found @ first.result.found, second.result.found, shape), 2)
+        first.row.consistency_px = second.row.consistency_px = residual
+    names = f"{first.pair.phase or 'first'}→{second.pair.phase or 'second'}"
+    for work in (first, second):
+        work.row.seconds = round(work.row.seconds + seconds, 3)
+        if not between.ok:
+            work.row.reason = "; ".join(filter(None, [work.row.reason, f"{names} not checked: {between.reason}"]))
+    if not between.ok:
+        return
+    limit = params.max_residual * float(np.hypot(*shape))
+    if first.matrix is not None and second.matrix is not None and first.row.consistency_px > limit:
+        for work in (first, second):
+            work.matrix = None
+            work.row.reason = (
+                f"the two phases disagree: photo→{second.pair.phase} and {names} after photo→{first.pair.phase} "
+                f"differ by {first.row.consistency_px:.0f} px at the corners (> {limit:.0f})"
+            )
+    elif first.matrix is not None and second.matrix is None:
+        second.matrix, second.transferred = between.matrix @ first.matrix, True
+        second.row.reason = f"through {names}; own match refused: {second.row.reason}"
+    elif second.matrix is not None and first.matrix is None:
+        first.matrix, first.transferred = np.linalg.inv(between.matrix) @ second.matrix, True
+        first.row.reason = f"through {names}; own match refused: {first.row.reason}"
+
+
+def _write(work: _Work, out: Path) -> None:
+    """The pair's images (when written), checkerboard, JSON; its status and one warning if refused."""
+    row, pair, stem = work.row, work.pair, output_stem(work.pair)
+    if work.result is None:
+        return
+    same_size = work.source.shape[:2] == work.target.shape[:2]
+    if work.matrix is not None:
+        row.status = "transferred" if work.transferred else "registered"
+    else:
+        row.status = "identity" if same_size else "flagged"
+        action = "kept as it is (identity)" if same_size else "left out (the sizes differ)"
+        log.warning("%s: registration refused, %s: %s", pair.name, action, row.reason)
+    written = work.matrix if work.matrix is not None else (np.eye(3) if same_size else None)
+    shown = written if written is not None else work.result.found  # what the checkerboard shows
+    row.transform = "" if written is None else _format_matrix(written)
+    if same_size:
+        row.dog_identity = round(dog_correlation(work.source, work.target, np.eye(3)), 4)
+    if shown is not None:
+        row.dog_registered = round(dog_correlation(work.source, work.target, shown), 4)
         try:
-            aligned = apply_registration(source, target, result.matrix)
+            aligned = apply_registration(work.source, work.target, shown)
         except ValueError as error:
-            row.status, row.reason = "flagged", "; ".join(filter(None, [row.reason, str(error)]))
-        else:
-            row.crop = " ".join(str(v) for v in aligned.box)
-            board = Path(CHECKERBOARD_FOLDER) / f"{stem}.png"
-            save_image(checkerboard(aligned), out / board)
-            row.checkerboard = board.as_posix()
-            if row.status == "aligned":
+            aligned, row.reason = None, "; ".join(filter(None, [row.reason, str(error)]))
+        if aligned is not None:
+            row.checkerboard = (Path(CHECKERBOARD_FOLDER) / f"{stem}.png").as_posix()
+            save_image(checkerboard(aligned), out / row.checkerboard)
+            if written is not None:
                 row.aligned_source, row.aligned_target = f"{stem}.png", f"{stem}.{_target_suffix(pair)}.png"
                 save_image(_to_uint8(aligned.source), out / row.aligned_source)
                 save_image(_to_uint8(aligned.target), out / row.aligned_target)
-    row.seconds = round(time.perf_counter() - started, 3)
-    return row
+    row.details = (Path(JSON_FOLDER) / f"{stem}.json").as_posix()
+    found = work.result.found
+    record = {
+        **{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(row).items()},
+        "matrix": None if written is None else written.tolist(),
+        "found": None if found is None else found.tolist(),
+    }
+    atomic_write_text(out / row.details, json.dumps(record, indent=1) + "\n")
 
 
 def rows_to_csv(rows: list[RegistrationRow]) -> str:
@@ -219,7 +327,8 @@ def register_folder(
 ) -> list[RegistrationRow]:
     """Register every pair under `root` and write the aligned set to `out` (atomically: the folder
     appears complete or not at all). `names` = (source stem, target stem) for one-pair-per-folder
-    data such as `cfp.jpg` + `ffa.jpg`. Returns one row per pair, as written to registration.csv."""
+    data such as `cfp.jpg` + `ffa.jpg`. `progress(done, total, row)` follows the registrations.
+    Returns one row per pair, as written to registration.csv."""
     params = params or RegistrationParams()
     root, out = Path(root), Path(out)
     _, pairs, _ = discover_pairs(root, "named" if names else layout, names=names)
@@ -234,10 +343,21 @@ def register_folder(
     rows: list[RegistrationRow] = []
 
     def fill(folder: Path) -> None:
+        works: list[_Work] = []
         for index, pair in enumerate(pairs):
-            rows.append(register_one(pair, folder, params))
+            works.append(_register(pair, params))
             if progress is not None:
-                progress(index + 1, len(pairs), rows[-1])
+                progress(index + 1, len(pairs), works[-1].row)
+        by_photo: dict[Path, list[_Work]] = {}
+        for work in works:
+            if work.result is not None:
+                by_photo.setdefault(work.pair.source, []).append(work)
+        for group in by_photo.values():
+            if len(group) == 2 and group[0].target.shape[:2] == group[1].target.shape[:2]:
+                _check_phases(*sorted(group, key=lambda work: _target_suffix(work.pair)), params)
+        for work in works:
+            _write(work, folder)
+            rows.append(work.row)
         atomic_write_text(folder / REPORT_NAME, rows_to_csv(rows))
 
     atomic_folder(out, fill)
