@@ -44,7 +44,9 @@ class RunLog:
         self.images_per_step = config.batch_size * config.gradient_accumulation * accelerator.num_processes
         self.window: list[dict] = []
         self.tick = time.perf_counter()
-        self.device = accelerator.device  # on CUDA each line also says the peak memory so far
+        # on CUDA each line also says the peak memory so far (a stand-in accelerator may have no device)
+        self.cuda = getattr(getattr(accelerator, "device", None), "type", None) == "cuda"
+        self.device = accelerator.device if self.cuda else None
         self.shown: dict[str, str] = {}  # the progress bar's figures, kept until they change
 
     def step(self, logs: dict, write: bool) -> dict | None:
@@ -56,7 +58,7 @@ class RunLog:
             keys = dict.fromkeys(k for w in window for k in w if k != "step")  # first-seen order
             summary = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
             summary.update(step=logs["step"], images_per_s=len(window) * self.images_per_step / max(elapsed, 1e-9))
-            if self.device.type == "cuda":  # this process's peak tensor memory since the start, GiB
+            if self.cuda:  # this process's peak tensor memory since the start, GiB
                 summary["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             if self.main:
                 with open(self.path, "a") as f:
