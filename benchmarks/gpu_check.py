@@ -289,25 +289,14 @@ def main(argv: list[str] | None = None) -> None:
         start = text.rfind("\n{\n")  # the JSON object each script prints last
         return json.loads(text[start + 1 :] if start >= 0 else text[text.find("{") :])
 
+    def child(name: str, timeout: float) -> dict:
+        """This script's --child NAME in a fresh interpreter; the JSON line it prints last."""
+        command = [sys.executable, __file__, "--child", name, "--work", str(work)] + ["--smoke"] * args.smoke
+        return json.loads(run(command, timeout, out / f"{name}.log")[1].strip().splitlines()[-1])
+
     steps = {
-        "weights": lambda: json.loads(
-            run(
-                [sys.executable, __file__, "--child", "weights", "--work", str(work)] + ["--smoke"] * args.smoke,
-                600,
-                out / "weights.log",
-            )[1]
-            .strip()
-            .splitlines()[-1]
-        ),  # fmt: skip
-        "data": lambda: json.loads(
-            run(
-                [sys.executable, __file__, "--child", "data", "--work", str(work)] + ["--smoke"] * args.smoke,
-                300,
-                out / "data.log",
-            )[1]
-            .strip()
-            .splitlines()[-1]
-        ),  # fmt: skip
+        "weights": lambda: child("weights", 600),
+        "data": lambda: child("data", 300),
         "stage1": lambda: stage1("stage1", []),
         "stage2": lambda: {
             "wall_s": round(

@@ -89,3 +89,27 @@ def train_micro_stage1(pairs: Path, run_dir: Path, max_steps: int, resume: bool 
 def invoke(*args) -> Result:
     """`ffasynth ARGS` in-process (typer's runner); paths and numbers may be passed as they are."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+class BlankDataset:
+    """Four items of one grey 8×8 target: what the training loop needs from a dataset."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        index, _ = key
+        return {"target": torch.zeros(1, 8, 8), "index": index}
+
+
+def two_level_vae():
+    """A two-level AutoencoderKL (8 channels, factor 2), for tests of what runs the VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )

@@ -22,18 +22,7 @@ from ffasynth.integrity import MANIFEST, DamagedFileError, safetensors_header, s
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, train
 from tests.corpus import cli, exit_problem, line_problem
-from tests.helpers import MICRO_STAGE1
-
-
-class _Blank:
-    """Four items of one grey 8×8 target: what the loop needs from a dataset."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, key):
-        index, _ = key
-        return {"target": torch.zeros(1, 8, 8), "index": index}
+from tests.helpers import MICRO_STAGE1, BlankDataset
 
 
 class _Linear(Task):
@@ -62,7 +51,7 @@ def _config(steps: int) -> TrainConfig:
 
 
 def _train(run_dir, steps: int, resume: bool = False):
-    return train(_Linear(), _Blank(), _config(steps), run_dir, resume=resume, progress=False)
+    return train(_Linear(), BlankDataset(), _config(steps), run_dir, resume=resume, progress=False)
 
 
 def _weights(folder):

@@ -26,7 +26,7 @@ from ffasynth.data.pairs import Pair
 from ffasynth.data.phantom import make_eye, write_phantom_dataset
 from ffasynth.data.transforms import PairedTransform, crop_padded, pad_to
 from ffasynth.errors import ConfigError
-from tests.helpers import train_micro_stage1
+from tests.helpers import train_micro_stage1, two_level_vae
 
 
 def _levels(array: np.ndarray, peak: int, dtype) -> np.ndarray:
@@ -222,21 +222,13 @@ def test_the_tiled_report_sees_tiles_no_larger_than_asked_and_measures_the_same(
 
 
 def test_the_report_reads_at_most_report_images_angiograms(tmp_path, monkeypatch):
-    from diffusers import AutoencoderKL
-
     from ffasynth.models.decoder import Decoder
 
     data = write_phantom_dataset(tmp_path / "data", n=6, size=32, seed=1, test_fraction=0.5)
     reads = _Counter(report_module.read_image)
     monkeypatch.setattr(report_module, "read_image", reads)
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
+    vae = two_level_vae()
     run = tmp_path / "run"
     run.mkdir()
     config = load_config(overrides=["stage2.report_images=2", "data.phase=early"])

@@ -17,18 +17,7 @@ from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, lr_factor, train
 from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1
-from tests.helpers import MICRO
-
-
-class _Blank:
-    """Four items of one grey 8×8 target: what the loop needs from a dataset."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, key):
-        index, _ = key
-        return {"target": torch.zeros(1, 8, 8), "index": index}
+from tests.helpers import MICRO, BlankDataset
 
 
 class _Overflowing(Task):
@@ -92,7 +81,7 @@ def test_each_step_trains_at_the_scheduled_learning_rate(tmp_path):
     config = TrainConfig(
         max_steps=6, lr=0.1, lr_warmup_steps=2, lr_schedule="cosine", log_every=1, save_every=100, ema_decay=0.0
     )
-    result = train(_Linear(), _Blank(), config, tmp_path, progress=False)
+    result = train(_Linear(), BlankDataset(), config, tmp_path, progress=False)
     # warm-up 0.05, 0.1; then 0.1·½(1 + cos(π·k/4)) for k = 0..3
     assert [line["lr"] for line in result.losses] == pytest.approx([0.05, 0.1, 0.1, 0.08535534, 0.05, 0.01464466])
 
@@ -129,7 +118,7 @@ def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on
         max_steps=4, mixed_precision="fp16", lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=100
     )
     task = _Overflowing(overflow_at=1)
-    result = train(task, _Blank(), config, tmp_path, progress=False)
+    result = train(task, BlankDataset(), config, tmp_path, progress=False)
     assert result.step == 4 and result.skipped_steps == 1
     assert scalers[0].get_scale() == 2.0**15  # halved once by the overflow (backoff 0.5), no growth yet
     before = task.weights_seen

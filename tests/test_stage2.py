@@ -15,7 +15,7 @@ from ffasynth.models.discriminator import NLayerDiscriminator, adaptive_weight, 
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.run import load_model_run, load_stage1_run
 from ffasynth.training.stage2 import Stage2Task, predicted_x0
-from tests.helpers import STAGE2, invoke, train_micro_stage1
+from tests.helpers import STAGE2, invoke, train_micro_stage1, two_level_vae
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +167,9 @@ def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):
 
 
 def test_decoder_errors_are_l1_and_psnr_on_the_unit_scale():
-    from diffusers import AutoencoderKL
-
     from ffasynth.evaluation.decoder_report import decoder_errors
 
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-    )
+    vae = two_level_vae()
     # a black angiogram (−1 → 0 on the unit scale) of an odd size (padded to the VAE's multiple)
     images = [torch.full((1, 13, 10), -1.0), torch.full((1, 8, 8), -1.0)]
 

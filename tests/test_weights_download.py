@@ -92,7 +92,7 @@ def test_a_verified_file_lands_where_evaluate_and_stage2_look(server, pinned, tm
     assert leftovers(tmp_path / "weights") == [FILENAME]  # no temporary file beside it
     assert torch.equal(
         load_state_dict(NAME, tmp_path / "weights")["features.0.weight"],
-        torch.load(io.BytesIO(PAYLOAD))["features.0.weight"],
+        torch.load(io.BytesIO(PAYLOAD), weights_only=True)["features.0.weight"],
     )
     again = download(NAME, tmp_path / "weights", base_url=server)
     assert again.state == "present" and Handler.requests == [f"/files/{FILENAME}"]  # fetched once
