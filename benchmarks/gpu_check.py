@@ -15,7 +15,7 @@ Steps, each in its own process with its own time limit (one failing is recorded,
  4. stage2    `ffasynth train stage2` for a few steps (decoder fine-tuning, fp32, LPIPS-VGG);
  5. export    `ffasynth export` → a pipeline folder;
  6. translate the 3,000-px photo in bfloat16 and float16;
- 7. stage1_lora stage 1 again with LoRA adapters (rank 64), where this checkout has them;
+ 7. stage1_lora stage 1 again with LoRA adapters (rank 64);
  8. sampling  benchmarks/bench_sampling.py at full step counts (ours 20 vs InstructPix2Pix 100 × 3);
  9. memory    benchmarks/bench_memory.py on the exported pipeline from 768² to 4096 × 3072.
 Prints one JSON object (also written to OUT/gpu_check.json after every step)."""
@@ -194,16 +194,6 @@ def training_figures(run_dir: Path, images_per_step: int) -> dict:
     }
 
 
-def has_lora() -> bool:
-    from ffasynth.config import load_config
-
-    try:
-        load_config(preset="tiny", overrides=["stage1.lora.rank=4"])
-        return True
-    except Exception:  # noqa: BLE001 — this checkout has no LoRA keys
-        return False
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="reduced widths and sizes, on the CPU")
@@ -317,11 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             "wall_s": round(run(ffasynth("export", work / "runs" / "stage2", pipeline), 300, out / "export.log")[0], 1)
         },
         "translate": translate,
-        "stage1_lora": lambda: (
-            stage1("stage1-lora", ["stage1.lora.rank=64", f"stage1.max_steps={min(every, 20)}"])
-            if has_lora()
-            else {"skipped": "this checkout has no stage1.lora keys"}
-        ),
+        "stage1_lora": lambda: stage1("stage1-lora", ["stage1.lora.rank=64", f"stage1.max_steps={min(every, 20)}"]),
         "sampling": lambda: bench(
             "bench_sampling.py", [*settings["sampling"], "--device", settings["device"], "--skip-quality"], "sampling"
         ),

@@ -45,8 +45,8 @@ class RunLog:
         self.window: list[dict] = []
         self.tick = time.perf_counter()
         # on CUDA each line also says the peak memory so far (a stand-in accelerator may have no device)
-        self.cuda = getattr(getattr(accelerator, "device", None), "type", None) == "cuda"
-        self.device = accelerator.device if self.cuda else None
+        device = getattr(accelerator, "device", None)
+        self.cuda_device = device if getattr(device, "type", None) == "cuda" else None
         self.shown: dict[str, str] = {}  # the progress bar's figures, kept until they change
 
     def step(self, logs: dict, write: bool) -> dict | None:
@@ -58,8 +58,8 @@ class RunLog:
             keys = dict.fromkeys(k for w in window for k in w if k != "step")  # first-seen order
             summary = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
             summary.update(step=logs["step"], images_per_s=len(window) * self.images_per_step / max(elapsed, 1e-9))
-            if self.cuda:  # this process's peak tensor memory since the start, GiB
-                summary["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.cuda_device is not None:  # this process's peak tensor memory since the start, GiB
+                summary["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**30
             if self.main:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(summary) + "\n")
