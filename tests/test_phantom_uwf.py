@@ -201,6 +201,16 @@ def test_stream_items_keys_shapes_ranges():
     assert all(only_uwf[(i, 0)]["id"].startswith("uwf-") for i in range(len(only_uwf)))
     with pytest.raises(ValueError, match="unknown style"):
         _stream(styles={"oct": 1.0})
+    # a size range per style: UWF-like eyes large, standard ones small (each drawn inside its own range)
+    per_style = _stream(styles={"uwf": 1.0, "standard": 1.0}, size={"uwf": (90, 96), "standard": (64, 70)})
+    specs = [per_style.describe(n) for n in range(200)]
+    assert {s["style"] for s in specs} == {"uwf", "standard"}
+    assert all(90 <= s["size"] <= 96 if s["style"] == "uwf" else 64 <= s["size"] <= 70 for s in specs)
+    assert per_style[(0, 0)]["source"].shape == (3, 48, 48)
+    with pytest.raises(ValueError, match="no size given for style 'standard'"):
+        _stream(styles={"uwf": 1.0, "standard": 1.0}, size={"uwf": 96})
+    with pytest.raises(ValueError, match="crop"):
+        _stream(size={"uwf": 96, "standard": 40})  # smaller than the 48-px crop
 
 
 def test_stream_items_are_registered_pairs():

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ffasynth.data.alignment import REPORT_NAME
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.models import base
 from ffasynth.models.components import build_components
-from ffasynth.pretrain import STREAM, build_base, collect_data, real_ffa_pairs, training_data
+from ffasynth.pretrain import STREAM, aligned_pairs, build_base, collect_data, real_ffa_pairs, training_data
 from ffasynth.training.run import load_model_run
 from tests.helpers import MICRO, micro_config
 
@@ -97,3 +98,23 @@ def test_the_recipe_runs_end_to_end_and_its_file_starts_fine_tuning(tmp_path):
     unet = trained.unet.state_dict()
     assert all(torch.allclose(v, unet[k], atol=1e-3) for k, v in fresh.unet.state_dict().items())
     assert fresh.vae.config.scaling_factor == pytest.approx(trained.vae.config.scaling_factor)
+
+
+def test_only_aligned_pairs_of_a_registered_folder_are_trained_on(tmp_path):
+    """registered / transferred pairs are kept; a pair left at the identity is kept only when it already
+    matched there (identity correlation above the mirrored-eye bar by the margin), not when refused."""
+    folder = tmp_path / "registered"
+    write_phantom_dataset(folder, n=4, size=64, seed=2)  # pairs N.png + N.1.png / N.2.png
+    header = "id,phase,status,identity_correlation,null_correlation,aligned_target\n"
+    rows = [
+        "1,early,registered,0.1,0.3,1.1.png",
+        "1,late,transferred,,,1.2.png",
+        "2,early,identity,0.50,0.20,2.1.png",  # already aligned: margin 0.30
+        "2,late,identity,0.22,0.20,2.2.png",  # refused: margin 0.02 < 0.06
+        "3,early,identity,,,3.1.png",  # refused without figures
+        "3,late,flagged,0.9,0.1,3.2.png",
+        "4,early,unreadable,,,4.1.png",
+    ]  # 4.2.png: no row at all
+    (folder / REPORT_NAME).write_text(header + "\n".join(rows) + "\n")
+    kept = sorted(pair.target.name for pair in aligned_pairs(folder))
+    assert kept == ["1.1.png", "1.2.png", "2.1.png"]

@@ -48,14 +48,15 @@ class PhantomStream(Dataset):
     """Procedural photo/FFA crops without end: see the module's docstring for how keys map to eyes.
 
     size: the eyes' side in pixels, or a (low, high) range drawn per eye (vessel calibre in pixels
-    scales with it: a range shows the model several scales). crop: the crop side. styles: weights
+    scales with it: a range shows the model several scales), or a mapping style → either of those
+    (e.g. UWF-like eyes at native UWF size, standard eyes at fundus-camera sizes). crop: the crop side. styles: weights
     of "standard" and "uwf" eyes (standard eyes are drawn with vary=True). transform: crop, flip
     and CLIP-view settings (its crop_size is replaced by `crop`); by default a plain PairedTransform.
     """
 
     def __init__(
         self,
-        size: int | tuple[int, int] = 256,
+        size: int | tuple[int, int] | Mapping[str, int | tuple[int, int]] = 256,
         crop: int = 128,
         styles: Mapping[str, float] | None = None,
         seed: int = 0,
@@ -69,7 +70,14 @@ class PhantomStream(Dataset):
         cache_eyes: int | None = None,
     ):
         styles = dict(styles or {"uwf": 0.5, "standard": 0.5})
-        low, high = (size, size) if isinstance(size, int) else size
+        per_style = dict(size) if isinstance(size, Mapping) else {style: size for style in styles}
+        missing = [style for style in styles if style not in per_style]
+        if missing:
+            raise ValueError(f"no size given for style {missing[0]!r}")
+        ranges = {
+            style: (value, value) if isinstance(value, int) else tuple(value) for style, value in per_style.items()
+        }
+        low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
         for name, chosen, known in (
             ("style", styles, STYLES),
             ("disease", diseases, DISEASES),
@@ -80,11 +88,16 @@ class PhantomStream(Dataset):
                 raise ValueError(f"unknown {name} {unknown[0]!r}; choose from {known}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-        if min(low, high) < 32 or low > high or crop > low or min(eyes_per_epoch, crops_per_eye) < 1:
+        if (
+            any(r[0] > r[1] for r in ranges.values())
+            or low < 32
+            or crop > low
+            or min(eyes_per_epoch, crops_per_eye) < 1
+        ):
             raise ValueError(f"need 32 <= size {size}, crop {crop} <= the smallest size, and >= 1 eye and crop")
         if not diseases or not phases or sum(styles.values()) <= 0:
             raise ValueError("need at least one disease, one phase and a positive style weight")
-        self.sizes = (low, high)
+        self.sizes = {style: ranges[style] for style in styles}  # style → (low, high)
         self.styles = list(styles)
         self.style_weights = np.array([styles[s] for s in self.styles], float) / sum(styles.values())
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -109,7 +122,8 @@ class PhantomStream(Dataset):
         rng = np.random.default_rng([self.seed, number])
         style = self.styles[int(rng.choice(len(self.styles), p=self.style_weights))]
         disease = self.diseases[int(rng.integers(len(self.diseases)))]
-        size = int(rng.integers(self.sizes[0], self.sizes[1] + 1))
+        low, high = self.sizes[style]
+        size = int(rng.integers(low, high + 1))
         return {"style": style, "disease": disease, "size": size, "seed": int(rng.integers(2**62))}
 
     def eye(self, number: int) -> dict:
