@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from ffasynth.data.dataset import PHASES
-from ffasynth.data.io import read_image, unit_float
+from ffasynth.data.io import source_tensor, unit_float
 from ffasynth.data.transforms import whole_view
 from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
@@ -85,41 +84,6 @@ class FFASynthesisOutput(BaseOutput):
 
     images: list
     uncertainty: list | None = None
-
-
-def source_tensor(image) -> torch.Tensor:
-    """A photo as (3, H, W): 8-bit data as uint8 levels (kept compact: a large photo costs 3 bytes a
-    pixel; tiles are converted as they are used), anything else as float32 in [0, 1]. Takes a path,
-    a PIL image, a (H, W[, C]) array (uint8, uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W)
-    tensor (uint8 0-255 or float in [0, 1]). Grey is repeated to RGB."""
-    if isinstance(image, (str, os.PathLike)):
-        return read_image(Path(image), channels=3, compact=True)
-    if isinstance(image, Image.Image):
-        if image.mode.startswith("I;16") or image.mode == "I":
-            image = np.asarray(image).astype(np.float32) / 65535.0
-        elif image.mode == "F":
-            image = np.asarray(image, dtype=np.float32)
-        else:
-            image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype == np.uint16:
-            array = image.astype(np.float32) / 65535.0
-        else:
-            array = image if image.dtype == np.uint8 else image.astype(np.float32, copy=False)  # copied below
-        array = array[..., None] if array.ndim == 2 else array
-        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-            raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
-        image = torch.from_numpy(np.array(array[..., :3].transpose(2, 0, 1)))  # a copy: the caller's array stays theirs
-    if not isinstance(image, torch.Tensor):
-        raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")
-    tensor = image.detach().cpu()
-    tensor = tensor if tensor.dtype == torch.uint8 else tensor.float()
-    tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
-    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
-    if tensor.dtype != torch.uint8:
-        tensor = tensor.clamp(0.0, 1.0)
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
 @dataclass(frozen=True)
@@ -315,9 +279,11 @@ class FFASynthesisPipeline(DiffusionPipeline):
         num_samples: int,
         phase: str | None,
         tiles: TileSettings,
+        start_strength: float = 1.0,
     ) -> torch.Tensor:
         """One photo (3, H, W), uint8 levels or float in [0, 1] → num_samples angiograms (N, 1, H, W)
-        in [0, 1], on the CPU."""
+        in [0, 1], on the CPU. start_strength < 1: start from the photo's latent noised to that fraction
+        of the schedule (the first steps skipped) instead of pure noise."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
@@ -331,14 +297,22 @@ class FFASynthesisPipeline(DiffusionPipeline):
         tile, overlap = latent_tile(tile_px, overlap_px, vae_factor, self.unet_scale_factor)
         shape = (num_samples, self.unet.config.out_channels) + tuple(s // vae_factor for s in padded)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
         latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma
+        if start_strength < 1.0:  # source-started: the photo's latent noised to an intermediate t (as img2img)
+            skip = min(round(num_inference_steps * (1.0 - start_strength)), num_inference_steps - 1)
+            timesteps = timesteps[skip * self.scheduler.order :]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(skip * self.scheduler.order)
+            latents = self.scheduler.add_noise(condition.latents.expand(shape), latents, timesteps[:1])
+        else:
+            latents = latents * self.scheduler.init_noise_sigma
         sources = [] if condition.latents is None else [condition.latents]
         # stochastic schedulers (DDPM, Euler ancestral, SDE solvers) draw their noise from the same generator
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for t in self.progress_bar(timesteps):
             predict = self._predict(condition, label, num_samples, image_guidance_scale, t)
             model_input = self.scheduler.scale_model_input(latents, t)
             prediction = tiled_map(
@@ -389,6 +363,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         decode_tile_size: int | None = None,
         tile_batch_size: int = 8,
         return_dict: bool = True,
+        start_strength: float = 1.0,
     ):
         """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
 
@@ -398,11 +373,16 @@ class FFASynthesisPipeline(DiffusionPipeline):
         photo, drawn in one batch; > 1 returns their mean and per-pixel std. phase: "early"/"late"
         (default early) when the model has a phase input. tile_size/tile_overlap/decode_tile_size: in
         pixels (defaults: the training crop, a quarter of it, max(tile, 512)); 0 = the whole image in
-        one piece (see TileSettings).
+        one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
+        photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
         """
         if image_guidance_scale is None:
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
         self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase)
+        if not (0.0 < start_strength <= 1.0) or (start_strength < 1.0 and not self.config.use_concat):
+            raise FFASynthError(
+                f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
+            )
         tile_size = self.config.tile_size if tile_size is None else tile_size
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)
@@ -417,6 +397,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 num_samples,
                 phase,
                 tiles,
+                start_strength,
             )
             means.append(samples[0] if num_samples == 1 else samples.mean(dim=0))
             stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)

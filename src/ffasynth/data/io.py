@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ffasynth.errors import ImageReadError
+from ffasynth.errors import FFASynthError, ImageReadError
 from ffasynth.files import atomic_write
 
 IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
@@ -262,3 +262,38 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Pat
     if fmt is None:
         raise ImageReadError(path, f"unknown image suffix {path.suffix!r} for writing")
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
+
+
+def source_tensor(image) -> torch.Tensor:
+    """A photo as (3, H, W): 8-bit data as uint8 levels (kept compact: a large photo costs 3 bytes a
+    pixel; tiles are converted as they are used), anything else as float32 in [0, 1]. Takes a path,
+    a PIL image, a (H, W[, C]) array (uint8, uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W)
+    tensor (uint8 0-255 or float in [0, 1]). Grey is repeated to RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(Path(image), channels=3, compact=True)
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16") or image.mode == "I":
+            image = np.asarray(image).astype(np.float32) / 65535.0
+        elif image.mode == "F":
+            image = np.asarray(image, dtype=np.float32)
+        else:
+            image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            array = image.astype(np.float32) / 65535.0
+        else:
+            array = image if image.dtype == np.uint8 else image.astype(np.float32, copy=False)  # copied below
+        array = array[..., None] if array.ndim == 2 else array
+        if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+            raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
+        image = torch.from_numpy(np.array(array[..., :3].transpose(2, 0, 1)))  # a copy: the caller's array stays theirs
+    if not isinstance(image, torch.Tensor):
+        raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")
+    tensor = image.detach().cpu()
+    tensor = tensor if tensor.dtype == torch.uint8 else tensor.float()
+    tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
+    if tensor.dtype != torch.uint8:
+        tensor = tensor.clamp(0.0, 1.0)
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
