@@ -126,6 +126,13 @@ def collect_data(out: Path, shared: Path | None, scale: str, seed: int, say: Cal
     return {"sets": sets, "used": used, "report": report}
 
 
+def _sizes(size) -> list | dict:
+    """The stream's eye sizes as JSON: [low, high], or style → [low, high]."""
+    if isinstance(size, dict):
+        return {style: list(value) if isinstance(value, tuple) else value for style, value in size.items()}
+    return list(size) if isinstance(size, tuple) else size
+
+
 def training_data(config: Config, plan: dict, real: list[Pair], repeat: int = 1) -> Mixture:
     """The procedural stream (UWF-like and standard eyes, both phases, all lesion kinds) mixed with
     real pairs (each `repeat` times per epoch)."""
@@ -214,7 +221,7 @@ def build_base(
         "data": {
             **collected["used"],
             "real_pairs": {name: len(pairs) for name, pairs in sets.items()},
-            "stream": {**plan, "size": list(plan["size"]), "styles": STYLE_MIX},
+            "stream": {**plan, "size": _sizes(plan["size"]), "styles": STYLE_MIX},
         },
         "steps": {"vae": vae.step, "stage1": stage1.step, "stage2": stage2.step},
         "minutes": round((time.perf_counter() - began) / 60, 1),
