@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ffasynth.data.io import unit_float
+from ffasynth.data.io import read_image, save_image, unit_float
 from ffasynth.errors import FFASynthError
 from ffasynth.models.conditioning import encode_latents
+from tests.corpus import cli
 from tests.helpers import micro_pipeline, seeded
 
 
@@ -77,3 +78,18 @@ def test_a_model_without_the_concat_path_cannot_start_from_the_photo(photo):
     with pytest.raises(FFASynthError, match="concat path"):
         _run(pipe, photo, start_strength=0.5)
     assert _run(pipe, photo, start_strength=1.0).shape == (1, 32, 32)
+
+
+def test_translate_takes_start_strength_and_refuses_one_outside_0_1(pipe, photo, tmp_path):
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    save_image(photo, tmp_path / "photo.png")
+    refused = cli("translate", folder, tmp_path / "photo.png", "--out", tmp_path / "a", "--start-strength", "0")
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 2 and lines == ["error: --start-strength 0.0: allowed more than 0 to 1"], refused.output
+    done = cli("translate", folder, tmp_path / "photo.png", "--out", tmp_path / "b", "--start-strength", "0.5",
+               "--steps", "4", "--quiet")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    written = read_image(tmp_path / "b" / "photo_ffa.png", channels=1)
+    expected = _run(pipe, photo, num_inference_steps=4, start_strength=0.5, image_guidance_scale=None, tile_size=None)
+    assert written.shape == expected.shape and (written - expected).abs().max() <= 1 / 255 + 1e-6

@@ -157,6 +157,7 @@ class TranslateSettings:
     seed: int = 0
     samples: int = 1
     guidance: float | None = None  # None = the pipeline's default
+    start_strength: float = 1.0  # < 1: start from the photo's latent noised to that fraction of the schedule
     phase: str | None = None
     tile_size: int | None = None
     tile_overlap: int | None = None
@@ -202,6 +203,7 @@ def translate_files(
                 tile_size=settings.tile_size,
                 tile_overlap=settings.tile_overlap,
                 decode_tile_size=settings.decode_tile_size,
+                start_strength=settings.start_strength,
             )
             report.seconds[path] = time.perf_counter() - start
             size = tuple(photo.shape[-2:])

@@ -56,6 +56,13 @@ def translate(
         help="Image guidance scale; 1 = none (one U-Net pass per step), > 1 = stronger (two). Default: the "
         "pipeline's (stage1.image_guidance_scale when it was exported).",
     ),
+    start_strength: float = typer.Option(
+        1.0,
+        "--start-strength",
+        callback=in_range(0, 1, above=True),
+        help="1 = start from pure noise; s < 1 = from the photo's latent noised to the fraction s of the "
+        "schedule (the first steps skipped: fewer U-Net passes).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option(
         "float32",

@@ -77,7 +77,7 @@ class PhantomStream(Dataset):
         ranges = {
             style: (value, value) if isinstance(value, int) else tuple(value) for style, value in per_style.items()
         }
-        low, high = min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values())
+        low = min(ranges[style][0] for style in styles)  # the smallest eye any style used may draw
         for name, chosen, known in (
             ("style", styles, STYLES),
             ("disease", diseases, DISEASES),
