@@ -53,3 +53,25 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path):
     assert len(metrics["methods"]["ffasynth"]["per_image"]) == 4
     assert "of the phantoms' lesions the real angiograms show, the synthetic ones show" in result.output
     assert "report: " in result.output and "ffasynth train stage1 --config configs/sd15.yaml" in result.output
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("extra", "crop", "batch"), [([], 256, 2), (["data.crop_size=128"], 128, 2)])
+def test_the_demo_trains_on_whole_eye_crops_unless_told_otherwise(tmp_path, monkeypatch, extra, crop, batch):
+    """Without --data the demo's 256-px phantoms are cropped whole (batch 2); a given setting still wins."""
+    import ffasynth.quickstart as module
+
+    seen = {}
+
+    def stop(config, *args, **kwargs):
+        seen["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr(module, "train_stage1", stop)
+    monkeypatch.setattr(module, "train_vae", stop)
+    with pytest.raises(_Stop):
+        module.quickstart(tmp_path / "demo", 1.0, None, progress=False, say=lambda line: None, overrides=extra)
+    assert (seen["config"].data.crop_size, seen["config"].stage1.batch_size) == (crop, batch)
