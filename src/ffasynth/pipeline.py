@@ -329,10 +329,20 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
 
     def check_inputs(
-        self, steps: int, guidance: float | None, num_samples: int, output_type: str = "pil", phase: str | None = None
+        self,
+        steps: int,
+        guidance: float | None,
+        num_samples: int,
+        output_type: str = "pil",
+        phase: str | None = None,
+        start_strength: float = 1.0,
     ) -> None:
         """Raise FFASynthError (one line) for settings this pipeline cannot run."""
         self._phase_label(phase, "cpu")
+        if not (0.0 < start_strength <= 1.0) or (start_strength < 1.0 and not self.config.use_concat):
+            raise FFASynthError(
+                f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
+            )
         if steps < 1:
             raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
         if num_samples < 1:
@@ -378,11 +388,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         """
         if image_guidance_scale is None:
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
-        self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase)
-        if not (0.0 < start_strength <= 1.0) or (start_strength < 1.0 and not self.config.use_concat):
-            raise FFASynthError(
-                f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
-            )
+        self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase, start_strength)
         tile_size = self.config.tile_size if tile_size is None else tile_size
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)

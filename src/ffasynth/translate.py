@@ -183,7 +183,9 @@ def translate_files(
     """Translate each file; every image uses a generator seeded with `settings.seed`, so its result
     does not depend on the other inputs. on_done(path, error or None, warning or None) is called
     after each file."""
-    pipeline.check_inputs(settings.steps, settings.guidance, settings.samples, "np", settings.phase)
+    pipeline.check_inputs(
+        settings.steps, settings.guidance, settings.samples, "np", settings.phase, settings.start_strength
+    )
     report = TranslateReport()
     stems = output_stems(files)
     for path in files:
