@@ -32,13 +32,13 @@ from common import emit, log, machine  # noqa: E402
 
 from ffasynth.baselines.training import generate_folder, train_pix2pix  # noqa: E402
 from ffasynth.config import load_config  # noqa: E402
-from ffasynth.data.alignment import register_folder  # noqa: E402
+from ffasynth.data.alignment import aligned_pairs, register_folder  # noqa: E402
 from ffasynth.data.io import read_image, save_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
 from ffasynth.evaluation.retrieval import retrieval  # noqa: E402
-from ffasynth.pretrain import aligned_pairs, default_shared  # noqa: E402
+from ffasynth.pretrain import default_shared  # noqa: E402
 from ffasynth.quickstart import quickstart  # noqa: E402
 
 METHODS = ("ffasynth-random", "ffasynth-base", "pix2pix", "inverted-green")

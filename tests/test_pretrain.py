@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ffasynth.data.alignment import REPORT_NAME
+from ffasynth.data.alignment import REPORT_NAME, aligned_pairs
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.models import base
 from ffasynth.models.components import build_components
-from ffasynth.pretrain import STREAM, aligned_pairs, build_base, collect_data, real_ffa_pairs, training_data
+from ffasynth.pretrain import STREAM, build_base, collect_data, real_ffa_pairs, training_data
 from ffasynth.training.run import load_model_run
 from tests.helpers import MICRO, micro_config
 

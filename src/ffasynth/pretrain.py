@@ -18,7 +18,6 @@ is no SD1.5, so we pretrain the tiny architecture on everything we may use.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -28,13 +27,12 @@ from pathlib import Path
 import torch
 
 from ffasynth.config import Config, load_config, save_config, to_dict
-from ffasynth.data.alignment import REPORT_NAME, eye_of, register_folder
+from ffasynth.data.alignment import aligned_pairs, eye_of, register_folder
 from ffasynth.data.dataset import Mixture, PairDataset
 from ffasynth.data.io import is_image_file
-from ffasynth.data.pairs import Pair, load_pairs
+from ffasynth.data.pairs import Pair
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.data.phantom_stream import PhantomStream
-from ffasynth.data.registration import RegistrationParams
 from ffasynth.data.transforms import PairedTransform
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
@@ -61,31 +59,12 @@ STREAM = {
     "mini": {"size": (64, 96), "eyes_per_epoch": 2, "crops_per_eye": 4, "report_eyes": 2, "report_size": 96},
 }
 STYLE_MIX = {"uwf": 0.7, "standard": 0.3}  # the stream's share of UWF-like and standard-field eyes
-ACCEPTED = ("registered", "transferred")  # registration.csv statuses kept for training
-REAL_REPEAT = 4  # the registered real training pairs are few (8): each counts 4 times per epoch
+REAL_REPEAT = 4  # the aligned real training pairs are few (6 of 8): each counts 4 times per epoch
 FFA_FOLDERS = ("01.phase_identification/arterial_phase", "01.phase_identification/venous_phase", "02.disease_diagnosis")
 
 
 def default_shared() -> Path:
     return Path(os.environ.get("FFASYNTH_SHARED_DATA", "../shared/data"))
-
-
-def aligned_pairs(folder: Path) -> list[Pair]:
-    """The pairs of a registered folder that are aligned: registered, transferred through the other
-    phase, or left at the identity because they already matched there (vessels at the identity beat the
-    mirrored-eye bar by the registration's margin). A pair refused for want of any match is as
-    misaligned as shipped and would teach the U-Net to ignore the photo."""
-    margin = RegistrationParams().min_margin
-
-    def aligned(row: dict) -> bool:
-        if row["status"] in ACCEPTED:
-            return True
-        gain = float(row["identity_correlation"] or "nan") - float(row["null_correlation"] or "nan")
-        return row["status"] == "identity" and gain >= margin  # NaN compares False
-
-    with open(folder / REPORT_NAME, newline="") as handle:
-        kept = {row["aligned_target"] for row in csv.DictReader(handle) if aligned(row)}
-    return [pair for pair in load_pairs(folder) if pair.target.name in kept]
 
 
 def real_ffa_pairs(shared: Path) -> list[Pair]:

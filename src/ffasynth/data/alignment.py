@@ -38,7 +38,7 @@ import numpy as np
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, save_image
-from ffasynth.data.pairs import Pair, discover_pairs
+from ffasynth.data.pairs import Pair, discover_pairs, load_pairs
 from ffasynth.data.registration import (
     Registration,
     RegistrationParams,
@@ -58,6 +58,7 @@ CHECKERBOARD_FOLDER = "_checkerboards"
 JSON_FOLDER = "_registration"
 REPORT_NAME = "registration.csv"
 PHASE_SUFFIX = {None: "1", "early": "1", "late": "2"}
+ACCEPTED = ("registered", "transferred")  # statuses whose pair is aligned by what was written
 WRITTEN = ("registered", "transferred", "identity")  # statuses whose pair is in the aligned set
 
 
@@ -362,3 +363,21 @@ def register_folder(
 
     atomic_folder(out, fill)
     return rows
+
+
+def aligned_pairs(folder: Path) -> list[Pair]:
+    """The pairs of a registered folder that are aligned: registered, transferred through the other
+    phase, or left at the identity because they already matched there (vessels at the identity beat the
+    mirrored-eye bar by the registration's margin). A pair refused for want of any match is as
+    misaligned as shipped and would teach the U-Net to ignore the photo."""
+    margin = RegistrationParams().min_margin
+
+    def aligned(row: dict) -> bool:
+        if row["status"] in ACCEPTED:
+            return True
+        gain = float(row["identity_correlation"] or "nan") - float(row["null_correlation"] or "nan")
+        return row["status"] == "identity" and gain >= margin  # NaN compares False
+
+    with open(folder / REPORT_NAME, newline="") as handle:
+        kept = {row["aligned_target"] for row in csv.DictReader(handle) if aligned(row)}
+    return [pair for pair in load_pairs(folder) if pair.target.name in kept]
