@@ -45,6 +45,8 @@ STAGE2 = [
     "stage2.log_every=1",
     "stage2.lr_warmup_steps=1",
 ]
+DISTILL = ["distill.max_steps=2", "distill.save_every=2", "distill.sample_every=2", "distill.batch_size=1",
+           "distill.lr_warmup_steps=1", "distill.log_every=1", "distill.default_steps=4"]  # fmt: skip
 
 
 def _invoke(args: list[str]):
@@ -84,6 +86,17 @@ def test_sd15_config_trains_both_stages_exports_and_translates(tmp_path):
     )  # fmt: skip
     assert json.loads((runs / "s2" / "run.json").read_text())["decoder_psnr"]["images"] >= 1
 
+    # LCM-LoRA-sized distillation of the stage-2 model, as configs/sd15.yaml sets it (rank 64, bf16, checkpointing)
+    said = _invoke(["train", "distill", "--from", runs / "s2", "--data", data, "--out", runs / "lcm", *DISTILL]).output
+    resolved = _yaml(runs / "lcm" / "config.yaml")["distill"]
+    assert resolved["lora"]["rank"] == 64 and resolved["mixed_precision"] == "bf16"
+    assert resolved["gradient_checkpointing"] and "(LoRA)" in said
+    trainable = float(said.split(" M trainable student parameters")[0].rsplit(" ", 1)[-1]) * 1e6
+    student = load_file(str(runs / "lcm" / "checkpoints" / "step-000002" / "unet.safetensors"))
+    assert any(".lora_A." in k for k in student) and "time_embedding.cond_proj.weight" in student
+    learnt = sum(v.numel() for k, v in student.items() if ".lora_" in k or "cond_proj" in k)
+    assert abs(trainable - learnt) <= 0.005e6  # only the adapters and the guidance input learn (SD1.5: ~8%)
+
     # another machine: the runs moved, the original weights folders gone
     moved = tmp_path / "elsewhere"
     shutil.move(str(runs), str(moved))
@@ -100,6 +113,13 @@ def test_sd15_config_trains_both_stages_exports_and_translates(tmp_path):
     _invoke(["translate", tmp_path / "pipeline", photo, "--out", tmp_path / "out", "--steps", "2", "--quiet"])
     result = Image.open(tmp_path / "out" / "photo_ffa.png")
     assert result.size == (100, 72) and result.mode == "L"
+
+    _invoke(["export", moved / "lcm", tmp_path / "lcm-pipeline"])  # found its moved teacher beside it
+    lcm = FFASynthesisPipeline.from_pretrained(tmp_path / "lcm-pipeline")
+    assert type(lcm.scheduler).__name__ == "LCMScheduler" and lcm.config.num_inference_steps == 4
+    assert lcm.unet.config.time_cond_proj_dim == 256 and lcm.preview_decoder is not None
+    _invoke(["translate", tmp_path / "lcm-pipeline", photo, "--out", tmp_path / "lcm-out", "--quiet"])
+    assert Image.open(tmp_path / "lcm-out" / "photo_ffa.png").size == (100, 72)
 
 
 def _yaml(path: Path) -> dict:

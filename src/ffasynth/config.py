@@ -204,11 +204,14 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
+    _section = "stage1.lora"
+
     def validate(self) -> None:
-        _require(self.rank >= 0, "stage1.lora.rank", "must be >= 0 (0 = full fine-tuning)")
-        _require(self.alpha is None or self.alpha > 0, "stage1.lora.alpha", "must be positive or null (= rank)")
-        _require(0.0 <= self.dropout < 1.0, "stage1.lora.dropout", "must be in [0, 1)")
-        _require(not self.rank or bool(self.target_modules), "stage1.lora.target_modules", "must name a layer")
+        key = self._section
+        _require(self.rank >= 0, f"{key}.rank", "must be >= 0 (0 = full fine-tuning)")
+        _require(self.alpha is None or self.alpha > 0, f"{key}.alpha", "must be positive or null (= rank)")
+        _require(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+        _require(not self.rank or bool(self.target_modules), f"{key}.target_modules", "must name a layer")
 
 
 @dataclass
@@ -287,6 +290,52 @@ class Stage2Config(TrainConfig):
 
 
 @dataclass
+class DistillLoRAConfig(LoRAConfig):
+    """The distilled student as LoRA adapters over the frozen stage-1 U-Net (LCM-LoRA's layers: attention,
+    transformer projections and feed-forward, ResNet convolutions and their time projections); only the
+    adapters and the guidance-scale input learn. rank 0: the student is a whole copy of the U-Net."""
+
+    target_modules: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+        "conv1", "conv2", "time_emb_proj",
+    )  # fmt: skip
+    _section = "distill.lora"
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`ffasynth train distill` (training/distill.py): a student U-Net with the guidance scale as an input,
+    distilled from a trained (frozen) stage-1 U-Net and its image guidance. method "lcm": latent consistency
+    distillation (few steps, sampled with diffusers' LCMScheduler); "guidance": guidance distillation only
+    (the guided prediction in one pass, sampled as before). With preview_decoder, a tiny decoder is
+    distilled from the VAE decoder in the same run, for fast previews."""
+
+    method: Literal["lcm", "guidance"] = "lcm"
+    guidance_min: float = 1.0  # the guidance scales the student learns, drawn uniformly
+    guidance_max: float = 5.0
+    solver_steps: int = 50  # LCM's teacher schedule: DDIM steps t → t − k, k = num_train_timesteps / this
+    huber_c: float = 0.001  # LCM's pseudo-Huber loss √(d² + c²) − c; 0 = squared error
+    default_steps: int = 4  # steps the exported pipeline takes when a call gives none (method lcm)
+    preview_decoder: bool = True
+    preview_channels: int = 64
+    preview_lr: float = 1e-3
+    lora: DistillLoRAConfig = field(default_factory=DistillLoRAConfig)
+    lr: float = 1e-4
+    lr_warmup_steps: int = 100
+    ema_decay: float = 0.95
+    _section = "distill"
+
+    def validate(self) -> None:
+        super().validate()
+        _require(1.0 <= self.guidance_min <= self.guidance_max, "distill.guidance_min", "must be in [1, guidance_max]")
+        _require(self.solver_steps >= 2, "distill.solver_steps", "must be at least 2")
+        _require(self.huber_c >= 0, "distill.huber_c", "must be >= 0 (0 = squared error)")
+        _require(1 <= self.default_steps <= self.solver_steps, "distill.default_steps", "must be in [1, solver_steps]")
+        _require(self.preview_channels >= 8, "distill.preview_channels", "must be at least 8")
+        _require(self.preview_lr > 0, "distill.preview_lr", "must be positive")
+
+
+@dataclass
 class Pix2PixConfig(TrainConfig):
     """The GAN baseline (Isola et al. 2017): U-Net generator + 70×70 PatchGAN, GAN + λ·L1 (λ = 100)."""
 
@@ -329,6 +378,7 @@ class Config:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
 
     def validate(self) -> None:
@@ -339,6 +389,8 @@ class Config:
         _require(self.data.crop_size % factor == 0, "data.crop_size", f"must be a multiple of {factor}, the model's "
                  "downsampling (2^(VAE levels - 1) x 2^(U-Net levels - 1))")  # fmt: skip
         limit = self.stage1.num_train_timesteps
+        _require(self.distill.solver_steps <= limit, "distill.solver_steps", f"must be at most {limit} "
+                 "(stage1.num_train_timesteps)")  # fmt: skip
         _require(self.stage2.unet_max_timestep <= limit, "stage2.unet_max_timestep", f"must be at most {limit} "
                  "(stage1.num_train_timesteps)")  # fmt: skip
 

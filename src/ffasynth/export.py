@@ -27,8 +27,10 @@ from ffasynth.data.pairs import load_pairs
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.models.components import sampling_scheduler
+from ffasynth.models.conditioning import folded_guidance
 from ffasynth.models.lora import ADAPTER_FOLDER, has_lora, split_lora
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
+from ffasynth.training.distill import sampler_for
 from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run
 
 
@@ -71,8 +73,31 @@ def _load_stage2(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
     return ExportedModel(loaded, "stage2", notes, metrics)
 
 
+def _load_distill(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
+    loaded = load_model_run(run_dir, ema=ema)
+    folder = run_folder.latest_checkpoint(run_dir)
+    distill = loaded.config.distill
+    info = run_folder.info(run_dir)
+    kind = "latent consistency (LCM)" if distill.method == "lcm" else "guidance"
+    notes = [
+        f"- U-Net: the {kind} distillation of `{info.get('teacher_run')}` by run `{run_dir}`, checkpoint "
+        f"`{folder.name}` = step {_step(folder)}; guidance scale is an input (one pass a step), learnt for "
+        f"{distill.guidance_min:g}-{distill.guidance_max:g}; default {loaded.config.stage1.image_guidance_scale:g}"
+        + (f", {distill.default_steps} steps (LCMScheduler)" if distill.method == "lcm" else ""),
+    ]
+    if distill.lora.rank:
+        notes.append(f"- student trained as rank-{distill.lora.rank} LoRA adapters, merged into the U-Net here")
+    if loaded.preview_decoder is not None:
+        notes.append('- preview_decoder/: a tiny decoder distilled from the VAE decoder (`decoder="preview"`)')
+    return ExportedModel(loaded, "distill", notes)
+
+
 # (run folder, EMA weights, merge LoRA adapters) → the model
-RUN_LOADERS: dict[str, Callable[[Path, bool, bool], ExportedModel]] = {"stage1": _load_stage1, "stage2": _load_stage2}
+RUN_LOADERS: dict[str, Callable[[Path, bool, bool], ExportedModel]] = {
+    "stage1": _load_stage1,
+    "stage2": _load_stage2,
+    "distill": _load_distill,
+}
 
 
 def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> ExportedModel:
@@ -85,10 +110,14 @@ def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> 
 
 
 def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
-    """The run's components as a pipeline with DPM-Solver++ (2nd order) on the training noise schedule."""
+    """The run's components as a pipeline with DPM-Solver++ (2nd order) on the training noise schedule, or,
+    for an LCM student, diffusers' LCMScheduler on its solver grid and its few default steps."""
     model = loaded.config.model
     components = loaded.components
-    scheduler = sampling_scheduler(components.scheduler)
+    distill = loaded.config.distill
+    distilled = folded_guidance(components.unet) is not None  # a distill run's student
+    scheduler = sampler_for(components.scheduler, distill) if distilled else sampling_scheduler(components.scheduler)
+    lcm = distilled and distill.method == "lcm"
     projection = loaded.conditioner.projection
     return FFASynthesisPipeline(
         vae=components.vae,
@@ -105,6 +134,8 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         prediction_type=loaded.config.stage1.prediction_type,
         tile_size=loaded.config.data.crop_size,
         image_guidance_scale=loaded.config.stage1.image_guidance_scale,
+        preview_decoder=loaded.preview_decoder,
+        num_inference_steps=distill.default_steps if lcm else 20,
     )
 
 
@@ -167,6 +198,8 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
     phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
+    steps = config.distill.default_steps if exported.kind == "distill" and config.distill.method == "lcm" else 20
+    sampler = "LCMScheduler (latent consistency)" if steps != 20 else "DPM-Solver++ (2nd order)"
     return "\n".join(
         [
             "---",
@@ -197,7 +230,8 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
             "## Conditioning",
             f"- CLIP tokens: {model.clip_tokens if model.use_clip else 'off'}; source latent concatenated: "
             f"{model.use_concat}; FFA phases: {phases}",
-            f"- default tile: {config.data.crop_size}px (the training crop); scheduler DPM-Solver++ (2nd order)",
+            f"- default tile: {config.data.crop_size}px (the training crop); scheduler {sampler}, "
+            f"{steps} steps by default",
             "",
             "## Metrics",
             *metric_lines,
@@ -208,7 +242,7 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
             "```python",
             "from ffasynth.pipeline import FFASynthesisPipeline",
             "pipe = FFASynthesisPipeline.from_pretrained('THIS_FOLDER')",
-            "out = pipe('photo.png', num_inference_steps=20, num_samples=4)  # out.images, out.uncertainty",
+            f"out = pipe('photo.png', num_inference_steps={steps}, num_samples=4)  # out.images, out.uncertainty",
             "```",
             "or `ffasynth translate THIS_FOLDER photo.png --out results/ --samples 4`. "
             "`diffusers.DiffusionPipeline.from_pretrained('THIS_FOLDER')` works once `import ffasynth.pipeline` "

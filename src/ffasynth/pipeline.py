@@ -38,8 +38,10 @@ from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
 from ffasynth.models.folders import check_pipeline_folder
 from ffasynth.models.lora import ADAPTER_FOLDER, load_lora
+from ffasynth.models.preview_decoder import PreviewDecoder
 from ffasynth.tiling import (
     Tile,
+    TileSettings,
     check_tile_settings,
     latent_tile,
     pad_to_multiple,
@@ -86,28 +88,6 @@ class FFASynthesisOutput(BaseOutput):
     uncertainty: list | None = None
 
 
-@dataclass(frozen=True)
-class TileSettings:
-    """Tiling in pixels. size: the denoising and source-encoding tile (0 = whole image); overlap:
-    between those tiles; decode_size: the VAE decode tile (0 = whole), larger because the decoder's
-    normalisation statistics drift on small tiles, overlapping by a quarter of it; batch_size:
-    denoising tiles per U-Net pass."""
-
-    size: int
-    overlap: int
-    decode_size: int
-    batch_size: int = 8
-
-    @classmethod
-    def resolve(cls, size: int, overlap: int | None = None, decode_size: int | None = None, batch_size: int = 8):
-        """Defaults: overlap = size/4; decode_size = max(size, 512) (whole image when size is 0)."""
-        overlap = size // 4 if overlap is None else overlap
-        decode_size = (max(size, 512) if size > 0 else 0) if decode_size is None else decode_size
-        if min(size, overlap, decode_size) < 0 or batch_size < 1:
-            raise FFASynthError(f"tile sizes and overlap must be >= 0 and the tile batch >= 1, not {size, overlap}")
-        return cls(size, overlap, decode_size, batch_size)
-
-
 @dataclass
 class SourceCondition:
     """What the photo contributes to every step and tile, computed once per image."""
@@ -128,7 +108,7 @@ class SourceCondition:
 
 class FFASynthesisPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "image_encoder->unet->vae"
-    _optional_components = ["image_encoder", "image_processor", "projection"]
+    _optional_components = ["image_encoder", "image_processor", "projection", "preview_decoder"]
 
     def __init__(
         self,
@@ -138,6 +118,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         image_encoder=None,
         image_processor=None,
         projection: TokenProjection | None = None,
+        preview_decoder: PreviewDecoder | None = None,
         use_clip: bool = True,
         use_concat: bool = True,
         clip_tokens: str = "embed",
@@ -146,6 +127,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         tile_size: int = 768,
         image_guidance_scale: float = 1.0,
         clip_view: str = "whole",  # folders saved before the setting existed encoded the whole photo
+        num_inference_steps: int = 20,
     ):
         super().__init__()
         if use_clip and (image_encoder is None or image_processor is None):
@@ -157,6 +139,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             image_processor=image_processor,
             projection=projection,
+            preview_decoder=preview_decoder,
         )
         self.register_to_config(
             use_clip=use_clip,
@@ -167,6 +150,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             tile_size=tile_size,
             image_guidance_scale=image_guidance_scale,  # the default when a call gives none
             clip_view=clip_view,
+            num_inference_steps=num_inference_steps,  # the default when a call gives none (4 for an LCM student)
         )
 
     @classmethod
@@ -280,10 +264,12 @@ class FFASynthesisPipeline(DiffusionPipeline):
         phase: str | None,
         tiles: TileSettings,
         start_strength: float = 1.0,
+        decoder: str = "vae",
     ) -> torch.Tensor:
         """One photo (3, H, W), uint8 levels or float in [0, 1] → num_samples angiograms (N, 1, H, W)
         in [0, 1], on the CPU. start_strength < 1: start from the photo's latent noised to that fraction
-        of the schedule (the first steps skipped) instead of pure noise."""
+        of the schedule (the first steps skipped) instead of pure noise. decoder "preview": the tiny
+        preview decoder instead of the VAE's."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
@@ -319,13 +305,15 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 predict, [model_input, *sources], tile, overlap, batch_size=tiles.batch_size, pass_tiles=True
             )
             latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
-        vae = self.vae
+        vae, preview = self.vae, self.preview_decoder
         decode_tile = longest if tiles.decode_size <= 0 else min(longest, tiles.decode_size)
         decode_tile = max(1, decode_tile // vae_factor)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return preview(z).float() if decoder == "preview" else decode_latents(vae, z).float()
+
         # the full-size image is assembled in host memory, one decoded tile at a time
-        images = tiled_decode(
-            lambda z: decode_latents(vae, z).float(), latents, decode_tile, decode_tile // 4, vae_factor, "cpu"
-        )
+        images = tiled_decode(decode, latents, decode_tile, decode_tile // 4, vae_factor, "cpu")
         return images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
 
     def check_inputs(
@@ -336,9 +324,15 @@ class FFASynthesisPipeline(DiffusionPipeline):
         output_type: str = "pil",
         phase: str | None = None,
         start_strength: float = 1.0,
+        decoder: str = "vae",
     ) -> None:
         """Raise FFASynthError (one line) for settings this pipeline cannot run."""
         self._phase_label(phase, "cpu")
+        if decoder not in ("vae", "preview") or (decoder == "preview" and self.preview_decoder is None):
+            raise FFASynthError(
+                f"decoder {decoder!r}: allowed 'vae', or 'preview' for a pipeline with a preview decoder "
+                "(made by `ffasynth train distill`)"
+            )
         if not (0.0 < start_strength <= 1.0) or (start_strength < 1.0 and not self.config.use_concat):
             raise FFASynthError(
                 f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
@@ -362,7 +356,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
     def __call__(
         self,
         image,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         image_guidance_scale: float | None = None,
         num_samples: int = 1,
@@ -374,6 +368,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         tile_batch_size: int = 8,
         return_dict: bool = True,
         start_strength: float = 1.0,
+        decoder: str = "vae",
     ):
         """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
 
@@ -385,10 +380,16 @@ class FFASynthesisPipeline(DiffusionPipeline):
         pixels (defaults: the training crop, a quarter of it, max(tile, 512)); 0 = the whole image in
         one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
         photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
+        num_inference_steps: None = the config's (20; 4 for an LCM student). decoder: "vae", or "preview"
+        (the tiny preview decoder of a distilled pipeline: a fast, softer image).
         """
         if image_guidance_scale is None:
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
-        self.check_inputs(num_inference_steps, image_guidance_scale, num_samples, output_type, phase, start_strength)
+        if num_inference_steps is None:
+            num_inference_steps = int(self.config.get("num_inference_steps", 20))
+        self.check_inputs(
+            num_inference_steps, image_guidance_scale, num_samples, output_type, phase, start_strength, decoder
+        )
         tile_size = self.config.tile_size if tile_size is None else tile_size
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)
@@ -404,6 +405,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 phase,
                 tiles,
                 start_strength,
+                decoder,
             )
             means.append(samples[0] if num_samples == 1 else samples.mean(dim=0))
             stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)

@@ -61,6 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lpips_weight": 0.0,
             "disc_channels": 16,
         },
+        # the student is a whole copy of the tiny U-Net (LoRA adapters are for SD1.5's size)
+        "distill": {**_TINY_LOOP, "max_steps": 400, "lr": 2e-4, "lr_warmup_steps": 20, "preview_channels": 32},
         "pix2pix": {
             **_TINY_LOOP,
             "batch_size": 4,
@@ -72,5 +74,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "tile_overlap": 32,
         },
     },
-    "sd15": {"data": {"crop_size": 768}},
+    # LCM-LoRA's size: rank-64 adapters over the stage-1 U-Net
+    "sd15": {"data": {"crop_size": 768}, "distill": {"lora": {"rank": 64}}},
 }

@@ -233,3 +233,25 @@ def tiled_decode(
 ) -> torch.Tensor:
     """Latents (N, C, h, w) → pixels (N, C', h·f, w·f), decoding latent tiles of `tile` one at a time."""
     return tiled_map(decode, [latents], tile, overlap, scale=float(factor), batch_size=1, out_device=out_device)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Tiling in pixels. size: the denoising and source-encoding tile (0 = whole image); overlap:
+    between those tiles; decode_size: the VAE decode tile (0 = whole), larger because the decoder's
+    normalisation statistics drift on small tiles, overlapping by a quarter of it; batch_size:
+    denoising tiles per U-Net pass."""
+
+    size: int
+    overlap: int
+    decode_size: int
+    batch_size: int = 8
+
+    @classmethod
+    def resolve(cls, size: int, overlap: int | None = None, decode_size: int | None = None, batch_size: int = 8):
+        """Defaults: overlap = size/4; decode_size = max(size, 512) (whole image when size is 0)."""
+        overlap = size // 4 if overlap is None else overlap
+        decode_size = (max(size, 512) if size > 0 else 0) if decode_size is None else decode_size
+        if min(size, overlap, decode_size) < 0 or batch_size < 1:
+            raise FFASynthError(f"tile sizes and overlap must be >= 0 and the tile batch >= 1, not {size, overlap}")
+        return cls(size, overlap, decode_size, batch_size)

@@ -1,5 +1,5 @@
-"""`ffasynth train ...`: stage 0 (VAE), stage 1 (U-Net), stage 2 (decoder). The options they share
-(--data, --out, --config, --resume, --max-steps ...) are cli/options.py's TRAIN_OPTIONS."""
+"""`ffasynth train ...`: stage 0 (VAE), stage 1 (U-Net), stage 2 (decoder), distill (fewer passes).
+The options they share (--data, --out, --config, --resume, --max-steps ...) are cli/options.py's TRAIN_OPTIONS."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ from pathlib import Path
 
 import typer
 
+from ffasynth import run_folder
 from ffasynth.cli.options import TrainOptions, say, train_options
+from ffasynth.errors import FFASynthError
 from ffasynth.files import check_output_folder
 
 # The training stages import diffusers, transformers and accelerate (seconds); they are imported in
 # the verbs that run them, so `ffasynth --help` and the other verbs do not wait for them.
 
 app = typer.Typer(
-    help="Train the model: `vae` (stage 0, when no pretrained VAE), `stage1` (U-Net), `stage2` (decoder).",
+    help="Train the model: `vae` (stage 0, when no pretrained VAE), `stage1` (U-Net), `stage2` (decoder), "
+    "`distill` (guidance folded in, few-step sampling and a preview decoder, from a trained model).",
     no_args_is_help=True,
 )
 
@@ -61,3 +64,24 @@ def stage2_command(
     check_output_folder(options.out, [from_run])  # the stage-1 run is read, never written
     config = options.config("stage2", start=from_run / "config.yaml")
     train_stage2(config, from_run, options.data, options.out, options.resume, options.progress, say, ema=not no_ema)
+
+
+@app.command("distill")
+@train_options(without=("preset",))  # its starting config is the teacher run's, already resolved
+def distill_command(
+    options: TrainOptions,
+    from_run: Path = typer.Option(..., "--from", help="The stage-1 or stage-2 run to distil (the frozen teacher)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Use the teacher U-Net's raw weights, not its EMA."),
+) -> None:
+    """Distil a trained model into a student U-Net that takes the guidance scale as an input (one pass a
+    step instead of two) and, with distill.method=lcm (the default), samples in 1-4 steps (latent
+    consistency distillation; LCMScheduler); distill.lora.rank > 0 makes it LoRA adapters (SD1.5).
+    Also distils the tiny preview decoder (distill.preview_decoder). `ffasynth export` the run."""
+    from ffasynth.training.stages import train_distill
+
+    check_output_folder(options.out, [from_run])  # the teacher run is read, never written
+    kind = run_folder.info(from_run).get("kind")  # one line when --from is no run folder
+    if kind not in ("stage1", "stage2"):
+        raise FFASynthError(f"--from {from_run} is a '{kind}' run; distill takes a stage-1 or stage-2 run")
+    config = options.config("distill", start=from_run / "config.yaml")
+    train_distill(config, from_run, options.data, options.out, options.resume, options.progress, say, ema=not no_ema)

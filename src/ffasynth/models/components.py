@@ -8,6 +8,7 @@ point at real weights (see `models/loading.py`).
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -17,11 +18,12 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from ffasynth.config import Config, ModelConfig
+from ffasynth.config import Config, DistillConfig, ModelConfig
 from ffasynth.errors import ConfigError
 from ffasynth.models import base
 from ffasynth.models.architecture import clip_config, clip_processor, unet_config, unet_in_channels, vae_config
 from ffasynth.models.loading import load_image_encoder, load_unet_and_vae, load_vae
+from ffasynth.models.lora import add_student_adapters
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,34 @@ def add_phase_embedding(unet: UNet2DConditionModel, num_phases: int) -> None:
     unet.class_embedding = nn.Embedding(num_phases, unet.time_embedding.linear_2.out_features)
     nn.init.zeros_(unet.class_embedding.weight)
     unet.register_to_config(num_class_embeds=num_phases)
+
+
+GUIDANCE_EMBEDDING_DIM = 256  # LCM's width for the guidance-scale features (conditioning.guidance_features)
+
+
+def add_guidance_embedding(unet: UNet2DConditionModel, dim: int = GUIDANCE_EMBEDDING_DIM) -> None:
+    """Give the U-Net the guidance scale as an input (diffusers' `time_cond_proj_dim`: a linear map of the
+    scale's features added to the timestep features before the time MLP), zero-initialised so the
+    output is the unguided one's until distillation moves it. A U-Net saved with it reloads with it."""
+    if getattr(unet.time_embedding, "cond_proj", None) is not None:
+        return
+    width = unet.time_embedding.linear_1.in_features
+    weight = unet.time_embedding.linear_1.weight
+    unet.time_embedding.cond_proj = nn.Linear(dim, width, bias=False, device=weight.device, dtype=weight.dtype)
+    nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+    unet.register_to_config(time_cond_proj_dim=dim)
+
+
+def make_student(unet, config: DistillConfig):
+    """The student for `unet` (the frozen teacher): LoRA adapters on it (rank > 0; returned: the same
+    module) or a whole trainable copy; either with the guidance-scale input."""
+    if config.lora.rank:
+        add_guidance_embedding(unet)
+        add_student_adapters(unet, config.lora)
+        return unet
+    student = copy.deepcopy(unet)
+    add_guidance_embedding(student)
+    return student.requires_grad_(True)
 
 
 def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "epsilon") -> DDPMScheduler:

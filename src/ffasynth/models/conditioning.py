@@ -1,8 +1,14 @@
 """The source photo as conditioning: CLIP image tokens for every cross-attention layer, and the
 source's VAE latent concatenated to the noisy latent (8-channel conv_in). Either path can be off;
-"off" and "dropped" (classifier-free guidance) both mean zeros, which carry no information."""
+"off" and "dropped" (classifier-free guidance) both mean zeros, which carry no information.
+
+A U-Net with guidance folded in (`time_cond_proj_dim` set, `models.components.add_guidance_embedding`;
+made by `ffasynth train distill`) takes the guidance scale as an input and gives the guided prediction
+in one pass."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +164,23 @@ def drop_condition(
     return tokens, source_latents
 
 
+def guidance_features(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance scales w → (B, dim) sinusoidal features of 1000·(w − 1) (LCM's w-embedding, Luo et al.
+    2023: w = 1, no guidance, maps to the features of 0), what a folded U-Net's cond_proj reads."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=scale.device) / max(half - 1, 1))
+    angles = 1000.0 * (scale.float()[:, None] - 1.0) * frequencies[None]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(features, (0, dim % 2))
+
+
+def folded_guidance(unet) -> int | None:
+    """The width of the U-Net's guidance-scale input (`time_cond_proj_dim`), None when it has none."""
+    module = getattr(unet, "module", unet)  # DDP keeps the model, and its config, under .module
+    config = getattr(module, "config", None)
+    return None if config is None else config.get("time_cond_proj_dim")
+
+
 def guided_prediction(
     unet,
     latents: torch.Tensor,
@@ -165,23 +188,33 @@ def guided_prediction(
     tokens: torch.Tensor,
     source_latents: torch.Tensor | None,
     labels: torch.Tensor | None,
-    guidance: float,
+    guidance: float | torch.Tensor,
+    fold: bool = True,
 ) -> torch.Tensor:
     """The U-Net's output (float32) for a batch, conditioned on (tokens, source_latents). guidance > 1:
     image classifier-free guidance ε̂ = ε_∅ + s(ε_c − ε_∅) against the null (zero) condition that
-    conditioning dropout trains, the conditional and null halves in one batched pass."""
-    if guidance > 1.0:
+    conditioning dropout trains, the conditional and null halves in one batched pass; a (B,) tensor
+    gives each row its own scale (both halves always run). A U-Net with guidance folded in gets the
+    scale as its input instead, in one pass of the batch; fold=False runs it as the model it was distilled
+    from (no scale input), as distillation's teacher does when it shares its layers with a LoRA student."""
+    folded = folded_guidance(unet) if fold else None
+    scales = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
+    doubled = folded is None and (isinstance(guidance, torch.Tensor) or guidance > 1.0)
+    if doubled:
         latents = torch.cat([latents, latents])
         tokens = torch.cat([tokens, torch.zeros_like(tokens)])
         if source_latents is not None:
             source_latents = torch.cat([source_latents, torch.zeros_like(source_latents)])
         if labels is not None:
             labels = torch.cat([labels, labels])
+        if isinstance(t, torch.Tensor) and t.numel() > 1:  # a timestep per row
+            t = torch.cat([t, t])
     # a U-Net in training may be wrapped (DDP), which has no .dtype
     dtype = unet.dtype if hasattr(unet, "dtype") else next(unet.parameters()).dtype
     model_input = SourceConditioner.unet_input(latents, source_latents).to(dtype)
-    output = unet(model_input, t, encoder_hidden_states=tokens.to(dtype), class_labels=labels).sample.float()
-    if guidance > 1.0:
+    extra = {} if folded is None else {"timestep_cond": guidance_features(scales, folded).to(dtype)}
+    output = unet(model_input, t, encoder_hidden_states=tokens.to(dtype), class_labels=labels, **extra).sample.float()
+    if doubled:
         conditional, unconditional = output.chunk(2)
-        output = unconditional + guidance * (conditional - unconditional)
+        output = unconditional + scales.view(-1, 1, 1, 1) * (conditional - unconditional)
     return output

@@ -30,13 +30,15 @@ from ffasynth.errors import WeightsNotFoundError
 from ffasynth.integrity import DamagedFileError, safetensors_header
 from ffasynth.models.lora import ADAPTER_FOLDER
 from ffasynth.models.lora import WEIGHTS as LORA_WEIGHTS
+from ffasynth.models.preview_decoder import PreviewDecoder
 
 PIPELINE_CLASS = "FFASynthesisPipeline"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 WEIGHT_SUFFIXES = {".safetensors", ".onnx", ".msgpack", ".h5", ".gguf", ".npz", ".npy"}
-SCHEDULERS = {scheduler.name for scheduler in KarrasDiffusionSchedulers}  # the swappable SD-family samplers
+# the swappable SD-family samplers, and the LCM sampler of a distilled (`train distill`) pipeline
+SCHEDULERS = {scheduler.name for scheduler in KarrasDiffusionSchedulers} | {"LCMScheduler"}
 
 # The components and settings of ffasynth.pipeline.FFASynthesisPipeline (a test keeps them equal to its
 # __init__): component → (library, classes allowed, required).
@@ -47,6 +49,7 @@ COMPONENTS = {
     "image_encoder": ("transformers", {"CLIPVisionModelWithProjection"}, False),
     "image_processor": ("transformers", {"CLIPImageProcessor", "CLIPImageProcessorFast"}, False),
     "projection": ("ffasynth.pipeline", {"TokenProjection"}, False),
+    "preview_decoder": ("ffasynth.models.preview_decoder", {"PreviewDecoder"}, False),
 }
 SETTINGS = {
     "use_clip": bool,
@@ -57,13 +60,18 @@ SETTINGS = {
     "tile_size": int,
     "image_guidance_scale": float,
     "clip_view": ("whole", "tile"),
+    "num_inference_steps": int,
 }
 # LoRA adapters exported apart from the U-Net (peft's settings in the file's header): read by diffusers'
 # LoRA loader, so only the header is checked here
 ADAPTERS = {ADAPTER_FOLDER: LORA_WEIGHTS}
 PRIVATE_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "_ignore_files"}
 BASE_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}  # what a base folder gives us
-MODEL_CLASSES = {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL}
+MODEL_CLASSES = {
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "AutoencoderKL": AutoencoderKL,
+    "PreviewDecoder": PreviewDecoder,
+}
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -74,3 +74,13 @@ def split_lora(unet: UNet2DConditionModel, folder: Path) -> None:
 def load_lora(unet: UNet2DConditionModel, folder: Path) -> None:
     """The adapters `split_lora` wrote, back on `unet` (unmerged: scale them with `unet.set_adapters`)."""
     unet.load_lora_adapter(str(folder), prefix=None, weight_name=WEIGHTS, use_safetensors=True)
+
+
+def add_student_adapters(unet: UNet2DConditionModel, lora: LoRAConfig) -> None:
+    """The distillation student as adapters (`distill.lora`, rank > 0) over a U-Net that already has its
+    guidance-scale input (`components.add_guidance_embedding`): only the adapters and that input learn;
+    every weight of the stage-1 model, conv_in and the phase embedding included, stays frozen (it is the
+    teacher, run with the adapters disabled)."""
+    add_lora(unet, lora)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(".lora_" in name or "time_embedding.cond_proj" in name)

@@ -24,10 +24,17 @@ from ffasynth.data.pairs import load_pairs
 from ffasynth.data.transforms import PairedTransform
 from ffasynth.errors import FFASynthError
 from ffasynth.models import loading
-from ffasynth.models.components import Components, add_phase_embedding, set_attention, training_scheduler
+from ffasynth.models.components import (
+    Components,
+    add_phase_embedding,
+    make_student,
+    set_attention,
+    training_scheduler,
+)
 from ffasynth.models.conditioning import SourceConditioner
 from ffasynth.models.decoder import Decoder
 from ffasynth.models.lora import add_lora, merge_lora
+from ffasynth.models.preview_decoder import PreviewDecoder
 from ffasynth.provenance import versions
 from ffasynth.training import checkpoint as ckpt
 
@@ -90,6 +97,7 @@ class LoadedRun:
     conditioner: SourceConditioner
     checkpoint: Path
     ema: bool
+    preview_decoder: PreviewDecoder | None = None  # a distill run's tiny decoder, when it trained one
 
 
 def load_stage1_run(
@@ -135,19 +143,21 @@ def load_stage1_run(
     return LoadedRun(config, components, conditioner, folder, used_ema)
 
 
-def _stage1_of(run_dir: Path, info: dict) -> tuple[Path, Path | None]:
-    """The stage-1 run (and checkpoint) a stage-2 run was tuned on: where run.json says, or, when the
-    runs were moved or copied together to another machine, the folder of that name beside this run."""
-    recorded = info.get("stage1_run")
+def _stage1_of(run_dir: Path, info: dict, key: str = "stage1") -> tuple[Path, Path | None]:
+    """The stage-1 run (and checkpoint) a stage-2 run was tuned on (key "stage1"; "teacher": the run a
+    distill run learnt from): where run.json says, or, when the runs were moved or copied together to
+    another machine, the folder of that name beside this run."""
+    recorded = info.get(f"{key}_run")
     if not recorded:
-        raise FFASynthError(f"{run_dir}/run.json does not name its stage-1 run (stage1_run)")
+        raise FFASynthError(f"{run_dir}/run.json does not name its {key} run ({key}_run)")
     candidates = [Path(recorded), Path(run_dir).resolve().parent / Path(recorded).name]
     stage1_dir = next((c for c in candidates if (c / "run.json").is_file()), None)
     if stage1_dir is None:
         raise FFASynthError(
-            f"{run_dir} is a stage-2 run whose stage-1 run {recorded} is gone; put it back there or beside {run_dir}"
+            f"{run_dir} is a {info.get('kind')} run whose {key} run {recorded} is gone; put it back there or "
+            f"beside {run_dir}"
         )
-    checkpoint = info.get("stage1_checkpoint")
+    checkpoint = info.get(f"{key}_checkpoint")
     if checkpoint and not Path(checkpoint).is_dir():  # moved with its run: same step folder name
         checkpoint = stage1_dir / "checkpoints" / Path(checkpoint).name
     return stage1_dir, Path(checkpoint) if checkpoint else None
@@ -158,6 +168,8 @@ def load_model_run(run_dir: str | Path, ema: bool = True, merge: bool = True) ->
     merge: fold a LoRA U-Net's adapters into its weights (`load_stage1_run`)."""
     run_dir = Path(run_dir)
     info = run_folder.info(run_dir)
+    if info.get("kind") == "distill":
+        return load_distill_run(run_dir, info, ema)
     if info.get("kind") != "stage2":
         return load_stage1_run(run_dir, ema=ema, merge=merge)
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
@@ -167,3 +179,28 @@ def load_model_run(run_dir: str | Path, ema: bool = True, merge: bool = True) ->
     loaded.components.vae.requires_grad_(False).eval()
     loaded.components.sources["decoder"] = str(folder)
     return loaded
+
+
+def load_distill_run(run_dir: Path, info: dict, ema: bool = True) -> LoadedRun:
+    """A distill run: its teacher's model (a stage-1 or stage-2 run's, VAE and CLIP as they were) with the
+    distilled student as its U-Net (LoRA adapters merged) and the preview decoder, if it trained one."""
+    teacher_dir, checkpoint = _stage1_of(run_dir, info, "teacher")
+    if checkpoint is not None:  # a stage-1 teacher, at the checkpoint it was distilled from
+        loaded = load_stage1_run(teacher_dir, ema=ema, checkpoint=checkpoint)
+    else:
+        loaded = load_model_run(teacher_dir, ema=ema)
+    config = load_config(run_dir / "config.yaml")
+    folder = run_folder.latest_checkpoint(run_dir)
+    unet = make_student(loaded.components.unet, config.distill)
+    ckpt.load_weights(folder, "unet", unet, ema=ema)
+    merge_lora(unet)
+    set_attention(unet, config.model.attention)
+    preview = None
+    if config.distill.preview_decoder:
+        preview = PreviewDecoder.for_vae(loaded.components.vae.config, config.distill.preview_channels)
+        ckpt.load_weights(folder, "preview", preview, ema=ema)
+    for module in (unet,) + (() if preview is None else (preview,)):
+        module.requires_grad_(False).eval()
+    loaded.components.unet = unet
+    loaded.components.sources["distill"] = str(folder)
+    return LoadedRun(config, loaded.components, loaded.conditioner, loaded.checkpoint, loaded.ema, preview)

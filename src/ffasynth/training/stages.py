@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from ffasynth import run_folder
 from ffasynth.config import Config
 from ffasynth.data.dataset import PairDataset
 from ffasynth.evaluation.decoder_report import reconstruction_report
 from ffasynth.models import base
 from ffasynth.models.architecture import vae_config
 from ffasynth.training.conditioning_gain import gain_line
+from ffasynth.training.distill import DistillTask
 from ffasynth.training.loop import TrainResult, train
-from ffasynth.training.run import load_stage1_run, load_training_data, prepare_run, save_model_folder
+from ffasynth.training.run import load_model_run, load_stage1_run, load_training_data, prepare_run, save_model_folder
 from ffasynth.training.stage1 import build_stage1, trainable_parameters
 from ffasynth.training.stage2 import Stage2Task, record_stage1
 from ffasynth.training.vae import VAETask
@@ -120,3 +122,40 @@ def train_stage2(
         f"PSNR {report['before_db']:.2f} dB before → {report['after_db']:.2f} dB after"
     )
     return result, report
+
+
+def train_distill(
+    config: Config,
+    teacher_dir: Path,
+    data: Path,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    say: Callable = _quiet,
+    ema: bool = True,
+    dataset: PairDataset | None = None,
+) -> TrainResult:
+    """Distillation: a student U-Net with guidance folded in (and, method lcm, few-step sampling), plus
+    the preview decoder, from the frozen model of TEACHER_DIR (a stage-1 or stage-2 run)."""
+    teacher = load_model_run(teacher_dir, ema=ema)
+    if teacher.config.stage1.image_guidance_scale > config.distill.guidance_max:
+        say(
+            f"warning: the teacher's default guidance {teacher.config.stage1.image_guidance_scale} is above "
+            f"distill.guidance_max {config.distill.guidance_max}: the student will not have learnt it"
+        )
+    first, say, dataset, run_dir = _start(config, data, out, "distill", resume, say, dataset)
+    if first:  # a stage-1 teacher's checkpoint is pinned (a stage-2 teacher pins its own stage-1 checkpoint)
+        stage1 = run_folder.info(teacher_dir).get("kind") == "stage1"
+        pinned = str(Path(teacher.checkpoint).resolve()) if stage1 else None
+        run_folder.update_info(run_dir, teacher_run=str(Path(teacher_dir).resolve()), teacher_checkpoint=pinned)
+    task = DistillTask(teacher, config.distill)
+    trainable = sum(p.numel() for p in task.trainable["unet"].parameters() if p.requires_grad)
+    say(
+        f"{len(dataset)} training pairs; method {config.distill.method}; {trainable / 1e6:.2f} M trainable "
+        f"student parameters{' (LoRA)' if config.distill.lora.rank else ''}; run {run_dir}"
+    )
+    result = train(task, dataset, config.distill, run_dir, config.seed, resume, progress)
+    if result.losses:
+        start_loss, end_loss = result.losses[0]["loss/unet"], result.losses[-1]["loss/unet"]
+        say(f"done: {result.step} steps; student loss {start_loss:.4f} → {end_loss:.4f}")
+    return result

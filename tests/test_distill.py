@@ -1,0 +1,280 @@
+"""`ffasynth train distill`: guidance folded into the U-Net, latent consistency distillation, the preview
+decoder; their maths against diffusers' own (LCM pipeline and scheduler), and the run → export → pipeline
+path on the micro model and on SD1.5-format weights (LoRA student)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import LCMScheduler, UNet2DConditionModel
+from diffusers.pipelines.latent_consistency_models import LatentConsistencyModelPipeline
+
+from ffasynth.config import load_config
+from ffasynth.errors import ConfigError, FFASynthError
+from ffasynth.models.components import add_guidance_embedding, make_student, training_scheduler
+from ffasynth.models.conditioning import guidance_features, guided_prediction
+from ffasynth.models.folders import check_pipeline_folder
+from ffasynth.models.lora import has_lora
+from ffasynth.models.preview_decoder import PreviewDecoder, distill_loss
+from ffasynth.pipeline import FFASynthesisPipeline
+from ffasynth.training import checkpoint as ckpt
+from ffasynth.training.distill import DistillTask, boundary_scalings, split_prediction
+from ffasynth.training.run import load_model_run
+from tests.corpus import cli, line_problem
+from tests.helpers import MICRO, invoke, micro_config, micro_pipeline, seeded, train_micro_stage1
+
+DISTILL = ["distill.batch_size=2", "distill.log_every=1", "distill.save_every=2", "data.crop_size=32"]
+
+
+def test_guidance_features_are_lcms_w_embedding_of_w_minus_one():
+    scales = torch.tensor([1.0, 1.5, 3.0, 7.5])
+    ours = guidance_features(scales, 256)
+    theirs = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, scales - 1.0, embedding_dim=256)
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-3)  # float32 angles up to 6500 rad
+    assert torch.equal(ours[0, :128], torch.zeros(128)) and torch.equal(ours[0, 128:], torch.ones(128))
+
+
+def _unet() -> UNet2DConditionModel:
+    return micro_pipeline().unet
+
+
+def test_the_guidance_input_starts_at_zero_and_reloads_with_the_unet(tmp_path):
+    unet = _unet()
+    latents, tokens = torch.randn(2, 8, 8, 8), torch.randn(2, 1, 32)
+    labels = torch.tensor([0, 1])
+    before = unet(latents, 10, encoder_hidden_states=tokens, class_labels=labels).sample
+    add_guidance_embedding(unet)
+    assert unet.config.time_cond_proj_dim == 256
+    for scale in (1.0, 4.0):
+        after = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, scale)
+        torch.testing.assert_close(after, before)  # zero-initialised: the scale changes nothing yet
+    torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.1)
+    one = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 1.0)
+    four = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0)
+    assert (one - four).abs().mean() > 1e-3  # once trained, the scale is an input
+    unet.save_pretrained(tmp_path / "unet")
+    again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    torch.testing.assert_close(guided_prediction(again, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0), four)
+
+
+class CountingUNet(torch.nn.Module):
+    """Records each call's batch size; output = the input's first 4 channels times (1 + guidance input's mean)."""
+
+    def __init__(self, folded: int | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.config = {"time_cond_proj_dim": folded}
+        self.calls = []
+
+    def forward(self, sample, t, encoder_hidden_states, class_labels=None, timestep_cond=None):
+        self.calls.append(sample.shape[0])
+        out = sample[:, :4] * self.weight
+        if timestep_cond is not None:
+            out = out * (1 + timestep_cond.mean(dim=1).view(-1, 1, 1, 1))
+        return type("Output", (), {"sample": out})()
+
+
+def test_a_folded_unet_is_one_pass_of_the_batch_and_a_plain_one_two_when_guided():
+    latents, tokens, source = torch.randn(3, 4, 4, 4), torch.randn(3, 1, 8), torch.randn(3, 4, 4, 4)
+    plain, folded = CountingUNet(None), CountingUNet(256)
+    guided_prediction(plain, latents, 5, tokens, source, None, 3.0)
+    guided_prediction(folded, latents, 5, tokens, source, None, 3.0)
+    assert plain.calls == [6] and folded.calls == [3]
+    guided_prediction(folded, latents, 5, tokens, source, None, 3.0, fold=False)  # as the teacher runs it
+    assert folded.calls == [3, 6]
+
+
+def test_a_guidance_per_row_is_the_scalar_guidance_of_each_row():
+    pipe = micro_pipeline()
+    latents, tokens, source = torch.randn(3, 4, 8, 8), torch.randn(3, 1, 32), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 900])
+    labels = torch.tensor([0, 1, 1])
+    rows = guided_prediction(pipe.unet, latents, t, tokens, source, labels, torch.tensor([1.0, 2.0, 5.0]))
+    for i, scale in enumerate((1.0, 2.0, 5.0)):
+        one = guided_prediction(pipe.unet, latents[i : i + 1], t[i : i + 1], tokens[i : i + 1], source[i : i + 1],
+                                labels[i : i + 1], scale)  # fmt: skip
+        torch.testing.assert_close(rows[i : i + 1], one, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 19, 499, 999])
+def test_the_boundary_condition_is_lcm_schedulers(t):
+    scheduler = LCMScheduler.from_config(training_scheduler().config)
+    c_skip, c_out = boundary_scalings(torch.tensor([t]))
+    want_skip, want_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    assert abs(float(c_skip) - want_skip) < 1e-6 and abs(float(c_out) - want_out) < 1e-6
+    if t == 0:
+        assert float(c_skip) == 1.0 and float(c_out) == 0.0  # f(z, 0) = z
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_split_prediction_recovers_the_clean_latent_and_the_noise(prediction_type):
+    scheduler = training_scheduler(prediction_type=prediction_type)
+    x0, eps = torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6)
+    t = torch.tensor([0, 100, 600, 999])
+    noisy = scheduler.add_noise(x0, eps, t)
+    output = scheduler.get_velocity(x0, eps, t) if prediction_type == "v_prediction" else eps
+    alphas = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    got_x0, got_eps = split_prediction(output, noisy, alphas, prediction_type)
+    torch.testing.assert_close(got_x0, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_eps, eps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    pairs = write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=4, size=48, seed=5, test_fraction=0.25)
+    run = tmp_path_factory.mktemp("runs") / "s1"
+    train_micro_stage1(pairs, run, 2, extra=["stage1.image_guidance_scale=3"])
+    return pairs, run
+
+
+def _task(stage1_run, *overrides):
+    _, run = stage1_run
+    teacher = load_model_run(run)
+    config = load_config(run / "config.yaml", overrides=[*DISTILL, *overrides])
+    return DistillTask(teacher, config.distill), teacher
+
+
+def _batch(pairs, n=2):
+    torch.manual_seed(0)
+    return {
+        "source": torch.rand(n, 3, 32, 32) * 2 - 1,
+        "target": torch.rand(n, 1, 32, 32) * 2 - 1,
+        "phase": torch.tensor([0, 1][:n]),
+        "id": ["1", "2"][:n],
+    }
+
+
+def test_guidance_distillation_starts_at_zero_loss_where_guidance_is_one(stage1_run):
+    """The student is the teacher plus a zero guidance input: at w = 1 (no guidance) they agree exactly, so
+    the loss is 0; at w = 3 the teacher's guided prediction differs and the loss is not (same conditioning)."""
+    for low, high, zero in ((1.0, 1.0, True), (3.0, 3.0, False)):
+        task, _ = _task(stage1_run, "distill.method=guidance", f"distill.guidance_min={low}",
+                        f"distill.guidance_max={high}")  # fmt: skip
+        task.to(torch.device("cpu"), torch.float32)
+        loss, _ = task.loss(_batch(stage1_run[0]), 0, seeded(0), "unet")
+        assert (float(loss) < 1e-10) == zero, float(loss)
+
+
+def test_an_lcm_step_trains_the_student_and_its_preview_and_leaves_the_teacher(stage1_run):
+    task, teacher = _task(stage1_run)
+    task.to(torch.device("cpu"), torch.float32)
+    frozen = {k: v.clone() for k, v in teacher.components.unet.state_dict().items()}
+    assert task.trainable["unet"] is not teacher.components.unet  # rank 0: a whole copy
+    for name in ("unet", "preview"):
+        loss, _ = task.loss(_batch(stage1_run[0]), 0, seeded(0), name)
+        loss.backward()
+        grads = [p.grad for p in task.trainable[name].parameters() if p.requires_grad]
+        assert torch.isfinite(loss) and all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert all(torch.equal(v, teacher.components.unet.state_dict()[k]) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in teacher.components.unet.parameters())
+
+
+def test_a_student_that_is_its_own_target_has_zero_consistency_loss(stage1_run, monkeypatch):
+    """If the teacher's DDIM step lands where the student's consistency function already agrees (here: a
+    student whose f is the identity, c_out·x̂0 = (1 − c_skip)·z, and t = s = 0), the loss vanishes; with
+    the Huber constant the pseudo-Huber of 0 is 0."""
+    task, _ = _task(stage1_run)
+    task.to(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(task, "_consistency", lambda unet, latents, t, condition, scales: latents * 0 + 1.0)
+    loss, _ = task.loss(_batch(stage1_run[0]), 0, seeded(0), "unet")
+    assert float(loss) == 0.0
+
+
+def test_distill_run_exports_an_lcm_pipeline_that_makes_one_pass_a_step(stage1_run, tmp_path):
+    pairs, run = stage1_run
+    out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 2,
+                 "--quiet", *DISTILL)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "method lcm" in out.output and "student loss" in out.output
+    out = invoke("export", tmp_path / "d", tmp_path / "pipe")
+    assert out.exit_code == 0, out.output
+    check_pipeline_folder(tmp_path / "pipe")
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert "latent consistency" in card and "num_inference_steps=4" in card
+    pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.config.num_inference_steps == 4
+    assert isinstance(pipe.preview_decoder, PreviewDecoder)
+    # the exported student is the distill run's checkpoint (EMA), the teacher's VAE
+    loaded = load_model_run(tmp_path / "d")
+    torch.testing.assert_close(pipe.unet.state_dict(), loaded.components.unet.state_dict())
+    batches = []
+    pipe.unet.register_forward_hook(lambda module, args, kwargs_out: batches.append(args[0].shape[0]))
+    photo = torch.rand(3, 40, 48)
+    full = pipe(photo, output_type="pt", generator=seeded(0), phase="late", tile_size=0)
+    assert batches == [1, 1, 1, 1]  # 4 steps by default, guidance 3 folded in: one pass of one sample each
+    preview = pipe(photo, output_type="pt", generator=seeded(0), phase="late", num_inference_steps=1,
+                   decoder="preview")  # fmt: skip
+    assert full.images[0].shape == preview.images[0].shape == (1, 40, 48)
+    assert float(preview.images[0].min()) >= 0.0 and float(preview.images[0].max()) <= 1.0
+
+
+def test_distill_refusals_are_one_line(stage1_run, tmp_path):
+    pairs, run = stage1_run
+    out = cli("train", "distill", "--from", pairs, "--data", pairs, "--out", tmp_path / "d", "--quiet")
+    assert out.exit_code == 2 and line_problem(out.output, str(pairs), "not an ffasynth run folder") is None
+    out = cli("train", "distill", "--from", tmp_path / "d0", "--data", pairs, "--out", tmp_path / "d", "--quiet")
+    assert out.exit_code == 2
+    with pytest.raises(ConfigError, match="distill.guidance_min"):
+        load_config(overrides=MICRO + ["distill.guidance_min=6"])
+    with pytest.raises(ConfigError, match="distill.lora.rank"):
+        load_config(overrides=MICRO + ["distill.lora.rank=-1"])
+    with pytest.raises(FFASynthError, match="preview decoder"):
+        micro_pipeline()(torch.rand(3, 32, 32), num_inference_steps=1, decoder="preview")
+
+
+def test_a_lora_student_is_adapters_over_the_teacher_which_runs_with_them_off():
+    config = micro_config("distill.lora.rank=4", "distill.lora.target_modules=[to_q,to_v,conv1]")
+    unet = _unet()
+    latents, tokens = torch.randn(2, 8, 8, 8), torch.randn(2, 1, 32)
+    before = unet(latents, 10, encoder_hidden_states=tokens, class_labels=torch.tensor([0, 1])).sample
+    student = make_student(unet, config.distill)
+    assert student is unet and has_lora(unet)
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or "cond_proj" in n for n in trainable)
+    assert any("cond_proj" in n for n in trainable)
+    for parameter in unet.parameters():  # "train" the adapters
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)
+    moved = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 3.0)
+    assert (moved - before).abs().mean() > 1e-4
+    unet.disable_adapters()
+    teacher = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 1.0, fold=False)
+    unet.enable_adapters()
+    torch.testing.assert_close(teacher, before)
+
+
+def test_the_preview_decoder_learns_the_vae_decoder():
+    torch.manual_seed(0)
+    preview = PreviewDecoder(latent_channels=4, scale_factor=4, channels=16)
+    latents = torch.randn(4, 4, 6, 6)
+    decoded = torch.nn.functional.interpolate(latents[:, :1], scale_factor=4).tanh()  # a stand-in decoder
+    assert preview(latents).shape == (4, 1, 24, 24)
+    optimizer = torch.optim.Adam(preview.parameters(), lr=3e-3)
+    first = float(distill_loss(preview, latents, decoded))
+    for _ in range(150):
+        optimizer.zero_grad()
+        distill_loss(preview, latents, decoded).backward()
+        optimizer.step()
+    assert float(distill_loss(preview, latents, decoded)) < 0.3 * first
+    with pytest.raises(FFASynthError, match="power-of-two"):
+        PreviewDecoder(4, 6, 16)
+
+
+def test_the_distill_checkpoint_holds_student_and_preview(stage1_run, tmp_path):
+    pairs, run = stage1_run
+    out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 2,
+                 "--quiet", "distill.method=guidance", "distill.preview_decoder=false", *DISTILL)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    folder = tmp_path / "d" / "checkpoints" / "step-000002"
+    assert (folder / "unet.safetensors").is_file() and not (folder / "preview.safetensors").exists()
+    unet = load_model_run(tmp_path / "d").components.unet
+    ckpt.load_weights(folder, "unet", unet, ema=True)
+    assert unet.config.time_cond_proj_dim == 256
+    out = invoke("export", tmp_path / "d", tmp_path / "pipe")
+    pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.preview_decoder is None and pipe.config.num_inference_steps == 20
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
