@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers import LCMScheduler
 from PIL import Image
 
 from ffasynth.app import ServeSettings, Translator
 from ffasynth.errors import FFASynthError
+from ffasynth.models.preview_decoder import PreviewDecoder
 from tests.browser import Browser, find_chromium, free_port, wait_for_http
 from tests.helpers import micro_pipeline
 
@@ -47,6 +49,45 @@ def test_handler_refuses_non_images_and_huge_images_in_one_line(tmp_path):
     assert Path(download).parent == tmp_path and Image.open(download).size == (52, 40)
 
 
+class Recording:
+    """The pipeline, with each call's settings kept."""
+
+    def __init__(self, pipeline):
+        self.pipeline, self.calls = pipeline, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append({k: kwargs[k] for k in ("num_inference_steps", "num_samples", "decoder")})
+        return self.pipeline(*args, **kwargs)
+
+
+def test_the_page_shows_a_fast_preview_before_the_full_result(tmp_path):
+    photo = tmp_path / "eye.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)).save(photo)
+    pipe = micro_pipeline()
+    pipe.register_modules(preview_decoder=PreviewDecoder.for_vae(pipe.vae.config, 8))
+    recording = Recording(pipe)
+    translator = Translator(recording, tmp_path, ServeSettings())
+    shown = list(translator.stream(str(photo), 6, 0, 3, "late"))
+    assert [status.split(":")[0] for _, status in shown] == ["Preview", "Full result"]
+    assert shown[0][1].startswith("Preview: 2 steps, preview decoder")
+    assert recording.calls == [
+        {"num_inference_steps": 2, "num_samples": 1, "decoder": "preview"},
+        {"num_inference_steps": 6, "num_samples": 3, "decoder": "vae"},
+    ]
+    (_, preview_grey), preview_grey_again, no_uncertainty, _ = shown[0][0]
+    assert preview_grey.shape == (40, 52) and no_uncertainty is None
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # a distilled model: one step
+    recording.calls.clear()
+    list(translator.stream(str(photo), 4, 0, 1, "late"))
+    assert [c["num_inference_steps"] for c in recording.calls] == [1, 4]
+    pipe.register_modules(preview_decoder=None)  # no preview decoder, and no fewer steps to show: no preview
+    recording.calls.clear()
+    assert len(list(translator.stream(str(photo), 1, 0, 1, "late"))) == 1 and len(recording.calls) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
 def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
@@ -73,6 +114,12 @@ def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
         assert "not for diagnosis" in browser.evaluate("document.querySelector('#banner').innerText")
         browser.set_files("#photo input[type=file]", [photo])
         browser.wait_for("!!document.querySelector('#photo img')")
+        browser.evaluate(  # every status line the page shows, in order (not Gradio's timers)
+            "window.statuses = []; new MutationObserver(() => { const t = document.querySelector('#status').innerText;"
+            " if (/^(Preview|Full result)/.test(t) && window.statuses[window.statuses.length - 1] !== t)"
+            " window.statuses.push(t) })"
+            ".observe(document.querySelector('#status'), {subtree: true, childList: true, characterData: true})"
+        )
         browser.evaluate("document.querySelector('#run').click()")
         try:
             size = browser.wait_for(
@@ -84,6 +131,10 @@ def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
             browser.screenshot(ARTIFACTS / "serve-page-timeout.png")
             raise
         assert size == [56, 64]
+        statuses = browser.wait_for(
+            "window.statuses.some(t => t.startsWith('Full result')) ? window.statuses : null", timeout=180
+        )
+        assert statuses[0].startswith("Preview: 2 steps") and statuses[-1].startswith("Full result: 20 steps")
         shot = browser.screenshot(ARTIFACTS / "serve-page.png")
         assert shot.stat().st_size > 10_000
     finally:

@@ -1,6 +1,8 @@
 """`ffasynth serve`: a Gradio page where a clinician uploads a fundus / SLO photo and sees the
 synthetic angiogram beside it (slider or side by side), with an uncertainty map when several
-samples are drawn, and downloads the result as PNG.
+samples are drawn, and downloads the result as PNG. A fast preview comes first (`preview_settings`: one
+step of a distilled LCM model, two otherwise, decoded by the tiny preview decoder when the pipeline has
+one) while the full-quality result is computed.
 
 Safety: binds 127.0.0.1 unless told otherwise; uploads are capped in bytes (Gradio answers 413) and
 in pixels (our reader, before any pixel is decoded: a decompression bomb is refused from its
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import LCMScheduler
 
 from ffasynth.data.io import save_image, to_uint8
 from ffasynth.errors import FFASynthError
@@ -85,19 +88,34 @@ class Translator:
         return read_photo(path, max_pixels=self.settings.max_pixels)
 
     def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
-        """warn(message) receives a one-line warning about the upload (the page shows it; called on the
-        caller's thread, where Gradio knows the request)."""
+        """The full result's outputs. warn(message) receives a one-line warning about the upload (the page
+        shows it; called on the caller's thread, where Gradio knows the request)."""
+        return list(self.stream(path, steps, seed, samples, phase, warn, preview=False))[-1][0]
+
+    def stream(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None, preview=True):
+        """Yield (outputs, status line): with `preview`, first the fast preview (one sample, same seed) when it
+        is cheaper than the request, then the full result."""
         steps = whole_number(steps, "steps", 1, self.settings.max_steps)
         samples = whole_number(samples, "samples", 1, self.settings.max_samples)
         seed = whole_number(seed, "seed", 0, 2**32 - 1)
         if phase not in PHASES:
             raise FFASynthError(f"phase must be one of {', '.join(PHASES)}, not {phase!r}")
+        quick_steps, decoder = preview_settings(self.pipeline)
+        if preview and (quick_steps < steps or decoder == "preview"):
+            began = time.perf_counter()
+            outputs, _ = self.worker.submit(self.translate, path, quick_steps, seed, 1, phase, decoder).result()
+            seconds = time.perf_counter() - began
+            name = "preview decoder" if decoder == "preview" else "full decoder"
+            said = f"Preview: {quick_steps} step{'s' * (quick_steps > 1)}, {name}, {seconds:.1f} s."
+            yield outputs, f"{said} Computing the full result…"
+        began = time.perf_counter()
         outputs, warning = self.worker.submit(self.translate, path, steps, seed, samples, phase).result()
         if warning is not None and warn is not None:
             warn(f"{Path(path).name}: {warning}")
-        return outputs
+        seconds = time.perf_counter() - began
+        yield outputs, f"Full result: {steps} steps, {samples} sample{'s' * (samples > 1)}, {seconds:.1f} s."
 
-    def translate(self, path: str | None, steps: int, seed: int, samples: int, phase: str):
+    def translate(self, path: str | None, steps: int, seed: int, samples: int, phase: str, decoder: str = "vae"):
         """The page's outputs for one upload, and the reader's warning (None when there is none)."""
         source, warning = self.read_upload(path)
         generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
@@ -108,6 +126,7 @@ class Translator:
             num_samples=samples,
             phase=phase if self.has_phases else None,
             output_type="np",
+            decoder=decoder,
         )
         ffa = output.images[0][..., 0]
         self.remove_old_results()
@@ -129,6 +148,13 @@ class Translator:
                 old.unlink(missing_ok=True)
 
 
+def preview_settings(pipeline) -> tuple[int, str]:
+    """(steps, decoder) of the page's first, fast look: one step of an LCM student (`train distill`), two of
+    any other sampler; the tiny preview decoder when the pipeline has one, else the VAE's."""
+    steps = 1 if isinstance(pipeline.scheduler, LCMScheduler) else 2
+    return steps, "preview" if getattr(pipeline, "preview_decoder", None) is not None else "vae"
+
+
 def upload_path(photo) -> str | None:
     """The uploaded file's path: the event passes Gradio's file record (a dict) unprocessed."""
     return photo.get("path") if isinstance(photo, dict) else photo
@@ -143,7 +169,8 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
     def handle(photo, steps, seed, samples, phase):
         path = upload_path(photo)
         try:
-            return translator.answer(path, steps, seed, samples, phase, warn=gr.Warning)
+            for outputs, status in translator.stream(path, steps, seed, samples, phase, warn=gr.Warning):
+                yield (*outputs, status)
         except FFASynthError as error:
             raise gr.Error(str(error).replace(str(Path(path or "").parent) + "/", ""), print_exception=False) from None
 
@@ -158,7 +185,8 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
         with gr.Row():
             with gr.Column(scale=1):
                 photo = gr.Image(label="Fundus / SLO photograph", type="filepath", sources=["upload"], elem_id="photo")
-                steps = gr.Slider(1, settings.max_steps, value=20, step=1, label="Denoising steps")
+                default_steps = min(int(pipeline.config.get("num_inference_steps", 20)), settings.max_steps)
+                steps = gr.Slider(1, settings.max_steps, value=default_steps, step=1, label="Denoising steps")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 samples = gr.Slider(1, settings.max_samples, value=1, step=1, label="Samples (>1: uncertainty map)")
                 phase = gr.Radio(list(PHASES), value="early", label="Phase", visible=translator.has_phases)
@@ -169,10 +197,11 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
                     result = gr.Image(label="Synthetic FFA", type="numpy", elem_id="result", format="png")
                     uncertainty = gr.Image(label="Uncertainty (per-pixel std over samples)", elem_id="uncertainty")
                 download = gr.File(label="Download PNG", elem_id="download")
+                status = gr.Markdown("", elem_id="status")
         button.click(
             handle,
             [photo, steps, seed, samples, phase],
-            [slider, result, uncertainty, download],
+            [slider, result, uncertainty, download, status],
             concurrency_limit=1,
             preprocess=False,  # Gradio's preprocessing would open (and convert) the upload with no pixel limit
         )

@@ -153,7 +153,7 @@ def read_photo(path: str | Path, max_pixels: int | None = None) -> tuple[torch.T
 
 @dataclass(kw_only=True)
 class TranslateSettings:
-    steps: int = 20
+    steps: int | None = None  # None = the pipeline's default (20; 4 for an LCM student)
     seed: int = 0
     samples: int = 1
     guidance: float | None = None  # None = the pipeline's default
@@ -163,6 +163,7 @@ class TranslateSettings:
     tile_overlap: int | None = None
     decode_tile_size: int | None = None
     uncertainty_max: float = 0.2
+    decoder: str = "vae"  # or "preview": a distilled pipeline's tiny decoder
 
 
 @dataclass
@@ -183,8 +184,9 @@ def translate_files(
     """Translate each file; every image uses a generator seeded with `settings.seed`, so its result
     does not depend on the other inputs. on_done(path, error or None, warning or None) is called
     after each file."""
+    steps = settings.steps if settings.steps is not None else int(pipeline.config.get("num_inference_steps", 20))
     pipeline.check_inputs(
-        settings.steps, settings.guidance, settings.samples, "np", settings.phase, settings.start_strength
+        steps, settings.guidance, settings.samples, "np", settings.phase, settings.start_strength, settings.decoder
     )
     report = TranslateReport()
     stems = output_stems(files)
@@ -196,7 +198,7 @@ def translate_files(
             generator = torch.Generator().manual_seed(settings.seed)
             output = pipeline(
                 photo,
-                num_inference_steps=settings.steps,
+                num_inference_steps=steps,
                 generator=generator,
                 image_guidance_scale=settings.guidance,
                 num_samples=settings.samples,
@@ -206,6 +208,7 @@ def translate_files(
                 tile_overlap=settings.tile_overlap,
                 decode_tile_size=settings.decode_tile_size,
                 start_strength=settings.start_strength,
+                decoder=settings.decoder,
             )
             report.seconds[path] = time.perf_counter() - start
             size = tuple(photo.shape[-2:])

@@ -22,7 +22,12 @@ def translate(
         help="Folder for <name>_ffa.png (and <name>_uncertainty.png); not an input's folder. Inputs sharing a "
         "name (a.jpg, a.png) keep their suffix (a.jpg_ffa.png), with a note.",
     ),
-    steps: int = typer.Option(20, "--steps", callback=in_range(1), help="Denoising steps (DPM-Solver++)."),
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        callback=in_range(1),
+        help="Denoising steps. Default: the pipeline's (20; 4 for a model distilled with `train distill`).",
+    ),
     seed: int = typer.Option(
         0, "--seed", callback=SEED, help="Noise seed (0 to 2^32-1); each image is seeded alike, so results repeat."
     ),
@@ -74,6 +79,11 @@ def translate(
         "--uncertainty-max",
         callback=in_range(0, above=True),
         help="Std (in [0, 1] intensity) shown as the brightest colour.",
+    ),
+    decoder: str = typer.Option(
+        "vae",
+        "--decoder",
+        help="vae, or preview: the tiny preview decoder of a distilled pipeline (fast, softer).",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
