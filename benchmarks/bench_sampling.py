@@ -28,9 +28,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine, random_pipeline, resolve_device, timed  # noqa: E402
+from diffusers import LCMScheduler  # noqa: E402
+
+from ffasynth.models.components import add_guidance_embedding  # noqa: E402
 
 IP2P_DEFAULT_STEPS = 100  # StableDiffusionInstructPix2PixPipeline.__call__ defaults
 OURS_DEFAULT_STEPS = 20
+LCM_STEPS = 4  # a distilled (LCM) pipeline's default
 
 
 class PassCounter:
@@ -185,7 +189,20 @@ def timing(args, device: torch.device) -> dict:
             sides[name] = reproject(measured[run], real_steps)
             continue
         sides[name] = measured[run] = measure(run, real_steps, reduced, counter, device, args.repeats)
+    # a distilled student's shape (`ffasynth train distill`): the guidance scale as an input (guidance 3 in one
+    # pass a step), LCMScheduler, its 4 default steps; the same U-Net cost per pass plus one small linear layer
+    add_guidance_embedding(ours.unet)
+    ours.scheduler = LCMScheduler.from_config(ours.scheduler.config)
+
+    def run_lcm(steps: int):
+        generator = torch.Generator().manual_seed(0)
+        return ours(photo, num_inference_steps=steps, generator=generator, image_guidance_scale=3.0, output_type="np")
+
+    log(f"  ffasynth_lcm_student ({LCM_STEPS} steps, guidance 3 folded in)")
+    run_lcm(1)
+    sides["ffasynth_lcm_student"] = measure(run_lcm, LCM_STEPS, reduced, counter, device, args.repeats)
     ours_seconds = sides["ffasynth_defaults"]["seconds_per_image"]
+    lcm_seconds = sides["ffasynth_lcm_student"]["seconds_per_image"]
     return {
         "preset": args.preset,
         "size": size,
@@ -199,6 +216,8 @@ def timing(args, device: torch.device) -> dict:
         "ratio_vs_diffusers_20_steps": sides["diffusers_ip2p_20_steps"]["seconds_per_image"] / ours_seconds,
         "pass_ratio_vs_diffusers_defaults": sides["diffusers_ip2p_defaults"]["unet_passes_per_image"]
         / sides["ffasynth_defaults"]["unet_passes_per_image"],
+        "lcm_ratio_vs_diffusers_defaults": sides["diffusers_ip2p_defaults"]["seconds_per_image"] / lcm_seconds,
+        "lcm_ratio_vs_ffasynth_defaults": ours_seconds / lcm_seconds,
     }
 
 

@@ -66,6 +66,8 @@ def test_bench_sampling_counts_three_passes_a_step_for_diffusers_and_one_for_our
     assert sides["diffusers_ip2p_20_steps_no_guidance"]["unet_passes_per_image"] == 20
     assert sides["ffasynth_defaults"]["unet_passes_per_image"] == 20
     assert result["timing"]["pass_ratio_vs_diffusers_defaults"] == 15
+    lcm = sides["ffasynth_lcm_student"]  # guidance 3 folded into the distilled U-Net: one pass a step, 4 steps
+    assert lcm["unet_passes_per_image"] == 4 and lcm["unet_calls_per_image"] == 4
     guided = _run(
         "bench_sampling.py", "--preset", "tiny", "--size", "64", "--steps", "1,2", "--skip-quality", "--guidance", "3"
     )
