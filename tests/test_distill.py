@@ -4,10 +4,14 @@ path on the micro model and on SD1.5-format weights (LoRA student)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
 from diffusers.pipelines.latent_consistency_models import LatentConsistencyModelPipeline
+from safetensors.torch import load_file
 
 from ffasynth.config import load_config
 from ffasynth.errors import ConfigError, FFASynthError
@@ -46,15 +50,16 @@ def test_the_guidance_input_starts_at_zero_and_reloads_with_the_unet(tmp_path):
     add_guidance_embedding(unet)
     assert unet.config.time_cond_proj_dim == 256
     for scale in (1.0, 4.0):
-        after = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, scale)
+        after = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, scale, fold=True)
         torch.testing.assert_close(after, before)  # zero-initialised: the scale changes nothing yet
     torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.1)
-    one = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 1.0)
-    four = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0)
+    one = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 1.0, fold=True)
+    four = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0, fold=True)
     assert (one - four).abs().mean() > 1e-3  # once trained, the scale is an input
     unet.save_pretrained(tmp_path / "unet")
     again = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-    torch.testing.assert_close(guided_prediction(again, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0), four)
+    reloaded = guided_prediction(again, latents[:, :4], 10, tokens, latents[:, 4:], labels, 4.0, fold=True)
+    torch.testing.assert_close(reloaded, four)
 
 
 class CountingUNet(torch.nn.Module):
@@ -77,10 +82,10 @@ class CountingUNet(torch.nn.Module):
 def test_a_folded_unet_is_one_pass_of_the_batch_and_a_plain_one_two_when_guided():
     latents, tokens, source = torch.randn(3, 4, 4, 4), torch.randn(3, 1, 8), torch.randn(3, 4, 4, 4)
     plain, folded = CountingUNet(None), CountingUNet(256)
-    guided_prediction(plain, latents, 5, tokens, source, None, 3.0)
-    guided_prediction(folded, latents, 5, tokens, source, None, 3.0)
+    guided_prediction(plain, latents, 5, tokens, source, None, 3.0, fold=True)  # nothing to fold: two halves
+    guided_prediction(folded, latents, 5, tokens, source, None, 3.0, fold=True)
     assert plain.calls == [6] and folded.calls == [3]
-    guided_prediction(folded, latents, 5, tokens, source, None, 3.0, fold=False)  # as the teacher runs it
+    guided_prediction(folded, latents, 5, tokens, source, None, 3.0)  # as the teacher (and stage 1) run it
     assert folded.calls == [3, 6]
 
 
@@ -172,15 +177,36 @@ def test_an_lcm_step_trains_the_student_and_its_preview_and_leaves_the_teacher(s
     assert not any(p.requires_grad for p in teacher.components.unet.parameters())
 
 
-def test_a_student_that_is_its_own_target_has_zero_consistency_loss(stage1_run, monkeypatch):
-    """If the teacher's DDIM step lands where the student's consistency function already agrees (here: a
-    student whose f is the identity, c_out·x̂0 = (1 − c_skip)·z, and t = s = 0), the loss vanishes; with
-    the Huber constant the pseudo-Huber of 0 is 0."""
-    task, _ = _task(stage1_run)
+def test_the_lcm_target_is_one_ddim_step_of_the_teacher_on_the_solver_grid(stage1_run, monkeypatch):
+    """With a teacher that predicts the true v of (z0, ε), its DDIM step from t must land exactly on
+    √ᾱ_s z0 + √(1−ᾱ_s) ε (diffusers' add_noise at s), with t = n·k − 1 on the grid and s = max(t − k, 0);
+    the student's consistency function is called at (z_s, s) for the target and at (z_t, t) with gradient."""
+    import ffasynth.training.distill as distill
+
+    task, teacher = _task(stage1_run, "distill.solver_steps=10")  # k = 100
     task.to(torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(task, "_consistency", lambda unet, latents, t, condition, scales: latents * 0 + 1.0)
-    loss, _ = task.loss(_batch(stage1_run[0]), 0, seeded(0), "unet")
-    assert float(loss) == 0.0
+    scheduler = teacher.components.scheduler
+    assert task.prediction_type == "v_prediction"
+    batch = _batch(stage1_run[0], n=2)
+    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    batch["distill_latents"] = z0
+    monkeypatch.setattr(distill, "offset_noise", lambda latents, strength, generator: noise)
+    monkeypatch.setattr(task, "_teacher", lambda z, t, condition, scales: scheduler.get_velocity(z0, noise, t))
+    calls = []
+
+    def consistency(unet, latents, t, condition, scales):
+        calls.append((latents.detach().clone(), t.clone(), torch.is_grad_enabled()))
+        return latents * 1.0
+
+    monkeypatch.setattr(task, "_consistency", consistency)
+    for seed in range(6):
+        calls.clear()
+        task.loss(batch, 0, seeded(seed), "unet")
+        (earlier, s, target_grad), (noisy, t, live_grad) = calls
+        assert not target_grad and live_grad
+        assert torch.all((t + 1) % 100 == 0) and torch.all(t <= 999) and torch.equal(s, (t - 100).clamp(min=0))
+        torch.testing.assert_close(noisy, scheduler.add_noise(z0, noise, t))
+        torch.testing.assert_close(earlier, scheduler.add_noise(z0, noise, s), rtol=1e-4, atol=1e-4)
 
 
 def test_distill_run_exports_an_lcm_pipeline_that_makes_one_pass_a_step(stage1_run, tmp_path):
@@ -198,9 +224,15 @@ def test_distill_run_exports_an_lcm_pipeline_that_makes_one_pass_a_step(stage1_r
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.config.num_inference_steps == 4
     assert isinstance(pipe.preview_decoder, PreviewDecoder)
-    # the exported student is the distill run's checkpoint (EMA), the teacher's VAE
-    loaded = load_model_run(tmp_path / "d")
-    torch.testing.assert_close(pipe.unet.state_dict(), loaded.components.unet.state_dict())
+    # the exported student is the distill run's last checkpoint, EMA weights, read here straight from the file
+    saved = load_file(str(tmp_path / "d" / "checkpoints" / "step-000002" / "unet.ema.safetensors"))
+    exported = pipe.unet.state_dict()
+    assert "time_embedding.cond_proj.weight" in saved and saved.keys() <= exported.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+    assert pipe.config.guidance_input and pipe.max_steps == 50
+    with pytest.raises(FFASynthError, match="from 1 to 50"):
+        pipe(torch.rand(3, 32, 32), num_inference_steps=60)
     batches = []
     pipe.unet.register_forward_hook(lambda module, args, kwargs_out: batches.append(args[0].shape[0]))
     photo = torch.rand(3, 40, 48)
@@ -239,10 +271,10 @@ def test_a_lora_student_is_adapters_over_the_teacher_which_runs_with_them_off():
     for parameter in unet.parameters():  # "train" the adapters
         if parameter.requires_grad:
             torch.nn.init.normal_(parameter, std=0.05)
-    moved = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 3.0)
+    moved = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 3.0, fold=True)
     assert (moved - before).abs().mean() > 1e-4
     unet.disable_adapters()
-    teacher = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 1.0, fold=False)
+    teacher = guided_prediction(unet, latents[:, :4], 10, tokens, latents[:, 4:], torch.tensor([0, 1]), 1.0)
     unet.enable_adapters()
     torch.testing.assert_close(teacher, before)
 
@@ -278,3 +310,36 @@ def test_the_distill_checkpoint_holds_student_and_preview(stage1_run, tmp_path):
     pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.preview_decoder is None and pipe.config.num_inference_steps == 20
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_a_lora_student_exports_merged_as_the_adapters_compute_and_resume_keeps_its_teacher(stage1_run, tmp_path):
+    """Two steps at a large learning rate move the adapters; the exported (merged) U-Net computes what the
+    checkpoint's unmerged adapters over the teacher compute, folded guidance included. A resumed run reads
+    the teacher run.json pins, not the teacher run's newest checkpoint."""
+    pairs, run = stage1_run
+    lora = ["distill.lora.rank=4", "distill.lr=0.05", "distill.lr_warmup_steps=0", "distill.ema_decay=0"]
+    out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 2,
+                 "--quiet", *DISTILL, *lora)  # fmt: skip
+    assert out.exit_code == 0 and "(LoRA)" in out.output, out.output
+    assert invoke("export", tmp_path / "d", tmp_path / "pipe").exit_code == 0
+    pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
+    assert not has_lora(pipe.unet)
+
+    teacher = load_model_run(run).components.unet
+    reference = make_student(teacher, load_config(tmp_path / "d" / "config.yaml").distill)
+    weights = load_file(str(tmp_path / "d" / "checkpoints" / "step-000002" / "unet.safetensors"))
+    reference.load_state_dict(weights)
+    latents, tokens, labels = torch.randn(2, 8, 8, 8), torch.randn(2, 1, 32), torch.tensor([0, 1])
+    args = (latents[:, :4], 500, tokens, latents[:, 4:], labels, 3.0)
+    want = guided_prediction(reference, *args, fold=True)
+    torch.testing.assert_close(guided_prediction(pipe.unet, *args, fold=True), want, rtol=1e-4, atol=1e-4)
+    reference.disable_adapters()
+    assert (guided_prediction(reference, *args) - want).abs().mean() > 1e-3  # the adapters learnt something
+
+    info = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert Path(info["teacher_checkpoint"]).name == "step-000002" and info["teacher_ema"] is True
+    info["teacher_checkpoint"] = str(Path(info["teacher_checkpoint"]).parent / "step-000001")  # pin another
+    (tmp_path / "d" / "run.json").write_text(json.dumps(info))
+    out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 3,
+                 "--quiet", "--resume", *DISTILL, *lora)  # fmt: skip
+    assert out.exit_code != 0 and "step-000001" in str(out.exception)  # it looked for the pinned one

@@ -95,7 +95,7 @@ class Translator:
     def stream(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None, preview=True):
         """Yield (outputs, status line): with `preview`, first the fast preview (one sample, same seed) when it
         is cheaper than the request, then the full result."""
-        steps = whole_number(steps, "steps", 1, self.settings.max_steps)
+        steps = whole_number(steps, "steps", 1, min(self.settings.max_steps, self.pipeline.max_steps))
         samples = whole_number(samples, "samples", 1, self.settings.max_samples)
         seed = whole_number(seed, "seed", 0, 2**32 - 1)
         if phase not in PHASES:
@@ -185,8 +185,9 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
         with gr.Row():
             with gr.Column(scale=1):
                 photo = gr.Image(label="Fundus / SLO photograph", type="filepath", sources=["upload"], elem_id="photo")
-                default_steps = min(int(pipeline.config.get("num_inference_steps", 20)), settings.max_steps)
-                steps = gr.Slider(1, settings.max_steps, value=default_steps, step=1, label="Denoising steps")
+                most = min(settings.max_steps, pipeline.max_steps)
+                default_steps = min(int(pipeline.config.get("num_inference_steps", 20)), most)
+                steps = gr.Slider(1, most, value=default_steps, step=1, label="Denoising steps")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 samples = gr.Slider(1, settings.max_samples, value=1, step=1, label="Samples (>1: uncertainty map)")
                 phase = gr.Radio(list(PHASES), value="early", label="Phase", visible=translator.has_phases)

@@ -27,7 +27,6 @@ from ffasynth.data.pairs import load_pairs
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.models.components import sampling_scheduler
-from ffasynth.models.conditioning import folded_guidance
 from ffasynth.models.lora import ADAPTER_FOLDER, has_lora, split_lora
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
 from ffasynth.training.distill import sampler_for
@@ -74,6 +73,8 @@ def _load_stage2(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
 
 
 def _load_distill(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
+    if not merge:
+        raise FFASynthError(f"export --lora separate: {run_dir} is a distill run, whose student is exported merged")
     loaded = load_model_run(run_dir, ema=ema)
     folder = run_folder.latest_checkpoint(run_dir)
     distill = loaded.config.distill
@@ -87,9 +88,11 @@ def _load_distill(run_dir: Path, ema: bool, merge: bool) -> ExportedModel:
     ]
     if distill.lora.rank:
         notes.append(f"- student trained as rank-{distill.lora.rank} LoRA adapters, merged into the U-Net here")
+    losses = [row["loss/unet"] for row in _training_metrics(run_dir) if "loss/unet" in row]
+    metrics = [f"- distillation loss (logged means): {losses[0]:.4f} → {losses[-1]:.4f}"] if losses else []
     if loaded.preview_decoder is not None:
         notes.append('- preview_decoder/: a tiny decoder distilled from the VAE decoder (`decoder="preview"`)')
-    return ExportedModel(loaded, "distill", notes)
+    return ExportedModel(loaded, "distill", notes, metrics)
 
 
 # (run folder, EMA weights, merge LoRA adapters) → the model
@@ -115,7 +118,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
     model = loaded.config.model
     components = loaded.components
     distill = loaded.config.distill
-    distilled = folded_guidance(components.unet) is not None  # a distill run's student
+    distilled = loaded.distilled  # a distill run's student: guidance as an input
     scheduler = sampler_for(components.scheduler, distill) if distilled else sampling_scheduler(components.scheduler)
     lcm = distilled and distill.method == "lcm"
     projection = loaded.conditioner.projection
@@ -136,6 +139,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         image_guidance_scale=loaded.config.stage1.image_guidance_scale,
         preview_decoder=loaded.preview_decoder,
         num_inference_steps=distill.default_steps if lcm else 20,
+        guidance_input=distilled,
     )
 
 
@@ -177,7 +181,7 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
     if metrics:
         first, last = metrics[0], metrics[-1]
         metric_lines = [
-            f"- training loss (ε/v MSE, logged means): {first.get(loss_key, float('nan')):.4f} at step "
+            f"- stage-1 training loss (ε/v MSE, logged means): {first.get(loss_key, float('nan')):.4f} at step "
             f"{first['step']} → {last.get(loss_key, float('nan')):.4f} at step {last['step']}",
             f"- throughput at the end: {last.get('images_per_s', float('nan')):.1f} crops/s",
         ]

@@ -128,6 +128,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         image_guidance_scale: float = 1.0,
         clip_view: str = "whole",  # folders saved before the setting existed encoded the whole photo
         num_inference_steps: int = 20,
+        guidance_input: bool = False,
     ):
         super().__init__()
         if use_clip and (image_encoder is None or image_processor is None):
@@ -151,6 +152,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             image_guidance_scale=image_guidance_scale,  # the default when a call gives none
             clip_view=clip_view,
             num_inference_steps=num_inference_steps,  # the default when a call gives none (4 for an LCM student)
+            guidance_input=guidance_input,  # the U-Net takes the guidance scale as an input (`train distill`)
         )
 
     @classmethod
@@ -173,6 +175,12 @@ class FFASynthesisPipeline(DiffusionPipeline):
     @property
     def unet_scale_factor(self) -> int:
         return downsampling_factor(self.unet.config)
+
+    @property
+    def max_steps(self) -> int:
+        """The most steps the scheduler can take: an LCM student's solver grid (50), else the training steps."""
+        config = self.scheduler.config
+        return int(config.get("original_inference_steps") or config.get("num_train_timesteps", 1000))
 
     def conditioner(self) -> SourceConditioner:
         """The conditioning paths over the pipeline's current components (the projection shared, not copied)."""
@@ -249,7 +257,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
             if source_latents is not None:
                 source_latents = source_latents.repeat_interleave(num_samples, dim=0)
             labels = None if label is None else label.expand(batch)
-            return guided_prediction(self.unet, latents, t, tokens, source_latents, labels, guidance)
+            fold = bool(self.config.get("guidance_input", False))  # a distilled U-Net: the scale is its input
+            return guided_prediction(self.unet, latents, t, tokens, source_latents, labels, guidance, fold)
 
         return predict
 
@@ -337,8 +346,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
             raise FFASynthError(
                 f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
             )
-        if steps < 1:
-            raise FFASynthError(f"num_inference_steps must be at least 1, not {steps}")
+        if steps < 1 or steps > self.max_steps:
+            raise FFASynthError(f"num_inference_steps must be from 1 to {self.max_steps} for this sampler, not {steps}")
         if num_samples < 1:
             raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
         if guidance is not None and not (math.isfinite(guidance) and guidance >= 1.0):  # None: the config's value

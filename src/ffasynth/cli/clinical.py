@@ -32,7 +32,7 @@ MODE_HELP = (
 )
 
 
-def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int, seed: int, console) -> Path:
+def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int | None, seed: int, console) -> Path:
     """Synthetic FFA of each eye's photo with an exported pipeline, named `<id>_ffa.png`."""
     photos = [eye.images["source"] for eye in eyes if "source" in eye.images]
     if not photos:
@@ -54,8 +54,11 @@ def clinical(
     pipeline: Path | None = typer.Option(
         None, "--pipeline", help="An exported pipeline: generate the synthetic FFA of every photo into OUT/synthetic."
     ),
-    steps: int = typer.Option(
-        20, "--steps", callback=in_range(1), help="Denoising steps when generating with --pipeline."
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        callback=in_range(1),
+        help="Denoising steps when generating with --pipeline (default: the pipeline's: 20, 4 for a distilled one).",
     ),
     synthetic: Path | None = typer.Option(
         None, "--synthetic", help="Folder of generated FFA named by eye id (`7.png` or `7_ffa.png`)."

@@ -189,14 +189,15 @@ def guided_prediction(
     source_latents: torch.Tensor | None,
     labels: torch.Tensor | None,
     guidance: float | torch.Tensor,
-    fold: bool = True,
+    fold: bool = False,
 ) -> torch.Tensor:
     """The U-Net's output (float32) for a batch, conditioned on (tokens, source_latents). guidance > 1:
     image classifier-free guidance ε̂ = ε_∅ + s(ε_c − ε_∅) against the null (zero) condition that
     conditioning dropout trains, the conditional and null halves in one batched pass; a (B,) tensor
-    gives each row its own scale (both halves always run). A U-Net with guidance folded in gets the
-    scale as its input instead, in one pass of the batch; fold=False runs it as the model it was distilled
-    from (no scale input), as distillation's teacher does when it shares its layers with a LoRA student."""
+    gives each row its own scale (both halves always run). fold=True, for a U-Net distilled with the
+    guidance scale as an input (`time_cond_proj_dim`): the scale goes in as that input instead, one pass of
+    the batch; without fold a U-Net runs as the undistilled model (as distillation's teacher does when it
+    shares its layers with a LoRA student)."""
     folded = folded_guidance(unet) if fold else None
     scales = torch.as_tensor(guidance, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
     doubled = folded is None and (isinstance(guidance, torch.Tensor) or guidance > 1.0)

@@ -61,6 +61,7 @@ SETTINGS = {
     "image_guidance_scale": float,
     "clip_view": ("whole", "tile"),
     "num_inference_steps": int,
+    "guidance_input": bool,
 }
 # LoRA adapters exported apart from the U-Net (peft's settings in the file's header): read by diffusers'
 # LoRA loader, so only the header is checked here

@@ -124,14 +124,14 @@ class DistillTask(Task):
         if self.shared:
             unet.disable_adapters()
         try:
-            return guided_prediction(unet, latents, t, *condition, scales, fold=False)
+            return guided_prediction(unet, latents, t, *condition, scales)
         finally:
             if self.shared:
                 unet.enable_adapters()
 
     def _consistency(self, unet, latents, t, condition, scales) -> torch.Tensor:
         """f(z, t) = c_skip z + c_out ẑ0 from the student's one-pass guided prediction."""
-        output = guided_prediction(unet, latents, t, *condition, scales)
+        output = guided_prediction(unet, latents, t, *condition, scales, fold=True)
         alphas = self.teacher.components.scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
         x0, _ = split_prediction(output, latents, alphas, self.prediction_type)
         c_skip, c_out = boundary_scalings(t)
@@ -163,7 +163,7 @@ class DistillTask(Task):
             t = torch.randint(0, total, (batch_size,), generator=generator, device=device)
             noisy = scheduler.add_noise(latents, noise, t)
             wanted = self._teacher(noisy, t, condition, scales)
-            return F.mse_loss(guided_prediction(student, noisy, t, *condition, scales), wanted), {}
+            return F.mse_loss(guided_prediction(student, noisy, t, *condition, scales, fold=True), wanted), {}
         k = total // config.solver_steps
         t = torch.randint(1, config.solver_steps + 1, (batch_size,), generator=generator, device=device) * k - 1
         s = (t - k).clamp(min=0)
@@ -203,7 +203,7 @@ class DistillTask(Task):
         guidance = self.teacher.config.stage1.image_guidance_scale
         noise = {"generator": generator} if self.config.method == "lcm" else {}  # LCM re-noises between steps
         for t in sampler.timesteps:
-            prediction = guided_prediction(student, latents, t, *condition, guidance)
+            prediction = guided_prediction(student, latents, t, *condition, guidance, fold=True)
             latents = sampler.step(prediction, t, latents, **noise).prev_sample
         student.train(was_training)
         columns = [batch["source"], batch["target"], decode_latents(vae, latents).float()]

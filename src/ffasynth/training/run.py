@@ -98,6 +98,7 @@ class LoadedRun:
     checkpoint: Path
     ema: bool
     preview_decoder: PreviewDecoder | None = None  # a distill run's tiny decoder, when it trained one
+    distilled: bool = False  # a distill run's student: guidance as an input (and, method lcm, few steps)
 
 
 def load_stage1_run(
@@ -163,17 +164,20 @@ def _stage1_of(run_dir: Path, info: dict, key: str = "stage1") -> tuple[Path, Pa
     return stage1_dir, Path(checkpoint) if checkpoint else None
 
 
-def load_model_run(run_dir: str | Path, ema: bool = True, merge: bool = True) -> LoadedRun:
-    """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in);
-    merge: fold a LoRA U-Net's adapters into its weights (`load_stage1_run`)."""
+def load_model_run(
+    run_dir: str | Path, ema: bool = True, merge: bool = True, checkpoint: str | Path | None = None
+) -> LoadedRun:
+    """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in), or a
+    distill run (its teacher's model with the student U-Net); merge: fold a LoRA U-Net's adapters into its
+    weights (`load_stage1_run`); checkpoint: the run's own checkpoint folder (default: its newest)."""
     run_dir = Path(run_dir)
     info = run_folder.info(run_dir)
     if info.get("kind") == "distill":
         return load_distill_run(run_dir, info, ema)
     if info.get("kind") != "stage2":
-        return load_stage1_run(run_dir, ema=ema, merge=merge)
+        return load_stage1_run(run_dir, ema=ema, merge=merge, checkpoint=checkpoint)
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
-    folder = run_folder.latest_checkpoint(run_dir)
+    folder = Path(checkpoint) if checkpoint else run_folder.latest_checkpoint(run_dir)
     loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint, merge=merge)
     ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
     loaded.components.vae.requires_grad_(False).eval()
@@ -184,11 +188,7 @@ def load_model_run(run_dir: str | Path, ema: bool = True, merge: bool = True) ->
 def load_distill_run(run_dir: Path, info: dict, ema: bool = True) -> LoadedRun:
     """A distill run: its teacher's model (a stage-1 or stage-2 run's, VAE and CLIP as they were) with the
     distilled student as its U-Net (LoRA adapters merged) and the preview decoder, if it trained one."""
-    teacher_dir, checkpoint = _stage1_of(run_dir, info, "teacher")
-    if checkpoint is not None:  # a stage-1 teacher, at the checkpoint it was distilled from
-        loaded = load_stage1_run(teacher_dir, ema=ema, checkpoint=checkpoint)
-    else:
-        loaded = load_model_run(teacher_dir, ema=ema)
+    loaded = load_teacher(run_dir, info)
     config = load_config(run_dir / "config.yaml")
     folder = run_folder.latest_checkpoint(run_dir)
     unet = make_student(loaded.components.unet, config.distill)
@@ -203,4 +203,11 @@ def load_distill_run(run_dir: Path, info: dict, ema: bool = True) -> LoadedRun:
         module.requires_grad_(False).eval()
     loaded.components.unet = unet
     loaded.components.sources["distill"] = str(folder)
-    return LoadedRun(config, loaded.components, loaded.conditioner, loaded.checkpoint, loaded.ema, preview)
+    return LoadedRun(config, loaded.components, loaded.conditioner, loaded.checkpoint, loaded.ema, preview, True)
+
+
+def load_teacher(run_dir: Path, info: dict) -> LoadedRun:
+    """The teacher a distill run learnt from, as run.json pins it: its run (found beside the distill run when
+    both moved), its checkpoint (a stage-1 run's, or a stage-2 run's decoder) and EMA or raw weights."""
+    teacher_dir, checkpoint = _stage1_of(run_dir, info, "teacher")
+    return load_model_run(teacher_dir, ema=info.get("teacher_ema", True), checkpoint=checkpoint)

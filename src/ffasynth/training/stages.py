@@ -24,7 +24,14 @@ from ffasynth.models.architecture import vae_config
 from ffasynth.training.conditioning_gain import gain_line
 from ffasynth.training.distill import DistillTask
 from ffasynth.training.loop import TrainResult, train
-from ffasynth.training.run import load_model_run, load_stage1_run, load_training_data, prepare_run, save_model_folder
+from ffasynth.training.run import (
+    load_model_run,
+    load_stage1_run,
+    load_teacher,
+    load_training_data,
+    prepare_run,
+    save_model_folder,
+)
 from ffasynth.training.stage1 import build_stage1, trainable_parameters
 from ffasynth.training.stage2 import Stage2Task, record_stage1
 from ffasynth.training.vae import VAETask
@@ -137,17 +144,28 @@ def train_distill(
 ) -> TrainResult:
     """Distillation: a student U-Net with guidance folded in (and, method lcm, few-step sampling), plus
     the preview decoder, from the frozen model of TEACHER_DIR (a stage-1 or stage-2 run)."""
-    teacher = load_model_run(teacher_dir, ema=ema)
+    saved = Path(out) / "run.json"
+    if resume and saved.is_file():  # the teacher run.json pins, whatever the teacher run did since
+        teacher = load_teacher(Path(out), run_folder.info(out))
+    else:
+        teacher = load_model_run(teacher_dir, ema=ema)
     if teacher.config.stage1.image_guidance_scale > config.distill.guidance_max:
         say(
             f"warning: the teacher's default guidance {teacher.config.stage1.image_guidance_scale} is above "
             f"distill.guidance_max {config.distill.guidance_max}: the student will not have learnt it"
         )
     first, say, dataset, run_dir = _start(config, data, out, "distill", resume, say, dataset)
-    if first:  # a stage-1 teacher's checkpoint is pinned (a stage-2 teacher pins its own stage-1 checkpoint)
+    if first and not (resume and saved.is_file()):
+        # pin the teacher: the stage-1 checkpoint, or the stage-2 run's decoder checkpoint (its stage-1 one is
+        # pinned in its own run.json), and EMA or raw weights
         stage1 = run_folder.info(teacher_dir).get("kind") == "stage1"
-        pinned = str(Path(teacher.checkpoint).resolve()) if stage1 else None
-        run_folder.update_info(run_dir, teacher_run=str(Path(teacher_dir).resolve()), teacher_checkpoint=pinned)
+        pinned = teacher.checkpoint if stage1 else run_folder.latest_checkpoint(teacher_dir)
+        run_folder.update_info(
+            run_dir,
+            teacher_run=str(Path(teacher_dir).resolve()),
+            teacher_checkpoint=str(Path(pinned).resolve()),
+            teacher_ema=ema,
+        )
     task = DistillTask(teacher, config.distill)
     trainable = sum(p.numel() for p in task.trainable["unet"].parameters() if p.requires_grad)
     say(
