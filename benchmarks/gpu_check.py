@@ -13,6 +13,8 @@ Steps, each in its own process with its own time limit (one failing is recorded,
               (steps/s, peak CUDA memory, model FLOP utilisation from the U-Net's FLOPs counted on
               the meta device: 3 × forward, recomputation and the frozen VAE/CLIP encodes not counted);
  4. stage2    `ffasynth train stage2` for a few steps (decoder fine-tuning, fp32, LPIPS-VGG);
+ 4b. distill  `ffasynth train distill` of the stage-2 model as configs/sd15.yaml sets it (LCM, rank-64 LoRA
+              student, bf16, gradient checkpointing) for a few steps (steps/s, peak CUDA memory);
  5. export    `ffasynth export` → a pipeline folder;
  6. translate the 3,000-px photo in bfloat16 and float16;
  7. stage1_lora stage 1 again with LoRA adapters (rank 64);
@@ -302,6 +304,24 @@ def main(argv: list[str] | None = None) -> None:
                 1,
             ),
             **training_figures(work / "runs" / "stage2", 1),
+        },
+        "distill": lambda: {
+            "wall_s": round(
+                run(
+                    ffasynth("train", "distill", "--from", work / "runs" / "stage2", "--data", data)
+                    + ["--out", work / "runs" / "distill", "--quiet", *where[2:]]
+                    + [
+                        f"distill.max_steps={settings['stage2_steps']}",
+                        f"distill.save_every={settings['stage2_steps']}",
+                    ]
+                    + [f"distill.sample_every={settings['stage2_steps']}", "distill.lr_warmup_steps=1"]
+                    + ["distill.log_every=1", "distill.batch_size=1"],
+                    600,
+                    out / "distill.log",
+                )[0],
+                1,
+            ),
+            **training_figures(work / "runs" / "distill", 1),
         },
         "export": lambda: {
             "wall_s": round(run(ffasynth("export", work / "runs" / "stage2", pipeline), 300, out / "export.log")[0], 1)
