@@ -298,9 +298,11 @@ def test_the_preview_decoder_learns_the_vae_decoder():
 
 def test_the_distill_checkpoint_holds_student_and_preview(stage1_run, tmp_path):
     pairs, run = stage1_run
+    settings = ["distill.method=guidance", "distill.preview_decoder=false", *DISTILL]
     out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 2,
-                 "--quiet", "distill.method=guidance", "distill.preview_decoder=false", *DISTILL)  # fmt: skip
+                 "--quiet", "--resume", *settings)  # fmt: skip
     assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "d" / "run.json").read_text())["teacher_run"] == str(run.resolve())  # fresh: pinned
     folder = tmp_path / "d" / "checkpoints" / "step-000002"
     assert (folder / "unet.safetensors").is_file() and not (folder / "preview.safetensors").exists()
     unet = load_model_run(tmp_path / "d").components.unet

@@ -145,25 +145,24 @@ def train_distill(
     """Distillation: a student U-Net with guidance folded in (and, method lcm, few-step sampling), plus
     the preview decoder, from the frozen model of TEACHER_DIR (a stage-1 or stage-2 run)."""
     saved = Path(out) / "run.json"
-    if resume and saved.is_file():  # the teacher run.json pins, whatever the teacher run did since
-        teacher = load_teacher(Path(out), run_folder.info(out))
-    else:
-        teacher = load_model_run(teacher_dir, ema=ema)
+    pinned = resume and saved.is_file() and "teacher_run" in run_folder.info(out)
+    # resumed: the teacher run.json pins, whatever the teacher run did since
+    teacher = load_teacher(Path(out), run_folder.info(out)) if pinned else load_model_run(teacher_dir, ema=ema)
     if teacher.config.stage1.image_guidance_scale > config.distill.guidance_max:
         say(
             f"warning: the teacher's default guidance {teacher.config.stage1.image_guidance_scale} is above "
             f"distill.guidance_max {config.distill.guidance_max}: the student will not have learnt it"
         )
     first, say, dataset, run_dir = _start(config, data, out, "distill", resume, say, dataset)
-    if first and not (resume and saved.is_file()):
+    if first and not pinned:
         # pin the teacher: the stage-1 checkpoint, or the stage-2 run's decoder checkpoint (its stage-1 one is
         # pinned in its own run.json), and EMA or raw weights
         stage1 = run_folder.info(teacher_dir).get("kind") == "stage1"
-        pinned = teacher.checkpoint if stage1 else run_folder.latest_checkpoint(teacher_dir)
+        checkpoint = teacher.checkpoint if stage1 else run_folder.latest_checkpoint(teacher_dir)
         run_folder.update_info(
             run_dir,
             teacher_run=str(Path(teacher_dir).resolve()),
-            teacher_checkpoint=str(Path(pinned).resolve()),
+            teacher_checkpoint=str(Path(checkpoint).resolve()),
             teacher_ema=ema,
         )
     task = DistillTask(teacher, config.distill)
