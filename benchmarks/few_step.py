@@ -71,10 +71,13 @@ def distil(args, data: Path, method: str) -> tuple[Path, float]:
             *args.distill,
         ],
     )
-    began = time.perf_counter()
-    train_distill(config, teacher, data, run, resume=True, progress=False, say=log)
-    export_run(run, folder)
-    return folder, (time.perf_counter() - began) / 60
+    done = run / "minutes.json"  # a distillation finished by an earlier run of this script is reused
+    if not done.is_file():
+        began = time.perf_counter()
+        train_distill(config, teacher, data, run, resume=True, progress=False, say=log)
+        export_run(run, folder)
+        done.write_text(json.dumps((time.perf_counter() - began) / 60))
+    return folder, json.loads(done.read_text())
 
 
 def load(folder: Path) -> FFASynthesisPipeline:
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--distill", nargs="*", default=[], help="distill.* key=value for both distillations")
     parser.add_argument("--no-pix2pix", action="store_true")
     parser.add_argument("--quick", action="store_true", help="leave out the rows QUICK_SKIPS names")
+    parser.add_argument("--redo", nargs="*", default=[], help="measure again the kept rows whose names start so")
     args = parser.parse_args()
     args.overrides, args.steps = (DEMO if args.dataset == "phantoms" else []), 20
     data = prepare(args)
@@ -129,11 +133,19 @@ def main() -> None:
     guidance = teacher.config.image_guidance_scale
     rows = {}
 
+    saved = args.out / "rows.json"  # rows measured by an earlier run of this script are kept (--redo: measure again)
+    done = json.loads(saved.read_text()) if saved.is_file() else {}
+    done = {name: r for name, r in done.items() if not name.startswith(tuple(args.redo))}
+
     def row(name: str, pipeline, passes: int, minutes: float, **settings) -> None:
         if args.quick and name.startswith(QUICK_SKIPS):
             return
+        if name in done:
+            rows[name] = done[name]
+            return
         rows[name] = sample(pipeline, held, args.seed, photo_512, **settings) | {"passes": passes, "minutes": minutes}
         log(f"{name}: {rows[name]}")
+        saved.write_text(json.dumps({**done, **rows}, indent=1))
 
     doubled = 2 if guidance > 1 else 1
     row(f"today: DPM-Solver++ 20 steps, guidance {guidance:g}", teacher, 20 * doubled, teacher_minutes)
@@ -161,12 +173,16 @@ def main() -> None:
         row(f"LCM {steps} step{'s' if steps > 1 else ''}, preview decoder", student, steps, minutes,
             num_inference_steps=steps, decoder="preview")  # fmt: skip
 
-    if not args.no_pix2pix:
+    pix2pix = "pix2pix (same minutes as the teacher)"
+    if pix2pix in done:
+        rows[pix2pix] = done[pix2pix]
+    elif not args.no_pix2pix:
         log("== pix2pix")
         run = run_pix2pix(args, data)
-        rows["pix2pix (same minutes as the teacher)"] = score_folder(held, run["translated"]) | {
+        rows[pix2pix] = score_folder(held, run["translated"]) | {
             "passes": 1, "minutes": run["minutes"], "s_per_image": run["s_per_image"], "s_at_512": float("nan")
         }  # fmt: skip
+        saved.write_text(json.dumps({**done, **rows}, indent=1))
 
     record = {"machine": machine(), "dataset": args.dataset, "minutes": args.minutes, "seed": args.seed}
     record |= {"distill_minutes": args.distill_minutes, "distill_overrides": args.distill, "rows": rows}

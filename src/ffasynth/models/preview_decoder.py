@@ -1,7 +1,8 @@
 """A tiny decoder for previews: the pipeline's latents (scaled, as the U-Net sees them) → a grey angiogram
-in [-1, 1], in a few small convolutions per doubling instead of the VAE decoder's ResNet stack
-(TAESD's idea, Bohan 2023, much smaller here). It is distilled from the VAE decoder on FFA latents
-(`training.distill`, `distill_loss`), so it shows the same image, softer, in a fraction of the time.
+on the [-1, 1] scale (not clamped: the pipeline clamps), in a few small convolutions per doubling instead
+of the VAE decoder's ResNet stack (TAESD's idea, Bohan 2023, much smaller here). It is distilled from the
+VAE decoder on FFA latents (`training.distill`, `distill_loss`), so it shows the same image, softer, in a
+fraction of the time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ffasynth.models.architecture import downsampling_factor
 
 
 class PreviewDecoder(ModelMixin, ConfigMixin):
-    """z (B, latent_channels, h, w) → x (B, 1, h·scale_factor, w·scale_factor) in [-1, 1].
+    """z (B, latent_channels, h, w) → x (B, 1, h·scale_factor, w·scale_factor) on the [-1, 1] scale.
 
     Per doubling: nearest 2× upsampling, then a 3×3 convolution and a residual pair of 3×3 convolutions;
     `channels` wide throughout (halved, at least 8, after the first doubling when there are several)."""
@@ -50,7 +51,7 @@ class PreviewDecoder(ModelMixin, ConfigMixin):
         hidden = F.silu(self.stem(latents.to(self.stem.weight.dtype)))
         for block in self.blocks:
             hidden = block(F.interpolate(hidden, scale_factor=2.0, mode="nearest"))
-        return torch.tanh(self.head(hidden))
+        return self.head(hidden)  # linear: a tanh here saturated on the dark FFA background and stopped learning
 
 
 class _Block(nn.Module):

@@ -208,7 +208,7 @@ class DistillTask(Task):
         student.train(was_training)
         columns = [batch["source"], batch["target"], decode_latents(vae, latents).float()]
         if "preview" in self.trainable:
-            columns.append(self.trainable["preview"](latents).float())
+            columns.append(self.trainable["preview"](latents).float().clamp(-1.0, 1.0))
         return columns
 
     def finish(self, run_dir) -> None:
