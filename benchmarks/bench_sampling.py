@@ -184,6 +184,8 @@ def timing(args, device: torch.device) -> dict:
         run(1)
     sides, measured = {}, {}
     for name, (real_steps, run) in runners.items():
+        if args.sides and name not in args.sides:
+            continue
         log(f"  {name} ({real_steps} steps)")
         if reduced is not None and run in measured:  # same runner at the same reduced counts: project again
             sides[name] = reproject(measured[run], real_steps)
@@ -192,17 +194,24 @@ def timing(args, device: torch.device) -> dict:
     # a distilled student's shape (`ffasynth train distill`): the guidance scale as an input (guidance 3 in one
     # pass a step), LCMScheduler, its 4 default steps; the same U-Net cost per pass plus one small linear layer
     add_guidance_embedding(ours.unet)
-    ours.scheduler = LCMScheduler.from_config(ours.scheduler.config)
+    ours.register_to_config(guidance_input=True)  # what export records for a distill run
+    dpm_only = ("solver_order", "algorithm_type")
+    ours.scheduler = LCMScheduler.from_config({k: v for k, v in ours.scheduler.config.items() if k not in dpm_only})
 
     def run_lcm(steps: int):
         generator = torch.Generator().manual_seed(0)
         return ours(photo, num_inference_steps=steps, generator=generator, image_guidance_scale=3.0, output_type="np")
 
-    log(f"  ffasynth_lcm_student ({LCM_STEPS} steps, guidance 3 folded in)")
-    run_lcm(1)
-    sides["ffasynth_lcm_student"] = measure(run_lcm, LCM_STEPS, reduced, counter, device, args.repeats)
-    ours_seconds = sides["ffasynth_defaults"]["seconds_per_image"]
-    lcm_seconds = sides["ffasynth_lcm_student"]["seconds_per_image"]
+    if not args.sides or "ffasynth_lcm_student" in args.sides:
+        log(f"  ffasynth_lcm_student ({LCM_STEPS} steps, guidance 3 folded in)")
+        run_lcm(1)
+        sides["ffasynth_lcm_student"] = measure(run_lcm, LCM_STEPS, reduced, counter, device, args.repeats)
+
+    def ratio(numerator: str, denominator: str, key: str = "seconds_per_image") -> float | None:
+        if numerator not in sides or denominator not in sides:
+            return None  # a side left out with --sides
+        return sides[numerator][key] / sides[denominator][key]
+
     return {
         "preset": args.preset,
         "size": size,
@@ -212,12 +221,13 @@ def timing(args, device: torch.device) -> dict:
         "unet_parameters": sum(p.numel() for p in ours.unet.parameters()),
         "tiles": 1,
         "sides": sides,
-        "ratio_vs_diffusers_defaults": sides["diffusers_ip2p_defaults"]["seconds_per_image"] / ours_seconds,
-        "ratio_vs_diffusers_20_steps": sides["diffusers_ip2p_20_steps"]["seconds_per_image"] / ours_seconds,
-        "pass_ratio_vs_diffusers_defaults": sides["diffusers_ip2p_defaults"]["unet_passes_per_image"]
-        / sides["ffasynth_defaults"]["unet_passes_per_image"],
-        "lcm_ratio_vs_diffusers_defaults": sides["diffusers_ip2p_defaults"]["seconds_per_image"] / lcm_seconds,
-        "lcm_ratio_vs_ffasynth_defaults": ours_seconds / lcm_seconds,
+        "ratio_vs_diffusers_defaults": ratio("diffusers_ip2p_defaults", "ffasynth_defaults"),
+        "ratio_vs_diffusers_20_steps": ratio("diffusers_ip2p_20_steps", "ffasynth_defaults"),
+        "pass_ratio_vs_diffusers_defaults": ratio(
+            "diffusers_ip2p_defaults", "ffasynth_defaults", "unet_passes_per_image"
+        ),
+        "lcm_ratio_vs_diffusers_defaults": ratio("diffusers_ip2p_defaults", "ffasynth_lcm_student"),
+        "lcm_ratio_vs_ffasynth_defaults": ratio("ffasynth_defaults", "ffasynth_lcm_student"),
     }
 
 
@@ -304,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         "3 = the tiny preset's exported default, two passes a step in one batch)",
     )
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--sides",
+        nargs="*",
+        help="time only these sides (diffusers_ip2p_defaults, diffusers_ip2p_20_steps, "
+        "diffusers_ip2p_20_steps_no_guidance, ffasynth_defaults, ffasynth_lcm_student); ratios need both of theirs",
+    )
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--quality-pipeline", help="an exported tiny pipeline trained on phantoms")
     parser.add_argument("--quality-data", help="its held-out pairs (with --quality-pipeline)")
