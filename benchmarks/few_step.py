@@ -14,8 +14,15 @@ pairs, registered; train on the aligned training eyes, score on the registered t
 native size). Columns: passes, PSNR, SSIM, MS-SSIM and vessel Dice inside the field of view, own-eye
 retrieval, seconds per image on the data set and at 512², training minutes.
 
-    .venv/bin/python benchmarks/few_step.py --dataset phantoms --out /tmp/few-phantoms --minutes 5
-    .venv/bin/python benchmarks/few_step.py --dataset uwf --out /tmp/few-uwf --minutes 5
+The README's figures (2026-12-04):
+
+    .venv/bin/python benchmarks/few_step.py --dataset phantoms --out /tmp/few-phantoms --minutes 5 \
+        --distill-minutes 8 --distill distill.batch_size=2 distill.solver_steps=10
+    .venv/bin/python benchmarks/few_step.py --dataset uwf --out /tmp/few-uwf --minutes 5 --quick \
+        --distill-minutes 8 --distill distill.solver_steps=10
+
+(the guidance distillations ran 4 minutes; a rerun reuses the teacher, finished distillations and measured
+rows kept in OUT, so rows can be added or, with --redo, measured again).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine  # noqa: E402
 from compare_cpu import prepare_data, run_pix2pix  # noqa: E402
 from quality_choices import HeldOut  # noqa: E402
+from quality_choices import sample as held_out_scores  # noqa: E402
 
 from ffasynth.config import load_config  # noqa: E402
 from ffasynth.data.io import read_image  # noqa: E402
@@ -45,7 +53,7 @@ from ffasynth.training.stages import train_distill  # noqa: E402
 
 DEMO = ["data.crop_size=256", "stage1.batch_size=2"]  # the demo's training crops (quickstart without --data)
 # --quick (native-size UWF on CPU: ~2 s a guided step per image) leaves out the slowest and the redundant rows
-QUICK_SKIPS = ("InstructPix2Pix", "DPM-Solver++ 4 steps", "guidance distilled, DPM-Solver++ 20", "LCM 4 steps, preview")
+QUICK_SKIPS = ("InstructPix2Pix", "guidance distilled, DPM-Solver++ 20", "LCM 4 steps, preview")
 
 
 def prepare(args) -> Path:
@@ -87,15 +95,16 @@ def load(folder: Path) -> FFASynthesisPipeline:
 
 
 def sample(pipeline, held: HeldOut, seed: int, photo_512: torch.Tensor, **settings) -> dict:
-    fakes, began = {}, time.perf_counter()
-    for pair in held.pairs:
-        generator = torch.Generator().manual_seed(seed)
-        output = pipeline(str(pair.source), generator=generator, phase=pair.phase, output_type="pt", **settings)
-        fakes[pair.name] = output.images[0].float()
-    seconds = (time.perf_counter() - began) / len(held.pairs)
+    """quality_choices' scores of the held-out pairs (20 steps unless told), and the seconds for one 512² photo."""
+    scores = held_out_scores(pipeline, held, seed, **settings)
     began = time.perf_counter()
-    pipeline(photo_512, generator=torch.Generator().manual_seed(seed), output_type="pt", **settings)
-    return held.score(fakes) | {"s_per_image": seconds, "s_at_512": time.perf_counter() - began}
+    pipeline(
+        photo_512,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        **{"num_inference_steps": 20, **settings},
+    )
+    return scores | {"s_at_512": time.perf_counter() - began}
 
 
 def score_folder(held: HeldOut, folder: Path) -> dict:
@@ -149,7 +158,7 @@ def main() -> None:
 
     doubled = 2 if guidance > 1 else 1
     row(f"today: DPM-Solver++ 20 steps, guidance {guidance:g}", teacher, 20 * doubled, teacher_minutes)
-    for steps in (4, 2):
+    for steps in (8, 4, 2):
         row(f"DPM-Solver++ {steps} steps, guidance {guidance:g}", teacher, steps * doubled, teacher_minutes,
             num_inference_steps=steps)  # fmt: skip
     default_scheduler = teacher.scheduler
@@ -161,7 +170,7 @@ def main() -> None:
     log("== guidance distillation")
     folder, minutes = distil(args, data, "guidance")
     student = load(folder)
-    for steps in (20, 4):
+    for steps in (20, 8, 4):
         row(f"guidance distilled, DPM-Solver++ {steps} steps", student, steps, minutes, num_inference_steps=steps)
 
     log("== latent consistency distillation")
