@@ -14,7 +14,7 @@ from ffasynth.files import check_output_folder
 
 def export(
     run_dir: Path = typer.Argument(
-        ..., help="A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder)."
+        ..., help="A stage-1 run, a stage-2 run (its stage-1 model with the fine-tuned decoder), or a distill run."
     ),
     out_dir: Path = typer.Argument(..., help="Pipeline folder to write (replaced if it holds an earlier export)."),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="Export the EMA weights (default) or the raw ones."),
