@@ -373,7 +373,8 @@ def web_page(pipeline_dir, tmp_path_factory) -> tuple[dict[str, Upload], Path, P
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                outputs, refusal = handle(str(path), 1, 0, 1, "early"), None
+                # the page's handler yields (outputs..., status): a preview first when it is cheaper, then the result
+                outputs, refusal = list(handle(str(path), 1, 0, 1, "early"))[-1][:4], None
             except gr.Error as error:
                 outputs, refusal = None, error.message
         warned = "\n".join(str(w.message) for w in caught if case.filename in str(w.message))

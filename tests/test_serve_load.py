@@ -171,7 +171,8 @@ def test_page_answers_load_and_abuse_with_messages_and_cleans_up(pipeline_dir, t
         jobs = [client.submit(handle_file(str(p)), 2, 0, 1, "early", api_name="/handle") for p in photos]
         answers = [job.result(timeout=300) for job in jobs]
         concurrent_s = time.monotonic() - started
-        downloads = [answer[-1]["orig_name"] for answer in answers]
+        assert all(answer[-1].startswith("Full result") for answer in answers)  # the last status line
+        downloads = [answer[3]["orig_name"] for answer in answers]  # slider, result, uncertainty, download, status
         assert all(name.startswith("ffa-") and name.endswith(".png") for name in downloads), downloads
         assert len(set(downloads)) == CONCURRENT
 
@@ -193,7 +194,7 @@ def test_page_answers_load_and_abuse_with_messages_and_cleans_up(pipeline_dir, t
 
         thin_answer = translate(thin)
         assert fetch_png_size(thin_answer[1]) == (4000, 16)
-        assert translate(photos[2])[-1]["orig_name"].startswith("ffa-")  # still serving
+        assert translate(photos[2])[3]["orig_name"].startswith("ffa-")  # still serving
         grown = peak_rss_mib(server.pid) - warm_peak
         # the bomb decoded would be 100 MB (uint8) and 300 MB as RGB; 20 queued requests hold paths only
         assert grown < 150, f"peak RSS grew by {grown:.0f} MiB after the first answer"
