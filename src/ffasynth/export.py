@@ -112,6 +112,12 @@ def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> 
     return loader(run_dir, ema, merge_lora)
 
 
+def default_steps(loaded: LoadedRun) -> int:
+    """The exported pipeline's steps when a call gives none: an LCM student's few, else 20."""
+    distill = loaded.config.distill
+    return distill.default_steps if loaded.distilled and distill.method == "lcm" else 20
+
+
 def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
     """The run's components as a pipeline with DPM-Solver++ (2nd order) on the training noise schedule, or,
     for an LCM student, diffusers' LCMScheduler on its solver grid and its few default steps."""
@@ -120,7 +126,6 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
     distill = loaded.config.distill
     distilled = loaded.distilled  # a distill run's student: guidance as an input
     scheduler = sampler_for(components.scheduler, distill) if distilled else sampling_scheduler(components.scheduler)
-    lcm = distilled and distill.method == "lcm"
     projection = loaded.conditioner.projection
     return FFASynthesisPipeline(
         vae=components.vae,
@@ -138,7 +143,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         tile_size=loaded.config.data.crop_size,
         image_guidance_scale=loaded.config.stage1.image_guidance_scale,
         preview_decoder=loaded.preview_decoder,
-        num_inference_steps=distill.default_steps if lcm else 20,
+        num_inference_steps=default_steps(loaded),
         guidance_input=distilled,
     )
 
@@ -202,8 +207,9 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
     phases = ", ".join(["early", "late"][: model.num_phases]) or "none (one FFA phase)"
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
-    steps = config.distill.default_steps if exported.kind == "distill" and config.distill.method == "lcm" else 20
-    sampler = "LCMScheduler (latent consistency)" if steps != 20 else "DPM-Solver++ (2nd order)"
+    steps = default_steps(loaded)
+    lcm = loaded.distilled and config.distill.method == "lcm"
+    sampler = "LCMScheduler (latent consistency)" if lcm else "DPM-Solver++ (2nd order)"
     return "\n".join(
         [
             "---",

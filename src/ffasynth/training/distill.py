@@ -210,6 +210,3 @@ class DistillTask(Task):
         if "preview" in self.trainable:
             columns.append(self.trainable["preview"](latents).float().clamp(-1.0, 1.0))
         return columns
-
-    def finish(self, run_dir) -> None:
-        pass
