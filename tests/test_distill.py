@@ -318,7 +318,8 @@ def test_the_distill_checkpoint_holds_student_and_preview(stage1_run, tmp_path):
     assert unet.config.time_cond_proj_dim == 256
     out = invoke("export", tmp_path / "d", tmp_path / "pipe")
     pipe = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
-    assert pipe.preview_decoder is None and pipe.config.num_inference_steps == 20
+    settings = load_config(tmp_path / "d" / "config.yaml").stage1
+    assert pipe.preview_decoder is None and pipe.config.num_inference_steps == settings.inference_steps == 4
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
 
 

@@ -224,6 +224,8 @@ class Stage1Config(TrainConfig):
     conditioning_dropout: float = 0.05  # drop the source (both paths) for image classifier-free guidance
     num_train_timesteps: int = 1000
     sample_steps: int = 20  # DDIM steps for the sample grids written during training
+    # the exported pipeline's DPM-Solver++ steps when a call gives none (translate, serve); 20 for SD1.5
+    inference_steps: int = 20
     # image classifier-free guidance for the sample grids and the exported pipeline's default;
     # 1 = none (one U-Net pass per step; InstructPix2Pix users often ask 1.5)
     image_guidance_scale: float = 1.0
@@ -247,6 +249,9 @@ class Stage1Config(TrainConfig):
         _require(self.num_train_timesteps >= 2, "stage1.num_train_timesteps", "must be at least 2")
         steps = self.num_train_timesteps
         _require(1 <= self.sample_steps <= steps, "stage1.sample_steps", f"must be in [1, num_train_timesteps={steps}]")
+        _require(
+            1 <= self.inference_steps <= steps, "stage1.inference_steps", f"must be in [1, num_train_timesteps={steps}]"
+        )
 
 
 @dataclass

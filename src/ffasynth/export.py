@@ -113,9 +113,12 @@ def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> 
 
 
 def default_steps(loaded: LoadedRun) -> int:
-    """The exported pipeline's steps when a call gives none: an LCM student's few, else 20."""
+    """The exported pipeline's steps when a call gives none: an LCM student's few, else stage1.inference_steps
+    (20; the tiny preset 4)."""
     distill = loaded.config.distill
-    return distill.default_steps if loaded.distilled and distill.method == "lcm" else 20
+    return (
+        distill.default_steps if loaded.distilled and distill.method == "lcm" else loaded.config.stage1.inference_steps
+    )
 
 
 def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:

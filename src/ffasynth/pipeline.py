@@ -389,8 +389,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         pixels (defaults: the training crop, a quarter of it, max(tile, 512)); 0 = the whole image in
         one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
         photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
-        num_inference_steps: None = the config's (20; 4 for an LCM student). decoder: "vae", or "preview"
-        (the tiny preview decoder of a distilled pipeline: a fast, softer image).
+        num_inference_steps: None = the config's (20; 4 for the tiny preset and an LCM student). decoder:
+        "vae", or "preview" (the tiny preview decoder of a distilled pipeline: a fast, softer image).
         """
         if image_guidance_scale is None:
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))

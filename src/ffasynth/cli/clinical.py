@@ -58,7 +58,7 @@ def clinical(
         None,
         "--steps",
         callback=in_range(1),
-        help="Denoising steps when generating with --pipeline (default: the pipeline's: 20, 4 for a distilled one).",
+        help="Denoising steps when generating with --pipeline (default: the pipeline's: 20, 4 for the tiny preset).",
     ),
     synthetic: Path | None = typer.Option(
         None, "--synthetic", help="Folder of generated FFA named by eye id (`7.png` or `7_ffa.png`)."

@@ -26,7 +26,7 @@ def translate(
         None,
         "--steps",
         callback=in_range(1),
-        help="Denoising steps. Default: the pipeline's (20; 4 for a model distilled with `train distill`).",
+        help="Denoising steps. Default: the pipeline's (20; 4 for the tiny preset and for an LCM student).",
     ),
     seed: int = typer.Option(
         0, "--seed", callback=SEED, help="Noise seed (0 to 2^32-1); each image is seeded alike, so results repeat."
