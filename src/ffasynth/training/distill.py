@@ -29,7 +29,7 @@ from ffasynth.models.conditioning import decode_latents, encode_latents, guided_
 from ffasynth.models.preview_decoder import PreviewDecoder, distill_loss
 from ffasynth.training.loop import Task
 from ffasynth.training.run import LoadedRun
-from ffasynth.training.stage1 import clip_input, offset_noise, phase_labels
+from ffasynth.training.stage1 import offset_noise, phase_labels, photo_condition
 
 SIGMA_DATA = 0.5  # LCM's boundary-condition constants, as diffusers' LCMScheduler has them
 TIMESTEP_SCALING = 10.0
@@ -110,13 +110,9 @@ class DistillTask(Task):
     @torch.no_grad()
     def _condition(self, batch: dict):
         """(cond_tokens, source_latents, phase labels) as the teacher was trained to read them."""
-        conditioner, source = self.teacher.conditioner, batch["source"]
-        if conditioner.use_clip:
-            tokens = conditioner.project(conditioner.clip_features(clip_input(batch, self.model.clip_view)))
-        else:
-            tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
-        latents = conditioner.source_latents(self.teacher.components.vae, source)
-        return tokens, latents, phase_labels(batch, self.model.num_phases, source.device)
+        vae = self.teacher.components.vae
+        tokens, latents = photo_condition(self.teacher.conditioner, vae, batch, self.model.clip_view)
+        return tokens, latents, phase_labels(batch, self.model.num_phases, batch["source"].device)
 
     @torch.no_grad()
     def _teacher(self, latents, t, condition, scales) -> torch.Tensor:

@@ -81,6 +81,21 @@ def clip_input(batch: dict, clip_view: str) -> torch.Tensor:
     return batch["whole_source"]
 
 
+def photo_condition(conditioner: SourceConditioner, vae, batch: dict, clip_view: str, projection=None):
+    """A batch's (cond_tokens, source_latents) as stage 1 trains on them: CLIP's view (`clip_input`) and the
+    source latent from the frozen encoders without grad, then the projection (the one training holds, else
+    the conditioner's own) with grad where grad is on."""
+    source = batch["source"]
+    with torch.no_grad():
+        features = conditioner.clip_features(clip_input(batch, clip_view)) if conditioner.use_clip else None
+        source_latents = conditioner.source_latents(vae, source)
+    if features is None:
+        tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
+    else:
+        tokens = conditioner.project(features, projection)
+    return tokens, source_latents
+
+
 class Stage1Task(Task):
     name = "stage1"
 
@@ -135,15 +150,9 @@ class Stage1Task(Task):
         self.components.unet.enable_gradient_checkpointing()
 
     def _condition(self, batch: dict, keep: torch.Tensor | None):
-        """(cond_tokens, source_latents); the frozen encoders run without grad, the projection with."""
-        conditioner, source = self.conditioner, batch["source"]
-        with torch.no_grad():
-            features = conditioner.clip_features(clip_input(batch, self.clip_view)) if conditioner.use_clip else None
-            source_latents = conditioner.source_latents(self.components.vae, source)
-        if features is None:
-            tokens = source.new_zeros(source.shape[0], 1, conditioner.cross_attention_dim)
-        else:
-            tokens = conditioner.project(features, self.trainable.get("projection"))
+        """(cond_tokens, source_latents), dropped where `keep` is False; the projection learns."""
+        vae, projection = self.components.vae, self.trainable.get("projection")
+        tokens, source_latents = photo_condition(self.conditioner, vae, batch, self.clip_view, projection)
         return drop_condition(tokens, source_latents, keep) if keep is not None else (tokens, source_latents)
 
     def _denoising_loss(self, unet, latents, noise, timesteps, tokens, source_latents, labels) -> torch.Tensor:
