@@ -86,3 +86,28 @@ def test_written_dataset_labels_match_lesions(tmp_path):
         for suffix in ("", ".1", ".2"):
             assert (out / f"{row['id']}{suffix}.png").is_file()
     assert sorted(set(r["label"] for r in rows)) == sorted(DISEASES)
+
+
+def test_grain_options_change_only_the_angiograms_photo_independent_texture():
+    """grain=0 removes the capillary grain and sensor noise; grain_seed draws another realisation of them:
+    the photo, vessels and lesions stay, and the two realisations' textures are uncorrelated."""
+    eye = make_eye(256, 7, "microaneurysms")
+    assert np.array_equal(make_eye(256, 7, "microaneurysms", grain=1.0).ffa_early, eye.ffa_early)
+    clean = make_eye(256, 7, "microaneurysms", grain=0.0)
+    other = make_eye(256, 7, "microaneurysms", grain_seed=1)
+    for variant in (clean, other):
+        assert np.array_equal(variant.photo, eye.photo) and np.array_equal(variant.vessel_mask, eye.vessel_mask)
+        assert variant.lesions == eye.lesions
+    # away from vessels, the rim and the disc the texture is all that differs (clipping aside)
+    inner = cv2.erode(eye.fov.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    background = inner & ~cv2.dilate(eye.vessel_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    background &= (eye.ffa_late < 0.45) & (clean.ffa_late > 0.05)
+    grain, grain_other = (eye.ffa_late - clean.ffa_late)[background], (other.ffa_late - clean.ffa_late)[background]
+    assert 0.015 < grain.std() < 0.06 and abs(grain.mean()) < 0.01  # 0.05·capillary + N(0, 0.012), scaled
+    assert 0.8 < grain_other.std() / grain.std() < 1.25
+    assert abs(np.corrcoef(grain, grain_other)[0, 1]) < 0.1
+    # the clean angiogram keeps only the lesions' and edges' pixel-scale detail: its Laplacian is about a third
+    laplacian = lambda image: cv2.Laplacian(image.astype(np.float32), cv2.CV_32F)[background].std()  # noqa: E731
+    assert laplacian(clean.ffa_late) < 0.5 * laplacian(eye.ffa_late)
+    with pytest.raises(ValueError, match="standard eyes only"):
+        make_eye(96, 0, style="uwf", grain=0.0)

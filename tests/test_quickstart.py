@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -75,3 +76,25 @@ def test_the_demo_trains_on_whole_eye_crops_unless_told_otherwise(tmp_path, monk
     with pytest.raises(_Stop):
         module.quickstart(tmp_path / "demo", 1.0, None, progress=False, say=lambda line: None, overrides=extra)
     assert (seen["config"].data.crop_size, seen["config"].stage1.batch_size) == (crop, batch)
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_held_out_photos_are_translated_with_the_pipelines_default_steps_unless_given(tmp_path, steps):
+    """The demo reports what `translate` gives: no --steps → the pipeline decides (its exported default)."""
+    import numpy as np
+
+    from ffasynth.data.phantom import write_phantom_dataset
+    from ffasynth.quickstart import sample_held_out
+
+    data = write_phantom_dataset(tmp_path / "data", n=4, size=32, seed=0, test_fraction=0.5)
+    asked = []
+
+    class Pipeline:
+        config = SimpleNamespace(num_phases=2)
+
+        def __call__(self, photo, num_inference_steps, **kwargs):
+            asked.append(num_inference_steps)
+            return type("Out", (), {"images": [np.zeros((32, 32, 1), np.float32)]})()
+
+    written = sample_held_out(Pipeline(), data / "test", tmp_path / "out", steps, 0, lambda line: None)
+    assert len(written) == 4 and asked == [steps] * 4

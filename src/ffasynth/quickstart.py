@@ -49,9 +49,9 @@ class QuickstartResult:
     minutes: float
 
 
-def sample_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int, seed: int, say: Callable) -> list[Path]:
+def sample_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int | None, seed: int, say: Callable) -> list[Path]:
     """Each held-out photo → one synthetic angiogram per phase present, named like its real partner
-    (`N.1_ffa.png` for `N.1.png`), so evaluation pairs them by name."""
+    (`N.1_ffa.png` for `N.1.png`), so evaluation pairs them by name. steps None: the pipeline's default."""
     written = []
     pairs = load_pairs(test_dir)
     for index, pair in enumerate(pairs, 1):
@@ -75,7 +75,7 @@ def quickstart(
     minutes: float = 5.0,
     data: str | Path | None = None,
     seed: int = 0,
-    steps: int = 20,
+    steps: int | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
     overrides: list[str] | None = None,

@@ -25,8 +25,11 @@ def quickstart(
     ),
     data: Path | None = typer.Option(None, "--data", help="Your folder of pairs (default: generated phantom pairs)."),
     seed: int = typer.Option(0, "--seed", callback=SEED, help="Seed for data, training and sampling."),
-    steps: int = typer.Option(
-        20, "--steps", callback=in_range(1), help="Denoising steps when translating the held-out photos."
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        callback=in_range(1),
+        help="Denoising steps when translating the held-out photos. Default: the pipeline's (4 for the tiny preset).",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     overrides: list[str] | None = typer.Argument(None, help="Config fields as key=value (tiny preset)."),

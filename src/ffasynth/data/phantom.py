@@ -53,6 +53,7 @@ __all__ = [
     "assign_diseases",
     "lesion_record",
     "make_eye",
+    "dataset_eye_seed",
     "read_lesion_record",
     "write_phantom_dataset",
 ]
@@ -61,14 +62,29 @@ STYLES = ("standard", "uwf")
 LESIONS_SUFFIX = ".lesions.json"  # `N.lesions.json` beside `N.png`: where the eye's lesions were drawn
 
 
-def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str = "standard", vary: bool = False):
+def make_eye(
+    size: int = 256,
+    seed: int = 0,
+    disease: str = "normal",
+    style: str = "standard",
+    vary: bool = False,
+    grain: float = 1.0,
+    grain_seed: int | None = None,
+):
     """One eye, fully determined by (size, seed, disease, style, vary). style="uwf" draws an
     Optos-like ultra-widefield eye (see `phantom_uwf`); vary=True gives a standard eye random
     illumination, disc/macula position, field size and vessel calibre (vary=False: the eyes this
-    function always drew for a seed)."""
+    function always drew for a seed).
+
+    For ceilings (benchmarks/demo_ceiling.py), standard eyes only: the angiograms' capillary grain and
+    sensor noise are drawn independently of everything the photo shows, so no method can predict them.
+    `grain` scales them (0: the angiograms without them); `grain_seed` draws them from that seed instead
+    (another realisation of the same eye). Every other draw, and the photo, stay as they are."""
     if style not in STYLES:
         raise ValueError(f"unknown phantom style {style!r}; choose from {STYLES}")
     if style == "uwf":
+        if grain != 1.0 or grain_seed is not None:
+            raise ValueError("grain and grain_seed are for standard eyes only")
         return make_uwf_eye(size, seed, disease)
     if disease not in DISEASES:
         raise ValueError(f"unknown disease {disease!r}; choose from {DISEASES}")
@@ -144,6 +160,9 @@ def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str
     vignette = np.clip(1.0 - 0.5 * r_norm**2.5, 0.0, 1.0).astype(np.float32)
     choroid = texture(rng, size)
     capillary = texture(rng, size, scales=(0.004, 0.01))
+    # the angiograms' photo-independent texture: the eye's own draws, or another seed's (see the docstring)
+    other = None if grain_seed is None else np.random.default_rng([seed, 2, grain_seed])
+    capillary_ffa = capillary if other is None else texture(other, size, scales=(0.004, 0.01))
 
     # Photograph: orange fundus, darker macula, pale disc, dark-red vessels (veins darker).
     pigment = rng.uniform(0.85, 1.1)
@@ -162,7 +181,7 @@ def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str
     photo = np.where(fov[..., None], photo, 0.0)
 
     # Angiograms: choroidal flush, capillary bed (absent where not perfused), bright vessels.
-    background = (0.16 + 0.03 * choroid + 0.05 * capillary) * perfusion * (1.0 - 0.85 * faz)
+    background = (0.16 + 0.03 * choroid + 0.05 * grain * capillary_ffa) * perfusion * (1.0 - 0.85 * faz)
     gain = 1.0 if extra is None else extra.uniform(0.8, 1.15) * ramp(extra, xs, ys, centre, size, 0.3)
 
     def angiogram(artery_level, vein_level, disc_level, leak_map, stain):
@@ -175,13 +194,20 @@ def make_eye(size: int = 256, seed: int = 0, disease: str = "normal", style: str
         ffa = ffa * (1.0 - 0.8 * haem)  # blood blocks fluorescence
         if extra is not None:
             ffa = ffa * gain
-        ffa = ffa * (0.55 + 0.45 * vignette) + rng.normal(0, 0.012, shape)
+        noise = rng.normal(0, 0.012, shape)  # drawn either way: the stream after it stays the eye's
+        noise = noise if other is None else other.normal(0, 0.012, shape)
+        ffa = ffa * (0.55 + 0.45 * vignette) + grain * noise
         return np.where(fov, ffa, 0.0)
 
     ffa_early = angiogram(0.85, 0.45, 0.55, 0.30 * leak, 0.0)
     ffa_late = angiogram(0.55, 0.65, 0.75, 0.75 * leak_late, 0.05 * perfusion)
     clip = lambda a: np.clip(a, 0.0, 1.0).astype(np.float32)  # noqa: E731
     return PhantomEye(clip(photo), clip(ffa_early), clip(ffa_late), vessel_mask, fov, disease, lesions, disc, macula)
+
+
+def dataset_eye_seed(seed: int, index: int) -> int:
+    """The seed of eye `index` (0-based; its id is index + 1) in write_phantom_dataset(seed=seed)."""
+    return seed * 100_003 + index
 
 
 def assign_diseases(n: int, seed: int, diseases=DISEASES) -> list[str]:
@@ -244,7 +270,7 @@ def write_phantom_dataset(
     n_test = int(round(n * test_fraction))
     rows = []
     for i in range(n):
-        eye = make_eye(size, seed * 100_003 + i, labels[i], style)
+        eye = make_eye(size, dataset_eye_seed(seed, i), labels[i], style)
         split = "" if test_fraction <= 0 else ("test/" if i >= n - n_test else "train/")
         pair_id = f"{split}{i + 1}"
         for suffix, array in (("", eye.photo), (".1", eye.ffa_early), (".2", eye.ffa_late)):
