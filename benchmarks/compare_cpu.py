@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="training minutes per method")
     parser.add_argument("--base", default="tiny", help="model.base for ffasynth-base (tiny or a file)")
     parser.add_argument("--shared", type=Path, default=default_shared())
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("overrides", nargs="*", help="config key=value for every trained method")

@@ -169,3 +169,22 @@ def test_gpu_check_reads_steady_speed_and_peak_memory_from_a_run_log(monkeypatch
     assert figures["steps"] == 20 and figures["final_loss"] == 0.6 and figures["cond_gain"] == 0.01
     # the FLOPs behind its utilisation figure: SD1.5's U-Net at 768² (96² latents), ≈2.14 TFLOP a forward
     assert gpu_check.count_unet_flops(smoke=False) == pytest.approx(2.1375e12, rel=1e-3)
+
+
+def test_demo_ceiling_redraws_each_held_out_angiogram_of_the_written_set(monkeypatch, tmp_path):
+    """The ceiling's oracles are the held-out eyes themselves, redrawn: at grain 1 the redrawn angiogram is
+    the written one, pixel for pixel (the eye's seed and disease are found), and without grain it differs."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from demo_ceiling import redrawn
+    from quality_choices import HeldOut
+
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", n=8, size=64, seed=3, test_fraction=0.25)
+    held = HeldOut(data / "test")
+    same, clean = redrawn(held, data, 3), redrawn(held, data, 3, grain=0.0)
+    assert sorted(same) == sorted(held.reals) and len(same) == 4  # 2 eyes × 2 phases
+    for name, real in held.reals.items():
+        assert torch.equal(same[name], real)
+        assert not torch.equal(clean[name], real)
+    assert not torch.equal(redrawn(held, data, 4)[next(iter(same))], same[next(iter(same))])  # seed matters
