@@ -226,25 +226,6 @@ def test_sampler_latents_are_what_the_exported_pipeline_decodes(stage1_run):
     assert torch.allclose(decoded, expected, atol=1e-4), (decoded - expected).abs().max()
 
 
-def test_sampler_steps_default_to_the_steps_the_exported_pipeline_takes(stage1_run):
-    """Unset, stage 2 samples with the stage-1 run's inference_steps, which export makes the pipeline's
-    default: the decoder learns the latents `translate` decodes when given no --steps."""
-    from ffasynth.export import build_pipeline
-    from ffasynth.models.conditioning import decode_latents
-
-    task = _stage2(stage1_run[1], "stage2.sampler_steps=null")
-    steps = task.stage1.config.stage1.inference_steps
-    assert task.sampler_steps == steps and steps not in (2, 10)  # neither the tests' 2 nor the old fixed 10
-    pipe = build_pipeline(task.stage1)
-    photo = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2))
-    expected = pipe(photo, generator=torch.Generator().manual_seed(0), output_type="pt", tile_size=0).images[0]
-    batch = {"source": photo[None] * 2 - 1, "target": torch.zeros(1, 1, 32, 32), "phase": [0]}
-    latents = task.latents(batch, torch.Generator().manual_seed(0))
-    decoded = (decode_latents(task.stage1.components.vae, latents)[0] + 1) / 2
-    assert torch.allclose(decoded, expected, atol=1e-4), (decoded - expected).abs().max()
-    assert _stage2(stage1_run[1], "stage2.sampler_steps=3").sampler_steps == 3  # a given count wins
-
-
 class StandInUNet(torch.nn.Module):
     """A v-prediction U-Net whose implied x̂0 is known: `conditional` for rows with CLIP tokens, `null`
     for the zero (null) condition. v̂ = (√ᾱ_t·z_t − x̂0)/√(1−ᾱ_t) solves x̂0 = √ᾱ_t·z_t − √(1−ᾱ_t)·v̂."""

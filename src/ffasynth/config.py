@@ -262,9 +262,7 @@ class Stage2Config(TrainConfig):
     # what translate decodes; the best end to end of the four on the shared UWF pairs (tiny preset)
     latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
-    # DPM-Solver++ steps of the "sampler" latents; None: the stage-1 run's inference_steps, the steps its
-    # exported pipeline (translate) takes by default, so the decoder learns the latents it will decode
-    sampler_steps: int | None = None
+    sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
     rec_loss: Literal["l1", "l2"] = "l1"
     lpips_weight: float = 1.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
@@ -288,7 +286,7 @@ class Stage2Config(TrainConfig):
         _require(self.lpips_weight >= 0, "stage2.lpips_weight", "must be >= 0")
         _require(self.adv_weight >= 0, "stage2.adv_weight", "must be >= 0")
         _require(self.unet_max_timestep >= 1, "stage2.unet_max_timestep", "must be at least 1")
-        _require(self.sampler_steps is None or self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
+        _require(self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
         _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
         _require(self.report_images >= 1, "stage2.report_images", "must be at least 1")
         _require(self.disc_start >= 0, "stage2.disc_start", "must be >= 0")

@@ -7,8 +7,7 @@ Latents to decode (`stage2.latents`), each paired with the real FFA crop x it sh
              latent, t < `unet_max_timestep`, conditioned on the photo;
   "mix"      per item, "encoder" or "unet" with probability ½ each;
   "sampler"  what `translate` decodes: the frozen U-Net sampling from noise, conditioned on the photo
-             crop, `sampler_steps` DPM-Solver++ (2nd order) steps with the run's image guidance (by
-             default the stage-1 run's `inference_steps`, what its exported pipeline takes).
+             crop, `sampler_steps` DPM-Solver++ (2nd order) steps with the run's image guidance.
 Only "sampler" (the default) shows the decoder the latents inference produces; "unet"'s estimates
 from t < 500 start from the target's own latent, so they stay close to it. Measured on the shared UWF
 pairs (tiny preset, 128² crops, one stage-1 run, 200 stage-2 steps per mode, six test angiograms,
@@ -90,11 +89,11 @@ class Stage2Task(Task):
         self.ema_names = ("decoder",)
         if config.lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS module")
-        # the steps translate takes by default unless set: the decoder learns the latents it will decode
-        self.sampler_steps = config.sampler_steps or stage1.config.stage1.inference_steps
         train_steps = stage1.components.scheduler.config.num_train_timesteps
-        if self.sampler_steps > train_steps:
-            raise ConfigError(f"stage2.sampler_steps={self.sampler_steps} exceeds the {train_steps} training timesteps")
+        if config.sampler_steps > train_steps:
+            raise ConfigError(
+                f"stage2.sampler_steps={config.sampler_steps} exceeds the {train_steps} training timesteps"
+            )
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         return {"decoder": ["decoder"], "discriminator": ["discriminator"]}
@@ -152,7 +151,7 @@ class Stage2Task(Task):
         tokens, source_latents = self.condition(batch)
         labels = self.labels(batch)
         sampler = sampling_scheduler(components.scheduler)
-        sampler.set_timesteps(self.sampler_steps, device=source.device)
+        sampler.set_timesteps(self.config.sampler_steps, device=source.device)
         factor = downsampling_factor(components.vae.config)
         height, width = (size // factor for size in source.shape[-2:])
         shape = (source.shape[0], components.unet.config.out_channels, height, width)
