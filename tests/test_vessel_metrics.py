@@ -16,6 +16,7 @@ from ffasynth.data.phantom import (
     LESIONS_SUFFIX,
     Lesion,
     assign_diseases,
+    dataset_eye_seed,
     make_eye,
     read_lesion_record,
     write_phantom_dataset,
@@ -138,7 +139,7 @@ def test_a_planted_leakage_blob_is_found_or_missed_and_a_blank_image_recalls_not
 
 def test_phantom_sets_record_their_lesions_and_evaluation_scales_them(tmp_path):
     data = write_phantom_dataset(tmp_path, n=5, size=64, seed=4)
-    eye = make_eye(64, 4 * 100_003 + 2, assign_diseases(5, 4)[2])  # id 3: the third eye drawn
+    eye = make_eye(64, dataset_eye_seed(4, 2), assign_diseases(5, 4)[2])  # id 3: the third eye drawn
     size, lesions = read_lesion_record(data / f"3{LESIONS_SUFFIX}")
     assert size == (64, 64) and lesions == eye.lesions
     assert lesions_for(data / "3.1.png", (128, 128)) == [

@@ -51,9 +51,9 @@ __all__ = [
     "Lesion",
     "PhantomEye",
     "assign_diseases",
+    "dataset_eye_seed",
     "lesion_record",
     "make_eye",
-    "dataset_eye_seed",
     "read_lesion_record",
     "write_phantom_dataset",
 ]
