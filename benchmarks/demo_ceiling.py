@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine  # noqa: E402
-from quality_choices import HeldOut, ceiling, sample  # noqa: E402
+from quality_choices import HeldOut, ceiling, log_table, sample  # noqa: E402
 
 from ffasynth.data.io import read_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
@@ -100,12 +100,7 @@ def main() -> None:
     rows["generated, decoder tuned on real latents"] = sample(tuned, held, args.seed, num_inference_steps=None)
     record = {"machine": machine(), "demo": str(args.demo), "tune_seconds": args.tune_seconds, "rows": rows}
     (args.demo / "ceiling.json").write_text(json.dumps(record, indent=1))
-    log("| row | PSNR | SSIM | MS-SSIM | vessel Dice | own eye |")
-    for name, row in rows.items():
-        log(
-            f"| {name} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['ms_ssim']:.3f} | {row['vessel_dice']:.3f} | "
-            f"{row['own_eye']:.2f} |"
-        )
+    log_table(rows, "row")
     emit(record)
 
 

@@ -109,6 +109,16 @@ def sample(pipeline: FFASynthesisPipeline, held: HeldOut, seed: int, **settings)
     return held.score(fakes) | {"s_per_image": seconds}
 
 
+def log_table(rows: dict[str, dict], first: str) -> None:
+    """The rows as a Markdown table: HeldOut.score's columns and the seconds per image (NaN where not timed)."""
+    log(f"| {first} | PSNR | SSIM | MS-SSIM | vessel Dice | own eye | s / image |")
+    for name, row in rows.items():
+        log(
+            f"| {name} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['ms_ssim']:.3f} | {row['vessel_dice']:.3f} | "
+            f"{row['own_eye']:.2f} | {row.get('s_per_image', float('nan')):.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -142,12 +152,7 @@ def main() -> None:
     record = {"machine": machine(), "minutes": args.minutes, "seed": args.seed, "default_guidance": guidance}
     record["rows"] = rows
     (args.out / "choices.json").write_text(json.dumps(record, indent=1))
-    log("| variant | PSNR | SSIM | MS-SSIM | vessel Dice | own eye | s / image |")
-    for name, row in rows.items():
-        log(
-            f"| {name} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['ms_ssim']:.3f} | {row['vessel_dice']:.3f} | "
-            f"{row['own_eye']:.2f} | {row.get('s_per_image', float('nan')):.2f} |"
-        )
+    log_table(rows, "variant")
     emit(record)
 
 

@@ -112,13 +112,15 @@ def load_run(run_dir: str | Path, ema: bool = True, merge_lora: bool = True) -> 
     return loader(run_dir, ema, merge_lora)
 
 
+def is_lcm_student(loaded: LoadedRun) -> bool:
+    """A distill run's student trained by latent consistency (LCMScheduler, its few default steps)."""
+    return loaded.distilled and loaded.config.distill.method == "lcm"
+
+
 def default_steps(loaded: LoadedRun) -> int:
     """The exported pipeline's steps when a call gives none: an LCM student's few, else stage1.inference_steps
     (20; the tiny preset 4)."""
-    distill = loaded.config.distill
-    return (
-        distill.default_steps if loaded.distilled and distill.method == "lcm" else loaded.config.stage1.inference_steps
-    )
+    return loaded.config.distill.default_steps if is_lcm_student(loaded) else loaded.config.stage1.inference_steps
 
 
 def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
@@ -211,8 +213,7 @@ def model_card(exported: ExportedModel, separate_lora: bool = False) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False).rstrip()
     steps = default_steps(loaded)
-    lcm = loaded.distilled and config.distill.method == "lcm"
-    sampler = "LCMScheduler (latent consistency)" if lcm else "DPM-Solver++ (2nd order)"
+    sampler = "LCMScheduler (latent consistency)" if is_lcm_student(loaded) else "DPM-Solver++ (2nd order)"
     return "\n".join(
         [
             "---",
