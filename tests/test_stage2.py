@@ -111,7 +111,19 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
     before = load_stage1_run(run)
     out = tmp_path / "s2"
     result = invoke(
-        "train", "stage2", "--from", run, "--data", pairs, "--out", out, "--max-steps", 3, "--quiet", *STAGE2
+        "train",
+        "stage2",
+        "--from",
+        run,
+        "--data",
+        pairs,
+        "--out",
+        out,
+        "--max-steps",
+        3,
+        "--quiet",
+        *STAGE2,
+        "stage2.latent_reuse=2",  # steps 1 and 3 sample, step 2 trains on a pooled batch (other tests: 1)
     )
     assert result.exit_code == 0, result.output
     assert "dB before" in result.output
@@ -343,3 +355,30 @@ def test_latent_mode_benchmark_trains_translates_and_scores_each_mode(stage1_run
     for mode in ("none", "sampler"):
         # MS-SSIM needs images larger than these 48² phantoms
         assert {"psnr", "ssim"} <= set(modes[mode]["end_to_end"]) and modes[mode]["images"] >= 1
+
+
+@pytest.mark.parametrize("reuse", [1, 3])
+def test_latent_reuse_samples_one_draw_in_k_and_keeps_each_pooled_target_with_its_latents(stage1_run, reuse):
+    config = load_config(stage1_run[1] / "config.yaml", overrides=STAGE2 + [f"stage2.latent_reuse={reuse}"])
+    task = Stage2Task(load_stage1_run(stage1_run[1]), config.stage2, None)
+    sampled = []
+
+    def latents(batch, generator, mode=None):  # the sampler's stand-in: latents that name their batch
+        sampled.append(int(batch["target"][0, 0, 0, 0]))
+        return torch.full((2, 4, 8, 8), float(sampled[-1]))
+
+    task.latents = latents
+    used = []
+    for draw in range(10):
+        target = torch.full((2, 1, 32, 32), float(draw))
+        batch = {"source": torch.zeros(2, 3, 32, 32), "target": target, "phase": [0, 1]}
+        task.prepare(batch, torch.Generator().manual_seed(draw))
+        tag = int(batch["target"][0, 0, 0, 0])
+        assert torch.equal(batch["stage2_latents"], torch.full((2, 4, 8, 8), float(tag)))  # the pair stays a pair
+        used.append(tag)
+    # one draw in k samples afresh; the others train on one of the last k sampled batches
+    expected_fresh = list(range(0, 10, reuse))
+    assert sampled == expected_fresh
+    for draw, tag in enumerate(used):
+        assert tag == draw if draw in expected_fresh else tag in [s for s in sampled if s < draw][-reuse:]
+    assert len(set(used)) < 10 if reuse > 1 else used == list(range(10))

@@ -263,6 +263,11 @@ class Stage2Config(TrainConfig):
     latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
     sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
+    # each sampled batch of latents trains the decoder about this many steps: one step in `latent_reuse`
+    # samples afresh, the others train on a batch drawn from the last `latent_reuse` sampled ones (photos,
+    # targets and latents together). 1: every step samples (the "sampler" latents cost `sampler_steps`
+    # guided U-Net passes a batch, most of a stage-2 step)
+    latent_reuse: int = 1
     rec_loss: Literal["l1", "l2"] = "l1"
     lpips_weight: float = 1.0
     lpips_net: Literal["vgg", "alex"] = "vgg"
@@ -287,6 +292,7 @@ class Stage2Config(TrainConfig):
         _require(self.adv_weight >= 0, "stage2.adv_weight", "must be >= 0")
         _require(self.unet_max_timestep >= 1, "stage2.unet_max_timestep", "must be at least 1")
         _require(self.sampler_steps >= 1, "stage2.sampler_steps", "must be at least 1")
+        _require(self.latent_reuse >= 1, "stage2.latent_reuse", "must be at least 1")
         _require(1 <= self.disc_layers <= 6, "stage2.disc_layers", "must be between 1 and 6")
         _require(self.report_images >= 1, "stage2.report_images", "must be at least 1")
         _require(self.disc_start >= 0, "stage2.disc_start", "must be >= 0")

@@ -87,6 +87,8 @@ class Stage2Task(Task):
         )
         self.trainable = {"decoder": self.decoder, "discriminator": self.discriminator}
         self.ema_names = ("decoder",)
+        self.pool: list[dict] = []  # the last `latent_reuse` sampled batches with their latents
+        self.draws = 0  # batches prepared so far (micro-batches count one each)
         if config.lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS module")
         train_steps = stage1.components.scheduler.config.num_train_timesteps
@@ -180,13 +182,27 @@ class Stage2Task(Task):
             terms["lpips"] = self.lpips(grey.clamp(-1, 1), target.float()).mean()
         return terms
 
+    def prepare(self, batch: dict, generator: torch.Generator) -> None:
+        """Gives `batch` its latents ("stage2_latents"): sampled for its photos on draws 0, k, 2k, ...
+        (k = `stage2.latent_reuse`); on the others a batch from the pool of the last k sampled ones (drawn
+        with `generator`), whose photos, targets and latents replace the batch's own."""
+        reuse = self.config.latent_reuse
+        if self.draws % reuse:
+            index = int(torch.randint(len(self.pool), (1,), generator=generator, device=generator.device))
+            batch.clear()
+            batch.update(self.pool[index])
+        else:
+            batch["stage2_latents"] = self.latents(batch, generator)
+            if reuse > 1:
+                self.pool = [*self.pool, dict(batch)][-reuse:]
+        self.draws += 1
+
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
-        target = batch["target"]
         # one set of latents per batch: the discriminator's pass judges the decodes of the latents the
         # decoder just learned from (and the sampler runs once a step, not once per optimizer)
-        latents = batch.get("stage2_latents")
-        if latents is None:
-            latents = batch["stage2_latents"] = self.latents(batch, generator)
+        if "stage2_latents" not in batch:
+            self.prepare(batch, generator)
+        target, latents = batch["target"], batch["stage2_latents"]
         adversarial = step >= self.config.disc_start and self.config.adv_weight > 0
         decoder, discriminator = self.trainable["decoder"], self.trainable["discriminator"]
         if optimizer == "discriminator":
