@@ -110,21 +110,9 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
     pairs, run = stage1_run
     before = load_stage1_run(run)
     out = tmp_path / "s2"
-    result = invoke(
-        "train",
-        "stage2",
-        "--from",
-        run,
-        "--data",
-        pairs,
-        "--out",
-        out,
-        "--max-steps",
-        3,
-        "--quiet",
-        *STAGE2,
-        "stage2.latent_reuse=2",  # steps 1 and 3 sample, step 2 trains on a pooled batch (other tests: 1)
-    )
+    # latent_reuse 2: steps 1 and 3 sample their latents, step 2 trains on a pooled batch (other tests: 1)
+    args = ["--max-steps", 3, "--quiet", *STAGE2, "stage2.latent_reuse=2"]
+    result = invoke("train", "stage2", "--from", run, "--data", pairs, "--out", out, *args)
     assert result.exit_code == 0, result.output
     assert "dB before" in result.output
     info = json.loads((tmp_path / "s2" / "run.json").read_text())
