@@ -114,3 +114,43 @@ def test_base_info_and_build_answer_in_one_line(tmp_path):
     refused = cli("base", "build", "--out", tmp_path / "b", "--scale", "huge", "--shared", tmp_path)
     assert refused.exit_code == 2 and "--scale must be one of full, mini" in refused.output
     assert not (tmp_path / "b").exists()
+
+
+def _phantom_pairs(tmp_path, n=4):
+    from ffasynth.data.phantom import write_phantom_dataset
+    from ffasynth.training.run import load_training_data
+
+    write_phantom_dataset(tmp_path / "pairs", n=n, size=48, seed=4, test_fraction=0.0)
+    return tmp_path / "pairs", load_training_data(tmp_path / "pairs", micro_config("data.crop_size=32"))
+
+
+def test_rehearsal_mixes_the_share_of_procedural_crops_new_eyes_each_epoch(tmp_path):
+    from ffasynth.data.phantom_stream import with_rehearsal
+
+    _, pairs = _phantom_pairs(tmp_path, n=3)
+    n = len(pairs)  # early and late of each eye
+    assert with_rehearsal(pairs, 0.0, pairs.transform, seed=0) is pairs
+    half = with_rehearsal(pairs, 0.5, pairs.transform, seed=0)
+    assert len(half) == 2 * n  # as many procedural crops as pairs: one eye, n crops
+    three_quarters = with_rehearsal(pairs, 0.75, pairs.transform, seed=0)
+    assert len(three_quarters) - n == 24  # 18 wanted: 3 eyes (UWF-like or standard) of 8 crops
+    ids = [half[(i, 0)]["id"] for i in range(len(half))]
+    assert ids[:n] == [pair.id for pair in pairs.pairs]
+    assert all(item.startswith(("uwf-", "standard-")) for item in ids[n:])
+    assert half[(n, 0)]["source"].shape == half[(0, 0)]["source"].shape == (3, 32, 32)
+    assert half[(n, 0)]["id"] != half[(n, 1)]["id"]  # the next epoch draws another eye
+
+
+def test_stage1_from_a_base_rehearses_and_from_random_weights_does_not(tmp_path):
+    from ffasynth.training.stages import train_stage1
+
+    data, _ = _phantom_pairs(tmp_path)
+    path, _ = _trained_like_base(tmp_path)
+    said = []
+    steps = ["data.crop_size=32", "stage1.batch_size=2", "stage1.max_steps=1", "stage1.rehearsal=0.5"]
+    train_stage1(micro_config(f"model.base={path}", *steps), data, tmp_path / "s1", progress=False, say=said.append)
+    assert "rehearsal: 8 of each epoch's 16 crops are the base's procedural pairs" in said
+    assert "16 training pairs" in " ".join(said)
+    said.clear()
+    train_stage1(micro_config(*steps), data, tmp_path / "s1-random", progress=False, say=said.append)
+    assert not any(line.startswith("rehearsal") for line in said) and "8 training pairs" in " ".join(said)

@@ -182,6 +182,7 @@ CONFIG = [
     ("stage1.sample_steps=0", "stage1.sample_steps=0", "must be in [1, num_train_timesteps=1000]"),
     ("stage2.unet_max_timestep=5000", "stage2.unet_max_timestep=5000", "must be at most 1000"),
     ("stage2.latent_reuse=0", "stage2.latent_reuse=0", "must be at least 1"),
+    ("stage1.rehearsal=1", "stage1.rehearsal=1.0", "must be in [0, 1)"),
     ("stage1.max_minutes=0", "stage1.max_minutes=0.0", "must be positive or null"),
     ("stage1.adam_beta2=1", "stage1.adam_beta2=1.0", "must be in [0, 1)"),
     ("model.clip_image_size=65", "model.clip_image_size=65", "must be a multiple of clip_patch_size (8)"),

@@ -40,6 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lr": 5e-4,
             "lr_warmup_steps": 50,
             "ema_decay": 0.99,
+            # fine-tuning the base: half of each epoch's crops are its own procedural pairs. On two real UWF eyes
+            # a few hundred steps otherwise trade its photo-following for input-blind grey (README, issue 20)
+            "rehearsal": 0.5,
             "prediction_type": "v_prediction",
             # after ~300 CPU steps the one-step x0 estimate already follows the photo's vessels, but
             # unguided sampling drifts into texture; guidance 3 brings the vessel tree back (phantoms)

@@ -32,7 +32,7 @@ from ffasynth.data.dataset import Mixture, PairDataset
 from ffasynth.data.io import is_image_file
 from ffasynth.data.pairs import Pair
 from ffasynth.data.phantom import write_phantom_dataset
-from ffasynth.data.phantom_stream import PhantomStream
+from ffasynth.data.phantom_stream import BASE_SIZES, BASE_STYLES, PhantomStream
 from ffasynth.data.transforms import PairedTransform
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
@@ -44,13 +44,12 @@ from ffasynth.training.stages import train_stage1, train_stage2, train_vae
 # The VAE bounds everything after it (a generated latent decodes no better than a real one): at 0.25 of
 # 40 min its reconstruction of 256-px phantom angiograms reached only SSIM 0.37 (see the README)
 SHARES = {"vae": 0.35, "stage1": 0.55, "stage2": 0.10}
-# The procedural stream per scale: eye sides drawn per eye and style (real UWF photos are 853 px wide:
-# vessels and disc at native calibre need eyes of that size; standard fundus-camera eyes at 256-512 px give
-# the 1-3 px vessels and capillary grain of smaller photos), eyes and crops per epoch; the written report set
-# (stage 2's before/after figures) is a few UWF eyes. `mini` is for the test that runs the recipe.
+# The procedural stream per scale: eye sides drawn per eye and style (phantom_stream.BASE_SIZES), eyes and crops
+# per epoch; the written report set (stage 2's before/after figures) is a few UWF eyes. `mini` is for the test
+# that runs the recipe.
 STREAM = {
     "full": {
-        "size": {"uwf": (512, 853), "standard": (256, 512)},
+        "size": BASE_SIZES,
         "eyes_per_epoch": 32,
         "crops_per_eye": 16,
         "report_eyes": 6,
@@ -58,7 +57,7 @@ STREAM = {
     },
     "mini": {"size": (64, 96), "eyes_per_epoch": 2, "crops_per_eye": 4, "report_eyes": 2, "report_size": 96},
 }
-STYLE_MIX = {"uwf": 0.7, "standard": 0.3}  # the stream's share of UWF-like and standard-field eyes
+STYLE_MIX = BASE_STYLES  # the stream's share of UWF-like and standard-field eyes
 REAL_REPEAT = 4  # the aligned real training pairs are few (6 of 8): each counts 4 times per epoch
 FFA_FOLDERS = ("01.phase_identification/arterial_phase", "01.phase_identification/venous_phase", "02.disease_diagnosis")
 
@@ -174,6 +173,7 @@ def build_base(
         preset="tiny",
         overrides=[
             "model.base=none",
+            "stage1.rehearsal=0",  # the recipe's pairs already are the stream (training_data)
             f"seed={seed}",
             *(f"{stage}.max_minutes={budget[stage]:.3f}" for stage in SHARES),
             *(f"{stage}.max_steps=1000000" for stage in SHARES),

@@ -36,7 +36,8 @@ OVERHEAD_MINUTES = 0.75
 # On the demo's 256-px phantoms, crops of the whole eye (batch 2: the same pixels a step as 8 × 128²)
 # beat 128² crops at equal minutes: SSIM 0.413 vs 0.381, PSNR 18.35 vs 17.95 dB, vessel Dice 0.481 vs
 # 0.456 (benchmarks/quality_choices.py, 2026-12-04). Your own data's crop stays the preset's unless given.
-DEMO_OVERRIDES = ["data.crop_size=256", "stage1.batch_size=2"]
+# The demo's pairs are phantoms already: no procedural rehearsal mixed in.
+DEMO_OVERRIDES = ["data.crop_size=256", "stage1.batch_size=2", "stage1.rehearsal=0"]
 
 
 @dataclass

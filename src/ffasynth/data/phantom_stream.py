@@ -33,9 +33,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ffasynth.data.dataset import PHASES
+from ffasynth.data.dataset import PHASES, Mixture
 from ffasynth.data.phantom import DISEASES, STYLES, make_eye
 from ffasynth.data.transforms import PairedTransform, fov_mask, whole_view, window_counts
+
+# The tiny base's procedural pairs (pretrain.py): eye sides per style (real UWF photos are 853 px wide: vessels and
+# disc at native calibre need eyes of that size; standard fundus-camera eyes at 256-512 px give the 1-3 px vessels
+# and capillary grain of smaller photos) and the share of each style.
+BASE_SIZES = {"uwf": (512, 853), "standard": (256, 512)}
+BASE_STYLES = {"uwf": 0.7, "standard": 0.3}
+REHEARSAL_CROPS_PER_EYE = 8
 
 
 def _levels(array: np.ndarray) -> torch.Tensor:
@@ -161,3 +168,27 @@ class PhantomStream(Dataset):
         item = self.transform(eye["source"], eye[phase], generator, eye.get("view"), eye["mask"], eye["counts"])
         item.update(phase=PHASES.index(phase), label=eye["disease"], id=f"{eye['style']}-{number}", index=index)
         return item
+
+
+def with_rehearsal(
+    pairs: Dataset, share: float, transform: PairedTransform, seed: int, rank: int = 0, world_size: int = 1
+) -> Dataset:
+    """`pairs` mixed with the base's procedural stream so that `share` of each epoch's items are procedural
+    (rounded up; 0: `pairs` unchanged): fine-tuning a base on a few pairs then keeps rehearsing what the base
+    learnt on its own data. The stream draws new eyes every epoch (at most REHEARSAL_CROPS_PER_EYE crops each)."""
+    if share <= 0:
+        return pairs
+    wanted = int(np.ceil(len(pairs) * share / (1 - share)))
+    crops = min(REHEARSAL_CROPS_PER_EYE, wanted)
+    stream = PhantomStream(
+        size=BASE_SIZES,
+        crop=transform.crop_size,
+        styles=BASE_STYLES,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        eyes_per_epoch=int(np.ceil(wanted / crops)),
+        crops_per_eye=crops,
+        transform=transform,
+    )
+    return Mixture([pairs, stream])

@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL
 from ffasynth import run_folder
 from ffasynth.config import Config
 from ffasynth.data.dataset import PairDataset
+from ffasynth.data.phantom_stream import with_rehearsal
 from ffasynth.evaluation.decoder_report import reconstruction_report
 from ffasynth.models import base
 from ffasynth.models.architecture import vae_config
@@ -74,8 +75,15 @@ def train_vae(
 def train_stage1(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Say = _quiet, dataset=None
 ) -> TrainResult:
-    """Stage 1: the U-Net on target latents, conditioned on the source."""
+    """Stage 1: the U-Net on target latents, conditioned on the source. From a base model with
+    `stage1.rehearsal` > 0, DATA's pairs are mixed with the base's procedural pairs (not a given dataset)."""
+    rehearse = dataset is None and config.stage1.rehearsal > 0 and base.resolve(config.model.base) is not None
     first, say, dataset, run_dir = _start(config, data, out, "stage1", resume, say, dataset)
+    if rehearse:
+        pairs = len(dataset)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        dataset = with_rehearsal(dataset, config.stage1.rehearsal, dataset.transform, config.seed, rank, world)
+        say(f"rehearsal: {len(dataset) - pairs} of each epoch's {len(dataset)} crops are the base's procedural pairs")
     if config.model.pretrained is None and config.model.vae is None and base.resolve(config.model.base) is None:
         say(
             "warning: no pretrained VAE (model.pretrained / --vae / model.base): stage 1 runs on a random VAE, so "
