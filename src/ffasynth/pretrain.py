@@ -57,7 +57,6 @@ STREAM = {
     },
     "mini": {"size": (64, 96), "eyes_per_epoch": 2, "crops_per_eye": 4, "report_eyes": 2, "report_size": 96},
 }
-STYLE_MIX = BASE_STYLES  # the stream's share of UWF-like and standard-field eyes
 REAL_REPEAT = 4  # the aligned real training pairs are few (6 of 8): each counts 4 times per epoch
 FFA_FOLDERS = ("01.phase_identification/arterial_phase", "01.phase_identification/venous_phase", "02.disease_diagnosis")
 
@@ -118,7 +117,7 @@ def training_data(config: Config, plan: dict, real: list[Pair], repeat: int = 1)
     stream = PhantomStream(
         size=plan["size"],
         crop=config.data.crop_size,
-        styles=STYLE_MIX,
+        styles=BASE_STYLES,
         seed=config.seed,
         eyes_per_epoch=plan["eyes_per_epoch"],
         crops_per_eye=plan["crops_per_eye"],
@@ -200,7 +199,7 @@ def build_base(
         "data": {
             **collected["used"],
             "real_pairs": {name: len(pairs) for name, pairs in sets.items()},
-            "stream": {**plan, "size": _sizes(plan["size"]), "styles": STYLE_MIX},
+            "stream": {**plan, "size": _sizes(plan["size"]), "styles": BASE_STYLES},
         },
         "steps": {"vae": vae.step, "stage1": stage1.step, "stage2": stage2.step},
         "minutes": round((time.perf_counter() - began) / 60, 1),

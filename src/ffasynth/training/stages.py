@@ -45,9 +45,13 @@ def _quiet(message: str) -> None:
     pass
 
 
+def launch() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun and accelerate launch set them; a process not launched so is (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_first_process() -> bool:
-    """RANK as torchrun and accelerate launch set it; a process not launched so is the first."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch()[0] == 0
 
 
 def _start(config: Config, data: Path, out: Path, kind: str, resume: bool, say: Callable, dataset):
@@ -77,14 +81,14 @@ def train_stage1(
 ) -> TrainResult:
     """Stage 1: the U-Net on target latents, conditioned on the source. From a base model with
     `stage1.rehearsal` > 0, DATA's pairs are mixed with the base's procedural pairs (not a given dataset)."""
-    rehearse = dataset is None and config.stage1.rehearsal > 0 and base.resolve(config.model.base) is not None
+    from_base = base.resolve(config.model.base) is not None
+    rehearse = dataset is None and config.stage1.rehearsal > 0 and from_base
     first, say, dataset, run_dir = _start(config, data, out, "stage1", resume, say, dataset)
     if rehearse:
         pairs = len(dataset)
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        dataset = with_rehearsal(dataset, config.stage1.rehearsal, dataset.transform, config.seed, rank, world)
+        dataset = with_rehearsal(dataset, config.stage1.rehearsal, dataset.transform, config.seed, *launch())
         say(f"rehearsal: {len(dataset) - pairs} of each epoch's {len(dataset)} crops are the base's procedural pairs")
-    if config.model.pretrained is None and config.model.vae is None and base.resolve(config.model.base) is None:
+    if config.model.pretrained is None and config.model.vae is None and not from_base:
         say(
             "warning: no pretrained VAE (model.pretrained / --vae / model.base): stage 1 runs on a random VAE, so "
             "its latents mean nothing; train one first with `ffasynth train vae`"
