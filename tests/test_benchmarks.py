@@ -188,3 +188,23 @@ def test_demo_ceiling_redraws_each_held_out_angiogram_of_the_written_set(monkeyp
         assert torch.equal(same[name], real)
         assert not torch.equal(clean[name], real)
     assert not torch.equal(redrawn(held, data, 4)[next(iter(same))], same[next(iter(same))])  # seed matters
+
+
+def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training_eye():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from uwf_folds import FOLDS, score
+
+    from ffasynth.data.phantom import make_eye
+
+    for train, test in FOLDS.values():
+        assert sorted(train + test) == ["1", "2", "3", "4"]
+    assert {eye for train, _ in FOLDS.values() for eye in train}.isdisjoint({"4"})  # refused: never trained on
+    eyes = {str(i): make_eye(96, seed=i) for i in range(1, 5)}
+    reals = {f"{i}-{p}": getattr(eye, f"ffa_{p}") for i, eye in eyes.items() for p in ("early", "late")}
+    phases = {key: key.split("-")[1] for key in reals}
+    perfect = score({k: reals[k] for k in ("3-early", "3-late", "4-early", "4-late")}, reals, phases)
+    assert perfect["own_eye"] == 1.0 and perfect["chance"] == pytest.approx(0.25) and perfect["excess"] > 0
+    assert perfect["vessel_dice"] == pytest.approx(1.0)
+    # outputs that copy a training eye's angiogram (a distractor) never find their own eye
+    copied = score({"3-early": reals["1-early"], "4-early": reals["2-early"]}, reals, phases)
+    assert copied["own_eye"] == 0.0 and copied["margin"] < 0

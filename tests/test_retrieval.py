@@ -54,3 +54,27 @@ def test_groups_compare_within_a_phase_only(eyes):
 def test_a_resized_output_is_compared_at_the_real_images_size(eyes):
     small = {key: cv2.resize(value, (48, 48), interpolation=cv2.INTER_AREA) for key, value in eyes.items()}
     assert retrieval(small, eyes).accuracy == 1.0
+
+
+def test_distractors_are_candidates_every_synthetic_image_must_beat(eyes):
+    translated = {"0": eyes["0"], "1": eyes["1"]}
+    others = {"2": eyes["2"], "3": eyes["3"]}  # real FFAs of eyes that were not translated
+    result = retrieval(translated, eyes, distractors=others)
+    assert result.columns == ["0", "1", "2", "3"] and result.similarity.shape == (2, 4)
+    assert result.accuracy == 1.0 and result.chance == pytest.approx(0.25)
+    # an output that reproduces a distractor eye (e.g. a training eye it memorised) is not its own eye's
+    copied = retrieval({"0": eyes["2"], "1": eyes["1"]}, eyes, distractors=others)
+    assert copied.own_first == [False, True]
+    assert copied.margins[0] == pytest.approx(copied.similarity[0, 0] - copied.similarity[0, 2])
+    with pytest.raises(ValueError, match="'1'"):
+        retrieval(translated, eyes, distractors={"1": eyes["1"]})
+
+
+def test_excess_is_the_own_similarity_over_the_mean_of_the_others(eyes):
+    groups = {"0": "early", "1": "early", "2": "early", "3": "late"}
+    result = retrieval({k: eyes[k] for k in "012"}, eyes, groups, distractors={"3": eyes["3"]})
+    row = result.similarity[1]
+    assert np.isnan(row[3])  # the late distractor is not compared with an early image
+    assert result.excess[1] == pytest.approx(row[1] - (row[0] + row[2]) / 2)
+    assert result.mean_excess == pytest.approx(np.mean(result.excess))
+    assert result.chance == pytest.approx(1 / 3)

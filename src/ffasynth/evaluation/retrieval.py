@@ -1,7 +1,9 @@
 """Does each synthetic angiogram follow its own photo? Retrieval over a set of pairs: a synthetic FFA
 should be more like its own eye's real FFA than like any other real FFA of the same phase. A method
 that ignores its input scores chance here however good its pixel metrics look (an FFA-grey texture
-can out-score an input-shaped but imperfect output on PSNR/SSIM).
+can out-score an input-shaped but imperfect output on PSNR/SSIM). With few translated eyes (a
+cross-validation fold of two), the real FFAs of other eyes can join as `distractors`, and the excess
+over the mean of the others is reported beside the margin over the best one.
 
 Two similarities, each over the field of view of the real FFA being compared (its largest bright
 blob, holes filled: data.registration.field_of_view), the synthetic image resized to that real
@@ -14,7 +16,7 @@ image's size first:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -46,10 +48,15 @@ def vessel_overlap(fake_vessels: np.ndarray, real_vessels: np.ndarray, fov: np.n
 
 @dataclass
 class Retrieval:
-    keys: list[str]
-    similarity: np.ndarray  # (n, n): row i = synthetic i against real j (same group only; NaN across groups)
+    keys: list[str]  # the synthetic images (rows)
+    similarity: np.ndarray  # (n, m): row i = synthetic i against real j (same group only; NaN across groups)
     own_first: list[bool]  # is each synthetic image's own real FFA the most similar of its group?
     margins: list[float]  # own similarity minus the best other one of its group
+    # own similarity minus the mean of the others of its group: steadier than the margin, which hangs on one
+    # other eye (the same outputs at another noise seed move it less)
+    excess: list[float] = field(default_factory=list)
+    # the real images (columns): keys first, then any distractors (real FFAs of eyes not translated)
+    columns: list[str] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -58,6 +65,10 @@ class Retrieval:
     @property
     def mean_margin(self) -> float:
         return float(np.mean(self.margins)) if self.margins else float("nan")
+
+    @property
+    def mean_excess(self) -> float:
+        return float(np.mean(self.excess)) if self.excess else float("nan")
 
     @property
     def chance(self) -> float:
@@ -72,24 +83,36 @@ def retrieval(
     groups: dict[str, str] | None = None,
     measure: Callable[[np.ndarray, np.ndarray, np.ndarray], float] = correlation,
     fovs: dict[str, np.ndarray] | None = None,
+    distractors: dict[str, np.ndarray] | None = None,
 ) -> Retrieval:
     """fakes/reals: key → (H, W) grey in [0, 1], or bool vessel masks with measure=vessel_overlap (the
     same keys); groups: key → phase (compare within a phase only; default: one group); fovs: key → the
     real image's field of view (default: found in the real image). Items alone in their group are
-    left out of the score."""
+    left out of the score. distractors: key → the real FFA of an eye that was not translated (e.g. a
+    training eye's, in the same frame): a candidate every synthetic image of its group must also beat,
+    so a few translated eyes still give a demanding test; its keys may not be among the fakes'."""
     keys = sorted(fakes)
+    distractors = distractors or {}
+    shared = sorted(set(distractors) & set(keys))
+    if shared:
+        raise ValueError(f"distractor {shared[0]!r} is also a translated eye")
+    columns = keys + sorted(distractors)
+    candidates = {**{key: reals[key] for key in keys}, **distractors}
     groups = groups or {}
-    fovs = fovs or {key: field_of_view(reals[key]) for key in keys}
-    n = len(keys)
-    similarity = np.full((n, n), np.nan)
+    fovs = dict(fovs or {})
+    for key in columns:
+        if key not in fovs:
+            fovs[key] = field_of_view(candidates[key])
+    similarity = np.full((len(keys), len(columns)), np.nan)
     for i, key in enumerate(keys):
-        for j, other in enumerate(keys):
+        for j, other in enumerate(columns):
             if groups.get(key) == groups.get(other):
-                similarity[i, j] = measure(fakes[key], reals[other], fovs[other])
-    own_first, margins = [], []
-    for i in range(n):
-        others = [similarity[i, j] for j in range(n) if j != i and not np.isnan(similarity[i, j])]
+                similarity[i, j] = measure(fakes[key], candidates[other], fovs[other])
+    own_first, margins, excess = [], [], []
+    for i in range(len(keys)):
+        others = [similarity[i, j] for j in range(len(columns)) if j != i and not np.isnan(similarity[i, j])]
         if others:
             own_first.append(bool(similarity[i, i] > max(others)))
             margins.append(float(similarity[i, i] - max(others)))
-    return Retrieval(keys, similarity, own_first, margins)
+            excess.append(float(similarity[i, i] - np.mean(others)))
+    return Retrieval(keys, similarity, own_first, margins, excess, columns)
