@@ -71,12 +71,12 @@ def test_one_unet_pass_per_step_without_guidance_and_one_batched_pair_with_it(pi
         batches.clear()
         guided = _run(pipe, photo, image_guidance_scale=2.0, **one).images[0]
         assert batches == [4] * 4  # conditional + null condition, batched into the same 4 passes
-        # no scale given: the one the pipeline was exported with (the tiny preset's 3), saved with it
-        assert pipe.config.image_guidance_scale == 3.0
+        # no scale given: the one the pipeline was exported with (the tiny preset's 5), saved with it
+        assert pipe.config.image_guidance_scale == 5.0
         batches.clear()
         default = _run(pipe, photo, **one).images[0]
         assert batches == [4] * 4
-        assert torch.equal(default, _run(pipe, photo, image_guidance_scale=3.0, **one).images[0])
+        assert torch.equal(default, _run(pipe, photo, image_guidance_scale=5.0, **one).images[0])
     finally:
         hook.remove()
     assert not torch.allclose(plain, guided, atol=1e-3) and not torch.allclose(guided, default, atol=1e-3)
