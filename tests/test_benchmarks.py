@@ -190,8 +190,8 @@ def test_demo_ceiling_redraws_each_held_out_angiogram_of_the_written_set(monkeyp
     assert not torch.equal(redrawn(held, data, 4)[next(iter(same))], same[next(iter(same))])  # seed matters
 
 
-def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training_eye():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training_eye(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     from uwf_folds import FOLDS, score
 
     from ffasynth.data.phantom import make_eye
