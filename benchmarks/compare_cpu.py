@@ -8,7 +8,8 @@ registration is refused left out), scored against the test eyes registered the s
 - the inverted green channel of the photo (no training: the trivial method).
 
 Reported per method: own-eye retrieval first (is each synthetic FFA closest, by correlation inside the
-field of view, to its own eye's real FFA of the same phase? fraction and mean margin; chance = 1/3;
+field of view, to its own eye's real FFA of the same phase? fraction, mean margin over the best other eye
+and mean excess over the mean of the others; chance = 1/3;
 and again over the pairs whose registration was accepted, where vessels can line up), then PSNR,
 SSIM, MS-SSIM and seconds per image. Nothing is fitted to the test eyes.
 
@@ -154,6 +155,7 @@ def score(data: Path, runs: dict, seed: int) -> dict:
         rows[method.name] = {
             "own_eye": found.accuracy,
             "own_eye_margin": found.mean_margin,
+            "own_eye_excess": found.mean_excess,
             "chance": found.chance,
             "own_eye_registered": found_kept.accuracy,
             "own_eye_registered_margin": found_kept.mean_margin,
@@ -192,14 +194,15 @@ def main() -> None:
     record = {"machine": machine(), "minutes_per_method": args.minutes, "steps": args.steps, "methods": rows}
     (args.out / "compare.json").write_text(json.dumps(record, indent=1, default=str))
     log(
-        "| method | own eye (chance {:.2f}) | margin | own eye, registered (chance {:.2f}) | PSNR | SSIM | MS-SSIM "
-        "| vessel Dice | train min |".format(
+        "| method | own eye (chance {:.2f}) | margin | excess | own eye, registered (chance {:.2f}) | PSNR | SSIM "
+        "| MS-SSIM | vessel Dice | train min |".format(
             next(iter(rows.values()))["chance"], next(iter(rows.values()))["chance_registered"]
         )
     )
     for name, row in rows.items():
         log(
-            f"| {name} | {row['own_eye']:.2f} | {row['own_eye_margin']:+.3f} | {row['own_eye_registered']:.2f} | "
+            f"| {name} | {row['own_eye']:.2f} | {row['own_eye_margin']:+.3f} | {row['own_eye_excess']:+.3f} | "
+            f"{row['own_eye_registered']:.2f} | "
             f"{row.get('psnr', float('nan')):.2f} | "
             f"{row.get('ssim', float('nan')):.3f} | {row.get('ms_ssim', float('nan')):.3f} | "
             f"{row.get('vessel_dice', float('nan')):.3f} | {row['minutes']} |"
