@@ -3,7 +3,7 @@ shared training eyes (1-4), so that the test eyes (7, 8, 10) are scored once, wi
 
 Each fold fine-tunes the tiny preset from its base (`quickstart`, as compare_cpu.py does) on two training
 eyes for the same CPU minutes and translates the other two at native size with each image-guidance scale
-and noise seed asked for. The eyes are registered first, as compare_cpu.py registers them; a training
+and noise seed asked for. The eyes are registered first by compare_cpu.py's `prepare_data`; a training
 pair whose registration is refused is left out of training (eye 4 on the shared data).
 
 Scored per fold, setting and seed: own-eye retrieval with the real FFAs of every other training eye of the
@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine  # noqa: E402
+from compare_cpu import prepare_data  # noqa: E402
 
-from ffasynth.data.alignment import aligned_pairs, register_folder  # noqa: E402
 from ffasynth.data.io import read_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.registration import field_of_view  # noqa: E402
@@ -50,40 +51,50 @@ def key_of(pair) -> str:
     return pair.target.name.split(".")[0]
 
 
-def register(shared: Path, out: Path) -> Path:
-    """All training eyes registered once (photo warped into each angiogram's frame)."""
-    folder = out / "registered"
-    if not folder.is_dir():
-        register_folder(shared / "uwf-slo-ffa" / "train", folder)
-    return folder
-
-
-def fold_data(registered: Path, out: Path, train: tuple[str, ...], test: tuple[str, ...]) -> Path:
-    """OUT/data/{train,test}: links to the registered files of the fold's eyes (refused training pairs left out)."""
-    data = out / "data"
-    accepted = {pair.target.name for pair in aligned_pairs(registered)}
+def fold_data(shared: Path, out: Path, train: tuple[str, ...], test: tuple[str, ...]) -> Path:
+    """The fold's eyes as compare_cpu.py prepares the test eyes' comparison: links to the shipped training
+    eyes under OUT/shared/uwf-slo-ffa/{train,test}, registered by `prepare_data` into OUT/data."""
     for split, eyes in (("train", train), ("test", test)):
-        folder = data / split
+        folder = out / "shared" / "uwf-slo-ffa" / split
         folder.mkdir(parents=True, exist_ok=True)
-        for pair in load_pairs(registered):
-            eye = key_of(pair).split("-")[0]
-            if eye not in eyes or (split == "train" and pair.target.name not in accepted):
-                continue
-            for path in (pair.source, pair.target):
+        for eye in eyes:
+            for path in (shared / "uwf-slo-ffa" / "train").glob(f"{eye}.*"):  # N.bmp, N.1.bmp, N.2.bmp
                 link = folder / path.name
                 if not link.exists():
                     link.symlink_to(path.resolve())
-    return data
+    return prepare_data(out / "shared", out)
 
 
-def score(fakes: dict[str, np.ndarray], reals: dict[str, np.ndarray], phases: dict[str, str]) -> dict:
-    translated = {key: reals[key] for key in fakes}
-    others = {key: image for key, image in reals.items() if key not in fakes}
-    found = retrieval(fakes, translated, phases, distractors=others)
+@dataclass
+class Eyes:
+    """Real angiograms (key → grey), their phases, fields of view and vessel masks, each computed once."""
+
+    reals: dict[str, np.ndarray]
+    phases: dict[str, str]
+    fovs: dict[str, np.ndarray] = field(init=False)
+    vessels: dict[str, np.ndarray] = field(init=False)
+
+    def __post_init__(self):
+        self.fovs = {key: field_of_view(real) for key, real in self.reals.items()}
+        self.vessels = {key: vessel_mask(real, self.fovs[key]) for key, real in self.reals.items()}
+
+    @classmethod
+    def read(cls, data: Path) -> Eyes:
+        """Every eye of a fold: the translated ones and the ones trained on."""
+        pairs = load_pairs(data / "train") + load_pairs(data / "test")
+        return cls(
+            {key_of(p): read_image(p.target, channels=1).numpy()[0] for p in pairs}, {key_of(p): p.phase for p in pairs}
+        )
+
+
+def score(fakes: dict[str, np.ndarray], eyes: Eyes) -> dict:
+    translated = {key: eyes.reals[key] for key in fakes}
+    others = {key: image for key, image in eyes.reals.items() if key not in fakes}
+    found = retrieval(fakes, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
     dice = []
     for key, fake in fakes.items():
-        inside = field_of_view(reals[key])
-        dice.append(vessel_scores(vessel_mask(reals[key], inside), vessel_mask(fake, inside), inside)["vessel_dice"])
+        inside = eyes.fovs[key]
+        dice.append(vessel_scores(eyes.vessels[key], vessel_mask(fake, inside), inside)["vessel_dice"])
     return {
         "own_eye": found.accuracy,
         "chance": found.chance,
@@ -105,15 +116,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("overrides", nargs="*", help="config key=value for the fine-tuning")
     args = parser.parse_args()
-    registered = register(args.shared, args.out)
-    pairs = load_pairs(registered)
-    reals = {key_of(pair): read_image(pair.target, channels=1).numpy()[0] for pair in pairs}
-    phases = {key_of(pair): pair.phase for pair in pairs}
     rows = []
     for fold in args.folds:
         train, test = FOLDS[fold]
         folder = args.out / f"fold-{fold}"
-        data = fold_data(registered, folder, train, test)
+        data = fold_data(args.shared, folder, train, test)
+        eyes = Eyes.read(data)
         log(f"== fold {fold}: train on eyes {', '.join(train)}, translate eyes {', '.join(test)}")
         quickstart(folder / "run", args.minutes, data, args.seed, None, False, log, args.overrides)
         pipeline = FFASynthesisPipeline.from_pretrained(folder / "run" / "pipeline")
@@ -133,7 +141,7 @@ def main() -> None:
                     )
                     fakes[key_of(pair)] = output.images[0][0].float().numpy()
                 seconds = (time.perf_counter() - began) / len(held)
-                row = {"fold": fold, "guidance": guidance, "seed": seed, **score(fakes, reals, phases)}
+                row = {"fold": fold, "guidance": guidance, "seed": seed, **score(fakes, eyes)}
                 rows.append(row | {"s_per_image": round(seconds, 1)})
                 log(json.dumps(row))
     log("| fold | guidance | seed | own eye | margin | excess | vessel Dice |")

@@ -192,7 +192,7 @@ def test_demo_ceiling_redraws_each_held_out_angiogram_of_the_written_set(monkeyp
 
 def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training_eye(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from uwf_folds import FOLDS, score
+    from uwf_folds import FOLDS, Eyes, score
 
     from ffasynth.data.phantom import make_eye
 
@@ -202,9 +202,10 @@ def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training
     eyes = {str(i): make_eye(96, seed=i) for i in range(1, 5)}
     reals = {f"{i}-{p}": getattr(eye, f"ffa_{p}") for i, eye in eyes.items() for p in ("early", "late")}
     phases = {key: key.split("-")[1] for key in reals}
-    perfect = score({k: reals[k] for k in ("3-early", "3-late", "4-early", "4-late")}, reals, phases)
+    eyes = Eyes(reals, phases)
+    perfect = score({k: reals[k] for k in ("3-early", "3-late", "4-early", "4-late")}, eyes)
     assert perfect["own_eye"] == 1.0 and perfect["chance"] == pytest.approx(0.25) and perfect["excess"] > 0
     assert perfect["vessel_dice"] == pytest.approx(1.0)
     # outputs that copy a training eye's angiogram (a distractor) never find their own eye
-    copied = score({"3-early": reals["1-early"], "4-early": reals["2-early"]}, reals, phases)
+    copied = score({"3-early": reals["1-early"], "4-early": reals["2-early"]}, eyes)
     assert copied["own_eye"] == 0.0 and copied["margin"] < 0
