@@ -12,6 +12,7 @@ from ffasynth.data.phantom import make_eye
 from ffasynth.models.conditioning import decode_latents, encode_latents
 from ffasynth.pipeline import TileSettings
 from ffasynth.tiling import (
+    DECODE_TILE_MIN,
     pad_to_multiple,
     plan_tiles,
     tile_weights,
@@ -136,6 +137,32 @@ def test_tiled_decode_and_encode_match_the_full_ones_on_a_micro_vae():
     tiled_latents = tiled_encode(lambda x: encode_latents(vae, x), image, 64, 16, 2)
     assert tiled_latents.shape == encoded.shape
     assert (tiled_latents - encoded).abs().mean() < 0.1 * encoded.std()
+
+
+@torch.no_grad()
+def test_images_up_to_the_decode_tile_minimum_decode_in_one_piece_without_tile_blocks():
+    """The default decode tile is at least DECODE_TILE_MIN (1024 px), so an 853×682 UWF image decodes as the
+    whole image does. Smaller tiles (512 px was the default) each normalise by their own GroupNorm
+    statistics: brightness blocks, most of a near-flat synthetic image's variation. Shown here at micro
+    scale: a 160×128 image, its decode tile 64 px against one piece."""
+    assert TileSettings.resolve(128).decode_size == DECODE_TILE_MIN >= 1024 > max(853, 682)
+    assert TileSettings.resolve(2048).decode_size == 2048 and TileSettings.resolve(0).decode_size == 0
+    vae = micro_pipeline().vae
+    latents = torch.randn(1, 4, 64, 80, generator=seeded(3)) * 0.2 * vae.config.scaling_factor
+    latents[..., :, :40] += 0.5 * vae.config.scaling_factor  # a brighter left half: the tiles' statistics differ
+
+    def decode(z):
+        return decode_latents(vae, z)
+
+    def decoded(size: int) -> torch.Tensor:  # as FFASynthesisPipeline.sample_image decodes (factor 2)
+        tile = max(1, min(160, size) // 2)
+        return tiled_decode(decode, latents, tile, tile // 4, 2)
+
+    whole = decode(latents)
+    assert torch.equal(decoded(TileSettings.resolve(32).decode_size), whole)
+    # 64-px tiles: their low-frequency brightness departs from the whole decode's, block by block
+    blocks = F.avg_pool2d(decoded(64) - whole, 16)
+    assert blocks.abs().max() > 0.02, blocks.abs().max()
 
 
 @torch.no_grad()

@@ -386,7 +386,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         `stage1.image_guidance_scale`; 1 for a pipeline that records none). num_samples: samples per
         photo, drawn in one batch; > 1 returns their mean and per-pixel std. phase: "early"/"late"
         (default early) when the model has a phase input. tile_size/tile_overlap/decode_tile_size: in
-        pixels (defaults: the training crop, a quarter of it, max(tile, 512)); 0 = the whole image in
+        pixels (defaults: the training crop, a quarter of it, max(tile, 1024)); 0 = the whole image in
         one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
         photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
         num_inference_steps: None = the config's (20; 4 for the tiny preset and an LCM student). decoder:

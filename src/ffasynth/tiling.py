@@ -21,6 +21,12 @@ import torch.nn.functional as F
 
 from ffasynth.errors import FFASynthError
 
+# The VAE decode tile's least side (pixels): an image up to this size decodes in one piece. The decoder's
+# GroupNorm statistics are each tile's own, so tiles of one image come out at slightly different
+# brightness: blocks the size of the tile, which on a near-flat synthetic angiogram are most of its
+# low-frequency variance (2026-12-05: at 512 px they decided the own-eye correlation test on the UWF eyes).
+DECODE_TILE_MIN = 1024
+
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """(N, C, H, W) → padded on the bottom/right to multiples of `multiple`, so the top-left pixel
@@ -238,9 +244,9 @@ def tiled_decode(
 @dataclass(frozen=True)
 class TileSettings:
     """Tiling in pixels. size: the denoising and source-encoding tile (0 = whole image); overlap:
-    between those tiles; decode_size: the VAE decode tile (0 = whole), larger because the decoder's
-    normalisation statistics drift on small tiles, overlapping by a quarter of it; batch_size:
-    denoising tiles per U-Net pass."""
+    between those tiles; decode_size: the VAE decode tile (0 = whole), at least DECODE_TILE_MIN because
+    the decoder's normalisation statistics differ from tile to tile (seams, brightness blocks),
+    overlapping by a quarter of it; batch_size: denoising tiles per U-Net pass."""
 
     size: int
     overlap: int
@@ -249,9 +255,9 @@ class TileSettings:
 
     @classmethod
     def resolve(cls, size: int, overlap: int | None = None, decode_size: int | None = None, batch_size: int = 8):
-        """Defaults: overlap = size/4; decode_size = max(size, 512) (whole image when size is 0)."""
+        """Defaults: overlap = size/4; decode_size = max(size, DECODE_TILE_MIN) (whole image when size is 0)."""
         overlap = size // 4 if overlap is None else overlap
-        decode_size = (max(size, 512) if size > 0 else 0) if decode_size is None else decode_size
+        decode_size = (max(size, DECODE_TILE_MIN) if size > 0 else 0) if decode_size is None else decode_size
         if min(size, overlap, decode_size) < 0 or batch_size < 1:
             raise FFASynthError(f"tile sizes and overlap must be >= 0 and the tile batch >= 1, not {size, overlap}")
         return cls(size, overlap, decode_size, batch_size)

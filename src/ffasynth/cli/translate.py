@@ -51,7 +51,7 @@ def translate(
         None,
         "--decode-tile-size",
         callback=in_range(0),
-        help="VAE decode tile in pixels (default: max(tile, 512)); 0 = whole image.",
+        help="VAE decode tile in pixels (default: max(tile, 1024)); 0 = whole image.",
     ),
     phase: str | None = typer.Option(None, "--phase", help="FFA phase to synthesise: early or late."),
     guidance: float | None = typer.Option(
