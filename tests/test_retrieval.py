@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ffasynth.data.phantom import make_eye
-from ffasynth.evaluation.retrieval import correlation, retrieval
+from ffasynth.evaluation.retrieval import centred, correlation, retrieval
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,30 @@ def test_excess_is_the_own_similarity_over_the_mean_of_the_others(eyes):
     assert result.excess[1] == pytest.approx(row[1] - (row[0] + row[2]) / 2)
     assert result.mean_excess == pytest.approx(np.mean(result.excess))
     assert result.chance == pytest.approx(1 / 3)
+
+
+def test_centring_removes_a_shared_pattern_that_decides_the_plain_retrieval(eyes):
+    """Outputs = a strong pattern common to all (here eye 3's angiogram, as a tiled decode's blocks resembled
+    one eye's) + a weak trace of their own eye: plain retrieval finds eye 3 for every output; centred, each
+    output finds its own. Outputs that are all the same centre to zero and are own-first for none."""
+    keys = sorted(eyes)
+    fakes = {key: eyes["3"] + 0.15 * eyes[key] for key in keys}
+    plain = retrieval(fakes, eyes)
+    assert plain.own_first == [False, False, False, True]
+    fair = retrieval(centred(fakes), eyes)
+    assert fair.accuracy == 1.0 and fair.mean_excess > 0.1
+    mean = np.mean([eyes[key] for key in keys], axis=0)
+    blind = centred({key: mean for key in keys})
+    assert all(np.abs(image).max() < 1e-6 for image in blind.values())
+    assert retrieval(blind, eyes).accuracy == 0.0
+
+
+def test_centring_is_within_a_group_and_at_each_outputs_own_size(eyes):
+    groups = {"0": "early", "1": "early", "2": "late", "3": "late"}
+    fakes = dict(eyes)
+    fakes["1"] = cv2.resize(eyes["1"], (48, 48), interpolation=cv2.INTER_AREA)  # smaller, as a resized output
+    out = centred(fakes, groups)
+    assert out["1"].shape == (48, 48) and out["0"].shape == (96, 96)
+    np.testing.assert_allclose(out["2"], (eyes["2"] - eyes["3"]) / 2, atol=1e-6)  # the late pair only
+    assert out["2"].dtype == np.float32
+    assert retrieval(out, eyes, groups).accuracy == 1.0

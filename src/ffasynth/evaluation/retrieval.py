@@ -46,6 +46,32 @@ def vessel_overlap(fake_vessels: np.ndarray, real_vessels: np.ndarray, fov: np.n
     return 0.0 if np.isnan(overlap) else overlap
 
 
+def centred(fakes: dict[str, np.ndarray], groups: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Each synthetic image minus the mean of its group's (resized to its size): what varies with the input.
+
+    A pattern every output shares (an FFA-grey texture, the layout of a tiled decode's brightness blocks)
+    can resemble one real angiogram more than the others and decide `retrieval` for every output alike;
+    centred, it is gone, and outputs that are all the same become all zero, which is own-first for none.
+    Scored with `retrieval(centred(fakes, groups), reals, groups)`; a group needs two or more images."""
+    groups = groups or {}
+    members: dict[str | None, list[str]] = {}
+    for key in fakes:
+        members.setdefault(groups.get(key), []).append(key)
+    out = {}
+    for keys in members.values():
+        height, width = fakes[keys[0]].shape[:2]
+
+        def sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+            image = image.astype(np.float32)
+            return image if image.shape[:2] == size[::-1] else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+        mean = np.mean([sized(fakes[key], (width, height)) for key in keys], axis=0)
+        for key in keys:
+            image = fakes[key].astype(np.float32)
+            out[key] = image - sized(mean, (image.shape[1], image.shape[0]))
+    return out
+
+
 @dataclass
 class Retrieval:
     keys: list[str]  # the synthetic images (rows)
