@@ -99,12 +99,13 @@ def test_step_flops_counts_the_forward_and_the_backward_of_a_known_network(monke
 
 @pytest.mark.slow
 def test_bench_memory_and_bench_train_print_their_figures():
-    memory = _run("bench_memory.py", "--sizes", "96x96,160x160,320x256", "--steps", "1", "--repeats", "2")
+    sizes = ("--sizes", "96x96,160x160,320x256", "--decode-tile-size", "128")  # 160 and 320 beyond both tiles
+    memory = _run("bench_memory.py", *sizes, "--steps", "1", "--repeats", "2")
     tile = load_config(preset="tiny").data.crop_size  # 128: the first size fits one tile, the others do not
-    assert [(r["width"], r["height"], r["tile_size"]) for r in memory["sizes"]] == [
-        (96, 96, tile),
-        (160, 160, tile),
-        (320, 256, tile),
+    assert [(r["width"], r["height"], r["tile_size"], r["decode_tile_size"]) for r in memory["sizes"]] == [
+        (96, 96, tile, 128),
+        (160, 160, tile, 128),
+        (320, 256, tile, 128),
     ]
     for row in memory["sizes"]:  # two fresh processes a size; their median is the row's peak
         assert len(row["peak_rss_mib_runs"]) == 2 and row["peak_rss_mib"] == statistics.median(row["peak_rss_mib_runs"])

@@ -99,9 +99,11 @@ def test_centring_removes_a_shared_pattern_that_decides_the_plain_retrieval(eyes
 def test_centring_is_within_a_group_and_at_each_outputs_own_size(eyes):
     groups = {"0": "early", "1": "early", "2": "late", "3": "late"}
     fakes = dict(eyes)
-    fakes["1"] = cv2.resize(eyes["1"], (48, 48), interpolation=cv2.INTER_AREA)  # smaller, as a resized output
+    fakes["1"] = cv2.resize(eyes["1"], (64, 48), interpolation=cv2.INTER_AREA)  # smaller and not square
     out = centred(fakes, groups)
-    assert out["1"].shape == (48, 48) and out["0"].shape == (96, 96)
+    assert out["1"].shape == (48, 64) and out["0"].shape == (96, 96)
     np.testing.assert_allclose(out["2"], (eyes["2"] - eyes["3"]) / 2, atol=1e-6)  # the late pair only
     assert out["2"].dtype == np.float32
     assert retrieval(out, eyes, groups).accuracy == 1.0
+    alone = centred({"0": eyes["0"], "2": eyes["2"]}, {"0": "early", "2": "late"})
+    np.testing.assert_array_equal(alone["0"], eyes["0"].astype(np.float32))  # nothing shared: as it is

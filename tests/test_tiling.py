@@ -163,6 +163,12 @@ def test_images_up_to_the_decode_tile_minimum_decode_in_one_piece_without_tile_b
     # 64-px tiles: their low-frequency brightness departs from the whole decode's, block by block
     blocks = F.avg_pool2d(decoded(64) - whole, 16)
     assert blocks.abs().max() > 0.02, blocks.abs().max()
+    # and the pipeline itself: its default decode is the one-piece decode
+    pipe = micro_pipeline()
+    photo = torch.rand(3, 128, 160, generator=seeded(4))
+    default = pipe.sample_image(photo, 2, seeded(0), 1.0, 1, None, TileSettings.resolve(32))
+    one_piece = pipe.sample_image(photo, 2, seeded(0), 1.0, 1, None, TileSettings.resolve(32, decode_size=0))
+    assert torch.equal(default, one_piece)
 
 
 @torch.no_grad()

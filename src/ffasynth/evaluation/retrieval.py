@@ -51,14 +51,18 @@ def centred(fakes: dict[str, np.ndarray], groups: dict[str, str] | None = None) 
 
     A pattern every output shares (an FFA-grey texture, the layout of a tiled decode's brightness blocks)
     can resemble one real angiogram more than the others and decide `retrieval` for every output alike;
-    centred, it is gone, and outputs that are all the same become all zero, which is own-first for none.
-    Scored with `retrieval(centred(fakes, groups), reals, groups)`; a group needs two or more images."""
+    centred, it is gone, and outputs that are all the same become all zero, which is own-first for none
+    (such a method scores 0 here, not the chance level). Scored with `retrieval(centred(fakes, groups),
+    reals, groups)`. An image alone in its group has nothing to share and is returned as it is."""
     groups = groups or {}
     members: dict[str | None, list[str]] = {}
     for key in fakes:
         members.setdefault(groups.get(key), []).append(key)
     out = {}
     for keys in members.values():
+        if len(keys) == 1:
+            out[keys[0]] = fakes[keys[0]].astype(np.float32)
+            continue
         height, width = fakes[keys[0]].shape[:2]
 
         def sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
