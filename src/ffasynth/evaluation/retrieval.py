@@ -25,10 +25,16 @@ from ffasynth.data.registration import field_of_view
 from ffasynth.evaluation.vessels import dice
 
 
+def _at_shape(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An (H, W) grey image area-resized (as float32) to `shape`'s height and width, or as it is when it fits."""
+    if image.shape[:2] == tuple(shape[:2]):
+        return image
+    return cv2.resize(image.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+
+
 def correlation(fake: np.ndarray, real: np.ndarray, fov: np.ndarray) -> float:
     """Pearson correlation of two (H, W) images over the mask (0 where either is constant there)."""
-    if fake.shape != real.shape:
-        fake = cv2.resize(fake.astype(np.float32), (real.shape[1], real.shape[0]), interpolation=cv2.INTER_AREA)
+    fake = _at_shape(fake, real.shape)
     a, b = fake[fov].astype(np.float64), real[fov].astype(np.float64)
     if a.size < 2:
         return 0.0
@@ -63,16 +69,11 @@ def centred(fakes: dict[str, np.ndarray], groups: dict[str, str] | None = None) 
         if len(keys) == 1:
             out[keys[0]] = fakes[keys[0]].astype(np.float32)
             continue
-        height, width = fakes[keys[0]].shape[:2]
-
-        def sized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-            image = image.astype(np.float32)
-            return image if image.shape[:2] == size[::-1] else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-        mean = np.mean([sized(fakes[key], (width, height)) for key in keys], axis=0)
-        for key in keys:
-            image = fakes[key].astype(np.float32)
-            out[key] = image - sized(mean, (image.shape[1], image.shape[0]))
+        images = {key: fakes[key].astype(np.float32) for key in keys}
+        shape = images[keys[0]].shape
+        mean = np.mean([_at_shape(images[key], shape) for key in keys], axis=0)
+        for key, image in images.items():
+            out[key] = image - _at_shape(mean, image.shape)
     return out
 
 

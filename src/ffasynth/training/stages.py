@@ -22,7 +22,7 @@ from ffasynth.data.phantom_stream import with_rehearsal
 from ffasynth.evaluation.decoder_report import reconstruction_report
 from ffasynth.models import base
 from ffasynth.models.architecture import vae_config
-from ffasynth.tiling import DECODE_TILE_MIN
+from ffasynth.tiling import TileSettings
 from ffasynth.training.conditioning_gain import gain_line
 from ffasynth.training.distill import DistillTask
 from ffasynth.training.loop import TrainResult, train
@@ -131,8 +131,8 @@ def train_stage2(
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
     if not first:
         return result, {}
-    # on the training device, tiled as translate decodes (tiles of the crop size, at least DECODE_TILE_MIN)
-    tile = max(config.data.crop_size, DECODE_TILE_MIN)
+    # on the training device, tiled as translate decodes (its decode tile for a denoising tile of the crop size)
+    tile = TileSettings.resolve(config.data.crop_size).decode_size
     report = reconstruction_report(
         run_dir, data, config.data, task.original_vae, task.decoder, config.stage2.report_images, tile
     )
