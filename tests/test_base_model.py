@@ -154,3 +154,54 @@ def test_stage1_from_a_base_rehearses_and_from_random_weights_does_not(tmp_path)
     said.clear()
     train_stage1(micro_config(*steps), data, tmp_path / "s1-random", progress=False, say=said.append)
     assert not any(line.startswith("rehearsal") for line in said) and "8 training pairs" in " ".join(said)
+
+
+FREEZE = "stage1.freeze=[conv_in,down_blocks,mid_block]"
+
+
+def test_stage1_freeze_keeps_the_named_modules_as_loaded_and_trains_the_rest(tmp_path):
+    from ffasynth.training.loop import train
+    from ffasynth.training.run import prepare_run
+    from ffasynth.training.stage1 import build_stage1
+    from ffasynth.training.stages import train_stage1
+
+    data, dataset = _phantom_pairs(tmp_path)
+    path, _ = _trained_like_base(tmp_path)
+    steps = ["data.crop_size=32", "stage1.batch_size=2", "stage1.rehearsal=0", "stage1.lr=1e-2", "stage1.ema_decay=0.9"]
+    config = micro_config(f"model.base={path}", FREEZE, "stage1.max_steps=3", "stage1.lr_warmup_steps=0", *steps)
+    task = build_stage1(config)
+    unet = task.components.unet
+    before = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    frozen = [n for n in before if n.startswith(("conv_in.", "down_blocks.", "mid_block."))]
+    assert task.frozen == sum(before[n].numel() for n in frozen) > 0
+    prepare_run(tmp_path / "run", config, "stage1", data, False)
+    train(task, dataset, config.stage1, tmp_path / "run", config.seed, progress=False)
+    after = dict(unet.named_parameters())
+    assert all(torch.equal(after[n], before[n]) and after[n].grad is None for n in frozen)
+    moved = [n for n in before if n not in frozen and not torch.equal(after[n], before[n])]
+    assert any(n.startswith("up_blocks.") for n in moved) and "conv_out.weight" in moved
+    said = []
+    train_stage1(config, data, tmp_path / "s1", progress=False, say=said.append)
+    kept = f"stage1.freeze: {task.frozen / 1e6:.2f} M U-Net values kept as loaded"
+    assert any(line.startswith(kept) for line in said)
+
+
+def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():
+    from ffasynth.config import load_config
+    from ffasynth.training.stage1 import build_stage1, freeze_unet
+
+    task = build_stage1(micro_config(FREEZE))  # model.base=none: nothing loaded to keep
+    assert task.frozen == 0 and all(p.requires_grad for p in task.components.unet.parameters())
+    unet = task.components.unet
+    with pytest.raises(ConfigError, match=r"stage1\.freeze: 'down_block' names no U-Net parameter \(its modules: conv"):
+        freeze_unet(unet, ("down_block",), latent_channels=4)
+    assert all(p.requires_grad for p in unet.parameters())
+    assert freeze_unet(unet, ("down_blocks.0",), latent_channels=4) == sum(
+        p.numel() for n, p in unet.named_parameters() if n.startswith("down_blocks.0.")
+    )
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:] = 0  # a 4-channel U-Net widened for the source latent, as loaded from SD1.5
+    with pytest.raises(ConfigError, match=r"stage1\.freeze: conv_in's source-latent input channels are newly"):
+        freeze_unet(unet, ("conv_in",), latent_channels=4)
+    with pytest.raises(ConfigError, match=r"stage1\.freeze=.* may not hold an empty name"):
+        load_config(preset="tiny", overrides=["stage1.freeze=[down_blocks,.]"])

@@ -235,6 +235,9 @@ class Stage1Config(TrainConfig):
     cond_gain_items: int = 8
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rehearsal: float = 0.0  # from a base: share of each epoch's crops that are its procedural pairs (0 = none)
+    # from loaded weights (a base or model.pretrained): U-Net modules kept as loaded, by parameter-name prefix
+    # ("down_blocks", "down_blocks.0", "mid_block"); () = full fine-tuning. Ignored on random initialisation
+    freeze: tuple[str, ...] = ()
     lr: float = 1e-5
     _section = "stage1"
 
@@ -243,6 +246,7 @@ class Stage1Config(TrainConfig):
         _require(self.offset_noise_strength >= 0, "stage1.offset_noise_strength", "must be >= 0")
         _require(0.0 <= self.conditioning_dropout < 1.0, "stage1.conditioning_dropout", "must be in [0, 1)")
         _require(0.0 <= self.rehearsal < 1.0, "stage1.rehearsal", "must be in [0, 1)")
+        _require(all(prefix.strip(".") for prefix in self.freeze), "stage1.freeze", "may not hold an empty name")
         _require(self.snr_gamma is None or self.snr_gamma > 0, "stage1.snr_gamma", "must be positive or null")
         _require(self.image_guidance_scale >= 1.0, "stage1.image_guidance_scale", "must be >= 1 (1 = no guidance)")
         every = self.cond_gain_every

@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler
 
 from ffasynth.config import Stage1Config
 from ffasynth.data.alignment import eye_of
-from ffasynth.errors import FFASynthError
+from ffasynth.errors import ConfigError, FFASynthError
 from ffasynth.models.architecture import downsampling_factor
 from ffasynth.models.components import Components, build_components
 from ffasynth.models.conditioning import (
@@ -121,6 +121,7 @@ class Stage1Task(Task):
         self.diagnostic_items = config.cond_gain_items
         self.components.unet.train()
         self.lowered_dtype: torch.dtype | None = None  # set by to(): a LoRA U-Net's frozen weights in it
+        self.frozen = 0  # U-Net values kept as loaded (stage1.freeze; set by build_stage1)
 
     def to(self, device, weight_dtype) -> None:
         frozen = [self.components.vae] + ([self.conditioner.image_encoder] if self.conditioner.use_clip else [])
@@ -252,10 +253,43 @@ def trainable_parameters(task: Stage1Task) -> int:
     return sum(p.numel() for m in task.trainable.values() for p in m.parameters() if p.requires_grad)
 
 
+def freeze_unet(unet: torch.nn.Module, prefixes: tuple[str, ...], latent_channels: int) -> int:
+    """Keep the U-Net parameters under `prefixes` (dotted module names: "down_blocks", "down_blocks.0") as
+    loaded: `requires_grad` off, so no optimizer, EMA or gradient touches them. Returns how many values are
+    frozen. A prefix that names no parameter, or freezing a conv_in whose source-latent channels are the
+    zero-initialised new ones (the photo's latent would never get in), is a ConfigError naming stage1.freeze."""
+    frozen = 0
+    for prefix in prefixes:
+        prefix = prefix.strip(".")
+        matched = [p for name, p in unet.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            tops = ", ".join(dict.fromkeys(name.split(".")[0] for name, _ in unet.named_parameters()))
+            raise ConfigError(f"stage1.freeze: {prefix!r} names no U-Net parameter (its modules: {tops})")
+        conv_in = unet.conv_in.weight
+        new_channels = conv_in[:, latent_channels:]
+        if any(p is conv_in for p in matched) and new_channels.numel() and not new_channels.abs().any():
+            raise ConfigError(
+                "stage1.freeze: conv_in's source-latent input channels are newly added zeros in the loaded "
+                "U-Net; frozen, the photo's latent would never get in (leave conv_in out of stage1.freeze)"
+            )
+        for parameter in matched:
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
+    return frozen
+
+
 def build_stage1(config) -> Stage1Task:
-    """Components (seeded random init where nothing is loaded), the conditioner and the task."""
+    """Components (seeded random init where nothing is loaded), the conditioner and the task. With loaded
+    U-Net weights (a base, model.pretrained) `stage1.freeze`'s modules stay as loaded (task.frozen counts
+    them); on a random U-Net there is nothing to keep and it is ignored."""
     torch.manual_seed(config.seed)
     components = build_components(config)
     add_lora(components.unet, config.stage1.lora)  # rank 0: full fine-tuning, the U-Net unchanged
+    frozen = 0
+    if config.stage1.freeze and components.sources.get("unet"):
+        frozen = freeze_unet(components.unet, config.stage1.freeze, config.model.latent_channels)
     conditioner = SourceConditioner.from_components(components, config.model)
-    return Stage1Task(components, conditioner, config.stage1, config.model.num_phases, config.model.clip_view)
+    task = Stage1Task(components, conditioner, config.stage1, config.model.num_phases, config.model.clip_view)
+    task.frozen = frozen
+    return task
