@@ -10,7 +10,8 @@ registration is refused left out), scored against the test eyes registered the s
 Reported per method: own-eye retrieval first (is each synthetic FFA closest, by correlation inside the
 field of view, to its own eye's real FFA of the same phase? fraction, mean margin over the best other eye
 and mean excess over the mean of the others; chance = 1/3; the same with what every output of a phase
-shares taken out, `retrieval.centred`, so that a common pattern cannot decide it; and again over the pairs
+shares taken out, `retrieval.centred`, so that a common pattern cannot decide it; with only the outputs'
+vessel-scale structure, `retrieval.vessel_band`, so that the low-frequency layout cannot; and again over the pairs
 whose registration was accepted, where vessels can line up), then PSNR,
 SSIM, MS-SSIM and seconds per image. Nothing is fitted to the test eyes.
 
@@ -39,7 +40,7 @@ from ffasynth.data.io import read_image, save_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
-from ffasynth.evaluation.retrieval import centred, retrieval  # noqa: E402
+from ffasynth.evaluation.retrieval import centred, retrieval, vessel_band  # noqa: E402
 from ffasynth.pretrain import default_shared  # noqa: E402
 from ffasynth.quickstart import quickstart  # noqa: E402
 
@@ -152,6 +153,7 @@ def score(data: Path, runs: dict, seed: int) -> dict:
         }
         found = retrieval(fakes, reals, groups)
         centred_found = retrieval(centred(fakes, groups), reals, groups)
+        band_found = retrieval({key: vessel_band(fake) for key, fake in fakes.items()}, reals, groups)
         kept = {key for key in reals if key in accepted}
         found_kept = retrieval({k: fakes[k] for k in kept}, {k: reals[k] for k in kept}, groups)
         rows[method.name] = {
@@ -161,6 +163,9 @@ def score(data: Path, runs: dict, seed: int) -> dict:
             # the same with what every output of a phase shares taken out (retrieval.centred)
             "own_eye_centred": centred_found.accuracy,
             "own_eye_centred_excess": centred_found.mean_excess,
+            # only the outputs' vessel-scale structure (retrieval.vessel_band): do its vessels lie where this eye's do?
+            "own_eye_vessel_band": band_found.accuracy,
+            "own_eye_vessel_band_excess": band_found.mean_excess,
             "chance": found.chance,
             "own_eye_registered": found_kept.accuracy,
             "own_eye_registered_margin": found_kept.mean_margin,
@@ -199,7 +204,7 @@ def main() -> None:
     record = {"machine": machine(), "minutes_per_method": args.minutes, "steps": args.steps, "methods": rows}
     (args.out / "compare.json").write_text(json.dumps(record, indent=1, default=str))
     log(
-        "| method | own eye (chance {:.2f}) | margin | excess | centred own eye (excess) "
+        "| method | own eye (chance {:.2f}) | margin | excess | centred own eye (excess) | vessel band (excess) "
         "| own eye, registered (chance {:.2f}) | PSNR | SSIM "
         "| MS-SSIM | vessel Dice | train min |".format(
             next(iter(rows.values()))["chance"], next(iter(rows.values()))["chance_registered"]
@@ -208,7 +213,9 @@ def main() -> None:
     for name, row in rows.items():
         log(
             f"| {name} | {row['own_eye']:.2f} | {row['own_eye_margin']:+.3f} | {row['own_eye_excess']:+.3f} | "
-            f"{row['own_eye_centred']:.2f} ({row['own_eye_centred_excess']:+.3f}) | {row['own_eye_registered']:.2f} | "
+            f"{row['own_eye_centred']:.2f} ({row['own_eye_centred_excess']:+.3f}) | "
+            f"{row['own_eye_vessel_band']:.2f} ({row['own_eye_vessel_band_excess']:+.3f}) | "
+            f"{row['own_eye_registered']:.2f} | "
             f"{row.get('psnr', float('nan')):.2f} | "
             f"{row.get('ssim', float('nan')):.3f} | {row.get('ms_ssim', float('nan')):.3f} | "
             f"{row.get('vessel_dice', float('nan')):.3f} | {row['minutes']} |"

@@ -10,7 +10,9 @@ Scored per fold, setting and seed: own-eye retrieval with the real FFAs of every
 same phase as candidates (`retrieval(..., distractors=)`: chance 1/4 with four eyes, where the two
 translated eyes alone would give 1/2), as the share of outputs whose own eye comes first, the margin over
 the best other eye and the excess over the mean of the others (the steadiest: one other eye's quirk moves
-the margin, e.g. a dim late angiogram with leakage that every output resembles less), and vessel Dice.
+the margin, e.g. a dim late angiogram with leakage that every output resembles less), the same on the
+outputs' vessel-scale structure alone (`retrieval.vessel_band`: do its vessels lie where this eye's do,
+whatever the low-frequency layout), and vessel Dice.
 
     .venv/bin/python benchmarks/uwf_folds.py --out /tmp/folds --minutes 3 --guidance 3 5 8 --seeds 0 1
     .venv/bin/python benchmarks/uwf_folds.py --out /tmp/folds-r75 --minutes 3 -- stage1.rehearsal=0.75
@@ -35,7 +37,7 @@ from compare_cpu import prepare_data  # noqa: E402
 from ffasynth.data.io import read_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.registration import field_of_view  # noqa: E402
-from ffasynth.evaluation.retrieval import retrieval  # noqa: E402
+from ffasynth.evaluation.retrieval import retrieval, vessel_band  # noqa: E402
 from ffasynth.evaluation.vessels import vessel_mask, vessel_scores  # noqa: E402
 from ffasynth.pipeline import FFASynthesisPipeline  # noqa: E402
 from ffasynth.pretrain import default_shared  # noqa: E402
@@ -91,6 +93,8 @@ def score(fakes: dict[str, np.ndarray], eyes: Eyes) -> dict:
     translated = {key: eyes.reals[key] for key in fakes}
     others = {key: image for key, image in eyes.reals.items() if key not in fakes}
     found = retrieval(fakes, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
+    banded = {key: vessel_band(fake) for key, fake in fakes.items()}
+    band = retrieval(banded, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
     dice = []
     for key, fake in fakes.items():
         inside = eyes.fovs[key]
@@ -102,6 +106,9 @@ def score(fakes: dict[str, np.ndarray], eyes: Eyes) -> dict:
         "excess": found.mean_excess,
         "per_image_excess": dict(zip(found.keys, np.round(found.excess, 4).tolist(), strict=True)),
         "vessel_dice": float(np.mean(dice)),
+        # the same retrieval on the outputs' vessel-scale structure alone (retrieval.vessel_band)
+        "vessel_band_own_eye": band.accuracy,
+        "vessel_band_excess": band.mean_excess,
     }
 
 
@@ -144,16 +151,18 @@ def main() -> None:
                 row = {"fold": fold, "guidance": guidance, "seed": seed, **score(fakes, eyes)}
                 rows.append(row | {"s_per_image": round(seconds, 1)})
                 log(json.dumps(row))
-    log("| fold | guidance | seed | own eye | margin | excess | vessel Dice |")
+    log("| fold | guidance | seed | own eye | margin | excess | vessel band: own eye (excess) | vessel Dice |")
     for row in rows:
         log(
             f"| {row['fold']} | {row['guidance']:g} | {row['seed']} | {row['own_eye']:.2f} "
-            f"(chance {row['chance']:.2f}) | {row['margin']:+.3f} | {row['excess']:+.3f} | {row['vessel_dice']:.3f} |"
+            f"(chance {row['chance']:.2f}) | {row['margin']:+.3f} | {row['excess']:+.3f} | "
+            f"{row['vessel_band_own_eye']:.2f} ({row['vessel_band_excess']:+.3f}) | {row['vessel_dice']:.3f} |"
         )
     log("mean over folds and seeds:")
     for guidance in args.guidance:
         chosen = [row for row in rows if row["guidance"] == guidance]
-        means = {k: float(np.mean([row[k] for row in chosen])) for k in ("own_eye", "margin", "excess", "vessel_dice")}
+        columns = ("own_eye", "margin", "excess", "vessel_band_excess", "vessel_dice")
+        means = {k: float(np.mean([row[k] for row in chosen])) for k in columns}
         log(f"guidance {guidance:g}: " + ", ".join(f"{k} {v:+.3f}" for k, v in means.items()))
     record = {"machine": machine(), "minutes": args.minutes, "overrides": args.overrides, "rows": rows}
     (args.out / "folds.json").write_text(json.dumps(record, indent=1))

@@ -207,6 +207,8 @@ def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training
     perfect = score({k: reals[k] for k in ("3-early", "3-late", "4-early", "4-late")}, eyes)
     assert perfect["own_eye"] == 1.0 and perfect["chance"] == pytest.approx(0.25) and perfect["excess"] > 0
     assert perfect["vessel_dice"] == pytest.approx(1.0)
+    assert perfect["vessel_band_own_eye"] == 1.0 and perfect["vessel_band_excess"] > 0
     # outputs that copy a training eye's angiogram (a distractor) never find their own eye
     copied = score({"3-early": reals["1-early"], "4-early": reals["2-early"]}, eyes)
     assert copied["own_eye"] == 0.0 and copied["margin"] < 0
+    assert copied["vessel_band_own_eye"] == 0.0 and copied["vessel_band_excess"] < 0

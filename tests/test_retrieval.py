@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ffasynth.data.phantom import make_eye
-from ffasynth.evaluation.retrieval import centred, correlation, retrieval
+from ffasynth.evaluation.retrieval import centred, correlation, retrieval, vessel_band
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,20 @@ def test_centring_is_within_a_group_and_at_each_outputs_own_size(eyes):
     assert retrieval(out, eyes, groups).accuracy == 1.0
     alone = centred({"0": eyes["0"], "2": eyes["2"]}, {"0": "early", "2": "late"})
     np.testing.assert_array_equal(alone["0"], eyes["0"].astype(np.float32))  # nothing shared: as it is
+
+
+def test_the_vessel_band_ranks_eyes_by_their_vessels_not_by_a_layout_that_decides_the_plain_retrieval(eyes):
+    """Outputs = eye 3's low-frequency layout, strong, + a weak trace of their own eye's vessels: plain
+    retrieval finds eye 3 for every output; in the vessel band each finds its own. The band of a smooth
+    image (a constant, a gentle gradient) is nothing."""
+    keys = sorted(eyes)
+    layout = cv2.GaussianBlur(eyes["3"], (0, 0), 12)
+    layout = layout - vessel_band(layout)  # eye 3's low-frequency layout, nothing at vessel scale
+    fakes = {key: layout + 0.2 * vessel_band(eyes[key]) for key in keys}
+    assert retrieval(fakes, eyes).own_first == [False, False, False, True]
+    banded = retrieval({key: vessel_band(fake) for key, fake in fakes.items()}, eyes)
+    assert banded.accuracy == 1.0 and banded.mean_excess > 0.05
+    assert np.abs(vessel_band(np.full((64, 64), 0.7))).max() < 1e-6
+    ramp = np.tile(np.linspace(0.2, 0.4, 64, dtype=np.float32), (64, 1))
+    assert np.abs(vessel_band(ramp)[16:48, 16:48]).max() < 1e-4
+    assert vessel_band(eyes["0"]).dtype == np.float32
