@@ -98,3 +98,56 @@ def test_held_out_photos_are_translated_with_the_pipelines_default_steps_unless_
 
     written = sample_held_out(Pipeline(), data / "test", tmp_path / "out", steps, 0, lambda line: None)
     assert len(written) == 4 and asked == [steps] * 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "decoder", "stages", "stage1_share", "exported"),
+    [
+        ([], None, ["stage1"], 1.0, "stage1"),  # from the base: its decoder kept, every minute to the U-Net
+        ([], True, ["stage1", "stage2"], 0.85, "stage2"),
+        (["model.base=none"], None, ["vae", "stage1", "stage2"], 0.55, "stage2"),  # random init: all three
+        (["model.base=none"], False, ["vae", "stage1"], 0.65, "stage1"),
+    ],
+)
+def test_stage_2_runs_from_random_weights_and_not_from_the_base_unless_asked(
+    tmp_path, monkeypatch, extra, decoder, stages, stage1_share, exported
+):
+    import ffasynth.quickstart as module
+
+    ran, budget = [], 2.0 - module.OVERHEAD_MINUTES
+
+    def stage(name):
+        def record(config, *args, **kwargs):
+            ran.append(name)
+            if name == "stage1":
+                assert config.stage1.max_minutes == pytest.approx(budget * stage1_share, abs=1e-3)
+
+        return record
+
+    def export(run_dir, out):
+        assert run_dir.name == exported
+        raise _Stop
+
+    for name in ("vae", "stage1", "stage2"):
+        monkeypatch.setattr(module, f"train_{name}", stage(name))
+    monkeypatch.setattr(module, "export_run", export)
+    said = []
+    with pytest.raises(_Stop):
+        module.quickstart(tmp_path / "q", 2.0, None, progress=False, say=said.append, overrides=extra, decoder=decoder)
+    assert ran == stages
+    assert any(line.startswith("stage 2 (decoder): off") for line in said) == ("stage2" not in stages)
+
+
+@pytest.mark.parametrize(("flag", "decoder"), [([], None), (["--decoder"], True), (["--no-decoder"], False)])
+def test_the_decoder_flag_reaches_the_job(tmp_path, monkeypatch, flag, decoder):
+    import ffasynth.quickstart as module
+
+    seen = []
+
+    def run(out, minutes, data, seed, steps, progress, say, overrides, decoder):
+        seen.append(decoder)
+        raise _Stop
+
+    monkeypatch.setattr(module, "quickstart", run)
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "q"), *flag])
+    assert isinstance(result.exception, _Stop) and seen == [decoder]

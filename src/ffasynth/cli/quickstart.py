@@ -32,6 +32,12 @@ def quickstart(
         help="Denoising steps when translating the held-out photos. Default: the pipeline's (4 for the tiny preset).",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    decoder: bool | None = typer.Option(
+        None,
+        "--decoder/--no-decoder",
+        help="Train stage 2 (the VAE decoder). Default: on from random weights (model.base=none), off when "
+        "fine-tuning the base, whose decoder is kept (on a few real pairs stage 2 blurred the vessels).",
+    ),
     overrides: list[str] | None = typer.Argument(None, help="Config fields as key=value (tiny preset)."),
 ) -> None:
     """The main job end to end with the tiny preset: (phantom) data → VAE → U-Net → decoder → export →
@@ -39,7 +45,7 @@ def quickstart(
     from ffasynth.quickstart import quickstart as run
 
     check_output_folder(out, [data])
-    result = run(out, minutes, data, seed, steps, not quiet, typer.echo, overrides)
+    result = run(out, minutes, data, seed, steps, not quiet, typer.echo, overrides, decoder)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items() if isinstance(v, float))
     typer.echo(f"\nfinished in {result.minutes:.1f} min; held-out {shown}")
     typer.echo(f"report: {result.report.resolve()}  (open it in a browser)")
