@@ -226,8 +226,7 @@ class Stage1Config(TrainConfig):
     sample_steps: int = 20  # DDIM steps for the sample grids written during training
     # the exported pipeline's DPM-Solver++ steps when a call gives none (translate, serve); 20 for SD1.5
     inference_steps: int = 20
-    # image classifier-free guidance for the sample grids and the exported pipeline's default;
-    # 1 = none (one U-Net pass per step; InstructPix2Pix users often ask 1.5)
+    # image classifier-free guidance (sample grids, the exported default); 1 = none, one pass a step (IP2P: 1.5)
     image_guidance_scale: float = 1.0
     # conditioning gain (training/conditioning_gain.py): the loss with shuffled photos minus the loss with the
     # true ones, on the first `cond_gain_items` crops, logged every this many steps; None = sample_every, 0 = off
@@ -235,9 +234,7 @@ class Stage1Config(TrainConfig):
     cond_gain_items: int = 8
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     rehearsal: float = 0.0  # from a base: share of each epoch's crops that are its procedural pairs (0 = none)
-    # from loaded weights (a base or model.pretrained): U-Net modules kept as loaded, by parameter-name prefix
-    # ("down_blocks", "down_blocks.0", "mid_block"); () = full fine-tuning. Ignored on random initialisation
-    freeze: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()  # U-Net name prefixes kept as loaded (a base, model.pretrained); () = all train
     lr: float = 1e-5
     _section = "stage1"
 
