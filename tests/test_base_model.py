@@ -184,6 +184,10 @@ def test_stage1_freeze_keeps_the_named_modules_as_loaded_and_trains_the_rest(tmp
     train_stage1(config, data, tmp_path / "s1", progress=False, say=said.append)
     kept = f"stage1.freeze: {task.frozen / 1e6:.2f} M U-Net values kept as loaded"
     assert any(line.startswith(kept) for line in said)
+    said.clear()
+    random_init = micro_config(FREEZE, "stage1.max_steps=1", *steps)
+    train_stage1(random_init, data, tmp_path / "s1-random", progress=False, say=said.append)
+    assert any(line.startswith("stage1.freeze ignored: the U-Net starts from random weights") for line in said)
 
 
 def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():

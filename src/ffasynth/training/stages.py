@@ -95,10 +95,10 @@ def train_stage1(
             "its latents mean nothing; train one first with `ffasynth train vae`"
         )
     task = build_stage1(config)
-    if task.frozen:
-        say(f"stage1.freeze: {task.frozen / 1e6:.2f} M U-Net values kept as loaded ({', '.join(config.stage1.freeze)})")
-    elif config.stage1.freeze:
+    if config.stage1.freeze and not task.components.sources.get("unet"):
         say("stage1.freeze ignored: the U-Net starts from random weights, there is nothing loaded to keep")
+    elif config.stage1.freeze:  # 0 where LoRA had frozen them all already
+        say(f"stage1.freeze: {task.frozen / 1e6:.2f} M U-Net values kept as loaded ({', '.join(config.stage1.freeze)})")
     if first:
         save_model_folder(run_dir, task.components)
     say(f"{len(dataset)} training pairs; {trainable_parameters(task) / 1e6:.2f} M trainable parameters; run {run_dir}")
