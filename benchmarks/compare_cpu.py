@@ -11,7 +11,8 @@ Reported per method: own-eye retrieval first (is each synthetic FFA closest, by 
 field of view, to its own eye's real FFA of the same phase? fraction, mean margin over the best other eye
 and mean excess over the mean of the others; chance = 1/3; the same with what every output of a phase
 shares taken out, `retrieval.centred`, so that a common pattern cannot decide it; with only the outputs'
-vessel-scale structure, `retrieval.vessel_band`, so that the low-frequency layout cannot; and again over the pairs
+and the real angiograms' vessel-scale structure, `retrieval.vessel_band_retrieval`, so that the
+low-frequency layout cannot; and again over the pairs
 whose registration was accepted, where vessels can line up), then PSNR,
 SSIM, MS-SSIM and seconds per image. Nothing is fitted to the test eyes.
 
@@ -40,7 +41,7 @@ from ffasynth.data.io import read_image, save_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
-from ffasynth.evaluation.retrieval import centred, retrieval, vessel_band  # noqa: E402
+from ffasynth.evaluation.retrieval import centred, retrieval, vessel_band_retrieval  # noqa: E402
 from ffasynth.pretrain import default_shared  # noqa: E402
 from ffasynth.quickstart import quickstart  # noqa: E402
 
@@ -153,7 +154,7 @@ def score(data: Path, runs: dict, seed: int) -> dict:
         }
         found = retrieval(fakes, reals, groups)
         centred_found = retrieval(centred(fakes, groups), reals, groups)
-        band_found = retrieval({key: vessel_band(fake) for key, fake in fakes.items()}, reals, groups)
+        band_found = vessel_band_retrieval(fakes, reals, groups)
         kept = {key for key in reals if key in accepted}
         found_kept = retrieval({k: fakes[k] for k in kept}, {k: reals[k] for k in kept}, groups)
         rows[method.name] = {
@@ -163,7 +164,7 @@ def score(data: Path, runs: dict, seed: int) -> dict:
             # the same with what every output of a phase shares taken out (retrieval.centred)
             "own_eye_centred": centred_found.accuracy,
             "own_eye_centred_excess": centred_found.mean_excess,
-            # only the outputs' vessel-scale structure (retrieval.vessel_band): do its vessels lie where this eye's do?
+            # vessel-scale structure only (retrieval.vessel_band_retrieval): do its vessels lie where this eye's do?
             "own_eye_vessel_band": band_found.accuracy,
             "own_eye_vessel_band_excess": band_found.mean_excess,
             "chance": found.chance,

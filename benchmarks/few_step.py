@@ -135,7 +135,8 @@ def main() -> None:
     ready = args.out / "teacher" / "minutes.json"  # a teacher trained by an earlier run of this script is reused
     if not ready.is_file():
         began = time.perf_counter()
-        quickstart(args.out / "teacher", args.minutes, data, args.seed, 20, False, log, args.overrides)
+        # decoder=True: the teacher is the stage-2 run (from the base, quickstart would otherwise skip stage 2)
+        quickstart(args.out / "teacher", args.minutes, data, args.seed, 20, False, log, args.overrides, decoder=True)
         ready.write_text(json.dumps((time.perf_counter() - began) / 60))
     teacher = load(args.out / "teacher" / "pipeline")
     teacher_minutes = json.loads(ready.read_text())

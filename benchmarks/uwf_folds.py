@@ -11,7 +11,7 @@ same phase as candidates (`retrieval(..., distractors=)`: chance 1/4 with four e
 translated eyes alone would give 1/2), as the share of outputs whose own eye comes first, the margin over
 the best other eye and the excess over the mean of the others (the steadiest: one other eye's quirk moves
 the margin, e.g. a dim late angiogram with leakage that every output resembles less), the same on the
-outputs' vessel-scale structure alone (`retrieval.vessel_band`: do its vessels lie where this eye's do,
+vessel-scale structure alone (`retrieval.vessel_band_retrieval`: do its vessels lie where this eye's do,
 whatever the low-frequency layout), and vessel Dice.
 
     .venv/bin/python benchmarks/uwf_folds.py --out /tmp/folds --minutes 3 --guidance 3 5 8 --seeds 0 1
@@ -37,7 +37,7 @@ from compare_cpu import prepare_data  # noqa: E402
 from ffasynth.data.io import read_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.registration import field_of_view  # noqa: E402
-from ffasynth.evaluation.retrieval import retrieval, vessel_band  # noqa: E402
+from ffasynth.evaluation.retrieval import retrieval, vessel_band_retrieval  # noqa: E402
 from ffasynth.evaluation.vessels import vessel_mask, vessel_scores  # noqa: E402
 from ffasynth.pipeline import FFASynthesisPipeline  # noqa: E402
 from ffasynth.pretrain import default_shared  # noqa: E402
@@ -93,8 +93,7 @@ def score(fakes: dict[str, np.ndarray], eyes: Eyes) -> dict:
     translated = {key: eyes.reals[key] for key in fakes}
     others = {key: image for key, image in eyes.reals.items() if key not in fakes}
     found = retrieval(fakes, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
-    banded = {key: vessel_band(fake) for key, fake in fakes.items()}
-    band = retrieval(banded, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
+    band = vessel_band_retrieval(fakes, translated, eyes.phases, fovs=eyes.fovs, distractors=others)
     dice = []
     for key, fake in fakes.items():
         inside = eyes.fovs[key]
@@ -106,7 +105,7 @@ def score(fakes: dict[str, np.ndarray], eyes: Eyes) -> dict:
         "excess": found.mean_excess,
         "per_image_excess": dict(zip(found.keys, np.round(found.excess, 4).tolist(), strict=True)),
         "vessel_dice": float(np.mean(dice)),
-        # the same retrieval on the outputs' vessel-scale structure alone (retrieval.vessel_band)
+        # the same on the vessel-scale structure alone (retrieval.vessel_band_retrieval)
         "vessel_band_own_eye": band.accuracy,
         "vessel_band_excess": band.mean_excess,
     }

@@ -177,7 +177,7 @@ def test_stage1_freeze_keeps_the_named_modules_as_loaded_and_trains_the_rest(tmp
     prepare_run(tmp_path / "run", config, "stage1", data, False)
     train(task, dataset, config.stage1, tmp_path / "run", config.seed, progress=False)
     after = dict(unet.named_parameters())
-    assert all(torch.equal(after[n], before[n]) and after[n].grad is None for n in frozen)
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
     moved = [n for n in before if n not in frozen and not torch.equal(after[n], before[n])]
     assert any(n.startswith("up_blocks.") for n in moved) and "conv_out.weight" in moved
     said = []
@@ -207,5 +207,9 @@ def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():
         unet.conv_in.weight[:, 4:] = 0  # a 4-channel U-Net widened for the source latent, as loaded from SD1.5
     with pytest.raises(ConfigError, match=r"stage1\.freeze: conv_in's source-latent input channels are newly"):
         freeze_unet(unet, ("conv_in",), latent_channels=4)
+    with torch.no_grad():
+        unet.class_embedding.weight.zero_()  # the phase embedding as added to a loaded U-Net
+    with pytest.raises(ConfigError, match=r"the phase embedding \(class_embedding\) are newly added zeros"):
+        freeze_unet(unet, ("class_embedding",), latent_channels=4)
     with pytest.raises(ConfigError, match=r"stage1\.freeze=.* may not hold an empty name"):
         load_config(preset="tiny", overrides=["stage1.freeze=[down_blocks,.]"])

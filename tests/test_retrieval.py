@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ffasynth.data.phantom import make_eye
-from ffasynth.evaluation.retrieval import centred, correlation, retrieval, vessel_band
+from ffasynth.evaluation.retrieval import centred, correlation, retrieval, vessel_band, vessel_band_retrieval
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +118,30 @@ def test_the_vessel_band_ranks_eyes_by_their_vessels_not_by_a_layout_that_decide
     layout = layout - vessel_band(layout)  # eye 3's low-frequency layout, nothing at vessel scale
     fakes = {key: layout + 0.2 * vessel_band(eyes[key]) for key in keys}
     assert retrieval(fakes, eyes).own_first == [False, False, False, True]
-    banded = retrieval({key: vessel_band(fake) for key, fake in fakes.items()}, eyes)
-    assert banded.accuracy == 1.0 and banded.mean_excess > 0.05
+    banded = vessel_band_retrieval(fakes, eyes)
+    assert banded.accuracy == 1.0 and banded.mean_excess > 0.3
     assert np.abs(vessel_band(np.full((64, 64), 0.7))).max() < 1e-6
     ramp = np.tile(np.linspace(0.2, 0.4, 64, dtype=np.float32), (64, 1))
     assert np.abs(vessel_band(ramp)[16:48, 16:48]).max() < 1e-4
     assert vessel_band(eyes["0"]).dtype == np.float32
+
+
+def test_the_vessel_band_score_is_not_decided_by_the_field_edge_or_an_eyes_layout_contrast(eyes):
+    """An output that is only an eye's field of view (a bright disc, no vessels) draws a ring in the band
+    along the field's edge; inside the eroded field it has nothing, so it is own-first for none. An eye whose
+    angiogram has a strong layout on top of the same vessels is found as well as without it."""
+    from ffasynth.data.registration import field_of_view
+
+    keys = sorted(eyes)
+    discs = {key: field_of_view(eyes[key]).astype(np.float32) for key in keys}
+    assert np.abs(vessel_band(discs["0"])).max() > 0.1  # the ring along the field's edge
+    found = vessel_band_retrieval(discs, eyes)
+    assert found.accuracy == 0.0 and np.nanmax(np.abs(found.similarity)) < 0.05
+    ramp = np.tile(np.linspace(0.0, 3.0, 96, dtype=np.float32), (96, 1))
+    steep = dict(eyes, **{"2": eyes["2"] + ramp})  # eye 2's angiogram under a strong gradient
+    fovs = {key: field_of_view(eyes[key]) for key in keys}
+    fakes = {key: vessel_band(eyes[key]) for key in keys}
+    both = vessel_band_retrieval(fakes, steep, fovs=fovs)
+    assert both.own_first == [True] * 4 and both.similarity[2, 2] > 0.9
+    # banding the outputs only, eye 2's gradient enters the correlation's denominator and loses it its own
+    assert retrieval(fakes, steep, fovs=fovs).own_first == [True, True, False, True]

@@ -1,5 +1,7 @@
 """The main job end to end on a fresh machine (what `make demo` runs): data → stage 0 (VAE) →
 stage 1 (U-Net) → stage 2 (decoder) → export → translate the held-out photos → evaluate → report.
+From the tiny preset's base model (the default) stage 0 is the base's VAE and stage 2 is off unless
+asked for (`decoder=True`): the base's decoder is kept.
 
 With no `data`, procedural phantom pairs are generated; the tiny preset trains within a wall-clock
 budget split across the stages, so it finishes in about `minutes` on 2 CPU cores.
@@ -31,12 +33,14 @@ from ffasynth.translate import load_pipeline
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
 # translation and evaluation.
 SHARES = {"vae": 0.35, "stage1": 0.55, "stage2": 0.10}
+NO_DECODER_SHARES = {"vae": 0.35, "stage1": 0.65}
 BASE_SHARES = {"stage1": 0.85, "stage2": 0.15}
-# From the base without stage 2 the U-Net has all the minutes and the base's decoder is kept. Stage 2 on a
-# few real pairs for its share of a few minutes is L1 on sampler latents that match their angiograms only
-# loosely (the tiny preset has no LPIPS offline and its discriminator starts at step 100), which pays the
-# decoder to blur: on the shared UWF folds it halved the outputs' vessel-band own-eye excess and cost 0.012-
-# 0.016 vessel Dice for +0.3 dB PSNR and +0.04-0.06 MS-SSIM, the grey own-eye test unchanged (README, issue 20).
+# From the base stage 2 is off by default: the U-Net has all the minutes and the base's decoder is kept.
+# Stage 2 on a few real pairs for its share of a few minutes is L1 on sampler latents that match their
+# angiograms only loosely (the tiny preset has no LPIPS offline and its discriminator starts at step 100),
+# which pays the decoder to blur: on the shared UWF folds it lowered the outputs' vessel-band own-eye excess
+# and cost 0.012-0.017 vessel Dice for +0.3 dB PSNR and +0.04-0.06 MS-SSIM, the grey own-eye excess no
+# better (README "Where the vessels went", issue 20).
 BASE_NO_DECODER_SHARES = {"stage1": 1.0}
 OVERHEAD_MINUTES = 0.75
 # On the demo's 256-px phantoms, crops of the whole eye (batch 2: the same pixels a step as 8 × 128²)
@@ -107,8 +111,7 @@ def quickstart(
     from_base = base.resolve(base_model) is not None
     decoder = not from_base if decoder is None else decoder
     shares = (BASE_SHARES if decoder else BASE_NO_DECODER_SHARES) if from_base else SHARES
-    if not decoder and not from_base:
-        shares = {"vae": SHARES["vae"], "stage1": SHARES["stage1"] + SHARES["stage2"]}
+    shares = shares if decoder or from_base else NO_DECODER_SHARES
     config = load_config(
         preset="tiny",
         overrides=[f"seed={seed}", *(f"{stage}.max_minutes={budget * share:.3f}" for stage, share in shares.items())]
@@ -116,8 +119,8 @@ def quickstart(
         + list(overrides or []),
     )
     runs = out / "runs"
-    if base.resolve(config.model.base) is None:
-        say(f"stage 0 (VAE), about {budget * SHARES['vae']:.1f} min")
+    if not from_base:
+        say(f"stage 0 (VAE), about {budget * shares['vae']:.1f} min")
         train_vae(config, data, runs / "vae", resume=True, progress=progress, say=say)
         config.model.vae = str((runs / "vae").resolve())
     say(f"stage 1 (U-Net), about {budget * shares['stage1']:.1f} min")

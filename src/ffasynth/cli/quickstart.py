@@ -40,8 +40,9 @@ def quickstart(
     ),
     overrides: list[str] | None = typer.Argument(None, help="Config fields as key=value (tiny preset)."),
 ) -> None:
-    """The main job end to end with the tiny preset: (phantom) data → VAE → U-Net → decoder → export →
-    translate held-out photos → evaluate → HTML report. Needs no weights, no GPU, no internet."""
+    """The main job end to end with the tiny preset: (phantom) data → U-Net fine-tuned from the shipped base
+    (from random weights, model.base=none: VAE → U-Net → decoder) → export → translate held-out photos →
+    evaluate → HTML report. Needs no weights, no GPU, no internet."""
     from ffasynth.quickstart import quickstart as run
 
     check_output_folder(out, [data])

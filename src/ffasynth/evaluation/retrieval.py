@@ -11,8 +11,8 @@ image's size first:
 - `correlation`: Pearson correlation of the grey levels;
 - `vessel_overlap`: Dice of the two vessel masks (`evaluation.vessels.vessel_mask`, the synthetic
   one drawn inside its own eye's field of view): does it show this eye's vessel tree?
-Outputs can be filtered first: `centred` (what all outputs of a phase share taken out) and `vessel_band`
-(only the vessel-scale structure, the low-frequency layout taken out).
+Outputs can be filtered first: `centred` (what all outputs of a phase share taken out); and
+`vessel_band_retrieval` scores both sides' vessel band (the low-frequency layout taken out).
 """
 
 from __future__ import annotations
@@ -46,14 +46,7 @@ def correlation(fake: np.ndarray, real: np.ndarray, fov: np.ndarray) -> float:
 
 
 def vessel_band(image: np.ndarray, fine: float = 1.5, coarse: float = 6.0) -> np.ndarray:
-    """The vessel-scale part of an (H, W) grey image: its Gaussian blur at `fine` px minus at `coarse` px.
-
-    Scored with `retrieval(vessel_band(...) of each output, reals)`, own-eye retrieval asks only whether
-    the vessel-scale structure lies where this eye's does, apart from the low-frequency layout (field
-    shape, bright centre, dark periphery) that dominates the grey-level correlation and that real
-    angiograms of different eyes largely share (their grey correlations with each other are 0.4-0.7 on
-    the shared UWF eyes). The real images stay whole: a band-limited output correlates only with their
-    vessel-scale part, so it ranks the eyes by that."""
+    """The vessel-scale part of an (H, W) grey image: its Gaussian blur at `fine` px minus at `coarse` px."""
     image = image.astype(np.float32)
     return cv2.GaussianBlur(image, (0, 0), fine) - cv2.GaussianBlur(image, (0, 0), coarse)
 
@@ -162,3 +155,35 @@ def retrieval(
             margins.append(float(similarity[i, i] - max(others)))
             excess.append(float(similarity[i, i] - np.mean(others)))
     return Retrieval(keys, similarity, own_first, margins, excess, columns)
+
+
+def vessel_band_retrieval(
+    fakes: dict[str, np.ndarray],
+    reals: dict[str, np.ndarray],
+    groups: dict[str, str] | None = None,
+    fovs: dict[str, np.ndarray] | None = None,
+    distractors: dict[str, np.ndarray] | None = None,
+    coarse: float = 6.0,
+) -> Retrieval:
+    """`retrieval` on the vessel band of both sides: does each output's vessel-scale structure lie where its
+    own eye's does, apart from the low-frequency layout (field shape, bright centre, dark periphery) that
+    dominates the grey-level correlation and that real angiograms of different eyes largely share (their grey
+    correlations with each other are 0.4-0.7 on the shared UWF eyes)? The real images are banded too, so an
+    eye's layout contrast does not enter the correlation's denominator; each field of view (found in the whole
+    real image unless given) is eroded by 2 × `coarse` px, so the ring the band draws along the field's edge
+    and the eyelids' cannot decide it."""
+    everything = {**reals, **(distractors or {})}
+    fovs = dict(fovs or {})
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4 * int(coarse) + 1,) * 2)
+    inner = {}
+    for key, real in everything.items():
+        fov = fovs[key] if key in fovs else field_of_view(real)
+        inner[key] = cv2.erode(fov.astype(np.uint8), kernel) > 0
+    band = {key: vessel_band(image, coarse=coarse) for key, image in fakes.items()}
+    return retrieval(
+        band,
+        {key: vessel_band(image, coarse=coarse) for key, image in reals.items()},
+        groups,
+        fovs=inner,
+        distractors={key: vessel_band(image, coarse=coarse) for key, image in (distractors or {}).items()},
+    )

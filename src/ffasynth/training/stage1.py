@@ -256,8 +256,8 @@ def trainable_parameters(task: Stage1Task) -> int:
 def freeze_unet(unet: torch.nn.Module, prefixes: tuple[str, ...], latent_channels: int) -> int:
     """Keep the U-Net parameters under `prefixes` (dotted module names: "down_blocks", "down_blocks.0") as
     loaded: `requires_grad` off, so no optimizer, EMA or gradient touches them. Returns how many values are
-    frozen. A prefix that names no parameter, or freezing a conv_in whose source-latent channels are the
-    zero-initialised new ones (the photo's latent would never get in), is a ConfigError naming stage1.freeze."""
+    frozen. A prefix that names no parameter, or one that would freeze a part added at zero (conv_in's
+    source-latent channels, the phase embedding) so that it never learns, is a ConfigError naming stage1.freeze."""
     frozen = 0
     for prefix in prefixes:
         prefix = prefix.strip(".")
@@ -265,13 +265,18 @@ def freeze_unet(unet: torch.nn.Module, prefixes: tuple[str, ...], latent_channel
         if not matched:
             tops = ", ".join(dict.fromkeys(name.split(".")[0] for name, _ in unet.named_parameters()))
             raise ConfigError(f"stage1.freeze: {prefix!r} names no U-Net parameter (its modules: {tops})")
+        # parts ffasynth adds to a loaded U-Net start at zero (conv_in's photo channels, the phase embedding):
+        # frozen so, the photo's latent or the phase would never get in
         conv_in = unet.conv_in.weight
-        new_channels = conv_in[:, latent_channels:]
-        if any(p is conv_in for p in matched) and new_channels.numel() and not new_channels.abs().any():
-            raise ConfigError(
-                "stage1.freeze: conv_in's source-latent input channels are newly added zeros in the loaded "
-                "U-Net; frozen, the photo's latent would never get in (leave conv_in out of stage1.freeze)"
-            )
+        added = {"conv_in's source-latent input channels": (conv_in, conv_in[:, latent_channels:])}
+        if getattr(unet, "class_embedding", None) is not None:
+            added["the phase embedding (class_embedding)"] = (unet.class_embedding.weight,) * 2
+        for what, (parameter, part) in added.items():
+            if any(p is parameter for p in matched) and part.numel() and not part.abs().any():
+                raise ConfigError(
+                    f"stage1.freeze: {what} are newly added zeros in the loaded U-Net; frozen, they would "
+                    f"never learn (leave {prefix} out of stage1.freeze)"
+                )
         for parameter in matched:
             if parameter.requires_grad:
                 parameter.requires_grad_(False)
