@@ -96,8 +96,9 @@ def child(args) -> dict:
         "peak_cuda_mib": cuda_peak_mib(device),
         "tile_size": settings.tile_size or pipeline.config.tile_size,
         # the VAE decode tile the pipeline resolves (at least DECODE_TILE_MIN): decoder memory grows up to it
-        "decode_tile_size": args.decode_tile_size
-        or TileSettings.resolve(settings.tile_size or pipeline.config.tile_size).decode_size,
+        "decode_tile_size": TileSettings.resolve(
+            settings.tile_size or pipeline.config.tile_size, decode_size=args.decode_tile_size or None
+        ).decode_size,
     }
 
 

@@ -110,8 +110,12 @@ def quickstart(
     # from a base model the VAE is the base's: its share goes to the U-Net (and the decoder, when trained)
     from_base = base.resolve(base_model) is not None
     decoder = not from_base if decoder is None else decoder
-    shares = (BASE_SHARES if decoder else BASE_NO_DECODER_SHARES) if from_base else SHARES
-    shares = shares if decoder or from_base else NO_DECODER_SHARES
+    shares = {
+        (False, True): SHARES,
+        (False, False): NO_DECODER_SHARES,
+        (True, True): BASE_SHARES,
+        (True, False): BASE_NO_DECODER_SHARES,
+    }[from_base, decoder]
     config = load_config(
         preset="tiny",
         overrides=[f"seed={seed}", *(f"{stage}.max_minutes={budget * share:.3f}" for stage, share in shares.items())]

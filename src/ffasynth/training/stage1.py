@@ -258,6 +258,12 @@ def freeze_unet(unet: torch.nn.Module, prefixes: tuple[str, ...], latent_channel
     loaded: `requires_grad` off, so no optimizer, EMA or gradient touches them. Returns how many values are
     frozen. A prefix that names no parameter, or one that would freeze a part added at zero (conv_in's
     source-latent channels, the phase embedding) so that it never learns, is a ConfigError naming stage1.freeze."""
+    # parts ffasynth adds to a loaded U-Net start at zero (conv_in's photo channels, the phase embedding):
+    # frozen so, the photo's latent or the phase would never get in
+    conv_in = unet.conv_in.weight
+    added = {"conv_in's source-latent input channels": (conv_in, conv_in[:, latent_channels:])}
+    if getattr(unet, "class_embedding", None) is not None:
+        added["the phase embedding (class_embedding)"] = (unet.class_embedding.weight,) * 2
     frozen = 0
     for prefix in prefixes:
         prefix = prefix.strip(".")
@@ -265,12 +271,6 @@ def freeze_unet(unet: torch.nn.Module, prefixes: tuple[str, ...], latent_channel
         if not matched:
             tops = ", ".join(dict.fromkeys(name.split(".")[0] for name, _ in unet.named_parameters()))
             raise ConfigError(f"stage1.freeze: {prefix!r} names no U-Net parameter (its modules: {tops})")
-        # parts ffasynth adds to a loaded U-Net start at zero (conv_in's photo channels, the phase embedding):
-        # frozen so, the photo's latent or the phase would never get in
-        conv_in = unet.conv_in.weight
-        added = {"conv_in's source-latent input channels": (conv_in, conv_in[:, latent_channels:])}
-        if getattr(unet, "class_embedding", None) is not None:
-            added["the phase embedding (class_embedding)"] = (unet.class_embedding.weight,) * 2
         for what, (parameter, part) in added.items():
             if any(p is parameter for p in matched) and part.numel() and not part.abs().any():
                 raise ConfigError(
