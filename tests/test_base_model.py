@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ffasynth.errors import ConfigError, WeightsNotFoundError
+from ffasynth.errors import ConfigError, FFASynthError, WeightsNotFoundError
 from ffasynth.models import base
 from ffasynth.models.components import build_components
 from tests.corpus import cli
@@ -188,6 +188,26 @@ def test_stage1_freeze_keeps_the_named_modules_as_loaded_and_trains_the_rest(tmp
     random_init = micro_config(FREEZE, "stage1.max_steps=1", *steps)
     train_stage1(random_init, data, tmp_path / "s1-random", progress=False, say=said.append)
     assert any(line.startswith("stage1.freeze ignored: the U-Net starts from random weights") for line in said)
+
+
+def test_resuming_with_another_freeze_is_refused_naming_the_option_and_keeps_the_run(tmp_path):
+    from ffasynth.training.stages import train_stage1
+
+    data, _ = _phantom_pairs(tmp_path)
+    path, _ = _trained_like_base(tmp_path)
+    steps = [f"model.base={path}", "data.crop_size=32", "stage1.batch_size=2", "stage1.rehearsal=0"]
+    train_stage1(micro_config(*steps, FREEZE, "stage1.max_steps=1"), data, tmp_path / "s1", progress=False)
+    saved = (tmp_path / "s1" / "config.yaml").read_text()
+    other = micro_config(*steps, "stage1.freeze=[conv_in]", "stage1.max_steps=2")
+    with pytest.raises(FFASynthError) as caught:
+        train_stage1(other, data, tmp_path / "s1", resume=True, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "stage1.freeze=['conv_in', 'down_blocks', 'mid_block']" in message
+    assert "this config has ['conv_in']" in message and "start a new --out" in message
+    assert (tmp_path / "s1" / "config.yaml").read_text() == saved  # nothing rewritten
+    assert (tmp_path / "s1" / "checkpoints" / "step-000001").is_dir()
+    train_stage1(micro_config(*steps, FREEZE, "stage1.max_steps=2"), data, tmp_path / "s1", resume=True, progress=False)
+    assert (tmp_path / "s1" / "checkpoints" / "step-000002").is_dir()  # the same settings resume
 
 
 def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():

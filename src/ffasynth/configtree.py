@@ -174,6 +174,12 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def plain_lookup(root: Any, key: str) -> Any:
+    """The value at a dotted key as YAML would write it (tuples as lists), or None when absent."""
+    value = _lookup(root, key)
+    return None if value is _MISSING else _plain(value)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'stage1.lr=1e-4' → ('stage1.lr', 0.0001); the value is read as YAML (numbers, bools, lists)."""
     key, sep, raw = text.partition("=")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
-from ffasynth import run_folder
+from ffasynth import configtree, run_folder
 from ffasynth.config import Config, load_config, save_config
 from ffasynth.data.dataset import PairDataset
 from ffasynth.data.pairs import load_pairs
@@ -70,6 +70,8 @@ def prepare_run(
     run_dir = Path(out)
     if run_dir.exists() and run_folder.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
+    if resume and (run_dir / "config.yaml").is_file():
+        check_resumable(run_dir, config, kind)
     if not write:
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,39 @@ def prepare_run(
     libraries = versions("diffusers", "transformers", "accelerate")
     run_folder.update_info(run_dir, kind=kind, data=str(Path(data_dir).resolve()), versions=libraries)
     return run_dir
+
+
+# Settings that decide which tensors a run trains (and so what its checkpoints hold): a resumed run must
+# keep them, or its weights, EMA and optimiser state no longer fit the model it builds.
+TRAINED_SET = {
+    "stage1": (
+        "stage1.freeze",
+        "stage1.lora.rank",
+        "stage1.lora.target_modules",
+        "model.use_clip",
+        "model.use_concat",
+        "model.num_phases",
+        "model.clip_tokens",
+    ),
+    "stage2": ("stage2.disc_layers", "stage2.disc_channels"),
+    "distill": ("distill.lora.rank", "distill.lora.target_modules"),
+}
+
+
+def check_resumable(run_dir: Path, config: Config, kind: str) -> None:
+    """Refuse, naming the option, a --resume whose config changes what the run trains (RUN/config.yaml
+    against `config`). A config.yaml that does not load is left to the checkpoint's own checks."""
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except (FFASynthError, OSError, ValueError):
+        return
+    for key in TRAINED_SET.get(kind, ()):
+        before, now = (configtree.plain_lookup(c, key) for c in (saved, config))
+        if before != now:
+            raise FFASynthError(
+                f"--resume: {run_dir} was trained with {key}={before}, this config has {now}; "
+                f"resume with {key}={before}, or start a new --out"
+            )
 
 
 def save_model_folder(run_dir: Path, components: Components) -> None:
