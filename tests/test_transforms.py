@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from ffasynth.config import load_config
 from ffasynth.data.dataset import PairDataset
 from ffasynth.data.pairs import load_pairs
 from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask
+from ffasynth.errors import ConfigError
 
 
 def _pair(h=60, w=80):
@@ -77,3 +80,54 @@ def test_dataset_items_are_deterministic_per_epoch(phantom_dir):
     assert not torch.equal(dataset[3]["target"], item["target"])
     whole = PairDataset(pairs)[0]
     assert whole["source"].shape == (3, 64, 64)
+
+
+def _rows_and_cols(h=256, w=256):
+    """source channel 0 = row / h, channel 1 = column / w; the target = row / h: a crop says which rows
+    and columns it covers, so a zoomed crop's window can be read off its values."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols = ys.float() / h, xs.float() / w
+    return torch.stack([rows * 0.9 + 0.1, cols * 0.9 + 0.1, torch.full_like(rows, 0.5)]), (rows * 0.9 + 0.1)[None]
+
+
+def test_zoom_out_crops_cover_windows_up_to_zoom_out_times_wider_shrunk_to_the_crop_size():
+    source, target = _rows_and_cols()
+    transform = PairedTransform(crop_size=16, hflip=False, min_fov_fraction=0.0, whole_view_size=0, zoom_out=4.0)
+    spans = []
+    for seed in range(40):
+        item = transform(source, target, torch.Generator().manual_seed(seed))
+        assert item["source"].shape == (3, 16, 16) and item["target"].shape == (1, 16, 16)
+        rows = denormalise(item["source"][0])
+        assert torch.allclose(rows, denormalise(item["target"][0]), atol=1e-6)  # paired: the same window
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        # area-averaged: the first and last output rows are the means of the window's first and last
+        # z rows, so their difference is the window's side minus z, in rows: (16z - z) / 256 * 0.9
+        step = float(rows[-1].mean() - rows[0].mean()) / 0.9 * 256
+        spans.append(step / 15)  # = z, the zoom this crop was drawn with
+    assert min(spans) >= 1.0 - 1e-3 and max(spans) <= 4.0 + 0.07
+    assert max(spans) > 3.0 and min(spans) < 1.5  # log-uniform over [1, 4]: both ends are drawn
+    small_source, small_target = _rows_and_cols(20, 30)
+    for seed in range(10):  # the window stops at the image's longest side (30): every column holds image
+        mask = transform(small_source, small_target, torch.Generator().manual_seed(seed))["mask"][0]
+        assert bool((mask.amax(dim=0) == 1).all())  # a window up to 64 wide would have padding-only columns
+    again = transform(source, target, torch.Generator().manual_seed(7))
+    assert torch.equal(again["source"], transform(source, target, torch.Generator().manual_seed(7))["source"])
+
+
+def test_zoom_out_1_draws_the_same_crops_as_before():
+    source, target = _rows_and_cols(60, 80)
+    plain = PairedTransform(crop_size=24, min_fov_fraction=0.0, whole_view_size=0)
+    zoom_1 = PairedTransform(crop_size=24, min_fov_fraction=0.0, whole_view_size=0, zoom_out=1.0)
+    for seed in range(5):
+        a, b = (t(source, target, torch.Generator().manual_seed(seed)) for t in (plain, zoom_1))
+        assert torch.equal(a["source"], b["source"]) and torch.equal(a["mask"], b["mask"])
+        top = round((float(denormalise(a["target"][0])[0, 0]) - 0.1) / 0.9 * 60)
+        expected = (target[0, top : top + 24, :1] * 2 - 1).flatten()  # an unscaled window of the image
+        assert torch.allclose(a["target"][0, :, 0].sort().values, expected.sort().values, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["0.5", "20", ".nan"])
+def test_zoom_out_outside_1_16_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"data\.zoom_out"):
+        load_config(preset="tiny", overrides=[f"data.zoom_out={value}"])
+    assert load_config(preset="tiny", overrides=["data.zoom_out=4"]).data.zoom_out == 4.0

@@ -42,6 +42,7 @@ class DataConfig:
     # Crops are drawn among windows with at least this fraction inside the field of view.
     min_fov_fraction: float = 0.5
     fov_threshold: float = 0.04  # source intensity (0-1) above which a pixel is inside the FOV
+    zoom_out: float = 1.0  # > 1: crops also cover windows up to zoom_out x crop_size, shrunk (transforms)
     max_pixels: int = 64_000_000
     # each image decoded once, with its FOV mask and crop-window counts, into .npy files every loader worker
     # memory-maps (data.cache); cache_dir: where (null: a temporary folder per run process, removed at its
@@ -53,6 +54,7 @@ class DataConfig:
         _require(self.crop_size >= 8, "data.crop_size", "must be at least 8")
         _require(0.0 <= self.min_fov_fraction <= 1.0, "data.min_fov_fraction", "must be in [0, 1]")
         _require(0.0 <= self.fov_threshold < 1.0, "data.fov_threshold", "must be in [0, 1)")
+        _require(1.0 <= self.zoom_out <= 16.0, "data.zoom_out", "must be in [1, 16] (1 = no zoom)")
         _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
 
 
@@ -433,9 +435,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 
 def load_config(
-    path: str | Path | None = None,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Defaults ← preset ← YAML file (over the file it `extends:`, if any) ← key=value overrides."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}

@@ -140,6 +140,10 @@ class PairedTransform:
     min_fov_fraction: float = 0.5
     fov_threshold: float = 0.04
     whole_view_size: int = CLIP_VIEW_SIZE  # items carry the whole photo's CLIP view at this size; 0 = not
+    # > 1: each crop covers a window z·crop_size wide (z log-uniform in [1, zoom_out], the window at most the
+    # image's longest side), area-averaged down to crop_size: the model also sees more of the eye at once,
+    # the layout a crop of crop_size pixels at native scale cannot show; 1 = off
+    zoom_out: float = 1.0
 
     @classmethod
     def from_config(cls, data_config) -> PairedTransform:
@@ -149,6 +153,7 @@ class PairedTransform:
             vflip=data_config.vflip,
             min_fov_fraction=data_config.min_fov_fraction,
             fov_threshold=data_config.fov_threshold,
+            zoom_out=data_config.zoom_out,
         )
 
     def __call__(
@@ -171,10 +176,17 @@ class PairedTransform:
             view = whole_view(as_tensor(source), self.whole_view_size)
         if mask is None:
             mask = fov_mask(as_tensor(source), self.fov_threshold)
-        size = self.crop_size
-        top, left = choose_crop(mask, size, generator, self.min_fov_fraction, counts)
-        crops = [unit_float(crop_padded(x, top, left, size)) for x in (source, target)]
-        crops.append(crop_padded(mask, top, left, size).float())
+        size = window = self.crop_size
+        if self.zoom_out > 1.0:  # drawn only when on: crops without zoom stay as they were
+            window = round(size * self.zoom_out ** float(torch.rand(1, generator=generator)))
+            window = min(window, max(size, *source.shape[-2:]))  # never wider than the whole image
+            counts = counts if window == size else None
+        top, left = choose_crop(mask, window, generator, self.min_fov_fraction, counts)
+        crops = [unit_float(crop_padded(x, top, left, window)) for x in (source, target)]
+        crops.append(crop_padded(mask, top, left, window).float())
+        if window != size:  # area-averaged down to crop_size; the mask stays {0, 1}
+            crops = [F.interpolate(x[None], size=(size, size), mode="area")[0] for x in crops]
+            crops[2] = (crops[2] >= 0.5).float()
         flips = torch.rand(2, generator=generator)
         crops.append(None if view is None else as_tensor(view))
         if self.hflip and flips[0] < 0.5:
