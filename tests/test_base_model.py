@@ -206,8 +206,15 @@ def test_resuming_with_another_freeze_is_refused_naming_the_option_and_keeps_the
     assert "this config has ['conv_in']" in message and "start a new --out" in message
     assert (tmp_path / "s1" / "config.yaml").read_text() == saved  # nothing rewritten
     assert (tmp_path / "s1" / "checkpoints" / "step-000001").is_dir()
-    train_stage1(micro_config(*steps, FREEZE, "stage1.max_steps=2"), data, tmp_path / "s1", resume=True, progress=False)
+    reordered = "stage1.freeze=[mid_block,conv_in,down_blocks]"  # the same set of modules
+    train_stage1(
+        micro_config(*steps, reordered, "stage1.max_steps=2"), data, tmp_path / "s1", resume=True, progress=False
+    )
     assert (tmp_path / "s1" / "checkpoints" / "step-000002").is_dir()  # the same settings resume
+    (tmp_path / "early").mkdir()  # a run that stopped before its first checkpoint has nothing to keep
+    (tmp_path / "early" / "config.yaml").write_text(saved)
+    train_stage1(other, data, tmp_path / "early", resume=True, progress=False)
+    assert (tmp_path / "early" / "checkpoints" / "step-000002").is_dir()
 
 
 def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():
@@ -233,3 +240,33 @@ def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():
         freeze_unet(unet, ("class_embedding",), latent_channels=4)
     with pytest.raises(ConfigError, match=r"stage1\.freeze=.* may not hold an empty name"):
         load_config(preset="tiny", overrides=["stage1.freeze=[down_blocks,.]"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "before", "after", "refused"),
+    [
+        ("distill", [], ["distill.preview_channels=16"], "distill.preview_channels=32"),
+        ("distill", [], ["distill.preview_decoder=false"], "distill.preview_decoder=True"),
+        ("stage1", [], ["stage1.lora.target_modules=[to_q]"], None),  # no adapters (rank 0): nothing changes
+        (
+            "stage1",
+            ["stage1.lora.rank=4"],
+            ["stage1.lora.rank=4", "stage1.lora.target_modules=[to_q]"],
+            "stage1.lora.target_m",
+        ),
+        ("stage2", [], ["stage2.disc_layers=2"], "stage2.disc_layers=3"),
+        ("vae", [], ["stage1.freeze=[conv_in]"], None),  # another stage's keys: not this run's
+    ],
+)
+def test_resume_compares_only_what_the_run_trains(tmp_path, kind, before, after, refused):
+    from ffasynth.config import save_config
+    from ffasynth.training.run import prepare_run
+
+    save_config(micro_config(*before), tmp_path / "config.yaml")
+    (tmp_path / "checkpoints" / "step-000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000001" / "state.json").write_text("{}")
+    if refused is None:
+        prepare_run(tmp_path, micro_config(*after), kind, tmp_path, resume=True)
+    else:
+        with pytest.raises(FFASynthError, match=rf"^--resume: .* was trained with {refused}"):
+            prepare_run(tmp_path, micro_config(*after), kind, tmp_path, resume=True)

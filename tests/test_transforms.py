@@ -8,7 +8,7 @@ import torch
 from ffasynth.config import load_config
 from ffasynth.data.dataset import PairDataset
 from ffasynth.data.pairs import load_pairs
-from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask
+from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask, window_counts
 from ffasynth.errors import ConfigError
 
 
@@ -115,15 +115,29 @@ def test_zoom_out_crops_cover_windows_up_to_zoom_out_times_wider_shrunk_to_the_c
 
 
 def test_zoom_out_1_draws_the_same_crops_as_before():
+    """zoom_out 1 draws no zoom: the crop is choose_crop's window at crop_size from the same generator."""
     source, target = _rows_and_cols(60, 80)
-    plain = PairedTransform(crop_size=24, min_fov_fraction=0.0, whole_view_size=0)
-    zoom_1 = PairedTransform(crop_size=24, min_fov_fraction=0.0, whole_view_size=0, zoom_out=1.0)
+    transform = PairedTransform(crop_size=24, hflip=False, min_fov_fraction=0.0, whole_view_size=0, zoom_out=1.0)
     for seed in range(5):
-        a, b = (t(source, target, torch.Generator().manual_seed(seed)) for t in (plain, zoom_1))
-        assert torch.equal(a["source"], b["source"]) and torch.equal(a["mask"], b["mask"])
-        top = round((float(denormalise(a["target"][0])[0, 0]) - 0.1) / 0.9 * 60)
-        expected = (target[0, top : top + 24, :1] * 2 - 1).flatten()  # an unscaled window of the image
-        assert torch.allclose(a["target"][0, :, 0].sort().values, expected.sort().values, atol=1e-5)
+        item = transform(source, target, torch.Generator().manual_seed(seed))
+        top, left = choose_crop(fov_mask(source), 24, torch.Generator().manual_seed(seed), 0.0)
+        assert torch.allclose(denormalise(item["target"]), target[:, top : top + 24, left : left + 24], atol=1e-6)
+
+
+def test_zoomed_crops_take_their_window_counts_from_the_cache_and_match_uncached_ones(tmp_path):
+    source, target = _rows_and_cols(96, 128)
+    transform = PairedTransform(crop_size=16, min_fov_fraction=0.5, whole_view_size=0, zoom_out=4.0)
+    asked = []
+
+    def counts(window):
+        asked.append(window)
+        return window_counts(fov_mask(source), window)
+
+    for seed in range(12):
+        cached = transform(source, target, torch.Generator().manual_seed(seed), counts=counts)
+        plain = transform(source, target, torch.Generator().manual_seed(seed))
+        assert all(torch.equal(cached[k], plain[k]) for k in ("source", "target", "mask"))
+    assert set(asked) <= {round(16 * 4 ** (k / 8)) for k in range(9)} and len(set(asked)) > 2
 
 
 @pytest.mark.parametrize("value", ["0.5", "20", ".nan"])

@@ -106,7 +106,8 @@ class PairDataset(Dataset):
 
     def _field_of_view(self, index: int, source) -> dict:
         """What the transform would compute from the whole source, computed once per image and kept:
-        the FOV mask (uint8), its window counts at the crop size and the CLIP view."""
+        the FOV mask (uint8), its window counts (a function of the window size: the crop size, or
+        zoom_out's sizes) and the CLIP view."""
         if self.store is None:
             return {}
         transform, path = self.transform, self.pairs[index].source
@@ -120,8 +121,12 @@ class PairDataset(Dataset):
             return whole_view(as_tensor(source), transform.whole_view_size).numpy()
 
         parts = {"mask": self.store.get(mask_name, mask)}
-        counts_name = "counts-" + file_key(path, *key, transform.crop_size)
-        parts["counts"] = self.store.get(counts_name, lambda: window_counts(parts["mask"], transform.crop_size).numpy())
+
+        def counts(window: int) -> np.ndarray:  # per window size (zoom_out draws a few), each computed once
+            name = "counts-" + file_key(path, *key, window)
+            return self.store.get(name, lambda: window_counts(parts["mask"], window).numpy())
+
+        parts["counts"] = counts
         if transform.whole_view_size > 0:
             view_name = "view-" + file_key(path, self.source_channels, self.max_pixels, transform.whole_view_size)
             parts["view"] = self.store.get(view_name, view)

@@ -26,6 +26,7 @@ drawing eyes (32 crops per eye: ~390). 512-853² UWF eyes (real UWF scale), 64 c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -145,7 +146,7 @@ class PhantomStream(Dataset):
         if self.transform.whole_view_size > 0:
             cached["view"] = whole_view(cached["source"], self.transform.whole_view_size)
         cached["mask"] = fov_mask(cached["source"], self.transform.fov_threshold)
-        cached["counts"] = window_counts(cached["mask"], self.transform.crop_size)  # once per eye, not per crop
+        cached["counts"] = functools.cache(functools.partial(window_counts, cached["mask"]))  # per eye and window size
         if self.cache_eyes > 0:
             self._eyes[number] = cached
             while len(self._eyes) > self.cache_eyes:

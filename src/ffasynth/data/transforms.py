@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ffasynth.data.io import unit_float
 
+ZOOM_LEVELS = 8  # zoom_out's window sizes: crop_size · zoom_out^(k/8), k = 0..8
+
 # CLIP ViT-L/14's input side (SD image variation's encoder); a CLIP with another input size resizes
 # this view once more, the same way in training and in the pipeline.
 CLIP_VIEW_SIZE = 224
@@ -140,9 +142,10 @@ class PairedTransform:
     min_fov_fraction: float = 0.5
     fov_threshold: float = 0.04
     whole_view_size: int = CLIP_VIEW_SIZE  # items carry the whole photo's CLIP view at this size; 0 = not
-    # > 1: each crop covers a window z·crop_size wide (z log-uniform in [1, zoom_out], the window at most the
-    # image's longest side), area-averaged down to crop_size: the model also sees more of the eye at once,
-    # the layout a crop of crop_size pixels at native scale cannot show; 1 = off
+    # > 1: each crop covers a window z·crop_size wide (z = zoom_out^(k/ZOOM_LEVELS), k uniform in 0..ZOOM_LEVELS:
+    # log-uniform over a few sizes, whose window counts a dataset can cache; the window at most the image's
+    # longest side), area-averaged down to crop_size: the model also sees more of the eye at once, the layout
+    # a crop of crop_size pixels at native scale cannot show; 1 = off
     zoom_out: float = 1.0
 
     @classmethod
@@ -169,7 +172,7 @@ class PairedTransform:
         [-1, 1] and a (1, h, w) FOV mask; "whole_source": the whole source's CLIP view in [-1, 1], with
         the crop's flips. Computed here when not given (each a pass over the whole image): `view`, the
         source's CLIP view; `mask`, its (1, H, W) `fov_mask` at fov_threshold; `counts`, the mask's
-        `window_counts` at crop_size."""
+        `window_counts` at crop_size, or a function window → `window_counts(mask, window)` (with zoom_out)."""
         if source.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in size")
         if view is None and self.whole_view_size > 0:
@@ -178,9 +181,13 @@ class PairedTransform:
             mask = fov_mask(as_tensor(source), self.fov_threshold)
         size = window = self.crop_size
         if self.zoom_out > 1.0:  # drawn only when on: crops without zoom stay as they were
-            window = round(size * self.zoom_out ** float(torch.rand(1, generator=generator)))
+            level = int(torch.randint(0, ZOOM_LEVELS + 1, (1,), generator=generator))
+            window = round(size * self.zoom_out ** (level / ZOOM_LEVELS))
             window = min(window, max(size, *source.shape[-2:]))  # never wider than the whole image
-            counts = counts if window == size else None
+        if callable(counts):
+            counts = counts(window)
+        elif window != size:
+            counts = None  # computed for this window below (a pass over the whole mask)
         top, left = choose_crop(mask, window, generator, self.min_fov_fraction, counts)
         crops = [unit_float(crop_padded(x, top, left, window)) for x in (source, target)]
         crops.append(crop_padded(mask, top, left, window).float())

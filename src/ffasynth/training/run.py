@@ -70,7 +70,7 @@ def prepare_run(
     run_dir = Path(out)
     if run_dir.exists() and run_folder.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
-    if resume and (run_dir / "config.yaml").is_file():
+    if resume and run_folder.complete_checkpoints(run_dir) and (run_dir / "config.yaml").is_file():
         check_resumable(run_dir, config, kind)
     if not write:
         return run_dir
@@ -94,8 +94,26 @@ TRAINED_SET = {
         "model.clip_tokens",
     ),
     "stage2": ("stage2.disc_layers", "stage2.disc_channels"),
-    "distill": ("distill.lora.rank", "distill.lora.target_modules"),
+    "distill": (
+        "distill.lora.rank",
+        "distill.lora.target_modules",
+        "distill.preview_decoder",
+        "distill.preview_channels",
+    ),
 }
+
+
+def _trained_value(config: Config, key: str):
+    """The value of a TRAINED_SET key as it shapes the run: freeze names in any order, LoRA's target modules
+    only when it has adapters."""
+    value = configtree.plain_lookup(config, key)
+    if key.endswith(".freeze"):
+        return sorted(value)
+    if key.endswith(".lora.target_modules") and not configtree.plain_lookup(
+        config, key[: -len("target_modules")] + "rank"
+    ):
+        return None
+    return value
 
 
 def check_resumable(run_dir: Path, config: Config, kind: str) -> None:
@@ -106,7 +124,7 @@ def check_resumable(run_dir: Path, config: Config, kind: str) -> None:
     except (FFASynthError, OSError, ValueError):
         return
     for key in TRAINED_SET.get(kind, ()):
-        before, now = (configtree.plain_lookup(c, key) for c in (saved, config))
+        before, now = (_trained_value(c, key) for c in (saved, config))
         if before != now:
             raise FFASynthError(
                 f"--resume: {run_dir} was trained with {key}={before}, this config has {now}; "
