@@ -100,6 +100,12 @@ def field_of_view(image: np.ndarray, threshold: float = 0.04) -> np.ndarray:
     return _largest_blob(mask)
 
 
+def inset(fov: np.ndarray, margin: int) -> np.ndarray:
+    """The (H, W) field of view less a rim `margin` px wide (eroded by a disc), as a bool mask."""
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1,) * 2)
+    return cv2.erode(fov.astype(np.uint8), disc) > 0
+
+
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(mask)
     if count > 1:
@@ -121,9 +127,9 @@ def vessel_map(grey: np.ndarray, fov: np.ndarray, dark_vessels: bool, sigmas=(1.
     filled = np.where(fov, equalised, level)  # no ridge response at the rim
     ridges = frangi(filled, sigmas=sigmas, black_ridges=dark_vessels).astype(np.float32)
     margin = int(2 * max(sigmas) + 1)
-    core = cv2.erode(fov.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1,) * 2))
+    core = inset(fov, margin)
     ridges *= core
-    top = float(np.percentile(ridges[core > 0], 99)) if core.any() else 0.0
+    top = float(np.percentile(ridges[core], 99)) if core.any() else 0.0
     return np.clip(ridges / top, 0.0, 1.0) if top > 0 else ridges
 
 
@@ -178,7 +184,7 @@ def _prepare(image: np.ndarray, dark_vessels: bool, params: RegistrationParams) 
     fov = photo_field(small) if dark_vessels else angiogram_field(small)
     vessels = vessel_map(vessel_channel(small), fov, dark_vessels, params.vessel_sigmas)
     margin = int(2 * max(params.vessel_sigmas) + 1)  # vessel_map's own rim
-    mask = cv2.erode(fov.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1,) * 2)) > 0
+    mask = inset(fov, margin)
     return _View(vessels, mask, to_work, (height, width))
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ffasynth.data.registration import field_of_view
+from ffasynth.data.registration import field_of_view, inset
 from ffasynth.evaluation.vessels import dice
 
 
@@ -138,7 +138,7 @@ def retrieval(
     columns = keys + sorted(distractors)
     candidates = {**{key: reals[key] for key in keys}, **distractors}
     groups = groups or {}
-    fovs = dict(fovs or {})
+    fovs = fovs or {}
     for key in columns:
         if key not in fovs:
             fovs[key] = field_of_view(candidates[key])
@@ -173,12 +173,11 @@ def vessel_band_retrieval(
     real image unless given) is eroded by 2 × `coarse` px, so the ring the band draws along the field's edge
     and the eyelids' cannot decide it."""
     everything = {**reals, **(distractors or {})}
-    fovs = dict(fovs or {})
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4 * int(coarse) + 1,) * 2)
-    inner = {}
-    for key, real in everything.items():
-        fov = fovs[key] if key in fovs else field_of_view(real)
-        inner[key] = cv2.erode(fov.astype(np.uint8), kernel) > 0
+    fovs = fovs or {}
+    inner = {
+        key: inset(fovs[key] if key in fovs else field_of_view(real), 2 * int(coarse))
+        for key, real in everything.items()
+    }
     band = {key: vessel_band(image, coarse=coarse) for key, image in fakes.items()}
     return retrieval(
         band,

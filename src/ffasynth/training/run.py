@@ -109,9 +109,7 @@ def _trained_value(config: Config, key: str):
     value = configtree.plain_lookup(config, key)
     if key.endswith(".freeze"):
         return sorted(value)
-    if key.endswith(".lora.target_modules") and not configtree.plain_lookup(
-        config, key[: -len("target_modules")] + "rank"
-    ):
+    if key.endswith(".lora.target_modules") and not configtree.plain_lookup(config, key.rsplit(".", 1)[0] + ".rank"):
         return None
     return value
 
