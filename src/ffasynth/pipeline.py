@@ -235,7 +235,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             def encode(pixels: torch.Tensor) -> torch.Tensor:
                 return encode_latents(vae, unit_float(pixels.to(device)).to(vae.dtype) * 2.0 - 1.0).float()
 
-            latents = tiled_encode(encode, source, tile_px, overlap_px, self.vae_scale_factor)
+            latents = tiled_encode(encode, source, tile_px, None, self.vae_scale_factor)  # half-tile overlap
         return SourceCondition(tokens, latents, tiles)
 
     def _phase_label(self, phase: str | None, device) -> torch.Tensor | None:

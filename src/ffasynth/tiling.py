@@ -26,6 +26,8 @@ from ffasynth.errors import FFASynthError
 # brightness: blocks the size of the tile, which on a near-flat synthetic angiogram are most of its
 # low-frequency variance (2026-12-05: at 512 px they decided the own-eye correlation test on the UWF eyes).
 DECODE_TILE_MIN = 1024
+# The source encode's overlap, a fraction of its tile (tiled_encode): the most the blend allows.
+ENCODE_OVERLAP = 0.5
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -220,11 +222,22 @@ def latent_tile(tile_px: int, overlap_px: int, vae_factor: int, unet_factor: int
 
 
 def tiled_encode(
-    encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile_px: int, overlap_px: int, factor: int
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile_px: int,
+    overlap_px: int | None,
+    factor: int,
 ) -> torch.Tensor:
     """Pixels (N, 3, H, W) → latents (N, C, H/f, W/f) in tiles of tile_px (the size the model saw
-    in training, so each tile's normalisation statistics match training's crops)."""
+    in training, so each tile's normalisation statistics match training's crops).
+
+    overlap_px None: half the tile (`ENCODE_OVERLAP`). The encoder's GroupNorm statistics are each
+    tile's own, so the latent of a place depends on what else its tile holds: with a quarter overlap a
+    UWF photo's tiles that hold the eyelids or the black border encode the retina beside them shifted,
+    and the angiogram shows it as a rectangle one tile in from the field's edge (2026-12-05). Half the
+    tile spreads every change of context over the whole tile: no steps, at ~2.3× the encoder's work."""
     tile = max(factor, tile_px // factor * factor)
+    overlap_px = round(tile * ENCODE_OVERLAP) if overlap_px is None else overlap_px
     overlap = min(overlap_px // factor * factor, tile // 2)
     return tiled_map(encode, [image], tile, overlap, scale=1.0 / factor, multiple=factor, batch_size=1)
 

@@ -50,7 +50,7 @@ def decoder_errors(
         if tile is None:
             decoded = decode(encode_latents(vae, padded))
         else:
-            latents = tiled_encode(lambda x: encode_latents(vae, x), padded, tile, tile // 4, factor)
+            latents = tiled_encode(lambda x: encode_latents(vae, x), padded, tile, None, factor)
             latent_tile = max(1, tile // factor)
             decoded = tiled_decode(decode, latents, latent_tile, latent_tile // 4, factor)
         inside = pad_to(torch.ones_like(image, dtype=torch.bool), *size)  # where the padding put the image
