@@ -132,6 +132,19 @@ def test_translate_writes_same_size_grey_images_and_skips_bad_files(exported, tm
     assert not torch.equal(first, read_image(again / "a_ffa.png"))  # 1 sample, early phase, no tiling
     bad = runner.invoke(app, [*args, "--phase", "venous"])
     assert isinstance(bad.exception, FFASynthError) and "venous" in str(bad.exception)  # main() prints it, exit 2
+    bad = runner.invoke(app, [*args, "--outside-field", "grey"])
+    assert isinstance(bad.exception, FFASynthError) and "outside_field 'grey'" in str(bad.exception)
+    black = tmp_path / "black.png"  # a photo with a black rim: --outside-field model keeps the model's output there
+    rim = (rng.random((30, 30, 3)) * 200 + 55).astype(np.uint8)
+    rim[:, :10] = 0
+    save_image(rim, black)
+    for mode in ("black", "model"):
+        command = ["translate", str(exported), str(black), "--out", str(tmp_path / mode), "--steps", "2"]
+        result = runner.invoke(app, [*command, "--outside-field", mode, "--quiet"])
+        assert result.exit_code == 0, result.output
+    ffa = {mode: read_image(tmp_path / mode / "black_ffa.png")[0] for mode in ("black", "model")}
+    assert (ffa["black"][:, :6] == 0).all() and ffa["model"][:, :6].mean() > 0.02
+    assert torch.equal(ffa["black"][:, 14:], ffa["model"][:, 14:])
 
 
 def test_inputs_are_collected_named_and_coloured(tmp_path):

@@ -39,8 +39,8 @@ class DataConfig:
     crop_size: int = 768
     hflip: bool = True
     vflip: bool = False
-    # Crops are drawn among windows with at least this fraction inside the field of view.
-    min_fov_fraction: float = 0.5
+    # Crops: windows with at least this fraction in the field of view (low: inference tiles hold its edge too)
+    min_fov_fraction: float = 0.1
     fov_threshold: float = 0.04  # source intensity (0-1) above which a pixel is inside the FOV
     zoom_out: float = 1.0  # > 1: crops also cover windows up to zoom_out x crop_size, shrunk (transforms)
     max_pixels: int = 64_000_000

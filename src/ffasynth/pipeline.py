@@ -32,15 +32,21 @@ from torch import nn
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import source_tensor, unit_float
+from ffasynth.data.registration import field_of_view
 from ffasynth.data.transforms import whole_view
 from ffasynth.errors import FFASynthError
 from ffasynth.models.architecture import downsampling_factor
-from ffasynth.models.conditioning import SourceConditioner, decode_latents, encode_latents, guided_prediction
+from ffasynth.models.conditioning import (
+    SourceCondition,
+    SourceConditioner,
+    decode_latents,
+    encode_latents,
+    guided_prediction,
+)
 from ffasynth.models.folders import check_pipeline_folder
 from ffasynth.models.lora import ADAPTER_FOLDER, load_lora
 from ffasynth.models.preview_decoder import PreviewDecoder
 from ffasynth.tiling import (
-    Tile,
     TileSettings,
     check_tile_settings,
     latent_tile,
@@ -86,24 +92,6 @@ class FFASynthesisOutput(BaseOutput):
 
     images: list
     uncertainty: list | None = None
-
-
-@dataclass
-class SourceCondition:
-    """What the photo contributes to every step and tile, computed once per image."""
-
-    tokens: torch.Tensor  # (1, T, D) for every tile, or (n, T, D): row i for tiles[i]
-    latents: torch.Tensor | None  # (1, C, h, w), None without the concat path
-    tiles: list[Tile] | None = None  # the denoising tiles (latent units) of per-tile tokens
-
-    def __post_init__(self):
-        self._rows = None if self.tiles is None else {t: i for i, t in enumerate(self.tiles)}
-
-    def tokens_for(self, tiles: list[Tile]) -> torch.Tensor:
-        """(len(tiles), T, D): the tokens each of these denoising tiles is conditioned on."""
-        if self._rows is None:
-            return self.tokens.expand(len(tiles), -1, -1)
-        return self.tokens[[self._rows[t] for t in tiles]]  # a tile not planned here: KeyError
 
 
 class FFASynthesisPipeline(DiffusionPipeline):
@@ -274,11 +262,12 @@ class FFASynthesisPipeline(DiffusionPipeline):
         tiles: TileSettings,
         start_strength: float = 1.0,
         decoder: str = "vae",
+        outside_field: str = "black",
     ) -> torch.Tensor:
         """One photo (3, H, W), uint8 levels or float in [0, 1] → num_samples angiograms (N, 1, H, W)
         in [0, 1], on the CPU. start_strength < 1: start from the photo's latent noised to that fraction
         of the schedule (the first steps skipped) instead of pure noise. decoder "preview": the tiny
-        preview decoder instead of the VAE's."""
+        preview decoder instead of the VAE's. outside_field "black": 0 outside the photo's field_of_view."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
@@ -323,7 +312,10 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
         # the full-size image is assembled in host memory, one decoded tile at a time
         images = tiled_decode(decode, latents, decode_tile, decode_tile // 4, vae_factor, "cpu")
-        return images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
+        images = images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
+        if outside_field == "black":
+            images.mul_(torch.from_numpy(field_of_view(unit_float(source).cpu().permute(1, 2, 0).numpy())))
+        return images
 
     def check_inputs(
         self,
@@ -334,9 +326,12 @@ class FFASynthesisPipeline(DiffusionPipeline):
         phase: str | None = None,
         start_strength: float = 1.0,
         decoder: str = "vae",
+        outside_field: str = "black",
     ) -> None:
         """Raise FFASynthError (one line) for settings this pipeline cannot run."""
         self._phase_label(phase, "cpu")
+        if outside_field not in ("black", "model"):
+            raise FFASynthError(f"outside_field {outside_field!r}: allowed 'black' or 'model'")
         if decoder not in ("vae", "preview") or (decoder == "preview" and self.preview_decoder is None):
             raise FFASynthError(
                 f"decoder {decoder!r}: allowed 'vae', or 'preview' for a pipeline with a preview decoder "
@@ -378,6 +373,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return_dict: bool = True,
         start_strength: float = 1.0,
         decoder: str = "vae",
+        outside_field: str = "black",
     ):
         """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
 
@@ -391,13 +387,22 @@ class FFASynthesisPipeline(DiffusionPipeline):
         photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
         num_inference_steps: None = the config's (20; 4 for the tiny preset and an LCM student). decoder:
         "vae", or "preview" (the tiny preview decoder of a distilled pipeline: a fast, softer image).
+        outside_field: "black" (the photo's field of view kept, black outside it, as a real angiogram) or
+        "model" (the model's output everywhere).
         """
         if image_guidance_scale is None:
             image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
         if num_inference_steps is None:
             num_inference_steps = int(self.config.get("num_inference_steps", 20))
         self.check_inputs(
-            num_inference_steps, image_guidance_scale, num_samples, output_type, phase, start_strength, decoder
+            num_inference_steps,
+            image_guidance_scale,
+            num_samples,
+            output_type,
+            phase,
+            start_strength,
+            decoder,
+            outside_field,
         )
         tile_size = self.config.tile_size if tile_size is None else tile_size
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
@@ -415,6 +420,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
                 tiles,
                 start_strength,
                 decoder,
+                outside_field,
             )
             means.append(samples[0] if num_samples == 1 else samples.mean(dim=0))
             stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)

@@ -164,6 +164,7 @@ class TranslateSettings:
     decode_tile_size: int | None = None
     uncertainty_max: float = 0.2
     decoder: str = "vae"  # or "preview": a distilled pipeline's tiny decoder
+    outside_field: str = "black"  # or "model": the output outside the photo's field of view kept
 
 
 @dataclass
@@ -186,7 +187,14 @@ def translate_files(
     after each file."""
     steps = settings.steps if settings.steps is not None else int(pipeline.config.get("num_inference_steps", 20))
     pipeline.check_inputs(
-        steps, settings.guidance, settings.samples, "np", settings.phase, settings.start_strength, settings.decoder
+        steps,
+        settings.guidance,
+        settings.samples,
+        "np",
+        settings.phase,
+        settings.start_strength,
+        settings.decoder,
+        settings.outside_field,
     )
     report = TranslateReport()
     stems = output_stems(files)
@@ -209,6 +217,7 @@ def translate_files(
                 decode_tile_size=settings.decode_tile_size,
                 start_strength=settings.start_strength,
                 decoder=settings.decoder,
+                outside_field=settings.outside_field,
             )
             report.seconds[path] = time.perf_counter() - start
             size = tuple(photo.shape[-2:])

@@ -85,6 +85,12 @@ def translate(
         "--decoder",
         help="vae, or preview: the tiny preview decoder of a distilled pipeline (fast, softer).",
     ),
+    outside_field: str = typer.Option(
+        "black",
+        "--outside-field",
+        help="black: black outside the photo's field of view, as a real angiogram (default); model: the "
+        "model's output there too.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Translate photos into FFA images of the same size (8-bit grey PNG). Large photos run in

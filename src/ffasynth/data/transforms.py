@@ -139,7 +139,7 @@ class PairedTransform:
     crop_size: int = 768
     hflip: bool = True
     vflip: bool = False
-    min_fov_fraction: float = 0.5
+    min_fov_fraction: float = 0.1  # as DataConfig's
     fov_threshold: float = 0.04
     whole_view_size: int = CLIP_VIEW_SIZE  # items carry the whole photo's CLIP view at this size; 0 = not
     # > 1: each crop covers a window z·crop_size wide (z = zoom_out^(k/ZOOM_LEVELS), k uniform in 0..ZOOM_LEVELS:

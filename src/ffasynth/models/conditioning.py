@@ -9,6 +9,8 @@ in one pass."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,9 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ffasynth.data.io import unit_float
+
+if TYPE_CHECKING:
+    from ffasynth.tiling import Tile
 
 
 def to_vae_input(image: torch.Tensor) -> torch.Tensor:
@@ -219,3 +224,21 @@ def guided_prediction(
         conditional, unconditional = output.chunk(2)
         output = unconditional + scales.view(-1, 1, 1, 1) * (conditional - unconditional)
     return output
+
+
+@dataclass
+class SourceCondition:
+    """What the photo contributes to every step and tile, computed once per image."""
+
+    tokens: torch.Tensor  # (1, T, D) for every tile, or (n, T, D): row i for tiles[i]
+    latents: torch.Tensor | None  # (1, C, h, w), None without the concat path
+    tiles: list[Tile] | None = None  # the denoising tiles (latent units) of per-tile tokens
+
+    def __post_init__(self):
+        self._rows = None if self.tiles is None else {t: i for i, t in enumerate(self.tiles)}
+
+    def tokens_for(self, tiles: list[Tile]) -> torch.Tensor:
+        """(len(tiles), T, D): the tokens each of these denoising tiles is conditioned on."""
+        if self._rows is None:
+            return self.tokens.expand(len(tiles), -1, -1)
+        return self.tokens[[self._rows[t] for t in tiles]]  # a tile not planned here: KeyError
