@@ -205,16 +205,16 @@ def test_plain_diffusers_loads_an_exported_folder_once_ffasynth_is_imported(pipe
     assert torch.equal(_run(loaded, photo).images[0], _run(pipe, photo).images[0])
 
 
-def test_outside_the_photos_field_of_view_is_black_unless_asked_for_the_models_output(pipe):
-    """A real angiogram has no signal where the camera saw nothing; the model draws grey texture there (on
-    the UWF eyes, where the photo is black and the angiogram dark), so by default the output is 0 outside the
-    photo's field of view, and exactly the model's output inside it."""
+def test_outside_field_black_zeroes_the_output_beyond_the_photos_field_of_view_and_keeps_it_inside(pipe):
+    """A real angiogram has no signal where the camera saw nothing; the model draws grey texture there.
+    outside_field="black" gives 0 outside the photo's field of view and exactly the model's output inside;
+    "model" (the default) keeps the model's output everywhere."""
     photo = torch.rand(3, 40, 52, generator=seeded(3)) * 0.8 + 0.2
     photo[:, :8], photo[:, :, 40:] = 0.0, 0.0  # black above and to the right, as a UWF photo's corners
     inside = torch.from_numpy(field_of_view(photo.permute(1, 2, 0).numpy()))
     assert 0.5 < inside.float().mean() < 0.8  # the field found: neither everything nor nothing
-    black = _run(pipe, photo).images[0][0]
-    model = _run(pipe, photo, outside_field="model").images[0][0]
+    black = _run(pipe, photo, outside_field="black").images[0][0]
+    model = _run(pipe, photo).images[0][0]
     assert torch.equal(black[inside], model[inside])
     assert (black[~inside] == 0).all() and model[~inside].mean() > 0.02  # the model does draw there
     with pytest.raises(FFASynthError, match="outside_field 'grey': allowed 'black' or 'model'"):

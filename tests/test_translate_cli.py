@@ -134,7 +134,7 @@ def test_translate_writes_same_size_grey_images_and_skips_bad_files(exported, tm
     assert isinstance(bad.exception, FFASynthError) and "venous" in str(bad.exception)  # main() prints it, exit 2
     bad = runner.invoke(app, [*args, "--outside-field", "grey"])
     assert isinstance(bad.exception, FFASynthError) and "outside_field 'grey'" in str(bad.exception)
-    black = tmp_path / "black.png"  # a photo with a black rim: --outside-field model keeps the model's output there
+    black = tmp_path / "black.png"  # a photo with a black rim: --outside-field black zeroes the output there
     rim = (rng.random((30, 30, 3)) * 200 + 55).astype(np.uint8)
     rim[:, :10] = 0
     save_image(rim, black)

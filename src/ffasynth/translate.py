@@ -164,7 +164,7 @@ class TranslateSettings:
     decode_tile_size: int | None = None
     uncertainty_max: float = 0.2
     decoder: str = "vae"  # or "preview": a distilled pipeline's tiny decoder
-    outside_field: str = "black"  # or "model": the output outside the photo's field of view kept
+    outside_field: str = "model"  # or "black": 0 outside the photo's field of view
 
 
 @dataclass

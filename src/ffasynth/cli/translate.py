@@ -86,10 +86,10 @@ def translate(
         help="vae, or preview: the tiny preview decoder of a distilled pipeline (fast, softer).",
     ),
     outside_field: str = typer.Option(
-        "black",
+        "model",
         "--outside-field",
-        help="black: black outside the photo's field of view, as a real angiogram (default); model: the "
-        "model's output there too.",
+        help="model: the model's output everywhere (default); black: 0 outside the photo's field of view, "
+        "as a real angiogram looks.",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
