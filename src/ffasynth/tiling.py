@@ -258,9 +258,10 @@ def tiled_decode(
 @dataclass(frozen=True)
 class TileSettings:
     """Tiling in pixels. size: the denoising and source-encoding tile (0 = whole image); overlap:
-    between those tiles; decode_size: the VAE decode tile (0 = whole), at least DECODE_TILE_MIN because
-    the decoder's normalisation statistics differ from tile to tile (seams, brightness blocks),
-    overlapping by a quarter of it; batch_size: denoising tiles per U-Net pass."""
+    between the denoising tiles (the source encode overlaps by half its tile, `tiled_encode`);
+    decode_size: the VAE decode tile (0 = whole), at least DECODE_TILE_MIN because the decoder's
+    normalisation statistics differ from tile to tile (seams, brightness blocks), overlapping by a
+    quarter of it; batch_size: denoising tiles per U-Net pass."""
 
     size: int
     overlap: int
