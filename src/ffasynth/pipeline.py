@@ -310,11 +310,11 @@ class FFASynthesisPipeline(DiffusionPipeline):
         def decode(z: torch.Tensor) -> torch.Tensor:
             return preview(z).float() if decoder == "preview" else decode_latents(vae, z).float()
 
-        # the full-size image is assembled in host memory, one decoded tile at a time
-        images = tiled_decode(decode, latents, decode_tile, decode_tile // 4, vae_factor, "cpu")
+        images = tiled_decode(decode, latents, decode_tile, decode_tile // 4, vae_factor, "cpu")  # tile by tile, host
         images = images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
         if outside_field == "black":
-            images.mul_(torch.from_numpy(field_of_view(unit_float(source).cpu().permute(1, 2, 0).numpy())))
+            levels = source.cpu() if source.dtype == torch.uint8 else unit_float(source).cpu()  # no float copy of uint8
+            images.mul_(torch.from_numpy(field_of_view(levels.permute(1, 2, 0).numpy())))
         return images
 
     def check_inputs(

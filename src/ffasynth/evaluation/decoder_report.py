@@ -37,7 +37,8 @@ def decoder_errors(
 ) -> dict[str, float]:
     """Mean L1 and mean PSNR (dB) of x vs D(E(x)), both on the [0, 1] intensity scale, over whole FFA
     images (1, H, W) in [-1, 1], padded to the VAE's multiple; `decoder` None = the VAE's own decoder.
-    tile: encode and decode in tiles of this many pixels, overlapping by a quarter (an image no larger
+    tile: encode and decode in tiles of this many pixels, the encode overlapping by half (as the pipeline's
+    source encode, `tiled_encode`; until 2026-12-05 a quarter), the decode by a quarter (an image no larger
     is one piece: the untiled result); None = whole images. Runs on the VAE's device."""
     factor = downsampling_factor(vae.config)
     device = next(vae.parameters()).device if isinstance(vae, torch.nn.Module) else torch.device("cpu")
