@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import ffasynth.app as app_module
 from ffasynth.app import ServeSettings, Translator
 from ffasynth.errors import FFASynthError
 from tests.browser import free_port, wait_for_http
@@ -216,3 +218,22 @@ def test_ctrl_c_stops_the_page_and_removes_its_folder(pipeline_dir, tmp_path):
     output = stop_server(server, signal.SIGINT)
     assert "Traceback" not in output, output
     assert not folder.exists() and not left_behind(dirs), left_behind(dirs)
+
+
+def test_ctrl_c_while_the_page_is_starting_stops_its_server_and_leaves_nothing(monkeypatch, tmp_path):
+    """Ctrl-C can arrive after the page's server thread has started but before launch returns (the page
+    already answers); the server must be closed then, or its thread keeps the process alive."""
+    closed = []
+
+    class Page:
+        def launch(self, **kwargs):
+            raise KeyboardInterrupt  # as the signal would, inside launch
+
+        def close(self, verbose=True):
+            closed.append(verbose)
+
+    monkeypatch.setattr(app_module, "build_app", lambda pipeline, results, settings: Page())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        app_module.start_page(None, "127.0.0.1", 0, ServeSettings())
+    assert closed == [False] and not list(tmp_path.glob("ffasynth-serve-*"))

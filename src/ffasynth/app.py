@@ -16,6 +16,7 @@ the server stops (Ctrl-C, SIGTERM, SIGHUP or interpreter exit).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import shutil
@@ -249,6 +250,7 @@ def start_page(pipeline, host: str, port: int, settings: ServeSettings) -> Runni
     previous = os.environ.get(TEMP_DIR_ENV)
     # Gradio reads the variable when components are built and at every request: it stays set while serving.
     os.environ[TEMP_DIR_ENV] = str(folder / "uploads")
+    app = None
     try:
         (folder / "results").mkdir()
         app = build_app(pipeline, folder / "results", settings)
@@ -262,6 +264,9 @@ def start_page(pipeline, host: str, port: int, settings: ServeSettings) -> Runni
             allowed_paths=[str(folder)],
         )
     except BaseException:  # a port in use or Ctrl-C while starting: nothing left behind
+        if app is not None:  # Ctrl-C once its server thread runs: stopped, or the process never exits
+            with contextlib.suppress(Exception):  # the interrupt, not this, is what the caller must see
+                app.close(verbose=False)
         shutil.rmtree(folder, ignore_errors=True)
         restore_env(TEMP_DIR_ENV, previous)
         raise
