@@ -91,6 +91,13 @@ def pipeline_dir(tmp_path_factory):
     return folder
 
 
+def answer_ctrl_c() -> None:
+    """In the child before exec: Ctrl-C's default action, as a terminal's foreground command has. A shell
+    starts background jobs with SIGINT ignored, a child inherits that, and Python then never raises
+    KeyboardInterrupt: `make test &` made the Ctrl-C test hang for its 60 s (a real server, rightly, ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_server(pipeline_dir: Path, root: Path, *flags: str):
     """`ffasynth serve` in a child process with its own temp dir, home and working directory (all empty),
     so anything written outside the page's folder shows. Library caches (matplotlib's font list,
@@ -101,9 +108,17 @@ def start_server(pipeline_dir: Path, root: Path, *flags: str):
     port = free_port()
     env = {**os.environ, "TMPDIR": str(dirs["tmp"]), "HOME": str(dirs["home"]), "OMP_NUM_THREADS": "1"}
     env |= {"MPLCONFIGDIR": str(dirs["library-cache"]), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT then prints every thread's stack: what a server that hangs is doing
     env.pop("GRADIO_TEMP_DIR", None)
     command = [sys.executable, "-m", "ffasynth", "serve", str(pipeline_dir), "--port", str(port), *flags]
-    server = subprocess.Popen(command, env=env, cwd=dirs["cwd"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=dirs["cwd"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=answer_ctrl_c,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", 120)
     except TimeoutError:
@@ -118,8 +133,14 @@ def stop_server(server: subprocess.Popen, how: signal.Signals) -> str:
     try:
         output = server.communicate(timeout=60)[0].decode(errors="replace")
     except subprocess.TimeoutExpired:
-        server.kill()
-        raise AssertionError("the server did not stop within 60 s") from None
+        server.send_signal(signal.SIGABRT)
+        try:
+            output = server.communicate(timeout=30)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            server.kill()
+            output = server.communicate()[0].decode(errors="replace")
+        message = f"the server did not stop within 60 s of {how.name}; its output and threads:\n{output}"
+        raise AssertionError(message) from None
     assert server.returncode == 0, output
     return output
 
