@@ -130,10 +130,10 @@ def test_translate_writes_same_size_grey_images_and_skips_bad_files(exported, tm
     )
     assert result.exit_code == 0, result.output
     assert not torch.equal(first, read_image(again / "a_ffa.png"))  # 1 sample, early phase, no tiling
-    bad = runner.invoke(app, [*args, "--phase", "venous"])
-    assert isinstance(bad.exception, FFASynthError) and "venous" in str(bad.exception)  # main() prints it, exit 2
-    bad = runner.invoke(app, [*args, "--outside-field", "grey"])
-    assert isinstance(bad.exception, FFASynthError) and "outside_field 'grey'" in str(bad.exception)
+    for flag, word in (("--outside-field", "grey"), ("--decoder", "sharp"), ("--phase", "venous")):
+        bad = runner.invoke(app, ["translate", "/no/such/pipeline", str(single), "--out", str(out), flag, word])
+        # refused by name before the (here missing) pipeline is looked for
+        assert isinstance(bad.exception, FFASynthError) and str(bad.exception).startswith(f"{flag} '{word}'")
     black = tmp_path / "black.png"  # a photo with a black rim: --outside-field black zeroes the output there
     rim = (rng.random((30, 30, 3)) * 200 + 55).astype(np.uint8)
     rim[:, :10] = 0

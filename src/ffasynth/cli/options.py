@@ -1,6 +1,7 @@
 """What several verbs share: the training options (`ffasynth train ...`, `ffasynth baseline train`),
 written once and added to a verb by `@train_options()` (which also checks --out before any work);
-`in_range`, the option callback that refuses a number outside its range in one line; settings built
+`in_range` and `one_of`, the option callbacks that refuse a number outside its range or an unknown
+word in one line; settings built
 from a verb's options; `say`."""
 
 from __future__ import annotations
@@ -87,6 +88,18 @@ def in_range(low: float | None = None, high: float | None = None, above: bool = 
             if not inside:
                 why = "" if finite else "not a finite number; "
                 raise FFASynthError(f"{param.opts[0]} {asked}: {why}allowed {allowed_range(low, high, above)}")
+        return value
+
+    return check
+
+
+def one_of(*allowed: str) -> Callable:
+    """A typer option callback refusing, in one line naming the option, a word not in `allowed`, before
+    any work (a pipeline loads in seconds to minutes; what it alone can refuse, it refuses after)."""
+
+    def check(param: typer.CallbackParam, value):
+        if value is not None and value not in allowed:
+            raise FFASynthError(f"{param.opts[0]} {value!r}: allowed {', '.join(map(repr, allowed))}")
         return value
 
     return check

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from tqdm.auto import tqdm
 
-from ffasynth.cli.options import SEED, in_range, settings_from
+from ffasynth.cli.options import SEED, in_range, one_of, settings_from
+from ffasynth.data.dataset import PHASES
 from ffasynth.files import check_output_folder, removed_if_left_empty
 from ffasynth.tiling import check_tile_settings
 from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, output_names, translate_files
@@ -53,7 +54,9 @@ def translate(
         callback=in_range(0),
         help="VAE decode tile in pixels (default: max(tile, 1024)); 0 = whole image.",
     ),
-    phase: str | None = typer.Option(None, "--phase", help="FFA phase to synthesise: early or late."),
+    phase: str | None = typer.Option(
+        None, "--phase", callback=one_of(*PHASES), help="FFA phase to synthesise: early or late."
+    ),
     guidance: float | None = typer.Option(
         None,
         "--guidance",
@@ -83,11 +86,13 @@ def translate(
     decoder: str = typer.Option(
         "vae",
         "--decoder",
+        callback=one_of("vae", "preview"),
         help="vae, or preview: the tiny preview decoder of a distilled pipeline (fast, softer).",
     ),
     outside_field: str = typer.Option(
         "model",
         "--outside-field",
+        callback=one_of("model", "black"),
         help="model: the model's output everywhere (default); black: 0 outside the photo's field of view, "
         "as a real angiogram looks.",
     ),
