@@ -219,3 +219,14 @@ def test_outside_field_black_zeroes_the_output_beyond_the_photos_field_of_view_a
     assert (black[~inside] == 0).all() and model[~inside].mean() > 0.02  # the model does draw there
     with pytest.raises(FFASynthError, match="outside_field 'grey': allowed 'black' or 'model'"):
         _run(pipe, photo, outside_field="grey")
+    # the field is the training's (data.fov_threshold, recorded at export): a dim strip at its edge is
+    # outside at a threshold above its brightness, as the training crops counted it
+    photo[:, :, 30:40] = 0.1
+    dim = torch.from_numpy(field_of_view(photo.permute(1, 2, 0).numpy(), 0.15))
+    assert dim[:, 33:40].sum() == 0 and dim[inside].float().mean() > 0.6
+    pipe.register_to_config(fov_threshold=0.15)
+    try:
+        black = _run(pipe, photo, outside_field="black").images[0][0]
+    finally:
+        pipe.register_to_config(fov_threshold=0.04)
+    assert (black[~dim] == 0).all() and black[dim].mean() > 0.02

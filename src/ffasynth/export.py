@@ -150,6 +150,7 @@ def build_pipeline(loaded: LoadedRun) -> FFASynthesisPipeline:
         preview_decoder=loaded.preview_decoder,
         num_inference_steps=default_steps(loaded),
         guidance_input=distilled,
+        fov_threshold=loaded.config.data.fov_threshold,
     )
 
 

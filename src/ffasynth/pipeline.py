@@ -57,13 +57,7 @@ from ffasynth.tiling import (
     tiled_map,
 )
 
-__all__ = [
-    "FFASynthesisOutput",
-    "FFASynthesisPipeline",
-    "TileSettings",
-    "TokenProjection",
-    "source_tensor",
-]
+__all__ = ["FFASynthesisOutput", "FFASynthesisPipeline", "TileSettings", "TokenProjection", "source_tensor"]
 
 
 class TokenProjection(ModelMixin, ConfigMixin):
@@ -117,6 +111,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         clip_view: str = "whole",  # folders saved before the setting existed encoded the whole photo
         num_inference_steps: int = 20,
         guidance_input: bool = False,
+        fov_threshold: float = 0.04,  # data.fov_threshold: outside_field="black" masks the field as training did
     ):
         super().__init__()
         if use_clip and (image_encoder is None or image_processor is None):
@@ -141,6 +136,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
             clip_view=clip_view,
             num_inference_steps=num_inference_steps,  # the default when a call gives none (4 for an LCM student)
             guidance_input=guidance_input,  # the U-Net takes the guidance scale as an input (`train distill`)
+            fov_threshold=fov_threshold,
         )
 
     @classmethod
@@ -267,7 +263,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         """One photo (3, H, W), uint8 levels or float in [0, 1] → num_samples angiograms (N, 1, H, W)
         in [0, 1], on the CPU. start_strength < 1: start from the photo's latent noised to that fraction
         of the schedule (the first steps skipped) instead of pure noise. decoder "preview": the tiny
-        preview decoder instead of the VAE's. outside_field "black": 0 outside the photo's field_of_view."""
+        preview decoder instead of the VAE's. outside_field "black": 0 outside the photo's field_of_view
+        (at the training's data.fov_threshold)."""
         device = self._execution_device
         height, width = source.shape[-2:]
         vae_factor = self.vae_scale_factor
@@ -314,7 +311,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         images = images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
         if outside_field == "black":
             levels = source.cpu() if source.dtype == torch.uint8 else unit_float(source).cpu()  # no float copy of uint8
-            images.mul_(torch.from_numpy(field_of_view(levels.permute(1, 2, 0).numpy())))
+            threshold = self.config.get("fov_threshold", 0.04)  # folders saved before it was recorded: the default
+            images.mul_(torch.from_numpy(field_of_view(levels.permute(1, 2, 0).numpy(), threshold)))
         return images
 
     def check_inputs(

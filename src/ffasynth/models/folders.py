@@ -62,6 +62,7 @@ SETTINGS = {
     "clip_view": ("whole", "tile"),
     "num_inference_steps": int,
     "guidance_input": bool,
+    "fov_threshold": float,
 }
 # LoRA adapters exported apart from the U-Net (peft's settings in the file's header): read by diffusers'
 # LoRA loader, so only the header is checked here
