@@ -4,6 +4,8 @@ uncertainty from several samples, phases."""
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +232,14 @@ def test_outside_field_black_zeroes_the_output_beyond_the_photos_field_of_view_a
     finally:
         pipe.register_to_config(fov_threshold=0.04)
     assert (black[~dim] == 0).all() and black[dim].mean() > 0.02
+
+
+def test_check_inputs_takes_the_calls_own_keywords():
+    """translate_files checks one dict of settings before its first file and passes the same dict to every
+    call: each setting check_inputs takes must be a keyword of __call__ with the same default."""
+    checked = inspect.signature(FFASynthesisPipeline.check_inputs).parameters
+    call = inspect.signature(FFASynthesisPipeline.__call__).parameters
+    for name, parameter in list(checked.items())[1:]:
+        assert name in call, name
+        if parameter.default is not inspect.Parameter.empty:
+            assert call[name].default == parameter.default, name

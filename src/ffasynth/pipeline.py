@@ -317,8 +317,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     def check_inputs(
         self,
-        steps: int,
-        guidance: float | None,
+        num_inference_steps: int,
+        image_guidance_scale: float | None,
         num_samples: int,
         output_type: str = "pil",
         phase: str | None = None,
@@ -326,7 +326,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         decoder: str = "vae",
         outside_field: str = "model",
     ) -> None:
-        """Raise FFASynthError (one line) for settings this pipeline cannot run."""
+        """Raise FFASynthError (one line) for settings this pipeline cannot run (named as `__call__` names them)."""
+        steps, guidance = num_inference_steps, image_guidance_scale
         self._phase_label(phase, "cpu")
         if outside_field not in ("black", "model"):
             raise FFASynthError(f"outside_field {outside_field!r}: allowed 'black' or 'model'")
@@ -393,14 +394,14 @@ class FFASynthesisPipeline(DiffusionPipeline):
         if num_inference_steps is None:
             num_inference_steps = int(self.config.get("num_inference_steps", 20))
         self.check_inputs(
-            num_inference_steps,
-            image_guidance_scale,
-            num_samples,
-            output_type,
-            phase,
-            start_strength,
-            decoder,
-            outside_field,
+            num_inference_steps=num_inference_steps,
+            image_guidance_scale=image_guidance_scale,
+            num_samples=num_samples,
+            output_type=output_type,
+            phase=phase,
+            start_strength=start_strength,
+            decoder=decoder,
+            outside_field=outside_field,
         )
         tile_size = self.config.tile_size if tile_size is None else tile_size
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)

@@ -186,16 +186,17 @@ def translate_files(
     does not depend on the other inputs. on_done(path, error or None, warning or None) is called
     after each file."""
     steps = settings.steps if settings.steps is not None else int(pipeline.config.get("num_inference_steps", 20))
-    pipeline.check_inputs(
-        steps,
-        settings.guidance,
-        settings.samples,
-        "np",
-        settings.phase,
-        settings.start_strength,
-        settings.decoder,
-        settings.outside_field,
-    )
+    call = {  # what every image's call shares, checked once before the first file
+        "num_inference_steps": steps,
+        "image_guidance_scale": settings.guidance,
+        "num_samples": settings.samples,
+        "output_type": "np",
+        "phase": settings.phase,
+        "start_strength": settings.start_strength,
+        "decoder": settings.decoder,
+        "outside_field": settings.outside_field,
+    }
+    pipeline.check_inputs(**call)
     report = TranslateReport()
     stems = output_stems(files)
     for path in files:
@@ -206,18 +207,11 @@ def translate_files(
             generator = torch.Generator().manual_seed(settings.seed)
             output = pipeline(
                 photo,
-                num_inference_steps=steps,
                 generator=generator,
-                image_guidance_scale=settings.guidance,
-                num_samples=settings.samples,
-                phase=settings.phase,
-                output_type="np",
                 tile_size=settings.tile_size,
                 tile_overlap=settings.tile_overlap,
                 decode_tile_size=settings.decode_tile_size,
-                start_strength=settings.start_strength,
-                decoder=settings.decoder,
-                outside_field=settings.outside_field,
+                **call,
             )
             report.seconds[path] = time.perf_counter() - start
             size = tuple(photo.shape[-2:])
