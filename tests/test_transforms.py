@@ -145,3 +145,43 @@ def test_zoom_out_outside_1_16_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match=r"data\.zoom_out"):
         load_config(preset="tiny", overrides=[f"data.zoom_out={value}"])
     assert load_config(preset="tiny", overrides=["data.zoom_out=4"]).data.zoom_out == 4.0
+
+
+def test_source_jitter_changes_the_photo_by_one_gain_per_channel_and_one_gamma_and_never_the_target():
+    """data.source_jitter s: each crop's photo becomes clamp(g_c · x^γ), g_c in [1 - s, 1 + s], γ in [e^-s, e^s],
+    the same for its CLIP view; the target, the mask and the crop are those drawn without it."""
+    strength = 0.3
+    source, target = _pair()
+    source[:, :, :10] = 0.0  # a black rim: it stays black
+    plain = PairedTransform(crop_size=32, min_fov_fraction=0.0, whole_view_size=16)
+    jittered = PairedTransform(crop_size=32, min_fov_fraction=0.0, whole_view_size=16, source_jitter=strength)
+    gammas = []
+    for seed in range(12):
+        a = plain(source, target, torch.Generator().manual_seed(seed))
+        b = jittered(source, target, torch.Generator().manual_seed(seed))
+        assert torch.equal(a["target"], b["target"]) and torch.equal(a["mask"], b["mask"])
+        for key in ("source", "whole_source"):
+            x, y = denormalise(a[key]).double(), denormalise(b[key]).double()
+            assert (y[x == 0] == 0).all()
+            inside = (x > 0.05) & (y > 0.02) & (y < 0.98)  # neither clipped nor near 0
+            fits = []  # log y = γ log x + log g_c, channel by channel
+            for c in range(3):
+                lx, ly = x[c][inside[c]].log(), y[c][inside[c]].log()
+                if lx.std() < 0.05:  # a constant channel: the gain alone shows
+                    gain, gamma = float((ly - lx * fits[0][1]).mean().exp()), fits[0][1]
+                else:
+                    design = torch.stack([lx, torch.ones_like(lx)], 1)
+                    gamma, log_gain = torch.linalg.lstsq(design, ly[:, None]).solution[:, 0].tolist()
+                    gain = float(torch.tensor(log_gain).exp())
+                    assert torch.allclose(design @ torch.tensor([gamma, log_gain]).double(), ly, atol=2e-3)
+                fits.append((gain, gamma))
+                assert 1 - strength - 1e-3 <= gain <= 1 + strength + 1e-3
+            assert abs(fits[0][1] - fits[1][1]) < 1e-2  # one gamma for every channel
+            assert abs(torch.tensor(fits[0][1]).log()) <= strength + 1e-2
+        gammas.append(fits[0][1])
+    assert max(gammas) - min(gammas) > 0.1  # drawn afresh per crop
+
+
+def test_source_jitter_is_refused_outside_0_to_1():
+    with pytest.raises(ConfigError, match="data.source_jitter"):
+        load_config(None, "tiny", ["data.source_jitter=1.5"])

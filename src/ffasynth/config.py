@@ -43,6 +43,7 @@ class DataConfig:
     min_fov_fraction: float = 0.1
     fov_threshold: float = 0.04  # source intensity (0-1) above which a pixel is inside the FOV
     zoom_out: float = 1.0  # > 1: crops also cover windows up to zoom_out x crop_size, shrunk (transforms)
+    source_jitter: float = 0.0  # > 0: each crop's photo gets random gains and a gamma (transforms.jitter_photo)
     max_pixels: int = 64_000_000
     # each image decoded once, with its FOV mask and crop-window counts, into .npy files every loader worker
     # memory-maps (data.cache); cache_dir: where (null: a temporary folder per run process, removed at its
@@ -55,6 +56,7 @@ class DataConfig:
         _require(0.0 <= self.min_fov_fraction <= 1.0, "data.min_fov_fraction", "must be in [0, 1]")
         _require(0.0 <= self.fov_threshold < 1.0, "data.fov_threshold", "must be in [0, 1)")
         _require(1.0 <= self.zoom_out <= 16.0, "data.zoom_out", "must be in [1, 16] (1 = no zoom)")
+        _require(0.0 <= self.source_jitter < 1.0, "data.source_jitter", "must be in [0, 1) (0 = off)")
         _require(self.max_pixels > 0, "data.max_pixels", "must be positive")
 
 
@@ -115,9 +117,8 @@ class ModelConfig:
         _require(self.use_clip or self.use_concat, "model.use_clip", "or model.use_concat must be true")
         _require(0 <= self.num_phases <= 16, "model.num_phases", "must be between 0 and 16")
         _require(self.clip_hidden_size % self.clip_heads == 0, "model.clip_hidden_size", "must divide by clip_heads")
-        for key in ("unet_layers_per_block", "unet_attention_heads", "cross_attention_dim", "vae_layers_per_block"):
-            _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
-        for key in ("latent_channels", "clip_layers", "clip_heads", "clip_intermediate_size", "clip_patch_size"):
+        sizes = "unet_layers_per_block unet_attention_heads cross_attention_dim vae_layers_per_block latent_channels"
+        for key in (*sizes.split(), "clip_layers", "clip_heads", "clip_intermediate_size", "clip_patch_size"):
             _require(getattr(self, key) >= 1, f"model.{key}", "must be at least 1")
         _require(all(c >= 1 for c in (*self.unet_channels, *self.vae_channels)), "model.unet_channels", "must be >= 1")
         _require(self.latent_scaling > 0, "model.latent_scaling", "must be positive")
@@ -158,17 +159,16 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget: stop (with a checkpoint) when it runs out
 
     def validate(self) -> None:
-        for key in ("max_steps", "batch_size", "gradient_accumulation", "save_every", "sample_every", "log_every"):
+        counts = ("max_steps", "batch_size", "gradient_accumulation", "save_every", "sample_every", "log_every")
+        for key in (*counts, "keep_checkpoints", "max_bad_steps"):
             _require(getattr(self, key) >= 1, f"{self._section}.{key}", "must be at least 1")
         _require(self.lr > 0, f"{self._section}.lr", "must be positive")
         _require(0.0 <= self.ema_decay < 1.0, f"{self._section}.ema_decay", "must be in [0, 1)")
-        _require(self.keep_checkpoints >= 1, f"{self._section}.keep_checkpoints", "must be at least 1")
         _require(self.lr_warmup_steps >= 0, f"{self._section}.lr_warmup_steps", "must be >= 0")
         for key in ("adam_beta1", "adam_beta2"):
             _require(0.0 <= getattr(self, key) < 1.0, f"{self._section}.{key}", "must be in [0, 1)")
         for key in ("weight_decay", "max_grad_norm"):
             _require(getattr(self, key) >= 0, f"{self._section}.{key}", "must be >= 0 (0 = off)")
-        _require(self.max_bad_steps >= 1, f"{self._section}.max_bad_steps", "must be at least 1")
         minutes = self.max_minutes
         _require(minutes is None or minutes > 0, f"{self._section}.max_minutes", "must be positive or null (no limit)")
         workers = self.num_workers

@@ -11,6 +11,7 @@ may be given, computed once per image (`PairDataset` caches them): each costs a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,7 @@ class PairedTransform:
     # longest side), area-averaged down to crop_size: the model also sees more of the eye at once, the layout
     # a crop of crop_size pixels at native scale cannot show; 1 = off
     zoom_out: float = 1.0
+    source_jitter: float = 0.0  # > 0: jitter_photo on each crop's photo (and its CLIP view), never the target
 
     @classmethod
     def from_config(cls, data_config) -> PairedTransform:
@@ -157,6 +159,7 @@ class PairedTransform:
             min_fov_fraction=data_config.min_fov_fraction,
             fov_threshold=data_config.fov_threshold,
             zoom_out=data_config.zoom_out,
+            source_jitter=data_config.source_jitter,
         )
 
     def __call__(
@@ -201,10 +204,24 @@ class PairedTransform:
         if self.vflip and flips[1] < 0.5:
             crops = [None if x is None else x.flip(-2) for x in crops]
         source, target, mask, view = crops
+        if self.source_jitter > 0:  # drawn only when on: crops without it stay as they were
+            source, view = jitter_photo([source, view], self.source_jitter, generator)
         item = {"source": normalise(source), "target": normalise(target), "mask": mask.contiguous()}
         if view is not None:
             item["whole_source"] = normalise(view)
         return item
+
+
+def jitter_photo(images: list[torch.Tensor | None], strength: float, generator: torch.Generator) -> list:
+    """One random photometric change for (C, H, W) images in [0, 1] of one photo: x → clamp(gain_c · x^gamma),
+    a gain per channel in [1 - strength, 1 + strength] (exposure and the lasers' balance differ between
+    cameras and visits) and one gamma in [e^-strength, e^strength]. Black stays black (the field is kept).
+    Applied to the source only: the photo's overall levels then tell the model nothing about the angiogram's."""
+    channels = next(x for x in images if x is not None).shape[0]
+    draws = torch.rand(channels + 1, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    gain = (1.0 + strength * draws[:channels]).float()[:, None, None]
+    gamma = math.exp(strength * float(draws[-1]))
+    return [None if x is None else (x.clamp(0.0, 1.0) ** gamma * gain.to(x.dtype)).clamp(0.0, 1.0) for x in images]
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
