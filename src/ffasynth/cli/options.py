@@ -1,8 +1,7 @@
 """What several verbs share: the training options (`ffasynth train ...`, `ffasynth baseline train`),
 written once and added to a verb by `@train_options()` (which also checks --out before any work);
 `in_range` and `one_of`, the option callbacks that refuse a number outside its range or an unknown
-word in one line; settings built
-from a verb's options; `say`."""
+word in one line; settings built from a verb's options; `say`."""
 
 from __future__ import annotations
 
