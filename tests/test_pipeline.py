@@ -5,6 +5,7 @@ uncertainty from several samples, phases."""
 from __future__ import annotations
 
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -243,3 +244,18 @@ def test_check_inputs_takes_the_calls_own_keywords():
         assert name in call, name
         if parameter.default is not inspect.Parameter.empty:
             assert call[name].default == parameter.default, name
+
+
+def test_a_folder_saved_before_fov_threshold_was_recorded_loads_with_0_04(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    index_path = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    assert index.pop("fov_threshold") == 0.04
+    index_path.write_text(json.dumps(index))
+    loaded = FFASynthesisPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.fov_threshold == 0.04
+    photo = torch.rand(3, 32, 32, generator=seeded(4)) * 0.8 + 0.2
+    photo[:, :, :8] = 0.0
+    black = _run(loaded, photo, outside_field="black").images[0][0]
+    assert (black[:, :4] == 0).all() and black[:, 12:].mean() > 0.02

@@ -91,13 +91,6 @@ def pipeline_dir(tmp_path_factory):
     return folder
 
 
-def answer_ctrl_c() -> None:
-    """In the child before exec: Ctrl-C's default action, as a terminal's foreground command has. A shell
-    starts background jobs with SIGINT ignored, a child inherits that, and Python then never raises
-    KeyboardInterrupt: `make test &` made the Ctrl-C test hang for its 60 s (a real server, rightly, ignores it)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start_server(pipeline_dir: Path, root: Path, *flags: str):
     """`ffasynth serve` in a child process with its own temp dir, home and working directory (all empty),
     so anything written outside the page's folder shows. Library caches (matplotlib's font list,
@@ -111,14 +104,19 @@ def start_server(pipeline_dir: Path, root: Path, *flags: str):
     env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT then prints every thread's stack: what a server that hangs is doing
     env.pop("GRADIO_TEMP_DIR", None)
     command = [sys.executable, "-m", "ffasynth", "serve", str(pipeline_dir), "--port", str(port), *flags]
-    server = subprocess.Popen(
-        command,
-        env=env,
-        cwd=dirs["cwd"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        preexec_fn=answer_ctrl_c,
-    )
+    # Ctrl-C's default action in the child, as a terminal's foreground command has. A shell starts a background
+    # job with SIGINT ignored, an ignored signal stays ignored across exec, and Python then never raises
+    # KeyboardInterrupt: `make test &` made the Ctrl-C test hang for its 60 s (a real server, rightly, ignores
+    # it there). A handler, unlike an ignore, is reset to the default at exec; set here, not in a preexec_fn
+    # (unsafe once the test process has threads).
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        server = subprocess.Popen(command, env=env, cwd=dirs["cwd"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/", 120)
     except TimeoutError:
@@ -138,7 +136,10 @@ def stop_server(server: subprocess.Popen, how: signal.Signals) -> str:
             output = server.communicate(timeout=30)[0].decode(errors="replace")
         except subprocess.TimeoutExpired:
             server.kill()
-            output = server.communicate()[0].decode(errors="replace")
+            try:
+                output = server.communicate(timeout=10)[0].decode(errors="replace")
+            except subprocess.TimeoutExpired:  # something else holds its output open
+                output = "(no output: the server's stdout is still held open)"
         message = f"the server did not stop within 60 s of {how.name}; its output and threads:\n{output}"
         raise AssertionError(message) from None
     assert server.returncode == 0, output

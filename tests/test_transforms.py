@@ -155,7 +155,7 @@ def test_source_jitter_changes_the_photo_by_one_gain_per_channel_and_one_gamma_a
     source[:, :, :10] = 0.0  # a black rim: it stays black
     plain = PairedTransform(crop_size=32, min_fov_fraction=0.0, whole_view_size=16)
     jittered = PairedTransform(crop_size=32, min_fov_fraction=0.0, whole_view_size=16, source_jitter=strength)
-    gammas = []
+    gammas, gain_gaps = [], []
     for seed in range(12):
         a = plain(source, target, torch.Generator().manual_seed(seed))
         b = jittered(source, target, torch.Generator().manual_seed(seed))
@@ -179,9 +179,13 @@ def test_source_jitter_changes_the_photo_by_one_gain_per_channel_and_one_gamma_a
             assert abs(fits[0][1] - fits[1][1]) < 1e-2  # one gamma for every channel
             assert abs(torch.tensor(fits[0][1]).log()) <= strength + 1e-2
         gammas.append(fits[0][1])
+        gain_gaps.append(abs(fits[0][0] - fits[1][0]))
     assert max(gammas) - min(gammas) > 0.1  # drawn afresh per crop
+    assert max(gain_gaps) > 0.05  # a gain per channel, not one for all
 
 
-def test_source_jitter_is_refused_outside_0_to_1():
+@pytest.mark.parametrize("value", ["-0.1", "1.0", "1.5", "nan"])
+def test_source_jitter_is_refused_outside_0_to_1(value):
     with pytest.raises(ConfigError, match="data.source_jitter"):
-        load_config(None, "tiny", ["data.source_jitter=1.5"])
+        load_config(None, "tiny", [f"data.source_jitter={value}"])
+    assert load_config(None, "tiny", ["data.source_jitter=0.5"]).data.source_jitter == 0.5

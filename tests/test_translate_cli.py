@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from ffasynth.cli import app
-from ffasynth.config import load_config
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
@@ -28,7 +27,7 @@ runner = CliRunner()
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     pairs = write_phantom_dataset(root / "pairs", n=4, size=48, seed=5)
-    train_micro_stage1(pairs, root / "run", 3)
+    train_micro_stage1(pairs, root / "run", 3, extra=["data.fov_threshold=0.05"])  # not the default: export keeps it
     return root / "run"
 
 
@@ -43,7 +42,7 @@ def exported(trained, tmp_path_factory):
 def test_export_writes_a_pipeline_folder_with_a_model_card(trained, exported, tmp_path):
     index = json.loads((exported / "model_index.json").read_text())
     assert index["_class_name"] == "FFASynthesisPipeline" and index["num_phases"] == 2 and index["tile_size"] == 32
-    assert index["fov_threshold"] == load_config(trained / "config.yaml").data.fov_threshold  # outside_field's field
+    assert index["fov_threshold"] == 0.05  # the run's data.fov_threshold: outside_field="black" masks its field
     assert json.loads((exported / "scheduler" / "scheduler_config.json").read_text())["algorithm_type"] == "dpmsolver++"
     unet = load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))
     ema = load_file(str(trained / "checkpoints" / "step-000003" / "unet.ema.safetensors"))

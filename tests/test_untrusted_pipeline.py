@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import pickle
 import shutil
@@ -111,6 +112,8 @@ PIPELINE_CASES = [
     ("index-required-component-null", lambda f: _index(f, unet=[None, None]),
      "model_index.json", "unet is [null, null]"),
     ("index-setting-of-wrong-type", lambda f: _index(f, tile_size="huge"), "model_index.json", 'tile_size is "huge"'),
+    ("index-fov-threshold-above-1", lambda f: _index(f, fov_threshold=5.0), "model_index.json", "fov_threshold is 5.0"),
+    ("index-fov-threshold-nan", lambda f: _index(f, fov_threshold=math.nan), "model_index.json", "fov_threshold is"),
     ("index-not-json", lambda f: (f / "model_index.json").write_text("{"), "model_index.json", "not a readable"),
     ("symlink-weights-outside", lambda f: _link_outside(f, f"unet/{WEIGHTS}"), f"unet/{WEIGHTS}", "outside"),
     ("symlink-folder-outside", lambda f: _link_outside(f, "image_processor"), "image_processor", "outside"),

@@ -311,7 +311,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         images = images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
         if outside_field == "black":
             levels = source.cpu() if source.dtype == torch.uint8 else unit_float(source).cpu()  # no float copy of uint8
-            threshold = self.config.get("fov_threshold", 0.04)  # folders saved before it was recorded: the default
+            threshold = self.config.fov_threshold  # a folder saved before it was recorded: __init__'s 0.04
             images.mul_(torch.from_numpy(field_of_view(levels.permute(1, 2, 0).numpy(), threshold)))
         return images
 

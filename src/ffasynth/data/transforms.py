@@ -215,7 +215,8 @@ class PairedTransform:
 def jitter_photo(images: list[torch.Tensor | None], strength: float, generator: torch.Generator) -> list:
     """One random photometric change for (C, H, W) images in [0, 1] of one photo: x → clamp(gain_c · x^gamma),
     a gain per channel in [1 - strength, 1 + strength] (exposure and the lasers' balance differ between
-    cameras and visits) and one gamma in [e^-strength, e^strength]. Black stays black (the field is kept).
+    cameras and visits) and one gamma in [e^-strength, e^strength]. 0 stays 0; the crop's FOV mask is the
+    unjittered photo's.
     Applied to the source only: the photo's overall levels then tell the model nothing about the angiogram's."""
     channels = next(x for x in images if x is not None).shape[0]
     draws = torch.rand(channels + 1, generator=generator, dtype=torch.float64) * 2.0 - 1.0

@@ -101,6 +101,8 @@ def _setting_problem(name: str, value) -> str | None:
         return None if value in kind else f"one of {', '.join(kind)}"
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and name == "fov_threshold" and not (0.0 <= value < 1.0):  # NaN fails too: black everywhere, else
+            return "a number in [0, 1) (an image brightness)"
     else:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     return None if ok else f"a {kind.__name__}"
