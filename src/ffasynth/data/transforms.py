@@ -220,7 +220,7 @@ def jitter_photo(images: list[torch.Tensor | None], strength: float, generator: 
     Applied to the source only: the photo's overall levels then tell the model nothing about the angiogram's."""
     channels = next(x for x in images if x is not None).shape[0]
     draws = torch.rand(channels + 1, generator=generator, dtype=torch.float64) * 2.0 - 1.0
-    gain = (1.0 + strength * draws[:channels]).float()[:, None, None]
+    gain = (1.0 + strength * draws[:channels])[:, None, None]
     gamma = math.exp(strength * float(draws[-1]))
     return [None if x is None else (x.clamp(0.0, 1.0) ** gamma * gain.to(x.dtype)).clamp(0.0, 1.0) for x in images]
 

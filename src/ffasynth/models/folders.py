@@ -64,6 +64,8 @@ SETTINGS = {
     "guidance_input": bool,
     "fov_threshold": float,
 }
+# float settings with bounds, [low, high), and what the number is (NaN is outside any)
+RANGES = {"fov_threshold": (0.0, 1.0, "an image brightness")}
 # LoRA adapters exported apart from the U-Net (peft's settings in the file's header): read by diffusers'
 # LoRA loader, so only the header is checked here
 ADAPTERS = {ADAPTER_FOLDER: LORA_WEIGHTS}
@@ -101,8 +103,10 @@ def _setting_problem(name: str, value) -> str | None:
         return None if value in kind else f"one of {', '.join(kind)}"
     if kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and name == "fov_threshold" and not (0.0 <= value < 1.0):  # NaN fails too: black everywhere, else
-            return "a number in [0, 1) (an image brightness)"
+        if ok and name in RANGES:  # fov_threshold: NaN or >= 1 would black out every output, < 0 none of it
+            low, high, what = RANGES[name]
+            if not (low <= value < high):
+                return f"a number in [{low:g}, {high:g}) ({what})"
     else:
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     return None if ok else f"a {kind.__name__}"
