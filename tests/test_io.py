@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ffasynth.data import io as image_io
-from ffasynth.data.io import is_grey, read_image, save_image, to_uint8, unit_float
-from ffasynth.errors import ImageReadError
+from ffasynth.data.io import image_size, is_grey, read_image, save_image, source_tensor, to_uint8, unit_float
+from ffasynth.errors import FFASynthError, ImageReadError
 
 
 def _gradient(h=24, w=32) -> np.ndarray:
@@ -204,3 +204,59 @@ def test_real_uwf_images_read_with_expected_channels(shared_data):
     target = read_image(folder / "1.1.bmp")
     assert source.shape == (3, 682, 853)
     assert target.shape == (1, 682, 853)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])
+@pytest.mark.parametrize("grey", [True, False])
+def test_a_rotated_tiff_is_upright_in_size_and_pixels_or_refused(tmp_path, compression, grey):
+    """Pillow's TIFF reader reports a rotated (EXIF 5-8) TIFF's upright size itself: image_size must not
+    turn it again; the pixels come out upright, or (Pillow 12 on uncompressed grey) the file is refused."""
+    stored = np.zeros((40, 80), np.uint8)
+    stored[:10, :20] = 255  # a block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display: the block goes to the top right
+    data = stored if grey else np.stack([stored] * 3, axis=-1)
+    path = tmp_path / "rot.tif"
+    Image.fromarray(data).save(path, exif=exif.tobytes(), **({"compression": compression} if compression else {}))
+    assert image_size(path) == (40, 80)  # (width, height), upright
+    try:
+        image = read_image(path)
+    except ImageReadError as error:
+        assert grey and compression is None and "orientation tag (6)" in str(error)
+        return
+    assert image.shape[-2:] == (80, 40)
+    np.testing.assert_array_equal(image[0].numpy() > 0.5, np.rot90(stored, -1) > 127)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "0", "-5", "many"])
+def test_a_bad_pixel_limit_in_the_environment_is_named(tmp_path, monkeypatch, value):
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    monkeypatch.setenv("FFASYNTH_MAX_PIXELS", value)
+    with pytest.raises(ImageReadError, match="FFASYNTH_MAX_PIXELS: environment value"):
+        read_image(tmp_path / "small.png")
+
+
+def test_source_tensor_composites_alpha_alike_from_a_path_a_pil_image_and_an_array(tmp_path):
+    rgba = np.random.default_rng(0).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    rgba[:, :8, 3] = 0  # the left half transparent: no signal there, however it is given
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    by_path = source_tensor(tmp_path / "a.png")
+    assert by_path.dtype == torch.uint8 and int(by_path[:, :, :8].max()) == 0
+    assert torch.equal(source_tensor(Image.open(tmp_path / "a.png")), by_path)
+    assert torch.equal(source_tensor(rgba), by_path)
+    as_float = source_tensor(rgba.astype(np.float32) / 255)
+    assert torch.allclose(as_float, by_path.float() / 255, atol=1 / 255)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.full((8, 8, 3), 200, np.int64), "array of int64"),
+        (np.zeros((8, 8), bool), "array of bool"),
+        (torch.full((3, 8, 8), 200, dtype=torch.int32), "tensor of torch.int32"),
+        (torch.full((3, 8, 8), float("nan")), "NaN or infinite"),
+    ],
+)
+def test_source_tensor_refuses_ambiguous_integers_and_nan(image, message):
+    with pytest.raises(FFASynthError, match=message):
+        source_tensor(image)

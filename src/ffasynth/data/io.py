@@ -47,9 +47,12 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
     env = os.environ.get(MAX_PIXELS_ENV)
     if env:
         try:
-            return int(float(env))
-        except ValueError:
-            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} is not a number") from None
+            limit = int(float(env))
+        except (ValueError, OverflowError):  # OverflowError: inf, 1e400
+            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} is not a finite number") from None
+        if limit < 1:
+            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} must be a positive pixel count")
+        return limit
     return DEFAULT_MAX_PIXELS
 
 
@@ -98,16 +101,22 @@ def _open_checked(path: Path, limit: int, min_side: int = 1) -> Image.Image:
     return image
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1 = upright), 1 when absent or unreadable."""
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block does not change the pixel grid
+        return 1
+
+
 def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the header, EXIF orientation applied, without decoding pixels."""
     path = Path(path)
     with _open_checked(path, max_pixels_limit(max_pixels)) as image:
         width, height = image.size
-        try:
-            orientation = image.getexif().get(0x0112, 1)
-        except Exception:  # a broken EXIF block does not change the pixel grid
-            orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        # Pillow's TIFF reader already gives the upright size of a rotated (5-8) TIFF
+        swapped = _orientation(image) in (5, 6, 7, 8) and image.format != "TIFF"
+    return (height, width) if swapped else (width, height)
 
 
 def _to_array(image: Image.Image, path: Path, compact: bool = False) -> np.ndarray:
@@ -189,10 +198,16 @@ def read_image(
         raise ValueError(f"channels must be None, 1 or 3, not {channels!r}")
     path = Path(path)
     image = _open_checked(path, max_pixels_limit(max_pixels), min_side)
+    upright = image.size if image.format == "TIFF" else None  # a TIFF's header size is already upright
+    orientation = _orientation(image)
     try:
         with image:
             image = ImageOps.exif_transpose(image)
             image.load()
+            if upright is not None and image.size != upright:  # Pillow 12 on uncompressed grey, orientation 5-8
+                raise ImageReadError(
+                    path, f"its orientation tag ({orientation}) could not be applied; save it upright (e.g. PNG)"
+                )
             data = _to_array(image, path, compact)
     except ImageReadError:
         raise
@@ -271,14 +286,11 @@ def source_tensor(image) -> torch.Tensor:
     tensor (uint8 0-255 or float in [0, 1]). Grey is repeated to RGB."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image), channels=3, compact=True)
-    if isinstance(image, Image.Image):
-        if image.mode.startswith("I;16") or image.mode == "I":
-            image = np.asarray(image).astype(np.float32) / 65535.0
-        elif image.mode == "F":
-            image = np.asarray(image, dtype=np.float32)
-        else:
-            image = np.asarray(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # decoded as read_image decodes a file: alpha composited over black
+        image = _to_array(image, Path("the given PIL image"), compact=True)
     if isinstance(image, np.ndarray):
+        if image.dtype.kind not in "uf" or image.dtype.kind == "u" and image.dtype not in (np.uint8, np.uint16):
+            raise FFASynthError(f"an image array of {image.dtype}: give uint8 (0-255), uint16 or float in [0, 1]")
         if image.dtype == np.uint16:
             array = image.astype(np.float32) / 65535.0
         else:
@@ -286,11 +298,21 @@ def source_tensor(image) -> torch.Tensor:
         array = array[..., None] if array.ndim == 2 else array
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
             raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
+        if array.shape[-1] == 4:  # RGBA: composite over black, as read_image does (transparent = no signal)
+            alpha = array[..., 3:].astype(np.uint16 if array.dtype == np.uint8 else np.float32)
+            if array.dtype == np.uint8:
+                array = ((array[..., :3] * alpha + 127) // 255).astype(np.uint8)  # rounded as _to_array rounds
+            else:
+                array = array[..., :3] * alpha
         image = torch.from_numpy(np.array(array[..., :3].transpose(2, 0, 1)))  # a copy: the caller's array stays theirs
     if not isinstance(image, torch.Tensor):
         raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")
     tensor = image.detach().cpu()
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        raise FFASynthError(f"an image tensor of {tensor.dtype}: give uint8 (0-255) or float in [0, 1]")
     tensor = tensor if tensor.dtype == torch.uint8 else tensor.float()
+    if tensor.dtype != torch.uint8 and not torch.isfinite(tensor).all():
+        raise FFASynthError("the image holds NaN or infinite values")
     tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
