@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -177,3 +179,70 @@ def test_underscore_and_hidden_folders_are_not_data(tmp_path):
     _write(tmp_path / ".aligned.x.tmp" / "2.png")  # a temporary folder a kill left behind
     report = check_pairs(tmp_path)
     assert [p.id for p in report.pairs] == ["1"] and report.problems == []
+
+
+def test_files_claiming_one_id_are_reported_as_ambiguous_and_paired_with_nothing(tmp_path):
+    """`3.bmp` and `3.png` are both eye 3's photo: which one is meant is the user's call, never a silent pick."""
+    uwf = tmp_path / "uwf"
+    for name in ("3.bmp", "3.png", "4.png"):
+        _write(uwf / name)
+    for name in ("3.1.png", "4.1.png", "4.1.bmp", "4.2.png"):
+        _write(uwf / name, colour=False)
+    report = check_pairs(uwf, decode=False)
+    assert [(p.id, p.phase) for p in report.pairs] == [("4", "late")]  # 4's early angiogram is ambiguous
+    ambiguous = sorted(Path(p.path).name for p in report.problems if p.kind == "ambiguous")
+    assert ambiguous == ["3.bmp", "3.png", "4.1.bmp", "4.1.png"]
+    assert not [p for p in report.problems if p.kind.startswith("unpaired")]  # 3 is not also "unpaired"
+
+    isfahan = tmp_path / "isfahan" / "normal"
+    _write(isfahan / "1.jpg", colour=False)
+    _write(isfahan / "1.png", colour=False)
+    _write(isfahan / "1-1.jpg")
+    report = check_pairs(tmp_path / "isfahan", layout="isfahan", decode=False)
+    assert report.pairs == [] and sorted(Path(p.path).name for p in report.problems) == ["1.jpg", "1.png"]
+
+
+def test_a_manifest_id_names_one_photo_and_one_angiogram_per_phase(tmp_path):
+    for name in ("eye1.png", "eye1.jpg", "eye2.png"):
+        _write(tmp_path / name)
+    for name in ("f1.png", "f2.png", "f3.png", "f4.png"):
+        _write(tmp_path / name, colour=False)
+    (tmp_path / "pairs.csv").write_text(
+        "source,target,phase\n"
+        "eye1.png,f1.png,early\n"
+        "eye1.jpg,f2.png,late\n"  # another photo under the derived id eye1: outputs would overwrite each other
+        "eye2.png,f3.png,EARLY\n"
+        "eye2.png,f4.png,2\n"
+        "eye2.png,f4.png,late\n"  # eye2's late angiogram twice
+    )
+    report = check_pairs(tmp_path, decode=False)
+    assert [(p.id, p.phase) for p in report.pairs] == [("eye1", "early"), ("eye2", "early"), ("eye2", "late")]
+    lines = sorted((p.path.rsplit(":", 1)[1], p.message) for p in report.problems)
+    assert [line for line, _ in lines] == ["3", "6"]
+    assert "another photo" in lines[0][1] and "another late angiogram" in lines[1][1]
+
+
+@pytest.mark.parametrize("phase", ["venous", "3", "lat"])
+def test_a_manifest_phase_outside_early_late_is_reported_not_read_as_early(tmp_path, phase):
+    _write(tmp_path / "a.png")
+    _write(tmp_path / "b.png", colour=False)
+    (tmp_path / "pairs.csv").write_text(f"source,target,phase\na.png,b.png,{phase}\n")
+    report = check_pairs(tmp_path, decode=False)
+    assert report.pairs == [] and [p.kind for p in report.problems] == ["manifest"]
+    assert f"phase {phase!r}" in report.problems[0].message
+
+
+def test_spreadsheet_csvs_with_a_bom_an_extra_field_or_a_missing_label_are_read(tmp_path):
+    _write(tmp_path / "a.png")
+    _write(tmp_path / "b.png", colour=False)
+    (tmp_path / "pairs.csv").write_text("\ufeffsource,target,label\na.png,b.png,dr,extra\n", encoding="utf-8")
+    report = check_pairs(tmp_path, decode=False)
+    assert [(p.id, p.label) for p in report.pairs] == [("a", "dr")] and report.problems == []
+
+    uwf = tmp_path / "uwf"
+    _write(uwf / "1.png")
+    _write(uwf / "1.1.png", colour=False)
+    _write(uwf / "2.png")
+    _write(uwf / "2.1.png", colour=False)
+    (uwf / "labels.csv").write_text("\ufeffid,label\n1\n2,brvo,extra\n", encoding="utf-8")
+    assert [(p.id, p.label) for p in check_pairs(uwf, decode=False).pairs] == [("1", None), ("2", "brvo")]

@@ -35,6 +35,7 @@ from ffasynth.errors import ImageReadError, PairError
 NAMED_DEFAULT = ("cfp", "ffa")  # the `named` layout's source and target file stems
 MANIFEST_NAMES = ("pairs.csv", "manifest.csv")
 UWF_PHASES = {"1": "early", "2": "late"}
+MANIFEST_PHASES = {"": None, "early": "early", "late": "late", **UWF_PHASES}  # a manifest's phase column, lower-cased
 _SUFFIX = "|".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _UWF_SOURCE = re.compile(rf"^(?P<id>[^.]+)\.(?:{_SUFFIX})$", re.IGNORECASE)
 _UWF_TARGET = re.compile(rf"^(?P<id>[^.]+)\.(?P<phase>\d)\.(?:{_SUFFIX})$", re.IGNORECASE)
@@ -141,30 +142,53 @@ def _read_labels(root: Path) -> dict[str, str]:
     path = root / "labels.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         rows = list(csv.DictReader(f))
-    if rows and not {"id", "label"} <= set(rows[0]):
+    if rows and not {"id", "label"} <= {c.strip() for c in rows[0] if c}:
         raise PairError(f"{path}: needs the columns id,label")
-    return {row["id"].strip(): row["label"].strip() for row in rows}
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
+    return {row["id"]: row["label"] for row in rows if row["id"] and row["label"]}
+
+
+def _unique(found: dict, problems: list[Problem], what: str) -> dict:
+    """key → its one file; a key claimed by several files (`3.bmp` and `3.png`) keeps none, each reported."""
+    unique = {}
+    for key, paths in found.items():
+        if len(paths) == 1:
+            unique[key] = paths[0]
+            continue
+        names = ", ".join(p.name for p in paths)
+        problems.extend(Problem("ambiguous", str(p), f"several files are {what} ({names}); keep one") for p in paths)
+    return unique
 
 
 def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
-    sources: dict[str, Path] = {}
-    targets: dict[str, dict[str, Path]] = defaultdict(dict)
+    found_sources: dict[str, list[Path]] = defaultdict(list)
+    found_targets: dict[tuple[str, str], list[Path]] = defaultdict(list)
     problems: list[Problem] = []
     for path in _image_files(root):
         rel = path.relative_to(root)
         parent = "" if rel.parent == Path(".") else f"{rel.parent.as_posix()}/"
         if m := _UWF_TARGET.match(path.name):
             phase = UWF_PHASES.get(m["phase"], f"phase{m['phase']}")
-            targets[parent + m["id"]][phase] = path
+            found_targets[(parent + m["id"], phase)].append(path)
         elif m := _UWF_SOURCE.match(path.name):
-            sources[parent + m["id"]] = path
+            found_sources[parent + m["id"]].append(path)
         else:
             problems.append(Problem("unrecognised-name", str(path), "name fits neither N.ext nor N.k.ext"))
+    sources = _unique(found_sources, problems, "the photo of one eye")
+    targets: dict[str, dict[str, Path]] = defaultdict(dict)
+    for (pair_id, phase), path in _unique(found_targets, problems, "one angiogram").items():
+        targets[pair_id][phase] = path
+    # reported as ambiguous already: not again as unpaired
+    ambiguous = {k for k, v in found_sources.items() if len(v) > 1} | {
+        k for (k, _), v in found_targets.items() if len(v) > 1
+    }
     labels = _read_labels(root)
     pairs = []
     for pair_id in sorted(set(sources) | set(targets), key=_natural_key):
+        if pair_id in ambiguous and (pair_id not in sources or pair_id not in targets):
+            continue
         if pair_id not in targets:
             problems.append(Problem("unpaired-source", str(sources[pair_id]), f"no target {pair_id}.1/.2 found"))
             continue
@@ -185,8 +209,8 @@ def _is_grey_file(path: Path) -> bool | None:
 
 
 def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
-    plain: dict[tuple[str, str], Path] = {}
-    dashed: dict[tuple[str, str], Path] = {}
+    found_plain: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    found_dashed: dict[tuple[str, str], list[Path]] = defaultdict(list)
     problems: list[Problem] = []
     for path in _image_files(root):
         folder = path.parent.relative_to(root).as_posix()
@@ -194,14 +218,18 @@ def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
             if m["n"] != m["m"]:
                 problems.append(Problem("unrecognised-name", str(path), "expected N-N with the same N twice"))
                 continue
-            dashed[(folder, m["n"])] = path
+            found_dashed[(folder, m["n"])].append(path)
         elif m := _ISF_PLAIN.match(path.name):
-            plain[(folder, m["n"])] = path
+            found_plain[(folder, m["n"])].append(path)
         else:
             problems.append(Problem("unrecognised-name", str(path), "name fits neither N.jpg nor N-N.jpg"))
+    plain, dashed = _unique(found_plain, problems, "image N"), _unique(found_dashed, problems, "image N-N")
+    ambiguous = {k for found in (found_plain, found_dashed) for k, v in found.items() if len(v) > 1}
     pairs = []
-    for key in sorted(set(plain) | set(dashed), key=lambda k: (k[0], int(k[1]))):
+    for key in sorted(set(plain) | set(dashed) | ambiguous, key=lambda k: (k[0], int(k[1]))):
         folder, number = key
+        if key in ambiguous:  # reported as ambiguous
+            continue
         if key not in plain or key not in dashed:
             lone = plain.get(key) or dashed[key]
             problems.append(Problem("unpaired-source", str(lone), f"no partner for image {number} in {folder or '.'}"))
@@ -220,13 +248,15 @@ def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
 def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
     base = manifest.parent
     try:
-        with manifest.open(newline="") as f:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise PairError(f"{manifest}: cannot read the manifest ({error})") from None
-    if not rows or not {"source", "target"} <= {c.strip() for c in rows[0]}:
+    if not rows or not {"source", "target"} <= {c.strip() for c in rows[0] if c}:
         raise PairError(f"{manifest}: a manifest needs a header with at least the columns source,target")
     pairs, problems = [], []
+    source_of: dict[str, Path] = {}  # id → its photo: one photo per id (outputs are named by id)
+    phases_of: dict[str, set[str | None]] = defaultdict(set)
     for line, row in enumerate(rows, start=2):
         row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
         if not row["source"] or not row["target"]:
@@ -239,7 +269,20 @@ def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
         if missing:
             continue
         pair_id = row.get("id") or Path(row["source"]).with_suffix("").as_posix()
-        pairs.append(Pair(pair_id, source, target, row.get("phase") or None, row.get("label") or None))
+        where = f"{manifest}:{line}"
+        phase = row.get("phase", "").lower()
+        if phase not in MANIFEST_PHASES:
+            problems.append(Problem("manifest", where, f"phase {row['phase']!r}: allowed early, late, 1, 2 or empty"))
+            continue
+        phase = MANIFEST_PHASES[phase]
+        if source_of.setdefault(pair_id, source) != source or phase in phases_of[pair_id]:
+            clash = "another photo" if source_of[pair_id] != source else f"another {phase or 'phase-less'} angiogram"
+            problems.append(
+                Problem("ambiguous", where, f"id {pair_id!r} is already used with {clash}; ids must be unique")
+            )
+            continue
+        phases_of[pair_id].add(phase)
+        pairs.append(Pair(pair_id, source, target, phase, row.get("label") or None))
     return pairs, problems
 
 
