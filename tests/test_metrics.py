@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ffasynth.data.io import save_image
 from ffasynth.data.phantom import write_phantom_dataset
@@ -19,6 +21,7 @@ from ffasynth.evaluation.metrics import (
     distribution_scores,
     evaluate,
     inception_features,
+    load_pair,
     paired_scores,
     read_grey,
     sample_patches,
@@ -228,3 +231,16 @@ def test_missing_weights_skip_only_their_metrics(ffa_dir, tmp_path):
     assert set(method.summary) & set(PAIRED_METRICS) == {"psnr", "ssim", "ms_ssim"}
     assert method.summary["psnr"]["mean"] < 40 and "vessel_dice" in method.summary  # no network needed
     assert not method.distribution
+
+
+def test_load_pair_flags_a_resize_only_when_the_generated_image_differs_from_its_real_partner(tmp_path):
+    """`resolution` scales both images alike; only a generated image of another size than its real
+    partner is resized to it (and flagged)."""
+    rng = np.random.default_rng(0)
+    for name, size in (("real.png", (60, 80)), ("same.png", (60, 80)), ("half.png", (30, 40))):
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(tmp_path / name)
+    for resolution in (None, 48):
+        real, fake, resized, _ = load_pair(tmp_path / "real.png", tmp_path / "same.png", resolution)
+        assert not resized and fake.shape == real.shape == ((1, 60, 80) if resolution is None else (1, 48, 64))
+        real, fake, resized, _ = load_pair(tmp_path / "real.png", tmp_path / "half.png", resolution)
+        assert resized and fake.shape == real.shape

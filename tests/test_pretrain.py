@@ -118,3 +118,14 @@ def test_only_aligned_pairs_of_a_registered_folder_are_trained_on(tmp_path):
     (folder / REPORT_NAME).write_text(header + "\n".join(rows) + "\n")
     kept = sorted(pair.target.name for pair in aligned_pairs(folder))
     assert kept == ["1.1.png", "1.2.png", "2.1.png"]
+
+
+def test_aligned_pairs_of_a_registered_folder_with_sub_folders(tmp_path):
+    """The report names each output by its path inside the folder (train/1.1.png), not its bare name."""
+    folder = tmp_path / "registered"
+    write_phantom_dataset(folder / "train", n=2, size=64, seed=2)
+    header = "id,phase,status,identity_correlation,null_correlation,aligned_target\n"
+    rows = ["train/1,early,registered,0.1,0.3,train/1.1.png", "train/2,early,identity,,,train/2.1.png"]
+    (folder / REPORT_NAME).write_text(header + "\n".join(rows) + "\n")
+    kept = [pair.target.relative_to(folder).as_posix() for pair in aligned_pairs(folder)]
+    assert kept == ["train/1.1.png"]

@@ -145,3 +145,10 @@ def test_the_vessel_band_score_is_not_decided_by_the_field_edge_or_an_eyes_layou
     assert both.own_first == [True] * 4 and both.similarity[2, 2] > 0.9
     # banding the outputs only, eye 2's gradient enters the correlation's denominator and loses it its own
     assert retrieval(fakes, steep, fovs=fovs).own_first == [True, True, False, True]
+
+
+def test_chance_counts_only_the_items_that_are_scored(eyes):
+    """An item alone in its group has no other candidate: it is left out of the accuracy, so of the chance too."""
+    groups = {"0": "early", "1": "early", "2": "early", "3": "late"}
+    result = retrieval(eyes, eyes, groups)
+    assert len(result.own_first) == 3 and result.chance == pytest.approx(1 / 3)

@@ -380,4 +380,4 @@ def aligned_pairs(folder: Path) -> list[Pair]:
 
     with open(folder / REPORT_NAME, newline="") as handle:
         kept = {row["aligned_target"] for row in csv.DictReader(handle) if aligned(row)}
-    return [pair for pair in load_pairs(folder) if pair.target.name in kept]
+    return [pair for pair in load_pairs(folder) if pair.target.relative_to(folder).as_posix() in kept]

@@ -136,9 +136,9 @@ def load_pair(
     """Real and generated (1, H, W) at the evaluation size, whether the generated one was resized,
     and which of the two files were colour (compared as luma)."""
     real, real_colour = read_grey(real_path)
-    real = resize_shorter(real, resolution)
     fake, fake_colour = read_grey(fake_path)
-    resized = tuple(fake.shape[-2:]) != tuple(real.shape[-2:])
+    resized = tuple(fake.shape[-2:]) != tuple(real.shape[-2:])  # before `resolution`: it resizes both alike
+    real = resize_shorter(real, resolution)
     colour = [path for path, flag in ((real_path, real_colour), (fake_path, fake_colour)) if flag]
     return real, resize_to(fake, tuple(real.shape[-2:])), resized, colour
 

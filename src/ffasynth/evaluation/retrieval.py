@@ -111,9 +111,11 @@ class Retrieval:
 
     @property
     def chance(self) -> float:
-        """Expected accuracy of an input-blind method: the mean of 1/(group size)."""
+        """Expected accuracy of an input-blind method: the mean of 1/(candidates) over the scored rows (an
+        item with no other candidate is left out of `accuracy`, so of this too)."""
         sizes = np.sum(~np.isnan(self.similarity), axis=1)
-        return float(np.mean(1.0 / sizes[sizes > 0])) if len(sizes) else float("nan")
+        scored = sizes[sizes > 1]
+        return float(np.mean(1.0 / scored)) if len(scored) else float("nan")
 
 
 def retrieval(
