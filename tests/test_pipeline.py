@@ -259,3 +259,44 @@ def test_a_folder_saved_before_fov_threshold_was_recorded_loads_with_0_04(pipe, 
     photo[:, :, :8] = 0.0
     black = _run(loaded, photo, outside_field="black").images[0][0]
     assert (black[:, :4] == 0).all() and black[:, 12:].mean() > 0.02
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler])
+def test_max_steps_is_the_most_a_swapped_scheduler_can_take(scheduler_class):
+    """DDIM / DDPM space their steps "leading" with steps_offset 1: at 1000 steps the last would be t = 1000,
+    past the schedule's end; max_steps must allow exactly what set_timesteps can take, and no more."""
+    pipe = micro_pipeline()
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, steps_offset=1, timestep_spacing="leading")
+    most = pipe.max_steps
+    pipe.scheduler.set_timesteps(most)
+    assert int(pipe.scheduler.timesteps.max()) < pipe.scheduler.config.num_train_timesteps
+    pipe.check_inputs(num_inference_steps=most, image_guidance_scale=1.0, num_samples=1)
+    with pytest.raises(FFASynthError, match=f"num_inference_steps {most + 1}: allowed a whole number from 1 to {most}"):
+        pipe.check_inputs(num_inference_steps=most + 1, image_guidance_scale=1.0, num_samples=1)
+
+
+@pytest.mark.parametrize(
+    ("steps", "samples", "named"),
+    [
+        (2.5, 1, "num_inference_steps"),
+        (2, 1.5, "num_samples"),
+        (True, 1, "num_inference_steps"),
+        (2, "2", "num_samples"),
+    ],
+)
+def test_steps_and_samples_must_be_whole_numbers(steps, samples, named):
+    pipe = micro_pipeline()
+    with pytest.raises(FFASynthError, match=f"{named} .*: allowed a whole number"):
+        pipe.check_inputs(num_inference_steps=steps, image_guidance_scale=1.0, num_samples=samples)
+    pipe.check_inputs(num_inference_steps=np.int64(2), image_guidance_scale=1.0, num_samples=np.int32(2))
+
+
+def test_the_token_projection_runs_through_its_component_so_offload_hooks_fire():
+    """enable_model_cpu_offload hooks each component's forward: the projection must be called as the registered
+    component, not its inner Linear, or its weights stay on the host while CLIP's features are on the GPU."""
+    pipe = micro_pipeline("model.clip_tokens=patches")
+    assert pipe.projection is not None and "projection" in pipe.model_cpu_offload_seq.split("->")
+    calls = []
+    pipe.projection.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    pipe.encode_source(torch.rand(1, 3, 32, 32, generator=seeded(1)), 32, 0, (32, 32))
+    assert calls, "the projection component's forward was bypassed"

@@ -89,7 +89,7 @@ class FFASynthesisOutput(BaseOutput):
 
 
 class FFASynthesisPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "image_encoder->unet->vae"
+    model_cpu_offload_seq = "image_encoder->projection->unet->vae"
     _optional_components = ["image_encoder", "image_processor", "projection", "preview_decoder"]
 
     def __init__(
@@ -164,7 +164,10 @@ class FFASynthesisPipeline(DiffusionPipeline):
     def max_steps(self) -> int:
         """The most steps the scheduler can take: an LCM student's solver grid (50), else the training steps."""
         config = self.scheduler.config
-        return int(config.get("original_inference_steps") or config.get("num_train_timesteps", 1000))
+        if config.get("original_inference_steps"):
+            return int(config["original_inference_steps"])
+        leading = config.get("timestep_spacing") == "leading"  # DDIM, DDPM: the last step is at t = N − 1 + offset
+        return int(config.get("num_train_timesteps", 1000)) - leading * int(config.get("steps_offset", 0))
 
     def conditioner(self) -> SourceConditioner:
         """The conditioning paths over the pipeline's current components (the projection shared, not copied)."""
@@ -180,7 +183,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         if conditioner.projection is not None:
             if self.projection is None:
                 raise FFASynthError("this model's CLIP tokens need a learned projection, but the pipeline has none")
-            conditioner.projection = self.projection.linear
+            conditioner.projection = self.projection  # the component itself: an offload hook sits on its forward
         return conditioner
 
     @torch.no_grad()
@@ -340,10 +343,10 @@ class FFASynthesisPipeline(DiffusionPipeline):
             raise FFASynthError(
                 f"start_strength {start_strength}: allowed 0 < s <= 1, and s < 1 only for a model with the concat path"
             )
-        if steps < 1 or steps > self.max_steps:
-            raise FFASynthError(f"num_inference_steps must be from 1 to {self.max_steps} for this sampler, not {steps}")
-        if num_samples < 1:
-            raise FFASynthError(f"num_samples must be at least 1, not {num_samples}")
+        if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or not 1 <= steps <= self.max_steps:
+            raise FFASynthError(f"num_inference_steps {steps!r}: allowed a whole number from 1 to {self.max_steps}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples < 1:
+            raise FFASynthError(f"num_samples {num_samples!r}: allowed a whole number from 1")  # numpy ints pass
         if guidance is not None and not (math.isfinite(guidance) and guidance >= 1.0):  # None: the config's value
             raise FFASynthError(f"image_guidance_scale {guidance}: allowed a finite number >= 1 (1 = no guidance)")
         if output_type not in ("pil", "np", "pt"):
@@ -389,10 +392,9 @@ class FFASynthesisPipeline(DiffusionPipeline):
         outside_field: "model" (the model's output everywhere) or "black" (0 outside the photo's field of view,
         where no angiogram has a signal: looks like a real angiogram; scores lower SSIM, see the README).
         """
-        if image_guidance_scale is None:
-            image_guidance_scale = float(self.config.get("image_guidance_scale", 1.0))
-        if num_inference_steps is None:
-            num_inference_steps = int(self.config.get("num_inference_steps", 20))
+        guidance, steps = self.config.get("image_guidance_scale", 1.0), self.config.get("num_inference_steps", 20)
+        image_guidance_scale = float(guidance) if image_guidance_scale is None else image_guidance_scale
+        num_inference_steps = int(steps) if num_inference_steps is None else num_inference_steps
         self.check_inputs(
             num_inference_steps=num_inference_steps,
             image_guidance_scale=image_guidance_scale,
@@ -443,7 +445,6 @@ def _convert(image: torch.Tensor, output_type: str):
     return Image.fromarray((array[..., 0] * 255.0 + 0.5).astype(np.uint8))
 
 
-# `diffusers.DiffusionPipeline.from_pretrained(folder)` looks the folder's `_class_name` up in the
-# diffusers namespace: registering the class there lets plain diffusers load an exported folder
-# once this module is imported.
+# `diffusers.DiffusionPipeline.from_pretrained(folder)` looks the folder's `_class_name` up in the diffusers
+# namespace: registering the class there lets plain diffusers load an exported folder once this module is imported.
 setattr(diffusers, FFASynthesisPipeline.__name__, FFASynthesisPipeline)
