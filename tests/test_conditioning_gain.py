@@ -184,3 +184,16 @@ def test_cond_gain_every_must_be_zero_or_more(value, accepted):
     with pytest.raises(ConfigError) as raised:
         load_config(preset="tiny", overrides=overrides)
     assert "stage1.cond_gain_every" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_one_pair_run_trains_without_the_gain_instead_of_failing_at_its_first_measurement(tmp_path, capfd):
+    """The gain gives each probe item another item's photo: with one training pair there is none, which is
+    said once at the start; the run must not stop at step `cond_gain_every` with nothing saved."""
+    one = write_phantom_dataset(tmp_path / "one", n=1, size=48, seed=5)
+    overrides = ["stage1.max_steps=3", "stage1.cond_gain_every=2", "stage1.save_every=100", "data.phase=early"]
+    config = load_config(preset="tiny", overrides=MICRO_STAGE1 + overrides)
+    result = train_stage1(config, one, tmp_path / "run", progress=False)
+    assert result.step == 3 and result.checkpoint is not None
+    assert "one training pair: the conditioning gain is not measured" in "".join(capfd.readouterr())
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("cond_gain" in line for line in lines)

@@ -101,12 +101,12 @@ def test_processes_read_disjoint_micro_batches_that_cover_every_epoch():
         assert [next(resumed), next(resumed)] == per_process[rank][2:]
 
 
-def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on(tmp_path, monkeypatch):
+def _with_cpu_grad_scaler(monkeypatch) -> list:
+    """accelerate gives CPUs no GradScaler: every Accelerator made from now has the real CPU GradScaler, as
+    on a GPU; returns the list their scalers are added to."""
     scalers = []
 
     class ScaledAccelerator(accelerate.Accelerator):
-        """accelerate gives CPUs no GradScaler; this one has the real CPU GradScaler, as on a GPU."""
-
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
@@ -114,6 +114,11 @@ def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on
             scalers.append(self.scaler)
 
     monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    return scalers
+
+
+def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on(tmp_path, monkeypatch):
+    scalers = _with_cpu_grad_scaler(monkeypatch)
     config = TrainConfig(
         max_steps=4, mixed_precision="fp16", lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=100
     )
@@ -159,3 +164,38 @@ def test_a_compiled_run_writes_plain_checkpoints_that_load_and_resume(pairs, tmp
     saved = load_file(str(folder / "unet.safetensors"))
     state = loaded.components.unet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def test_a_resumed_fp16_run_keeps_the_loss_scale_it_had_reached(tmp_path, monkeypatch):
+    """The step-1 overflow halves the scale to 2^15; the step-2 checkpoint must hold it, so that step 3's
+    gradient (7e33: finite at 2^15, inf at 2^16) steps in the resumed run as in the uninterrupted one."""
+    scalers = _with_cpu_grad_scaler(monkeypatch)
+
+    class Scaled(_Overflowing):
+        def loss(self, batch, step, generator, optimizer):
+            layer = self.trainable["layer"]
+            return (layer.weight.sum() + layer.bias.sum()) * {1: 1e35, 3: 7e33}.get(step, 1.0), {}
+
+    def config(steps):
+        return TrainConfig(
+            max_steps=steps, mixed_precision="fp16", lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1,
+            save_every=2, max_grad_norm=0.0,
+        )  # fmt: skip
+
+    whole = train(Scaled(0), BlankDataset(), config(5), tmp_path / "whole", progress=False)
+    train(Scaled(0), BlankDataset(), config(2), tmp_path / "split", progress=False)
+    resumed = train(Scaled(0), BlankDataset(), config(5), tmp_path / "split", resume=True, progress=False)
+    assert [line["skipped"] for line in whole.losses][2:] == [line["skipped"] for line in resumed.losses] == [1, 1, 1]
+    assert scalers[-1].get_scale() == scalers[0].get_scale() == 2.0**15
+    final = [load_file(str(tmp_path / run / "checkpoints/step-000005/layer.safetensors")) for run in ("whole", "split")]
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def test_a_resume_trains_on_with_the_learning_rate_it_is_given(tmp_path):
+    """The loop's own advice on a run that diverged is a lower learning rate and --resume: the optimizer's
+    saved state must not bring the old rate back."""
+    first = TrainConfig(max_steps=2, lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=2)
+    train(_Overflowing(overflow_at=-1), BlankDataset(), first, tmp_path, progress=False)
+    lower = TrainConfig(max_steps=4, lr=0.001, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=2)
+    resumed = train(_Overflowing(overflow_at=-1), BlankDataset(), lower, tmp_path, resume=True, progress=False)
+    assert [line["lr"] for line in resumed.losses] == pytest.approx([0.001, 0.001])

@@ -203,9 +203,12 @@ def _build_optimizers(task: Task, config: TrainConfig, accelerator) -> tuple[dic
 
 def _resume(run_dir: Path, accelerator, raw: dict, emas: dict, optimizers: dict) -> tuple[int, dict]:
     """(first step, the loop's saved counters) from RUN's newest sound checkpoint (ckpt.resume_point),
-    its weights, EMAs and optimizer states loaded; (0, {}) without one. Partial checkpoints and log
-    lines past it go; damaged newer checkpoints are set aside (renamed, kept) with a warning."""
+    its weights, EMAs, optimizer and fp16 loss-scale states loaded, the optimizers' hyper-parameters kept as
+    configured (a resume may lower the learning rate); (0, {}) without one. Partial checkpoints and log lines
+    past it go; damaged newer checkpoints are set aside (renamed, kept) with a warning."""
     start, state = 0, {}
+    hyper = ("lr", "betas", "weight_decay")
+    configured = {n: [{k: g[k] for k in hyper if k in g} for g in opt.param_groups] for n, opt in optimizers.items()}
     if accelerator.is_main_process:
         ckpt.remove_partial_checkpoints(run_dir)
     point = ckpt.resume_point(run_dir, ckpt.expected_files(raw, emas, optimizers))
@@ -218,6 +221,14 @@ def _resume(run_dir: Path, accelerator, raw: dict, emas: dict, optimizers: dict)
         state = ckpt.load_checkpoint(point.folder, raw, emas, optimizers)
         start = state["step"]
         accelerator.print(f"resuming {run_dir} from {point.folder.name}")
+        for name, optimizer in optimizers.items():
+            for group, settings in zip(optimizer.param_groups, configured[name], strict=True):
+                if group.get("initial_lr", settings["lr"]) != settings["lr"]:
+                    accelerator.print(f"{name}: learning rate {settings['lr']:g} (was {group['initial_lr']:g})")
+                group.update(settings, initial_lr=settings["lr"])  # lr_factor scales initial_lr each step
+        scale = state.pop("grad_scaler", None)  # the fp16 loss scale it had reached
+        if accelerator.scaler is not None and scale is not None:
+            accelerator.scaler.load_state_dict(scale)
     if accelerator.is_main_process:
         _truncate_metrics(run_dir / "metrics.jsonl", start)
     return start, state
@@ -257,6 +268,8 @@ def _save_checkpoint(run_dir: Path, step: int, raw, emas, optimizers, state: dic
     path = None
     if accelerator.is_main_process:
         counters = {k: v for k, v in state.items() if k != "step"}
+        if accelerator.scaler is not None:
+            counters["grad_scaler"] = accelerator.scaler.state_dict()
         try:
             path = ckpt.save_checkpoint(run_dir, step, raw, emas, optimizers, counters, config.keep_checkpoints)
         except OSError as error:  # disk full, quota, permissions: the previous checkpoint is untouched
@@ -326,6 +339,9 @@ def train(
     # first the fixed batches, read here, so the loader's workers start with those images' caches made
     preview = _first_items(dataset, sample_items, device)
     probe = _first_items(dataset, task.diagnostic_items, device) if task.diagnostics_every else None
+    if probe is not None and len(dataset) < 2:  # the conditioning gain gives each item another item's photo
+        accelerator.print(f"{task.name}: one training pair: the conditioning gain is not measured")
+        probe = None
     workers = loader_workers(config.num_workers, device.type == "cuda")
     loader_seed = seed * 65_537 + accelerator.process_index  # worker RNGs differ per process
     stream = iter(training_loader(dataset, sampler, workers, device.type == "cuda", loader_seed))
