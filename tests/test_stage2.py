@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -370,3 +371,48 @@ def test_latent_reuse_samples_one_draw_in_k_and_keeps_each_pooled_target_with_it
     for draw, tag in enumerate(used):
         assert tag == draw if draw in expected_fresh else tag in [s for s in sampled if s < draw][-reuse:]
     assert len(set(used)) < 10 if reuse > 1 else used == list(range(10))
+
+
+def _train_stage2(stage1_run, out, *extra):
+    pairs, run = stage1_run
+    result = invoke("train", "stage2", "--from", run, "--data", pairs, "--out", out, "--quiet", *STAGE2, *extra)
+    assert result.exit_code == 0, result.output
+    return ckpt.latest_checkpoint(out)
+
+
+def test_two_stage2_runs_with_one_config_start_from_the_same_discriminator(stage1_run, tmp_path):
+    """The PatchGAN's initial weights come from config.seed, not from whatever the process drew before."""
+    weights = []
+    for name, disturb in (("a", 1), ("b", 2)):
+        torch.manual_seed(disturb)
+        folder = _train_stage2(stage1_run, tmp_path / name, "--max-steps", 1)
+        weights.append(load_file(str(folder / "discriminator.safetensors")))
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_a_stage2_run_keeps_the_unet_it_was_tuned_on(stage1_run, tmp_path):
+    """--no-ema tunes the decoder for the raw U-Net: run.json records it and every load gives that U-Net; a
+    --resume goes on with the pinned U-Net after the stage-1 run trained on."""
+    pairs, run = stage1_run
+    stage1 = tmp_path / "s1"
+    shutil.copytree(run, stage1)
+    _train_stage2((pairs, stage1), tmp_path / "s2", "--max-steps", 1, "--no-ema")
+    info = json.loads((tmp_path / "s2" / "run.json").read_text())
+    assert info["stage1_ema"] is False
+    raw = load_stage1_run(stage1, ema=False).components.unet.state_dict()
+    loaded = load_model_run(tmp_path / "s2").components.unet.state_dict()
+    assert all(torch.equal(raw[key], loaded[key]) for key in raw)
+
+    train_micro_stage1(pairs, stage1, 3, resume=True)  # the stage-1 run trains on: a step-3 checkpoint
+    _train_stage2((pairs, stage1), tmp_path / "s2", "--max-steps", 2, "--resume")
+    assert json.loads((tmp_path / "s2" / "run.json").read_text())["stage1_checkpoint"] == info["stage1_checkpoint"]
+
+
+def test_a_resume_into_a_run_of_another_kind_is_refused_before_anything_is_written(stage1_run, tmp_path):
+    pairs, run = stage1_run
+    stage1 = tmp_path / "s1"
+    shutil.copytree(run, stage1)
+    before = {path.name: path.read_bytes() for path in (stage1 / "run.json", stage1 / "config.yaml")}
+    result = invoke("train", "stage2", "--from", run, "--data", pairs, "--out", stage1, "--resume", *STAGE2)
+    assert result.exit_code != 0 and "holds a stage1 run, not a stage2 run" in str(result.exception)
+    assert {path.name: path.read_bytes() for path in (stage1 / "run.json", stage1 / "config.yaml")} == before

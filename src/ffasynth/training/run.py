@@ -70,6 +70,9 @@ def prepare_run(
     run_dir = Path(out)
     if run_dir.exists() and run_folder.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
+    recorded = run_folder.info(run_dir).get("kind") if (run_dir / "run.json").is_file() else None
+    if resume and run_folder.complete_checkpoints(run_dir) and recorded not in (None, kind):  # before any write
+        raise FFASynthError(f"--resume: {run_dir} holds a {recorded} run, not a {kind} run; choose another --out")
     if resume and run_folder.complete_checkpoints(run_dir) and (run_dir / "config.yaml").is_file():
         check_resumable(run_dir, config, kind)
     if not write:
@@ -220,7 +223,8 @@ def load_model_run(
 ) -> LoadedRun:
     """A stage-1 run, or a stage-2 run (its stage-1 model with the fine-tuned decoder swapped in), or a
     distill run (its teacher's model with the student U-Net); merge: fold a LoRA U-Net's adapters into its
-    weights (`load_stage1_run`); checkpoint: the run's own checkpoint folder (default: its newest)."""
+    weights (`load_stage1_run`); checkpoint: the run's own checkpoint folder (default: its newest). ema: the
+    run's own weights; a stage-2 run's U-Net is the one its decoder was tuned on (run.json: stage1_ema)."""
     run_dir = Path(run_dir)
     info = run_folder.info(run_dir)
     if info.get("kind") == "distill":
@@ -229,7 +233,8 @@ def load_model_run(
         return load_stage1_run(run_dir, ema=ema, merge=merge, checkpoint=checkpoint)
     stage1_dir, stage1_checkpoint = _stage1_of(run_dir, info)
     folder = Path(checkpoint) if checkpoint else run_folder.latest_checkpoint(run_dir)
-    loaded = load_stage1_run(stage1_dir, ema=ema, checkpoint=stage1_checkpoint, merge=merge)
+    unet_ema = info.get("stage1_ema", ema)  # runs from before it was recorded: as asked
+    loaded = load_stage1_run(stage1_dir, ema=unet_ema, checkpoint=stage1_checkpoint, merge=merge)
     ckpt.load_weights(folder, "decoder", Decoder(loaded.components.vae), ema=ema)
     loaded.components.vae.requires_grad_(False).eval()
     loaded.components.sources["decoder"] = str(folder)
@@ -255,6 +260,13 @@ def load_distill_run(run_dir: Path, info: dict, ema: bool = True) -> LoadedRun:
     loaded.components.unet = unet
     loaded.components.sources["distill"] = str(folder)
     return LoadedRun(config, loaded.components, loaded.conditioner, loaded.checkpoint, loaded.ema, preview, True)
+
+
+def load_pinned_stage1(run_dir: Path, info: dict, ema: bool = True) -> LoadedRun:
+    """The U-Net a stage-2 run's decoder was tuned on, as its run.json pins it: the stage-1 run (found beside the
+    stage-2 run when both moved), its checkpoint, and EMA or raw weights (`ema` for runs that did not record it)."""
+    stage1_dir, checkpoint = _stage1_of(run_dir, info)
+    return load_stage1_run(stage1_dir, ema=info.get("stage1_ema", ema), checkpoint=checkpoint)
 
 
 def load_teacher(run_dir: Path, info: dict) -> LoadedRun:

@@ -239,8 +239,11 @@ class Stage2Task(Task):
 
 
 def record_stage1(run_dir: Path, stage1: LoadedRun) -> None:
-    """run.json names the stage-1 run and checkpoint this decoder was tuned for."""
+    """run.json names the stage-1 run, checkpoint and weights (EMA or raw) this decoder was tuned for."""
     checkpoint = Path(stage1.checkpoint)
     run_folder.update_info(
-        run_dir, stage1_run=str(checkpoint.parent.parent.resolve()), stage1_checkpoint=str(checkpoint.resolve())
+        run_dir,
+        stage1_run=str(checkpoint.parent.parent.resolve()),
+        stage1_checkpoint=str(checkpoint.resolve()),
+        stage1_ema=stage1.ema,
     )

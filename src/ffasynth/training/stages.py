@@ -28,6 +28,7 @@ from ffasynth.training.distill import DistillTask
 from ffasynth.training.loop import TrainResult, train
 from ffasynth.training.run import (
     load_model_run,
+    load_pinned_stage1,
     load_stage1_run,
     load_teacher,
     load_training_data,
@@ -122,14 +123,18 @@ def train_stage2(
     ema: bool = True,
     dataset: PairDataset | None = None,
 ) -> tuple[TrainResult, dict]:
-    """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR."""
-    stage1 = load_stage1_run(stage1_dir, ema=ema)
+    """Stage 2: the decoder only; returns the run's result and the before/after decoder PSNR. Resumed, it goes
+    on with the U-Net its run.json pins (checkpoint, EMA or raw), whatever the stage-1 run did since."""
+    info = run_folder.info(out) if resume and (Path(out) / "run.json").is_file() else {}
+    pinned = info.get("kind") == "stage2" and "stage1_run" in info
+    stage1 = load_pinned_stage1(Path(out), info, ema) if pinned else load_stage1_run(stage1_dir, ema=ema)
     lpips = None
     if config.stage2.lpips_weight > 0:
         lpips = build_lpips(config.stage2.lpips_net, config.stage2.weights_dir)
     first, say, dataset, run_dir = _start(config, data, out, "stage2", resume, say, dataset)
-    if first:
+    if first and not pinned:
         record_stage1(run_dir, stage1)
+    torch.manual_seed(config.seed)  # the discriminator's initial weights
     task = Stage2Task(stage1, config.stage2, lpips)
     say(f"{len(dataset)} training pairs; decoding {config.stage2.latents} latents; run {run_dir}")
     result = train(task, dataset, config.stage2, run_dir, config.seed, resume, progress)
@@ -182,6 +187,7 @@ def train_distill(
             teacher_checkpoint=str(Path(checkpoint).resolve()),
             teacher_ema=ema,
         )
+    torch.manual_seed(config.seed)  # the LoRA adapters' and the preview decoder's initial weights
     task = DistillTask(teacher, config.distill)
     trainable = sum(p.numel() for p in task.trainable["unet"].parameters() if p.requires_grad)
     say(
