@@ -416,3 +416,17 @@ def test_a_resume_into_a_run_of_another_kind_is_refused_before_anything_is_writt
     result = invoke("train", "stage2", "--from", run, "--data", pairs, "--out", stage1, "--resume", *STAGE2)
     assert result.exit_code != 0 and "holds a stage1 run, not a stage2 run" in str(result.exception)
     assert {path.name: path.read_bytes() for path in (stage1 / "run.json", stage1 / "config.yaml")} == before
+
+
+def test_the_discriminator_is_not_stepped_before_disc_start_and_a_resume_there_goes_on(stage1_run, tmp_path):
+    """Before disc_start it has nothing to learn: no weight decay, no Adam steps on a zero loss (its first
+    real updates would then skip Adam's bias correction, several times the learning rate); from it, it learns."""
+    out = tmp_path / "s2"
+    steps = ("stage2.disc_start=2", "stage2.save_every=1", "stage2.weight_decay=0.1")
+    first = _train_stage2(stage1_run, out, "--max-steps", 2, *steps)
+    initial = load_file(str(first.parent / "step-000001" / "discriminator.safetensors"))
+    at_two = load_file(str(first / "discriminator.safetensors"))
+    assert all(torch.equal(initial[key], at_two[key]) for key in initial)
+    _train_stage2(stage1_run, out, "--max-steps", 3, "--resume", *steps)
+    after = load_file(str(ckpt.latest_checkpoint(out) / "discriminator.safetensors"))
+    assert not all(torch.equal(initial[key], after[key]) for key in initial)

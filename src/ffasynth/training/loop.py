@@ -60,6 +60,11 @@ class Task:
     def learning_rates(self, base_lr: float) -> dict[str, float]:
         return {name: base_lr for name in self.optimizer_groups()}
 
+    def updates(self, optimizer: str, step: int) -> bool:
+        """Whether `optimizer` takes a step at `step` (stage 2's discriminator: not before disc_start, so that
+        neither weight decay nor Adam's step count moves before it has anything to learn)."""
+        return True
+
     def to(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move every module; frozen ones may use weight_dtype (fp16/bf16 under mixed precision)."""
         raise NotImplementedError
@@ -242,6 +247,8 @@ def _train_step(accelerator, task: Task, optimizers: dict, groups: dict, micro_b
     logs: dict[str, float] = {}
     try:
         for index, (name, optimizer) in enumerate(optimizers.items()):
+            if not task.updates(name, draw[1]):
+                continue
             for each in optimizers.values():
                 each.zero_grad(set_to_none=True)
             if not _accumulate(accelerator, task, name, micro_batches, (*draw, index), logs):

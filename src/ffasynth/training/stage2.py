@@ -197,6 +197,9 @@ class Stage2Task(Task):
                 self.pool = [*self.pool, dict(batch)][-reuse:]
         self.draws += 1
 
+    def updates(self, optimizer: str, step: int) -> bool:
+        return optimizer != "discriminator" or (step >= self.config.disc_start and self.config.adv_weight > 0)
+
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         # one set of latents per batch: the discriminator's pass judges the decodes of the latents the
         # decoder just learned from (and the sampler runs once a step, not once per optimizer)
@@ -205,9 +208,7 @@ class Stage2Task(Task):
         target, latents = batch["target"], batch["stage2_latents"]
         adversarial = step >= self.config.disc_start and self.config.adv_weight > 0
         decoder, discriminator = self.trainable["decoder"], self.trainable["discriminator"]
-        if optimizer == "discriminator":
-            if not adversarial:  # nothing to learn yet; a zero loss that still touches every parameter
-                return sum(p.sum() for p in discriminator.parameters()) * 0.0, {}
+        if optimizer == "discriminator":  # from disc_start on (`updates`)
             with torch.no_grad():
                 fake = from_vae_output(decoder(latents).float())
             real_logits, fake_logits = discriminator(target.float()), discriminator(fake)
