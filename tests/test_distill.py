@@ -354,3 +354,14 @@ def test_a_lora_student_exports_merged_as_the_adapters_compute_and_resume_keeps_
     out = invoke("train", "distill", "--from", run, "--data", pairs, "--out", tmp_path / "d", "--max-steps", 3,
                  "--quiet", "--resume", *DISTILL, *lora)  # fmt: skip
     assert out.exit_code != 0 and "step-000001" in str(out.exception)  # it looked for the pinned one
+
+
+def test_a_lora_student_under_mixed_precision_samples_outside_the_loops_autocast(stage1_run):
+    """Its frozen weights are bf16 and what learns (adapters, cond_proj) float32: the sample grid runs outside
+    the loop's autocast (under torch.compile accelerate patches only the compiled wrapper), so it needs its own."""
+    task, _ = _task(stage1_run, "distill.lora.rank=4")
+    task.to(torch.device("cpu"), torch.bfloat16)
+    unet = task.trainable["unet"]
+    assert unet.conv_in.weight.dtype == torch.bfloat16 and unet.time_embedding.cond_proj.weight.dtype == torch.float32
+    columns = task.samples(_batch(stage1_run[0]), torch.Generator().manual_seed(0))
+    assert all(column.dtype == torch.float32 and torch.isfinite(column).all() for column in columns)

@@ -18,6 +18,8 @@ The tiny preview decoder (optional, its own optimizer) learns the VAE decoder on
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers import LCMScheduler
@@ -80,6 +82,7 @@ class DistillTask(Task):
             self.trainable["preview"] = PreviewDecoder.for_vae(components.vae.config, config.preview_channels)
         self.ema_names = tuple(self.trainable)
         self.shared = bool(config.lora.rank)  # the teacher is the student with its adapters off
+        self.lowered_dtype: torch.dtype | None = None  # set by to(): a LoRA student's frozen weights in it
 
     def optimizer_groups(self) -> dict[str, list[str]]:
         return {name: [name] for name in self.trainable}
@@ -94,7 +97,9 @@ class DistillTask(Task):
             frozen.append(components.unet)
         for module in frozen:  # frozen parts in the mixed-precision dtype; what learns stays float32
             module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
-        if self.shared and weight_dtype != torch.float32:
+        # a LoRA student holds two dtypes: what runs outside the loop's autocast (samples) needs its own
+        self.lowered_dtype = weight_dtype if self.shared and weight_dtype != torch.float32 else None
+        if self.lowered_dtype is not None:
             components.unet.to(device, dtype=weight_dtype)
             for parameter in components.unet.parameters():
                 if parameter.requires_grad:
@@ -198,9 +203,11 @@ class DistillTask(Task):
         latents = torch.randn(shape, generator=generator, device=batch["source"].device)
         guidance = self.teacher.config.stage1.image_guidance_scale
         noise = {"generator": generator} if self.config.method == "lcm" else {}  # LCM re-noises between steps
+        mixed = self.lowered_dtype is not None
         for t in sampler.timesteps:
-            prediction = guided_prediction(student, latents, t, *condition, guidance, fold=True)
-            latents = sampler.step(prediction, t, latents, **noise).prev_sample
+            with torch.autocast(latents.device.type, dtype=self.lowered_dtype) if mixed else contextlib.nullcontext():
+                prediction = guided_prediction(student, latents, t, *condition, guidance, fold=True)
+            latents = sampler.step(prediction.float(), t, latents, **noise).prev_sample
         student.train(was_training)
         columns = [batch["source"], batch["target"], decode_latents(vae, latents).float()]
         if "preview" in self.trainable:
