@@ -145,3 +145,26 @@ def test_page_translates_an_upload_in_headless_chromium(pipeline_dir, tmp_path):
         output = server.communicate()[0].decode(errors="replace")
     assert "Traceback" not in output, output
     assert not shutil.which("nonexistent")
+
+
+def test_a_port_in_use_or_out_of_range_is_refused_in_one_line(pipeline_dir, tmp_path, monkeypatch):
+    import socket
+
+    import ffasynth.app as app_module
+    from ffasynth.app import start_page
+    from ffasynth.translate import load_pipeline
+
+    monkeypatch.setattr(app_module.tempfile, "tempdir", str(tmp_path))
+    pipeline = load_pipeline(pipeline_dir, "cpu")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(FFASynthError, match=f"cannot serve on 127.0.0.1:{port}"):
+            start_page(pipeline, "127.0.0.1", port, ServeSettings())
+    assert not list(tmp_path.glob("ffasynth-serve-*"))  # its temporary folder is gone
+    from tests.helpers import invoke
+
+    for option, value in (("--port", 0), ("--port", 70000), ("--max-upload-mb", -5), ("--max-pixels", 0)):
+        result = invoke("serve", pipeline_dir, option, value)
+        assert result.exit_code != 0 and f"{option} {value}: allowed" in str(result.exception), (option, result)

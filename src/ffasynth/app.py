@@ -263,12 +263,14 @@ def start_page(pipeline, host: str, port: int, settings: ServeSettings) -> Runni
             quiet=True,
             allowed_paths=[str(folder)],
         )
-    except BaseException:  # a port in use or Ctrl-C while starting: nothing left behind
+    except BaseException as error:  # a port in use or Ctrl-C while starting: nothing left behind
         if app is not None:  # Ctrl-C once its server thread runs: stopped, or the process never exits
             with contextlib.suppress(Exception):  # the interrupt, not this, is what the caller must see
                 app.close(verbose=False)
         shutil.rmtree(folder, ignore_errors=True)
         restore_env(TEMP_DIR_ENV, previous)
+        if isinstance(error, OSError) and not isinstance(error, FFASynthError):  # a port in use, a foreign host
+            raise FFASynthError(f"cannot serve on {host}:{port}: {str(error).splitlines()[0]}") from None
         raise
     return RunningPage(app, folder, previous)
 

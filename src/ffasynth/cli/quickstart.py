@@ -62,9 +62,11 @@ def quickstart(
 def serve(
     pipeline: Path = typer.Argument(..., help="An exported pipeline folder (`ffasynth export`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default is this machine only."),
-    port: int = typer.Option(7860, "--port"),
-    max_upload_mb: int = typer.Option(20, "--max-upload-mb", help="Largest upload accepted."),
-    max_pixels: int = typer.Option(25_000_000, "--max-pixels", help="Largest image (pixels) accepted."),
+    port: int = typer.Option(7860, "--port", callback=in_range(1, 65535)),
+    max_upload_mb: int = typer.Option(20, "--max-upload-mb", callback=in_range(1), help="Largest upload accepted."),
+    max_pixels: int = typer.Option(
+        25_000_000, "--max-pixels", callback=in_range(1), help="Largest image (pixels) accepted."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """A web page for clinicians: upload a photo, see the synthetic angiogram (slider or side by side),
