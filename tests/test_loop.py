@@ -199,3 +199,15 @@ def test_a_resume_trains_on_with_the_learning_rate_it_is_given(tmp_path):
     lower = TrainConfig(max_steps=4, lr=0.001, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=2)
     resumed = train(_Overflowing(overflow_at=-1), BlankDataset(), lower, tmp_path, resume=True, progress=False)
     assert [line["lr"] for line in resumed.losses] == pytest.approx([0.001, 0.001])
+
+
+def test_a_resume_drops_log_lines_past_its_checkpoint_and_a_line_cut_short(tmp_path):
+    """A full disk can cut the last metrics.jsonl line short: a resume (and export's model card) reads past it."""
+    from ffasynth.export import _training_metrics
+    from ffasynth.training.loop import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1, "loss": 0.5}\n\n{"step": 2}\n{"step": 3, "lo')
+    assert [line["step"] for line in _training_metrics(tmp_path)] == [0, 1, 2]
+    _truncate_metrics(path, 1)
+    assert path.read_text() == '{"step": 0}\n{"step": 1, "loss": 0.5}\n'

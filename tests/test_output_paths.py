@@ -425,3 +425,45 @@ def test_a_failed_folder_write_restores_the_earlier_folder(tmp_path, monkeypatch
         files.atomic_folder(report, lambda folder: (folder / "metrics.json").write_text("new"))
     assert (report / "metrics.json").read_text() == "earlier"
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+# ---- damaged run folders, config files that are not YAML, settings that cannot be folders: one line each
+@corpus
+@pytest.mark.parametrize(
+    "case",
+    ["damaged-run-json", "run-without-model", "binary-config", "config-below-a-file", "config-in-the-new-out",
+     "cache-dir-is-a-file", "bad-max-pixels", "export-over-another-model"],
+)  # fmt: skip
+def test_run_folders_and_settings_that_cannot_be_used(case, pairs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("preset: tiny\n")
+    (run / "run.json").write_text('{"kind": "stage1"' if case == "damaged-run-json" else '{"kind": "stage1"}')
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    other = tmp_path / "sd15"  # a user's own diffusers model folder: export must not replace it
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (other / "NOTES.txt").write_text("mine")
+    out = tmp_path / "out"
+    train = ["train", "stage1", "--data", pairs, "--out", out, *STAGE1]
+    args, name, words = {
+        "damaged-run-json": (["export", run, out], "run.json", "is damaged"),
+        "run-without-model": (["export", run, out], str(run), "no model/unet/config.json"),
+        "binary-config": ([*train, "--config", next(pairs.rglob("*.png"))], "config file", "not a text (yaml) file"),
+        "config-below-a-file": ([*train, "--config", afile / "x.yaml"], "config file", "does not exist"),
+        "config-in-the-new-out": ([*train, "--config", out / "config.yaml"], "--config", "would be replaced"),
+        "cache-dir-is-a-file": ([*train, f"data.cache_dir={afile}"], "data.cache_dir", "cannot be a cache folder"),
+        "bad-max-pixels": (["data", "check", pairs], "FFASYNTH_MAX_PIXELS", "not a finite number"),
+        "export-over-another-model": (["export", run, other], str(other), "not an ffasynth pipeline folder"),
+    }[case]
+    if case == "config-in-the-new-out":
+        out.mkdir()
+        (out / "config.yaml").write_text("# my notes\npreset: tiny\n")
+    if case == "bad-max-pixels":
+        monkeypatch.setenv("FFASYNTH_MAX_PIXELS", "abc")
+    before = snapshot(pairs, run, other, out)
+    result = cli(*args)
+    problem = line_problem(result.output, name, words) or (None if result.exit_code in (1, 2) else "exit 0")
+    assert not problem, f"{problem}\n{result.output[-800:]}"
+    assert snapshot(pairs, run, other, out) == before

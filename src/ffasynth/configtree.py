@@ -124,8 +124,12 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         raise ConfigError(f"config files extend each other in a cycle ({cycle}): remove one of their `extends:`")
     try:
         loaded = yaml.safe_load(path.read_text())
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ConfigError(f"{where} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not a text (YAML) file") from None
+    except OSError as error:
+        raise ConfigError(f"{where} cannot be read ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{where} is not valid YAML: {error}".splitlines()[0]) from None
     if loaded is not None and not isinstance(loaded, dict):

@@ -14,6 +14,7 @@ puts back on the U-Net.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,14 @@ class ExportedModel:
     @property
     def stage1_dir(self) -> Path:
         return Path(self.run.checkpoint).parent.parent
+
+
+def _earlier_export(folder: Path) -> bool:
+    """Whether `folder` holds an ffasynth export (which export_run may replace), not another diffusers model."""
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("_class_name") == FFASynthesisPipeline.__name__
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _step(checkpoint: Path) -> int:
@@ -158,7 +167,11 @@ def _training_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short (a full disk mid-write) is left out
+            lines.append(json.loads(line))
+    return [line for line in lines if isinstance(line, dict)]
 
 
 def _count_pairs(data_dir: str | None, config) -> str:
@@ -286,8 +299,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True, lora:
     if lora not in ("merge", "separate"):
         raise FFASynthError(f"export: lora must be 'merge' or 'separate', not {lora!r}")
     occupied = out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))
-    if occupied and not (out_dir / "model_index.json").is_file():
-        raise FFASynthError(f"{out_dir} exists and is not a pipeline folder; choose an empty or new --out")
+    if occupied and not _earlier_export(out_dir):
+        raise FFASynthError(f"{out_dir} exists and is not an ffasynth pipeline folder; choose an empty or new OUT_DIR")
     exported = load_run(run_dir, ema, merge_lora=lora == "merge")
     unet = exported.run.components.unet
     separate = lora == "separate"

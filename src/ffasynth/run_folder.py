@@ -27,7 +27,10 @@ def info(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FFASynthError(f"{run_dir} is not an ffasynth run folder (no run.json)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FFASynthError(f"{path} is damaged ({type(error).__name__}); restore it from a copy") from None
 
 
 def update_info(run_dir: str | Path, **fields) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from ffasynth.config import SEED_MAX, Config, load_config
-from ffasynth.errors import FFASynthError
+from ffasynth.errors import FFASynthError, OutputError
 from ffasynth.files import check_output_folder
 from ffasynth.run_folder import split_dir
 
@@ -90,6 +90,14 @@ def in_range(low: float | None = None, high: float | None = None, above: bool = 
         return value
 
     return check
+
+
+def _check_config_kept(given: Path | None, out: Path) -> None:
+    """A new run writes its resolved config to OUT/config.yaml: refuse a hand-written --config there (a run's
+    own, on --resume, is that resolved config already)."""
+    written = out / "config.yaml"
+    if given is not None and Path(given).resolve() == written.resolve() and not (out / "run.json").is_file():
+        raise OutputError(f"--config {given} would be replaced by the run's resolved config.yaml; move it out of --out")
 
 
 def one_of(*allowed: str) -> Callable:
@@ -167,6 +175,7 @@ def train_options(without: tuple[str, ...] = ()) -> Callable:
             options = TrainOptions(**{p.name: values.pop(p.name) for p in shared})
             data = options.data
             check_output_folder(options.out, [data, split_dir(data, "train"), split_dir(data, "test")])
+            _check_config_kept(options.config_file, Path(options.out))
             return verb(options, **values)
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared

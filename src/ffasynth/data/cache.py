@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ffasynth.errors import FFASynthError
+
 
 def file_key(path: str | os.PathLike, *details) -> str:
     """A name for what is computed from the file at `path` with `details`: its resolved path, size and
@@ -48,7 +50,10 @@ class ArrayStore:
             self._cleanup = weakref.finalize(self, _remove_folder, self.folder, os.getpid())
         else:
             self.folder = Path(folder)
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # a file of that name, a file above it, no permission
+                raise FFASynthError(f"data.cache_dir {folder}: cannot be a cache folder ({error.strerror})") from None
             self._cleanup = None
         self.computed = 0
         self._open: dict[str, np.ndarray] = {}

@@ -49,9 +49,9 @@ def max_pixels_limit(max_pixels: int | None = None) -> int:
         try:
             limit = int(float(env))
         except (ValueError, OverflowError):  # OverflowError: inf, 1e400
-            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} is not a finite number") from None
-        if limit < 1:
-            raise ImageReadError(MAX_PIXELS_ENV, f"environment value {env!r} must be a positive pixel count")
+            raise FFASynthError(f"{MAX_PIXELS_ENV}: environment value {env!r} is not a finite number") from None
+        if limit < 1:  # not an ImageReadError: every image would be blamed for it
+            raise FFASynthError(f"{MAX_PIXELS_ENV}: environment value {env!r} must be a positive pixel count")
         return limit
     return DEFAULT_MAX_PIXELS
 

@@ -172,10 +172,19 @@ def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], d
     return finite
 
 
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank or torn one (a write cut short by a full disk)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint a run resumes from (they will be logged again)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -165,8 +165,10 @@ def load_stage1_run(
     if info.get("kind") != "stage1":
         raise FFASynthError(f"{run_dir} is a '{info.get('kind')}' run, not a stage-1 run")
     config = load_config(run_dir / "config.yaml")
-    folder = Path(checkpoint) if checkpoint else run_folder.latest_checkpoint(run_dir)
     model_dir = run_dir / "model"
+    if not (model_dir / "unet" / "config.json").is_file():  # else diffusers takes the path for a hub id
+        raise FFASynthError(f"{run_dir} has no model/unet/config.json: the run folder is incomplete")
+    folder = Path(checkpoint) if checkpoint else run_folder.latest_checkpoint(run_dir)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
     add_phase_embedding(unet, config.model.num_phases)
     add_lora(unet, config.stage1.lora)  # the checkpoint holds the adapters under peft's names
