@@ -270,3 +270,14 @@ def test_resume_compares_only_what_the_run_trains(tmp_path, kind, before, after,
     else:
         with pytest.raises(FFASynthError, match=rf"^--resume: .* was trained with {refused}"):
             prepare_run(tmp_path, micro_config(*after), kind, tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_base_build_at_mini_scale_runs_as_its_help_says_with_no_overrides(tmp_path):
+    """`--scale mini` is offered as a smoke run: it must work as typed (its eyes are smaller than the tiny
+    preset's 128-px crop, so the scale brings its own crop), ~15 s on 2 cores."""
+    built = cli("base", "build", "--out", tmp_path / "b", "--scale", "mini", "--minutes", "0.05", "--quiet",
+                "--shared", tmp_path / "no-shared-data")  # fmt: skip
+    assert built.exit_code == 0, built.output[-800:]
+    header = base.read_header(tmp_path / "b" / "base.safetensors")
+    assert "--scale mini" in header["command"]

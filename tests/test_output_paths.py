@@ -111,6 +111,15 @@ def test_data_check_json_names_a_folder_or_an_input(pairs, tmp_path):
     problem = refused(folder, tmp_path, "is a folder") or refused(image, pairs / "1.png", "not a .json file")
     assert not problem, problem
     assert snapshot(pairs) == before
+    index = tmp_path / "pipeline" / "model_index.json"  # another tool's JSON: never replaced by a report
+    index.parent.mkdir()
+    index.write_text('{"_class_name": "FFASynthesisPipeline"}')
+    other = cli("data", "check", pairs, "--json", index)
+    assert not refused(other, index, "not an earlier `data check` report"), other.output
+    assert index.read_text() == '{"_class_name": "FFASynthesisPipeline"}'
+    report = tmp_path / "report.json"
+    for _ in range(2):  # an earlier report is replaced
+        assert cli("data", "check", pairs, "--json", report).exit_code == 0
 
 
 @corpus

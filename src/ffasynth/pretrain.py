@@ -57,6 +57,7 @@ STREAM = {
     },
     "mini": {"size": (64, 96), "eyes_per_epoch": 2, "crops_per_eye": 4, "report_eyes": 2, "report_size": 96},
 }
+CONFIG = {"mini": ["data.crop_size=64"]}  # a scale's own settings (its eyes are smaller than the preset's crop)
 REAL_REPEAT = 4  # the aligned real training pairs are few (6 of 8): each counts 4 times per epoch
 FFA_FOLDERS = ("01.phase_identification/arterial_phase", "01.phase_identification/venous_phase", "02.disease_diagnosis")
 
@@ -176,6 +177,7 @@ def build_base(
             f"seed={seed}",
             *(f"{stage}.max_minutes={budget[stage]:.3f}" for stage in SHARES),
             *(f"{stage}.max_steps=1000000" for stage in SHARES),
+            *CONFIG.get(scale, []),
             *(overrides or []),
         ],
     )

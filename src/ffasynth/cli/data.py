@@ -16,10 +16,19 @@ from ffasynth.data.alignment import REPORT_NAME, RegistrationRow, register_folde
 from ffasynth.data.pairs import LAYOUTS, check_pairs
 from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
-from ffasynth.errors import FFASynthError
+from ffasynth.errors import FFASynthError, OutputError
 from ffasynth.files import atomic_write_text, check_output_file, check_output_folder
 
 app = typer.Typer(help="Inspect, check, register and generate paired photo/FFA data.", no_args_is_help=True)
+
+
+def _earlier_report(path: Path) -> bool:
+    """Whether `path` holds a `data check --json` report (which a new one may replace), not another JSON file."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"root", "layout", "pairs", "problems"} <= set(report)
 
 
 @app.command("check")
@@ -40,6 +49,8 @@ def check(
     """
     if json_out is not None:
         check_output_file(json_out, [folder], "--json", suffixes=(".json",))
+        if json_out.exists() and not _earlier_report(json_out):
+            raise OutputError(f"--json {json_out} exists and is not an earlier `data check` report; it is not replaced")
     report = check_pairs(folder, layout, decode=decode, max_pixels=max_pixels)
     console = Console()
     table = Table(title=f"{folder} ({report.layout} layout)")
