@@ -223,3 +223,31 @@ def test_clinical_generates_synthetic_ffa_with_a_pipeline(lesion_phantoms, tmp_p
     assert result.exit_code == 0, result.output
     assert len(list((out / "synthetic").glob("*_ffa.png"))) == 24
     assert (out / "report.html").is_file()
+
+
+def test_backbone_weights_load_into_every_branch_and_a_foreign_or_damaged_file_is_refused(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from ffasynth.errors import WeightsNotFoundError
+    from ffasynth.evaluation.clinical import build_classifier
+
+    torch.manual_seed(0)
+    pretrained = timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict()
+    save_file(pretrained, tmp_path / "resnet10t.safetensors")
+    for in_chans, fusion in (([1], "stack"), ([3, 1], "two-branch")):
+        model = build_classifier("resnet10t", in_chans, 4, fusion, tmp_path / "resnet10t.safetensors")
+        branches = getattr(model, "branches", [model])
+        for branch, channels in zip(branches, in_chans, strict=True):
+            assert torch.equal(branch.state_dict()["layer1.0.conv1.weight"], pretrained["layer1.0.conv1.weight"])
+            first = pretrained["conv1.0.weight"]  # the stem: as it is for RGB, else averaged and repeated
+            expected = (
+                first if channels == 3 else first.mean(dim=1, keepdim=True).repeat(1, channels, 1, 1) * 3 / channels
+            )
+            assert torch.allclose(branch.state_dict()["conv1.0.weight"], expected)
+    save_file({"conv_in.weight": torch.zeros(4, 8, 3, 3)}, tmp_path / "unet.safetensors")
+    with pytest.raises(WeightsNotFoundError, match=r"fit 0 of this backbone's \d+ tensors"):
+        build_classifier("resnet10t", [1], 4, "stack", tmp_path / "unet.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "resnet10t.safetensors").read_bytes()[:100])
+    with pytest.raises(WeightsNotFoundError, match="not a readable safetensors file"):
+        build_classifier("resnet10t", [1], 4, "stack", tmp_path / "cut.safetensors")

@@ -228,3 +228,14 @@ def test_evaluate_and_stage2_name_the_download_command_when_weights_are_missing(
     assert f"ffasynth weights download inception --dir {tmp_path}" in backbones.skipped["fid"]
     with pytest.raises(WeightsNotFoundError, match=f"ffasynth weights download vgg --dir {tmp_path}"):
         weights.build_lpips("vgg", tmp_path)  # what stage 2 calls for its LPIPS loss
+
+
+def test_a_local_folder_is_a_mirror_and_a_non_url_is_refused_in_one_line(pinned, tmp_path):
+    """Offline, the files copied from another machine into a folder: --mirror FOLDER fetches (and checks) them."""
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / FILENAME).write_bytes(PAYLOAD)
+    fetched = download(NAME, tmp_path / "weights", base_url=str(tmp_path / "copied"))
+    assert fetched.state == "downloaded" and fetched.path.read_bytes() == PAYLOAD
+    with pytest.raises(DownloadError, match="no such folder"):
+        download(NAME, tmp_path / "other", base_url=str(tmp_path / "absent"))
+    assert leftovers(tmp_path / "other") == []

@@ -54,8 +54,10 @@ class Fetched:
 
 
 def source_url(name: str, base_url: str | None = None) -> str:
-    """The upstream address, or `base_url/<file name>` for a mirror (or a test server)."""
+    """The upstream address, or `base_url/<file name>` for a mirror (a URL, a test server, or a local folder)."""
     spec = KNOWN_WEIGHTS[name]
+    if base_url is not None and "://" not in base_url:  # a folder of the files, e.g. copied from another machine
+        base_url = Path(base_url).expanduser().resolve().as_uri()
     return spec.url if base_url is None else f"{base_url.rstrip('/')}/{spec.filename}"
 
 
@@ -88,11 +90,17 @@ def download(
         if state != "damaged":
             kept = "present" if state == "upstream" else "trusted"
             return Fetched(name, target, digest, target.stat().st_size, kept)
+    if base_url is not None and "://" not in base_url and not Path(base_url).expanduser().is_dir():
+        raise DownloadError(
+            f"--mirror {base_url}: no such folder (give a folder of the files, or an http(s):// address)"
+        )
     url = source_url(name, base_url)
     try:
         response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; nothing written to {folder}") from None
+    except ValueError as error:  # not a URL urllib can open
+        raise DownloadError(f"{url}: {error}; give --mirror as http(s)://..., file://... or a folder") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", None) or error
         host = urllib.parse.urlsplit(url).netloc

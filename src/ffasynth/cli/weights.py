@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from ffasynth.files import check_output_folder
 from ffasynth.weights import KNOWN_WEIGHTS, TRUSTED_LIST, WEIGHTS_ENV, resolve_weights_dir, weights_status
 from ffasynth.weights_download import DownloadError, Fetched, OfflineError, by_hand, download
 
@@ -39,7 +40,9 @@ def download_command(
     ),
     weights_dir: Path | None = typer.Option(None, "--dir", help=DIR_HELP),
     mirror: str | None = typer.Option(
-        None, "--mirror", help="Fetch MIRROR/<file name> instead of the upstream address (still hash-checked)."
+        None,
+        "--mirror",
+        help="Fetch MIRROR/<file name> (a URL or a local folder), not upstream (still hash-checked).",
     ),
     timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="Seconds to wait for the server at each step."),
 ) -> None:
@@ -131,6 +134,7 @@ def convert_clip(
     # Inside: loading pulls in diffusers + transformers (~9 s here), which every `ffasynth` start would pay.
     from ffasynth.models.loading import convert_clip_checkpoint
 
+    check_output_folder(out, [source])
     folder = convert_clip_checkpoint(source, out)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     typer.echo(f"converted {source} → {folder} ({files})")

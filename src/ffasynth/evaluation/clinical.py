@@ -150,7 +150,10 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
         raise WeightsNotFoundError(f"classifier weights {path} not found; put a timm .safetensors file there")
     if path.suffix != ".safetensors":
         raise WeightsNotFoundError(f"classifier weights {path}: expected a .safetensors file (pickles are not loaded)")
-    state = load_file(path)
+    try:
+        state = load_file(path)
+    except Exception as error:  # SafetensorError (damaged, cut short, not safetensors), OSError
+        raise WeightsNotFoundError(f"classifier weights {path}: not a readable safetensors file ({error})") from None
     own = model.state_dict()
     # Keep what fits: the first conv is averaged/repeated to the input channels, the head is new.
     for key, value in list(state.items()):
@@ -162,6 +165,12 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
                 state[key] = mean.repeat(1, own[key].shape[1], 1, 1) * value.shape[1] / own[key].shape[1]
             else:
                 state.pop(key)
+    body = [key for key in own if not key.startswith(("fc.", "head", "classifier"))]  # the new head is not in it
+    if sum(key in state for key in body) < len(body) / 2:  # another network's file: say so, do not train from noise
+        raise WeightsNotFoundError(
+            f"classifier weights {path} fit {sum(key in state for key in body)} of this backbone's {len(body)} "
+            "tensors: give the timm .safetensors file of the --backbone chosen"
+        )
     model.load_state_dict(state, strict=False)
 
 
