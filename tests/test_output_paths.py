@@ -282,6 +282,26 @@ def test_translate_into_the_input_folder(given, pipeline_dir, tmp_path):
 
 
 @corpus
+def test_translate_replaces_earlier_outputs_only_when_asked(pipeline_dir, tmp_path):
+    """A second run into the same --out (another model, other settings) would replace the first's results, or
+    the user's own file of that name, without a word: it is refused unless --overwrite says so."""
+    inputs, out = tmp_path / "photos", tmp_path / "out"
+    photos(inputs, "a.png", "b.png")
+    out.mkdir()
+    (out / "b_ffa.png").write_bytes(b"mine")
+    run = cli("translate", pipeline_dir, inputs, "--out", out, "--quiet")
+    problem = refused(run, out, "already holds b_ffa.png; pass --overwrite")
+    assert not problem, problem
+    assert sorted(p.name for p in out.iterdir()) == ["b_ffa.png"] and (out / "b_ffa.png").read_bytes() == b"mine"
+    again = cli("translate", pipeline_dir, inputs, "--out", out, "--quiet", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert not complete_png(out / "b_ffa.png", (WIDTH, HEIGHT)) and not complete_png(out / "a_ffa.png", (WIDTH, HEIGHT))
+    baseline = cli("baseline", "translate", tmp_path / "no-run", inputs, "--out", out)  # checked before the run
+    problem = refused(baseline, out, "already holds a_ffa.png and 1 more; pass --overwrite")
+    assert not problem, problem
+
+
+@corpus
 def test_translate_into_the_pipeline_folder(pipeline_dir, tmp_path):
     before = snapshot(pipeline_dir)
     run = cli("translate", pipeline_dir, write_photo(tmp_path / "a.png"), "--out", pipeline_dir, "--quiet")

@@ -95,7 +95,7 @@ def test_export_refuses_other_runs_and_foreign_folders(trained, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     result = runner.invoke(app, ["export", str(trained), str(tmp_path / "notes")])
-    assert "not a pipeline folder" in str(result.exception)
+    assert "not an ffasynth pipeline folder" in str(result.exception)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 

@@ -196,6 +196,18 @@ def check_output_folder(
     return out
 
 
+def check_not_replaced(out: str | os.PathLike, names: Iterable[str], overwrite: bool, option: str = "--out") -> None:
+    """Refuse, in one line, a run whose outputs `names` would replace files already in `out` (an earlier run's
+    results, or the user's own files of those names) unless `overwrite`."""
+    out = Path(out)
+    taken = [name for name in names if (out / name).exists()]
+    if taken and not overwrite:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise OutputError(
+            f"{option} {out} already holds {taken[0]}{more}; pass --overwrite to replace, or another {option}"
+        )
+
+
 def check_output_file(
     path: str | os.PathLike,
     inputs: Iterable[str | os.PathLike | None] = (),

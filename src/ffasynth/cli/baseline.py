@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from ffasynth.cli.options import TrainOptions, say, train_options
-from ffasynth.files import check_output_folder, removed_if_left_empty
-from ffasynth.translate import collect_inputs
+from ffasynth.files import check_not_replaced, check_output_folder, removed_if_left_empty
+from ffasynth.translate import collect_inputs, output_names
 
 # The baseline's training and tiling import accelerate and the training loop (seconds); they are
 # imported in the verbs that run them, so `ffasynth --help` does not wait for them.
@@ -31,6 +31,9 @@ def translate_command(
     run: Path = typer.Argument(..., help="A `ffasynth baseline train` run folder."),
     inputs: list[Path] = typer.Argument(..., help="Photos or folders of photos."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>_ffa.png outputs."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace outputs of an earlier run in --out (refused without it)."
+    ),
 ) -> None:
     """Whole photos at native size (tiled when large) → `<name>_ffa.png`, named as `ffasynth translate`
     names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both."""
@@ -38,6 +41,7 @@ def translate_command(
 
     check_output_folder(out, [*inputs, run])
     files, problems = collect_inputs(inputs)
+    check_not_replaced(out, [f"{name}_ffa.png" for name in output_names(files)[0].values()], overwrite)
     for path, reason in problems:
         typer.secho(f"error: {path}: {reason}", fg=typer.colors.RED, err=True)
     with removed_if_left_empty(out):

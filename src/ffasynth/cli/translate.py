@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ffasynth.cli.options import SEED, in_range, one_of, settings_from
 from ffasynth.data.dataset import PHASES
-from ffasynth.files import check_output_folder, removed_if_left_empty
+from ffasynth.files import check_not_replaced, check_output_folder, removed_if_left_empty
 from ffasynth.tiling import check_tile_settings
 from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, output_names, translate_files
 
@@ -96,6 +96,9 @@ def translate(
         help="model: the model's output everywhere (default); black: 0 outside the photo's field of view, "
         "as a real angiogram looks.",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace outputs of an earlier run in --out (refused without it)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Translate photos into FFA images of the same size (8-bit grey PNG). Large photos run in
@@ -106,8 +109,11 @@ def translate(
     files, problems = collect_inputs(inputs)
     for path, reason in problems:
         typer.secho(f"skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
-    for note in output_names(files)[1]:
+    names, notes = output_names(files)
+    for note in notes:
         typer.echo(f"note: {note}")
+    kinds = ("ffa", "uncertainty")[: 1 + (samples > 1)]
+    check_not_replaced(out, [f"{name}_{kind}.png" for name in names.values() for kind in kinds], overwrite)
     pipeline = load_pipeline(pipeline_dir, device, dtype)
     names = ("--tile-size", "--tile-overlap", "--decode-tile-size")
     tile = pipeline.config.tile_size if tile_size is None else tile_size
