@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ffasynth.config import load_config
 from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.errors import FFASynthError
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainingError, train
 from ffasynth.training.run import load_stage1_run, load_training_data
@@ -72,6 +73,26 @@ def test_existing_run_is_not_overwritten_without_resume(pairs, tmp_path):
     train_micro_stage1(pairs, tmp_path / "run", 3)
     with pytest.raises(Exception, match="--resume"):
         train_micro_stage1(pairs, tmp_path / "run", 3)
+
+
+def test_a_resume_on_other_data_is_refused_before_anything_is_written(pairs, tmp_path):
+    """run.json (and so the model card) names the data a run learnt from: a --resume on another folder would
+    train on it unnoticed and relabel the run; a data folder moved away may be given anew."""
+    import shutil
+
+    train_micro_stage1(pairs, tmp_path / "run", 3)
+    other = tmp_path / "other"
+    shutil.copytree(pairs, other)
+    saved = (tmp_path / "run" / "run.json").read_text()
+    with pytest.raises(FFASynthError, match=f"was trained on {pairs.resolve()}, not {other.resolve()}"):
+        train_micro_stage1(other, tmp_path / "run", 4, resume=True)
+    assert (tmp_path / "run" / "run.json").read_text() == saved
+    moved = tmp_path / "moved"
+    pairs_copy = tmp_path / "pairs-copy"
+    shutil.copytree(pairs, pairs_copy)
+    train_micro_stage1(pairs_copy, tmp_path / "run2", 3)
+    pairs_copy.rename(moved)
+    assert train_micro_stage1(moved, tmp_path / "run2", 4, resume=True).step == 4
 
 
 class _Exploding(Task):

@@ -70,9 +70,17 @@ def prepare_run(
     run_dir = Path(out)
     if run_dir.exists() and run_folder.complete_checkpoints(run_dir) and not resume:
         raise FFASynthError(f"{run_dir} already holds a run with checkpoints: pass --resume, or choose another --out")
-    recorded = run_folder.info(run_dir).get("kind") if (run_dir / "run.json").is_file() else None
-    if resume and run_folder.complete_checkpoints(run_dir) and recorded not in (None, kind):  # before any write
-        raise FFASynthError(f"--resume: {run_dir} holds a {recorded} run, not a {kind} run; choose another --out")
+    saved = run_folder.info(run_dir) if (run_dir / "run.json").is_file() else {}
+    if resume and run_folder.complete_checkpoints(run_dir):  # before any write
+        if saved.get("kind") not in (None, kind):
+            raise FFASynthError(
+                f"--resume: {run_dir} holds a {saved['kind']} run, not a {kind} run; choose another --out"
+            )
+        before, now = saved.get("data"), Path(data_dir).resolve()
+        if before and Path(before).is_dir() and Path(before).resolve() != now:  # a moved folder may be given anew
+            raise FFASynthError(
+                f"--resume: {run_dir} was trained on {before}, not {now}; give that data, or choose another --out"
+            )
     if resume and run_folder.complete_checkpoints(run_dir) and (run_dir / "config.yaml").is_file():
         check_resumable(run_dir, config, kind)
     if not write:
