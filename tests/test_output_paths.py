@@ -174,6 +174,14 @@ def test_out_in_a_folder_without_write_permission(verb, locked, pipeline_dir, pa
     assert list(locked.iterdir()) == [] and snapshot(pairs) == before
 
 
+@corpus
+def test_a_report_in_a_folder_without_write_permission_names_that_folder(locked, pairs):
+    run = cli("data", "check", pairs, "--json", locked / "a.json")
+    problem = refused(run, locked / "a.json", f"no permission to write in {locked}".lower())
+    assert not problem, problem
+    assert list(locked.iterdir()) == []
+
+
 # ---- a full disk: the write in progress is removed, the ones before it are whole, one line says so
 
 

@@ -204,3 +204,12 @@ def test_sd15_yaml_with_sd15_format_folders_loads_them_and_trains_a_step(tmp_pat
     loss.backward()
     assert torch.isfinite(loss)
     assert components.unet.conv_in.weight.grad[:, 4:].abs().sum() > 0  # the source latent reaches the loss
+
+
+@pytest.mark.parametrize("name", ["vae.safetensors", "notes.txt"])
+def test_a_vae_given_as_one_file_is_told_to_be_a_folder_not_said_missing(tmp_path, name):
+    (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(WeightsNotFoundError, match=f"{tmp_path / name} is a file: give the VAE's folder"):
+        loading.load_vae(str(tmp_path / name))
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        loading.load_vae(str(tmp_path / "absent"))

@@ -160,8 +160,8 @@ def _probe(folder: Path, what: str) -> None:
         handle, name = tempfile.mkstemp(prefix=".ffasynth-probe.", suffix=".tmp", dir=existing)
         os.close(handle)
         os.unlink(name)
-    except OSError as error:
-        raise write_error(folder, error, what) from None
+    except OSError as error:  # write_error names the folder its path is in: here `folder` itself
+        raise write_error(folder / ".ffasynth-probe", error, what) from None
 
 
 def check_output_folder(

@@ -121,6 +121,8 @@ def load_vae(source: str) -> AutoencoderKL:
             f"{path} holds no VAE: expected config.json + {WEIGHTS} there or in {path / 'vae'} "
             "(a finished `ffasynth train vae` run writes them)"
         )
+    if path.is_file():  # a VAE is a folder (config + weights), not one file
+        raise WeightsNotFoundError(f"{path} is a file: give the VAE's folder (config.json + {WEIGHTS}) or a hub id")
     if _is_hub_id(source):
         try:
             return AutoencoderKL.from_pretrained(source, use_safetensors=True)
