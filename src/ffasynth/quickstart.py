@@ -140,6 +140,7 @@ def quickstart(
     pipeline_dir = export_run(final, out / "pipeline")
     say(f"exported the pipeline to {pipeline_dir}")
     pipeline = load_pipeline(pipeline_dir, "cpu" if not torch.cuda.is_available() else "auto")
+    pipeline.set_progress_bar_config(disable=not progress, leave=False, desc="steps")
     test_dir = run_folder.split_dir(data, "test")  # held-out pairs: test/, val/ or valid/
     translated = sample_held_out(pipeline, test_dir, out / "translated", steps, seed, say)
     settings = EvalSettings(seed=seed)

@@ -92,6 +92,15 @@ def in_range(low: float | None = None, high: float | None = None, above: bool = 
     return check
 
 
+def quiet_libraries() -> None:
+    """--quiet: diffusers' and transformers' own bars (loading weights, writing model shards) off too."""
+    from diffusers.utils import logging as diffusers_logging  # heavy imports: only when asked
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _check_config_kept(given: Path | None, out: Path) -> None:
     """A new run writes its resolved config to OUT/config.yaml: refuse a hand-written --config there (a run's
     own, on --resume, is that resolved config already)."""
@@ -176,6 +185,8 @@ def train_options(without: tuple[str, ...] = ()) -> Callable:
             data = options.data
             check_output_folder(options.out, [data, split_dir(data, "train"), split_dir(data, "test")])
             _check_config_kept(options.config_file, Path(options.out))
+            if options.quiet:
+                quiet_libraries()
             return verb(options, **values)
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
