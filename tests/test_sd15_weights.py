@@ -213,3 +213,28 @@ def test_a_vae_given_as_one_file_is_told_to_be_a_folder_not_said_missing(tmp_pat
         loading.load_vae(str(tmp_path / name))
     with pytest.raises(WeightsNotFoundError, match="does not exist"):
         loading.load_vae(str(tmp_path / "absent"))
+
+
+def test_an_unreachable_hub_is_said_in_one_line_at_once_not_after_retries(monkeypatch):
+    """Offline, huggingface_hub retries each file 5 times over ~30 s and then blames a missing config.json:
+    one quick connection check sends hub ids to the local cache only, and the line says why."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as hub
+
+    def no_network(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # put back after the test, as the cache below
+    loading.hub_unreachable.cache_clear()
+    try:
+        began = time.perf_counter()
+        with pytest.raises(WeightsNotFoundError, match="no connection to huggingface.co: Name or service not known, "
+                           "and not in the local Hugging Face cache") as info:  # fmt: skip
+            loading.load_vae("someone/some-model")
+        assert time.perf_counter() - began < 10 and "\n" not in str(info.value)
+        assert hub.HF_HUB_OFFLINE is True
+    finally:
+        loading.hub_unreachable.cache_clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
@@ -61,8 +62,9 @@ def _root(
 def _quiet_libraries() -> None:
     """Our own progress bars and messages only; the libraries' per-shard bars and notices are noise here."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for name in ("diffusers", "transformers", "accelerate"):
+    for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")  # deprecated-argument notices
     for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

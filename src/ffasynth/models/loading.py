@@ -9,7 +9,10 @@ put where.
 
 from __future__ import annotations
 
+import functools
 import shutil
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -31,8 +34,27 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
+@functools.cache
+def hub_unreachable() -> str | None:
+    """None when the Hub's host answers within 3 s; else why not, and from then on hub ids are looked up in the
+    local Hugging Face cache only (huggingface_hub's offline mode): at once, not after 5 retries over 30 s."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return "offline mode (HF_HUB_OFFLINE)"
+    host = urllib.parse.urlsplit(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return None
+    except OSError as error:
+        hub.HF_HUB_OFFLINE = True  # read at each call (huggingface_hub.constants.is_offline_mode)
+        return f"no connection to {host}: {error.strerror or error}"
+
+
 def _hub_error(name: str, what: str, error: Exception) -> WeightsNotFoundError:
     cause = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    if unreachable := hub_unreachable():
+        cause = f"{unreachable}, and not in the local Hugging Face cache"
     return WeightsNotFoundError(
         f"could not fetch {what} '{name}' from the Hugging Face Hub ({cause}); on a machine with internet run "
         f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and point the option at that folder"
@@ -70,6 +92,7 @@ def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DCondit
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
         return unet, vae
     if _is_hub_id(pretrained):
+        hub_unreachable()
         try:
             unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", use_safetensors=True)
             vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", use_safetensors=True)
@@ -124,6 +147,7 @@ def load_vae(source: str) -> AutoencoderKL:
     if path.is_file():  # a VAE is a folder (config + weights), not one file
         raise WeightsNotFoundError(f"{path} is a file: give the VAE's folder (config.json + {WEIGHTS}) or a hub id")
     if _is_hub_id(source):
+        hub_unreachable()
         try:
             return AutoencoderKL.from_pretrained(source, use_safetensors=True)
         except Exception:
@@ -163,6 +187,7 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
                 return encoder, CLIPImageProcessor.from_pretrained(candidate)
         return encoder, clip_processor(encoder.config.image_size)
     if _is_hub_id(source):
+        hub_unreachable()
         errors = []
         for encoder_sub, processor_sub in (("", ""), ("image_encoder", "feature_extractor")):
             try:
