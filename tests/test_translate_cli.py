@@ -187,3 +187,15 @@ def test_grey_photo_is_translated_with_a_warning_not_silently(tmp_path):
     colour = write_photo(tmp_path / "photo.png")
     image, warning = read_photo(colour)
     assert warning is None and not np.allclose(image[0].numpy(), image[2].numpy())
+
+
+def test_an_output_that_is_not_finite_is_reported_not_written(tmp_path):
+    """A guidance of 1e308 overflows the guidance sum: the image is skipped with one line, no PNG of NaN."""
+    from tests.helpers import micro_pipeline
+
+    micro_pipeline("data.crop_size=32").save_pretrained(tmp_path / "pipe")
+    photo = write_photo(tmp_path / "a.png")
+    result = runner.invoke(app, ["translate", str(tmp_path / "pipe"), str(photo), "--out", str(tmp_path / "o"),
+                                 "--guidance", "1e308", "--quiet"])  # fmt: skip
+    assert result.exit_code == 1 and "the output is not finite" in result.output
+    assert "translated 0 image(s)" in result.output and not list((tmp_path / "o").glob("*.png"))

@@ -213,12 +213,15 @@ def translate_files(
                 decode_tile_size=settings.decode_tile_size,
                 **call,
             )
-            report.seconds[path] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
             size = tuple(photo.shape[-2:])
             del photo  # the photo's memory is free before the output is converted and written
             image = output.images[0]
             if image.shape[:2] != size:
                 raise FFASynthError(f"output {image.shape[:2]} differs from the input's size {size}")
+            if not np.isfinite(image).all():  # e.g. an extreme --guidance overflowed the sampler: nothing written
+                raise FFASynthError(f"the output is not finite (NaN or inf) at guidance {settings.guidance}")
+            report.seconds[path] = seconds
             report.written.append(save_image(image.transpose(2, 0, 1), out_dir / f"{stems[path]}_ffa.png"))
             if output.uncertainty is not None:
                 colour = uncertainty_rgb(output.uncertainty[0], settings.uncertainty_max)
