@@ -17,7 +17,7 @@ from ffasynth.data.pairs import LAYOUTS, check_pairs
 from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
 from ffasynth.errors import FFASynthError, OutputError
-from ffasynth.files import atomic_write_text, check_output_file, check_output_folder
+from ffasynth.files import atomic_folder, atomic_write_text, check_output_file, check_output_folder
 
 app = typer.Typer(help="Inspect, check, register and generate paired photo/FFA data.", no_args_is_help=True)
 
@@ -115,16 +115,13 @@ def phantom(
         raise FFASynthError(f"{message}; choose a new or empty folder")
     with Progress(transient=True) as progress:
         task = progress.add_task("drawing eyes", total=n)
-        write_phantom_dataset(
-            out,
-            n,
-            size,
-            seed,
-            chosen,
-            test_fraction,
-            progress=lambda done: progress.update(task, completed=done),
-            style=style,
-        )
+
+        def fill(folder: Path) -> None:
+            update = lambda done: progress.update(task, completed=done)  # noqa: E731
+            write_phantom_dataset(folder, n, size, seed, chosen, test_fraction, progress=update, style=style)
+
+        # drawn beside OUT and renamed into place: an interrupted run leaves no partial set that looks whole
+        atomic_folder(out, fill)
     typer.echo(f"wrote {n} {style} phantom pairs ({size}x{size}, early + late FFA) to {out}")
 
 
