@@ -145,17 +145,19 @@ def _to_array(image: Image.Image, path: Path, compact: bool = False) -> np.ndarr
     if mode in ("L", "LA", "RGB", "RGBA"):
         data = np.asarray(image)
         data = data[..., None] if data.ndim == 2 else data
-        if compact:
-            if mode in ("LA", "RGBA"):  # composite over black, rounded to the nearest level
-                alpha = data[..., -1:].astype(np.uint16)
-                data = ((data[..., :-1] * alpha + 127) // 255).astype(np.uint8)
-            return data
-        data = data.astype(np.float32)
-        data /= 255.0  # in place: one float copy of a large photo, not two
-        if mode in ("LA", "RGBA"):  # composite over black: transparent = no signal
-            data = data[..., :-1] * data[..., -1:]
-        return data
+        if not compact:
+            data = data.astype(np.float32)
+            data /= 255.0  # in place: one float copy of a large photo, not two
+        return _over_black(data) if mode in ("LA", "RGBA") else data
     raise ImageReadError(path, f"unsupported image mode {mode!r}")
+
+
+def _over_black(data: np.ndarray) -> np.ndarray:
+    """(H, W, C + 1) with alpha last → (H, W, C) composited over black (transparent = no signal): uint8 rounded
+    to the nearest level, float in [0, 1] multiplied."""
+    if data.dtype == np.uint8:
+        return ((data[..., :-1] * data[..., -1:].astype(np.uint16) + 127) // 255).astype(np.uint8)
+    return data[..., :-1] * data[..., -1:]
 
 
 def is_grey(rgb: np.ndarray, tolerance: float = 2.5 / 255) -> bool:
@@ -289,7 +291,7 @@ def source_tensor(image) -> torch.Tensor:
     if isinstance(image, Image.Image):  # decoded as read_image decodes a file: alpha composited over black
         image = _to_array(image, Path("the given PIL image"), compact=True)
     if isinstance(image, np.ndarray):
-        if image.dtype.kind not in "uf" or image.dtype.kind == "u" and image.dtype not in (np.uint8, np.uint16):
+        if image.dtype.kind != "f" and image.dtype not in (np.uint8, np.uint16):
             raise FFASynthError(f"an image array of {image.dtype}: give uint8 (0-255), uint16 or float in [0, 1]")
         if image.dtype == np.uint16:
             array = image.astype(np.float32) / 65535.0
@@ -298,12 +300,7 @@ def source_tensor(image) -> torch.Tensor:
         array = array[..., None] if array.ndim == 2 else array
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
             raise FFASynthError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), not {image.shape}")
-        if array.shape[-1] == 4:  # RGBA: composite over black, as read_image does (transparent = no signal)
-            alpha = array[..., 3:].astype(np.uint16 if array.dtype == np.uint8 else np.float32)
-            if array.dtype == np.uint8:
-                array = ((array[..., :3] * alpha + 127) // 255).astype(np.uint8)  # rounded as _to_array rounds
-            else:
-                array = array[..., :3] * alpha
+        array = _over_black(array) if array.shape[-1] == 4 else array  # RGBA: as read_image composites it
         image = torch.from_numpy(np.array(array[..., :3].transpose(2, 0, 1)))  # a copy: the caller's array stays theirs
     if not isinstance(image, torch.Tensor):
         raise FFASynthError(f"cannot use a {type(image).__name__} as an image: give a path, PIL image, array or tensor")

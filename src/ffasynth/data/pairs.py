@@ -138,28 +138,39 @@ def detect_layout(root: str | Path) -> str:
     )
 
 
+def _csv_rows(path: Path, what: str) -> list[dict[str, str]]:
+    """A CSV's rows as {column: value}, names and values stripped; a field past the header's (key None) left
+    out, a missing one "". Read as a spreadsheet saves it (utf-8-sig: a byte-order mark is not a column)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise PairError(f"{path}: cannot read the {what} ({error})") from None
+    return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
+
+
 def _read_labels(root: Path) -> dict[str, str]:
     path = root / "labels.csv"
     if not path.is_file():
         return {}
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-        rows = list(csv.DictReader(f))
-    if rows and not {"id", "label"} <= {c.strip() for c in rows[0] if c}:
+    rows = _csv_rows(path, "labels")
+    if rows and not {"id", "label"} <= set(rows[0]):
         raise PairError(f"{path}: needs the columns id,label")
-    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
     return {row["id"]: row["label"] for row in rows if row["id"] and row["label"]}
 
 
-def _unique(found: dict, problems: list[Problem], what: str) -> dict:
-    """key → its one file; a key claimed by several files (`3.bmp` and `3.png`) keeps none, each reported."""
-    unique = {}
+def _unique(found: dict, problems: list[Problem], what: str) -> tuple[dict, set]:
+    """(key → its one file, the keys claimed by several files): a key claimed by several (`3.bmp` and `3.png`)
+    keeps none, each of its files reported."""
+    unique, ambiguous = {}, set()
     for key, paths in found.items():
         if len(paths) == 1:
             unique[key] = paths[0]
             continue
+        ambiguous.add(key)
         names = ", ".join(p.name for p in paths)
         problems.extend(Problem("ambiguous", str(p), f"several files are {what} ({names}); keep one") for p in paths)
-    return unique
+    return unique, ambiguous
 
 
 def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
@@ -176,14 +187,12 @@ def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
             found_sources[parent + m["id"]].append(path)
         else:
             problems.append(Problem("unrecognised-name", str(path), "name fits neither N.ext nor N.k.ext"))
-    sources = _unique(found_sources, problems, "the photo of one eye")
+    sources, unclear_sources = _unique(found_sources, problems, "the photo of one eye")
+    unique_targets, unclear_targets = _unique(found_targets, problems, "one angiogram")
     targets: dict[str, dict[str, Path]] = defaultdict(dict)
-    for (pair_id, phase), path in _unique(found_targets, problems, "one angiogram").items():
+    for (pair_id, phase), path in unique_targets.items():
         targets[pair_id][phase] = path
-    # reported as ambiguous already: not again as unpaired
-    ambiguous = {k for k, v in found_sources.items() if len(v) > 1} | {
-        k for (k, _), v in found_targets.items() if len(v) > 1
-    }
+    ambiguous = unclear_sources | {pair_id for pair_id, _ in unclear_targets}  # reported: not again as unpaired
     labels = _read_labels(root)
     pairs = []
     for pair_id in sorted(set(sources) | set(targets), key=_natural_key):
@@ -223,8 +232,9 @@ def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
             found_plain[(folder, m["n"])].append(path)
         else:
             problems.append(Problem("unrecognised-name", str(path), "name fits neither N.jpg nor N-N.jpg"))
-    plain, dashed = _unique(found_plain, problems, "image N"), _unique(found_dashed, problems, "image N-N")
-    ambiguous = {k for found in (found_plain, found_dashed) for k, v in found.items() if len(v) > 1}
+    plain, unclear_plain = _unique(found_plain, problems, "image N")
+    dashed, unclear_dashed = _unique(found_dashed, problems, "image N-N")
+    ambiguous = unclear_plain | unclear_dashed
     pairs = []
     for key in sorted(set(plain) | set(dashed) | ambiguous, key=lambda k: (k[0], int(k[1]))):
         folder, number = key
@@ -247,18 +257,13 @@ def _discover_isfahan(root: Path) -> tuple[list[Pair], list[Problem]]:
 
 def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
     base = manifest.parent
-    try:
-        with manifest.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise PairError(f"{manifest}: cannot read the manifest ({error})") from None
-    if not rows or not {"source", "target"} <= {c.strip() for c in rows[0] if c}:
+    rows = _csv_rows(manifest, "manifest")
+    if not rows or not {"source", "target"} <= set(rows[0]):
         raise PairError(f"{manifest}: a manifest needs a header with at least the columns source,target")
     pairs, problems = [], []
     source_of: dict[str, Path] = {}  # id → its photo: one photo per id (outputs are named by id)
     phases_of: dict[str, set[str | None]] = defaultdict(set)
     for line, row in enumerate(rows, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
         if not row["source"] or not row["target"]:
             problems.append(Problem("manifest", f"{manifest}:{line}", "empty source or target"))
             continue
