@@ -14,7 +14,6 @@ puts back on the U-Net.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from ffasynth.models.components import sampling_scheduler
 from ffasynth.models.lora import ADAPTER_FOLDER, has_lora, split_lora
 from ffasynth.pipeline import FFASynthesisPipeline, TokenProjection
 from ffasynth.training.distill import sampler_for
+from ffasynth.training.progress import metrics_line
 from ffasynth.training.run import LoadedRun, load_model_run, load_stage1_run
 
 
@@ -167,11 +167,7 @@ def _training_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    lines = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):  # a line cut short (a full disk mid-write) is left out
-            lines.append(json.loads(line))
-    return [line for line in lines if isinstance(line, dict)]
+    return [logged for line in path.read_text().splitlines() if (logged := metrics_line(line)) is not None]
 
 
 def _count_pairs(data_dir: str | None, config) -> str:

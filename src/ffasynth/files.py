@@ -65,14 +65,13 @@ def write_error(path: str | os.PathLike, error: OSError, what: str | None = None
 
 def as_os_error(error: BaseException) -> BaseException:
     """safetensors' writer reports a failed write (a full disk) as a SafetensorError whose message holds the
-    OS error ("Os { code: 28, ... }" or "(os error 28)"): that OSError, so write_error can say it in one line."""
-    found = (
-        re.search(r"Os \{ code: (\d+)|os error (\d+)", str(error))
-        if type(error).__name__ == "SafetensorError"
-        else None
-    )
-    code = int(found[1] or found[2]) if found else 0
-    return OSError(code, os.strerror(code)) if found else error
+    OS error ("Os { code: 28, ... }" or "(os error 28)"): that OSError, so write_error can say it in one line;
+    any other error as it is."""
+    found = re.search(r"Os \{ code: (\d+)|os error (\d+)", str(error))
+    if type(error).__name__ != "SafetensorError" or found is None:
+        return error
+    code = int(found[1] or found[2])
+    return OSError(code, os.strerror(code))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -92,8 +91,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     except BaseException as error:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(as_os_error(error), OSError):
-            raise write_error(path, as_os_error(error)) from error
+        if isinstance(failed := as_os_error(error), OSError):
+            raise write_error(path, failed) from error
         raise
     return path
 
@@ -132,8 +131,8 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], object]) -> Pa
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(error, OutputError) and tmp is not None:  # name the folder asked for, not its gone temporary
             raise OutputError(str(error).replace(str(tmp), str(path)), error.errno, error.strerror) from error
-        if isinstance(as_os_error(error), OSError):
-            raise write_error(path, as_os_error(error)) from error
+        if isinstance(failed := as_os_error(error), OSError):
+            raise write_error(path, failed) from error
         raise
     return path
 

@@ -116,17 +116,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def library_bars_off() -> None:
+    """diffusers' and transformers' own progress bars (loading weights, writing model shards) off: a pipeline
+    load, and `--quiet` of any verb, shows ffasynth's bars only."""
+    from diffusers.utils import logging as diffusers_logging  # heavy imports: only when asked
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(folder: str | Path, device: str = "auto", dtype: str = "float32"):
     """An exported pipeline folder on a device, in a weight dtype (the libraries' loading bars off).
     With float16 the VAE stays in float32: its decoder's activations can overflow half precision's
     range (bfloat16 has float32's range, so there the VAE follows)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     from ffasynth.pipeline import FFASynthesisPipeline  # imports diffusers (~2 s): only when a pipeline is loaded
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    library_bars_off()
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():

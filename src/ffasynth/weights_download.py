@@ -57,7 +57,10 @@ def source_url(name: str, base_url: str | None = None) -> str:
     """The upstream address, or `base_url/<file name>` for a mirror (a URL, a test server, or a local folder)."""
     spec = KNOWN_WEIGHTS[name]
     if base_url is not None and "://" not in base_url:  # a folder of the files, e.g. copied from another machine
-        base_url = Path(base_url).expanduser().resolve().as_uri()
+        folder = Path(base_url).expanduser()
+        if not folder.is_dir():
+            raise DownloadError(f"--mirror {base_url}: no such folder (give a folder of the files or an http(s) URL)")
+        base_url = folder.resolve().as_uri()
     return spec.url if base_url is None else f"{base_url.rstrip('/')}/{spec.filename}"
 
 
@@ -90,10 +93,6 @@ def download(
         if state != "damaged":
             kept = "present" if state == "upstream" else "trusted"
             return Fetched(name, target, digest, target.stat().st_size, kept)
-    if base_url is not None and "://" not in base_url and not Path(base_url).expanduser().is_dir():
-        raise DownloadError(
-            f"--mirror {base_url}: no such folder (give a folder of the files, or an http(s):// address)"
-        )
     url = source_url(name, base_url)
     try:
         response = urllib.request.urlopen(url, timeout=timeout)

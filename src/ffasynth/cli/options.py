@@ -19,6 +19,7 @@ from ffasynth.config import SEED_MAX, Config, load_config
 from ffasynth.errors import FFASynthError, OutputError
 from ffasynth.files import check_output_folder
 from ffasynth.run_folder import split_dir
+from ffasynth.translate import library_bars_off
 
 
 @dataclass
@@ -90,15 +91,6 @@ def in_range(low: float | None = None, high: float | None = None, above: bool = 
         return value
 
     return check
-
-
-def quiet_libraries() -> None:
-    """--quiet: diffusers' and transformers' own bars (loading weights, writing model shards) off too."""
-    from diffusers.utils import logging as diffusers_logging  # heavy imports: only when asked
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
 
 
 def _check_config_kept(given: Path | None, out: Path) -> None:
@@ -185,8 +177,8 @@ def train_options(without: tuple[str, ...] = ()) -> Callable:
             data = options.data
             check_output_folder(options.out, [data, split_dir(data, "train"), split_dir(data, "test")])
             _check_config_kept(options.config_file, Path(options.out))
-            if options.quiet:
-                quiet_libraries()
+            if options.quiet:  # the libraries' own bars too
+                library_bars_off()
             return verb(options, **values)
 
         parameters = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared

@@ -8,8 +8,9 @@ import typer
 
 from ffasynth.app import ServeSettings
 from ffasynth.app import serve as serve_page
-from ffasynth.cli.options import SEED, in_range, quiet_libraries
+from ffasynth.cli.options import SEED, in_range
 from ffasynth.files import check_output_folder
+from ffasynth.translate import library_bars_off
 
 # ffasynth.quickstart trains, exports and evaluates: it imports diffusers, transformers and accelerate
 # (seconds), so `quickstart` imports it when it runs, and `ffasynth --help` does not wait for it.
@@ -46,8 +47,8 @@ def quickstart(
     from ffasynth.quickstart import quickstart as run
 
     check_output_folder(out, [data])
-    if quiet:
-        quiet_libraries()
+    if quiet:  # the libraries' own bars too
+        library_bars_off()
     result = run(out, minutes, data, seed, steps, not quiet, typer.echo, overrides, decoder)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items() if isinstance(v, float))
     typer.echo(f"\nfinished in {result.minutes:.1f} min; held-out {shown}")

@@ -166,9 +166,10 @@ def _load_backbone(model: nn.Module, path: Path) -> None:
             else:
                 state.pop(key)
     body = [key for key in own if not key.startswith(("fc.", "head", "classifier"))]  # the new head is not in it
-    if sum(key in state for key in body) < len(body) / 2:  # another network's file: say so, do not train from noise
+    fitted = sum(key in state for key in body)
+    if fitted < len(body) / 2:  # another network's file: say so, do not train from noise
         raise WeightsNotFoundError(
-            f"classifier weights {path} fit {sum(key in state for key in body)} of this backbone's {len(body)} "
+            f"classifier weights {path} fit {fitted} of this backbone's {len(body)} "
             "tensors: give the timm .safetensors file of the --backbone chosen"
         )
     model.load_state_dict(state, strict=False)

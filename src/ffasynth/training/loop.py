@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import time
@@ -37,7 +36,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.optimizers import build_optimizer, ema_device
-from ffasynth.training.progress import RunLog
+from ffasynth.training.progress import RunLog, metrics_line
 
 
 class TrainingError(FFASynthError):
@@ -175,8 +174,8 @@ def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], d
 def _logged_step(line: str) -> int | None:
     """The step of one metrics.jsonl line; None for a blank or torn one (a write cut short by a full disk)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        return int((metrics_line(line) or {})["step"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 

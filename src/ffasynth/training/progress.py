@@ -30,6 +30,16 @@ def sample_grid(columns: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
+def metrics_line(line: str) -> dict | None:
+    """One line of metrics.jsonl (RunLog writes them) as a dict; None for a blank line or one cut short (a full
+    disk mid-write), which a resume and the model card read past."""
+    try:
+        logged = json.loads(line)
+    except ValueError:
+        return None
+    return logged if isinstance(logged, dict) else None
+
+
 class RunLog:
     """metrics.jsonl and TensorBoard (main process only) and the progress bar. Each line holds the
     mean of every value over the steps since the last line that logged it (so a figure measured once,

@@ -197,8 +197,12 @@ class Stage2Task(Task):
                 self.pool = [*self.pool, dict(batch)][-reuse:]
         self.draws += 1
 
+    def adversarial(self, step: int) -> bool:
+        """Whether the discriminator learns, and the decoder against it, at `step`."""
+        return step >= self.config.disc_start and self.config.adv_weight > 0
+
     def updates(self, optimizer: str, step: int) -> bool:
-        return optimizer != "discriminator" or (step >= self.config.disc_start and self.config.adv_weight > 0)
+        return optimizer != "discriminator" or self.adversarial(step)
 
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         # one set of latents per batch: the discriminator's pass judges the decodes of the latents the
@@ -206,7 +210,7 @@ class Stage2Task(Task):
         if "stage2_latents" not in batch:
             self.prepare(batch, generator)
         target, latents = batch["target"], batch["stage2_latents"]
-        adversarial = step >= self.config.disc_start and self.config.adv_weight > 0
+        adversarial = self.adversarial(step)
         decoder, discriminator = self.trainable["decoder"], self.trainable["discriminator"]
         if optimizer == "discriminator":  # from disc_start on (`updates`)
             with torch.no_grad():
