@@ -28,7 +28,7 @@ from ffasynth.evaluation.outputs import write_evaluation
 from ffasynth.export import export_run
 from ffasynth.models import base
 from ffasynth.training.stages import train_stage1, train_stage2, train_vae
-from ffasynth.translate import load_pipeline
+from ffasynth.translate import load_pipeline, output_file
 
 # Share of the training budget per stage (VAE, U-Net, decoder); the rest of `minutes` is export,
 # translation and evaluation.
@@ -75,7 +75,7 @@ def sample_held_out(pipeline, test_dir: Path, out_dir: Path, steps: int | None, 
             phase=phase,
             output_type="np",
         )
-        name = f"{pair.target.relative_to(test_dir).with_suffix('')}_ffa.png"
+        name = output_file(str(pair.target.relative_to(test_dir).with_suffix("")))
         written.append(save_image(output.images[0].transpose(2, 0, 1), out_dir / name))
         say(f"translated {index}/{len(pairs)}: {pair.source.name} ({pair.phase or 'single'} phase) → {name}")
     return written

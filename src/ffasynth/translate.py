@@ -86,11 +86,17 @@ def output_names(files: list[Path]) -> tuple[dict[Path, str], list[str]]:
         if len(groups[path.stem]) > 1 or names[path] != path.stem:
             renamed.setdefault(path.stem, []).append(path)
     notes = [
-        f"{', '.join(map(str, group))} would share the output name {stem}_ffa.png; written as "
-        f"{', '.join(f'{names[p]}_ffa.png' for p in group)} instead"
+        f"{', '.join(map(str, group))} would share the output name {output_file(stem)}; written as "
+        f"{', '.join(output_file(names[p]) for p in group)} instead"
         for stem, group in renamed.items()
     ]
     return names, notes
+
+
+def output_file(name: str, kind: str = "ffa") -> str:
+    """The file an input with output name `name` is written to: `<name>_ffa.png` (kind "ffa") or
+    `<name>_uncertainty.png` (kind "uncertainty"); evaluation pairs outputs by this name."""
+    return f"{name}_{kind}.png"
 
 
 def output_stems(files: list[Path]) -> dict[Path, str]:
@@ -228,10 +234,10 @@ def translate_files(
             if not np.isfinite(image).all():  # e.g. an extreme --guidance overflowed the sampler: nothing written
                 raise FFASynthError(f"the output is not finite (NaN or inf) at guidance {settings.guidance}")
             report.seconds[path] = seconds
-            report.written.append(save_image(image.transpose(2, 0, 1), out_dir / f"{stems[path]}_ffa.png"))
+            report.written.append(save_image(image.transpose(2, 0, 1), out_dir / output_file(stems[path])))
             if output.uncertainty is not None:
                 colour = uncertainty_rgb(output.uncertainty[0], settings.uncertainty_max)
-                report.written.append(save_image(colour, out_dir / f"{stems[path]}_uncertainty.png"))
+                report.written.append(save_image(colour, out_dir / output_file(stems[path], "uncertainty")))
             del output, image
         except OutputError:  # disk full, no permission: every later image would fail alike
             raise

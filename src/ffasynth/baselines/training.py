@@ -19,7 +19,7 @@ from ffasynth.models.discriminator import NLayerDiscriminator
 from ffasynth.training import checkpoint as ckpt
 from ffasynth.training.loop import Task, TrainResult, train
 from ffasynth.training.run import load_training_data, prepare_run
-from ffasynth.translate import output_names
+from ffasynth.translate import output_file, output_names
 
 
 def build_generator(config: Pix2PixConfig) -> UnetGenerator:
@@ -111,8 +111,8 @@ def generate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callab
         try:
             source = normalise(read_image(path, channels=3))
             fake = generate_image(generator, source, config.tile, config.tile_overlap)
-            save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / f"{stems[path]}_ffa.png")
-            say(f"{path.name} → {stems[path]}_ffa.png")
+            save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / output_file(stems[path]))
+            say(f"{path.name} → {output_file(stems[path])}")
         except OutputError:  # disk full, no permission: every later image would fail alike
             raise
         except FFASynthError as error:

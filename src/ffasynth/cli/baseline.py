@@ -8,7 +8,7 @@ import typer
 
 from ffasynth.cli.options import TrainOptions, say, train_options
 from ffasynth.files import check_not_replaced, check_output_folder, removed_if_left_empty
-from ffasynth.translate import collect_inputs, output_names
+from ffasynth.translate import collect_inputs, output_file, output_names
 
 # The baseline's training and tiling import accelerate and the training loop (seconds); they are
 # imported in the verbs that run them, so `ffasynth --help` does not wait for them.
@@ -41,7 +41,7 @@ def translate_command(
 
     check_output_folder(out, [*inputs, run])
     files, problems = collect_inputs(inputs)
-    check_not_replaced(out, [f"{name}_ffa.png" for name in output_names(files)[0].values()], overwrite)
+    check_not_replaced(out, [output_file(name) for name in output_names(files)[0].values()], overwrite)
     for path, reason in problems:
         typer.secho(f"error: {path}: {reason}", fg=typer.colors.RED, err=True)
     with removed_if_left_empty(out):

@@ -11,7 +11,14 @@ from ffasynth.cli.options import SEED, in_range, one_of, settings_from
 from ffasynth.data.dataset import PHASES
 from ffasynth.files import check_not_replaced, check_output_folder, removed_if_left_empty
 from ffasynth.tiling import check_tile_settings
-from ffasynth.translate import TranslateSettings, collect_inputs, load_pipeline, output_names, translate_files
+from ffasynth.translate import (
+    TranslateSettings,
+    collect_inputs,
+    load_pipeline,
+    output_file,
+    output_names,
+    translate_files,
+)
 
 
 def translate(
@@ -113,12 +120,12 @@ def translate(
     for note in notes:
         typer.echo(f"note: {note}")
     kinds = ("ffa", "uncertainty")[: 1 + (samples > 1)]
-    check_not_replaced(out, [f"{name}_{kind}.png" for name in names.values() for kind in kinds], overwrite)
+    check_not_replaced(out, [output_file(name, kind) for name in names.values() for kind in kinds], overwrite)
     pipeline = load_pipeline(pipeline_dir, device, dtype)
-    names = ("--tile-size", "--tile-overlap", "--decode-tile-size")
+    flags = ("--tile-size", "--tile-overlap", "--decode-tile-size")
     tile = pipeline.config.tile_size if tile_size is None else tile_size
     factors = (pipeline.vae_scale_factor, pipeline.unet_scale_factor)
-    for note in check_tile_settings(tile, tile_overlap, decode_tile_size, *factors, names):
+    for note in check_tile_settings(tile, tile_overlap, decode_tile_size, *factors, flags):
         typer.echo(f"note: {note}")
     pipeline.set_progress_bar_config(disable=quiet, leave=False, desc="steps")
     settings = settings_from(TranslateSettings, options)
