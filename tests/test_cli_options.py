@@ -61,3 +61,37 @@ def test_settings_from_takes_the_options_named_like_fields_and_the_given_ones_fi
 
     made = settings_from(Settings, {"steps": 5, "device": "auto", "out": "elsewhere"}, device="cuda")
     assert made == Settings(steps=5, seed=0, device="cuda")
+
+
+def test_device_names_are_checked_before_any_work(tmp_path, monkeypatch):
+    """--device: auto, cpu, cuda, cuda:N; a wrong word or an absent GPU is one line naming the option, in
+    evaluate as in translate (evaluate used to accept any word and fail later, inside torch)."""
+    import pytest
+    import torch
+
+    from ffasynth.errors import FFASynthError
+    from ffasynth.translate import resolve_device
+    from tests.helpers import invoke
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name in ("foo", "cuda:x", "cuda:", "cpu:0", "CUDA"):
+        with pytest.raises(FFASynthError, match=r"--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(FFASynthError, match=f"--device {name}: no CUDA GPU"):
+            resolve_device(name)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(FFASynthError, match="--device cuda:2: this machine has 2 CUDA GPU"):
+        resolve_device("cuda:2")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    result = invoke("evaluate", "--real", tmp_path / "real", "--fake", f"m={tmp_path / 'fake'}",
+                    "--out", tmp_path / "report", "--device", "foo")  # fmt: skip
+    assert result.exit_code != 0 and "--device must be auto, cpu, cuda or cuda:N, not 'foo'" in (
+        str(result.exception) + result.output
+    )
+    assert not (tmp_path / "report").exists()

@@ -168,3 +168,29 @@ def test_a_port_in_use_or_out_of_range_is_refused_in_one_line(pipeline_dir, tmp_
     for option, value in (("--port", 0), ("--port", 70000), ("--max-upload-mb", -5), ("--max-pixels", 0)):
         result = invoke("serve", pipeline_dir, option, value)
         assert result.exit_code != 0 and f"{option} {value}: allowed" in str(result.exception), (option, result)
+
+
+def test_serve_says_serving_only_once_the_page_answers(pipeline_dir, tmp_path, monkeypatch):
+    """A bad folder or a taken port: one error line and no "serving …" line before it."""
+    import socket
+
+    import ffasynth.app as app_module
+    from tests.helpers import invoke
+
+    monkeypatch.setattr(app_module.tempfile, "tempdir", str(tmp_path))
+    result = invoke("serve", tmp_path / "no-such-pipeline")
+    assert result.exit_code != 0 and "serving" not in result.output, result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = invoke("serve", pipeline_dir, "--port", taken.getsockname()[1], "--device", "cpu")
+    assert result.exit_code != 0 and "serving" not in result.output, result.output
+    assert "cannot serve on 127.0.0.1" in str(result.exception) + result.output
+    ready = []
+    monkeypatch.setattr(
+        app_module,
+        "start_page",
+        lambda *args: type("P", (), {"app": type("A", (), {"is_running": False})(), "close": lambda self: None})(),
+    )
+    app_module.serve(pipeline_dir, settings=ServeSettings(device="cpu"), on_ready=lambda: ready.append(1))
+    assert ready == [1]

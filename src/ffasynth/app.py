@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,9 +286,11 @@ def serve(
     port: int = 7860,
     settings: ServeSettings | None = None,
     block: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> RunningPage | None:
     """Load the pipeline and start the page. block=False returns the RunningPage (close() stops it);
-    block=True serves until Ctrl-C, SIGTERM or SIGHUP, then stops it and removes its folder."""
+    block=True serves until Ctrl-C, SIGTERM or SIGHUP, then stops it and removes its folder. on_ready is
+    called once the page answers (after the pipeline loaded and the port was bound)."""
     settings = settings or ServeSettings()
     pipeline = load_pipeline(pipeline_dir, settings.device, settings.dtype)  # first: a bad folder leaves nothing
     if not block:
@@ -297,6 +300,8 @@ def serve(
     page = None
     try:
         page = start_page(pipeline, host, port, settings)
+        if on_ready is not None:
+            on_ready()
         while page.app.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -113,13 +113,17 @@ def uncertainty_rgb(std: np.ndarray, vmax: float) -> np.ndarray:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device auto, cpu, cuda or cuda:N → a torch device that exists here, else one FFASynthError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FFASynthError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise FFASynthError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device(name)
+    kind, colon, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (not colon or index.isdigit())):
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise FFASynthError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise FFASynthError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        return torch.device(name)
+    raise FFASynthError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
 
 
 def library_bars_off() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -15,6 +14,7 @@ from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.metrics import METRICS, EvalSettings, evaluate
 from ffasynth.evaluation.outputs import check_report_folder, summary_table, write_evaluation
 from ffasynth.evaluation.report import format_value
+from ffasynth.translate import resolve_device
 from ffasynth.weights import WEIGHTS_ENV
 
 
@@ -80,7 +80,7 @@ def evaluate_command(
         options,
         metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
         weights_dir=str(weights_dir) if weights_dir else None,
-        device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
+        device=str(resolve_device(device)),
     )
     fakes = parse_fakes(fake)
     check_report_folder(out, [real, source, *fakes.values()])  # before minutes of metrics, not after

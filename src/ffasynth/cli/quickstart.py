@@ -70,12 +70,12 @@ def serve(
     max_pixels: int = typer.Option(
         25_000_000, "--max-pixels", callback=in_range(1), help="Largest image (pixels) accepted."
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """A web page for clinicians: upload a photo, see the synthetic angiogram (slider or side by side),
     the uncertainty map with several samples, and download it. Images are labelled synthetic."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host} exposes the page to your network", fg=typer.colors.YELLOW, err=True)
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_pixels=max_pixels, device=device)
-    typer.echo(f"serving {pipeline} on http://{host}:{port} (Ctrl-C to stop)")
-    serve_page(pipeline, host, port, settings)
+    ready = f"serving {pipeline} on http://{host}:{port} (Ctrl-C to stop)"
+    serve_page(pipeline, host, port, settings, on_ready=lambda: typer.echo(ready))

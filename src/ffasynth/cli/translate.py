@@ -78,7 +78,7 @@ def translate(
         help="1 = start from pure noise; s < 1 = from the photo's latent noised to the fraction s of the "
         "schedule (the first steps skipped: fewer U-Net passes).",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option(
         "float32",
         "--dtype",
