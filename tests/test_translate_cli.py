@@ -113,6 +113,7 @@ def test_translate_writes_same_size_grey_images_and_skips_bad_files(exported, tm
     result = runner.invoke(app, [*args, "--samples", "2", "--phase", "late", "--tile-size", "16"])
     assert result.exit_code == 1, result.output
     assert "broken.png" in result.output and "1 failed" in result.output
+    assert "skipped" in result.stderr and "\x1b[" not in result.output  # on stderr; no colour codes into a pipe
     assert sorted(p.name for p in out.iterdir()) == [
         "a_ffa.png",
         "a_uncertainty.png",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -132,10 +133,11 @@ def translate(
     bar = tqdm(total=len(files), desc="images", unit="image", disable=quiet)
 
     def done(path: Path, error: str | None, warning: str | None) -> None:
-        if error is not None:
-            tqdm.write(typer.style(f"skipped {path}: {error}", fg=typer.colors.YELLOW))
-        elif warning is not None:
-            tqdm.write(typer.style(f"warning: {path}: {warning}", fg=typer.colors.YELLOW))
+        if error is not None or warning is not None:
+            # on stderr, above the bars; click drops the colour when stderr is not a terminal
+            with tqdm.external_write_mode(file=sys.stderr):
+                text = f"skipped {path}: {error}" if error is not None else f"warning: {path}: {warning}"
+                typer.secho(text, fg=typer.colors.YELLOW, err=True)
         bar.update(1)
 
     with removed_if_left_empty(out):
