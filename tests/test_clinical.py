@@ -251,3 +251,41 @@ def test_backbone_weights_load_into_every_branch_and_a_foreign_or_damaged_file_i
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "resnet10t.safetensors").read_bytes()[:100])
     with pytest.raises(WeightsNotFoundError, match="not a readable safetensors file"):
         build_classifier("resnet10t", [1], 4, "stack", tmp_path / "cut.safetensors")
+
+
+def test_synthetic_images_never_go_to_another_eye_on_the_isfahan_layout(tmp_path):
+    """isfahan: normal/N-N.jpg and abnormal/N.jpg are photos. Named as translate names them (N-N_ffa.png and
+    N_ffa.png in one folder), each eye gets the image of its own photo; the bare 'N' fallback used to give
+    every normal eye the abnormal eye N's image. A file only named N is ambiguous: no eye gets it."""
+    from PIL import Image
+
+    from ffasynth.translate import output_file, output_stems
+
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    for label in ("normal", "abnormal"):
+        (data / label).mkdir(parents=True)
+        for n in (1, 2):
+            photo, angiogram = (f"{n}-{n}.jpg", f"{n}.jpg") if label == "normal" else (f"{n}.jpg", f"{n}-{n}.jpg")
+            Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(data / label / photo)
+            Image.fromarray((rng.random((24, 24)) * 255).astype(np.uint8)).save(data / label / angiogram)
+    eyes = load_labelled(data)
+    assert sorted(e.id for e in eyes) == ["abnormal/1", "abnormal/2", "normal/1", "normal/2"]
+    generated = tmp_path / "synthetic"
+    generated.mkdir()
+    names = output_stems([e.images["source"] for e in eyes])
+    made_from = {}
+    for eye in eyes:
+        path = generated / output_file(names[eye.images["source"]])
+        path.write_bytes(b"")
+        made_from[path] = eye.images["source"]
+    assert attach_synthetic(eyes, generated) == []
+    assert all(made_from[e.images["synthetic"]] == e.images["source"] for e in eyes)
+    flat = tmp_path / "flat"  # 1.png: translate's name for abnormal/1.jpg; for normal/1 only its id's last part
+    flat.mkdir()
+    for n in (1, 2):
+        (flat / f"{n}.png").write_bytes(b"")
+    for eye in eyes:
+        eye.images.pop("synthetic")
+    missing = attach_synthetic(eyes, flat)
+    assert missing == [f"normal/{n} (2 eyes' ids end in {n}: name the file normal/{n}.png)" for n in (1, 2)]
+    assert [e.id for e in eyes if "synthetic" in e.images] == ["abnormal/1", "abnormal/2"]

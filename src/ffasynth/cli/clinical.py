@@ -61,7 +61,10 @@ def clinical(
         help="Denoising steps when generating with --pipeline (default: the pipeline's: 20, 4 for the tiny preset).",
     ),
     synthetic: Path | None = typer.Option(
-        None, "--synthetic", help="Folder of generated FFA named by eye id (`7.png` or `7_ffa.png`)."
+        None,
+        "--synthetic",
+        help="Folder of generated FFA named by eye id (`train/7.png`, `7_ffa.png`) or as `ffasynth translate` "
+        "names each photo's output; an eye whose name could be another's gets none.",
     ),
     fusion: str = typer.Option("stack", "--fusion", help="Two inputs: stack (channels) or two-branch (backbones)."),
     backbone: str = typer.Option("resnet10t", "--backbone", help="timm model name."),

@@ -85,24 +85,44 @@ def load_labelled(root: str | Path) -> list[LabelledEye]:
 
 
 def attach_synthetic(eyes: list[LabelledEye], folder: str | Path) -> list[str]:
-    """Match generated images to eyes by file stem (`7.png`, `7_ffa.png` → eye `7`, also `train/7`).
-    Returns the ids with no synthetic image (those eyes are dropped by the caller)."""
+    """Attach each eye's generated angiogram from `folder` (`<name>.png` or `<name>_ffa.png`), matched by,
+    in turn: the eye's id as a path (`train/7`); the name `ffasynth translate` (and `clinical --pipeline`)
+    gives the eye's photo among all the eyes' photos (isfahan `normal/1-1.jpg` → `1-1_ffa.png`); the id's
+    last part (`7`) when exactly one eye and one file have it. Returns the ids left without an image, an
+    ambiguous one with why (e.g. isfahan's `normal/1` and `abnormal/1` both end in `1`): those eyes are
+    dropped by the caller, never given another eye's image."""
+    from ffasynth.translate import output_stems  # file naming only (no pipeline import)
+
     folder = Path(folder)
     if not folder.is_dir():
         raise PairError(f"{folder}: no such folder of synthetic images")
-    found = {}
-    for path in folder.rglob("*"):
+    by_path: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
+    for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith("_uncertainty.png"):
             stem = re.sub(r"_ffa$", "", path.stem)
-            found[path.relative_to(folder).with_name(stem).as_posix()] = path
-            found.setdefault(stem, path)
+            by_path[path.relative_to(folder).with_name(stem).as_posix()] = path
+            by_stem.setdefault(stem, []).append(path)
+    photo_names = output_stems([eye.images["source"] for eye in eyes if "source" in eye.images])
+    last_parts: dict[str, int] = {}
+    for eye in eyes:
+        last_parts[Path(eye.id).name] = last_parts.get(Path(eye.id).name, 0) + 1
     missing = []
     for eye in eyes:
-        match = found.get(eye.id) or found.get(Path(eye.id).name)
-        if match is None:
-            missing.append(eye.id)
-        else:
+        name = Path(eye.id).name
+        match = by_path.get(eye.id)
+        if match is None and "source" in eye.images:
+            match = by_path.get(photo_names[eye.images["source"]])
+        if match is None and last_parts[name] == 1 and len(by_stem.get(name, [])) == 1:
+            match = by_stem[name][0]
+        if match is not None:
             eye.images["synthetic"] = match
+        elif last_parts[name] > 1 and by_stem.get(name):
+            missing.append(f"{eye.id} ({last_parts[name]} eyes' ids end in {name}: name the file {eye.id}.png)")
+        elif len(by_stem.get(name, [])) > 1:
+            missing.append(f"{eye.id} ({len(by_stem[name])} files are named {name}: put it at {eye.id}.png)")
+        else:
+            missing.append(eye.id)
     return missing
 
 
