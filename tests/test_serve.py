@@ -77,8 +77,10 @@ def test_the_page_shows_a_fast_preview_before_the_full_result(tmp_path):
         {"num_inference_steps": 2, "num_samples": 1, "decoder": "preview"},
         {"num_inference_steps": 6, "num_samples": 3, "decoder": "vae"},
     ]
-    (_, preview_grey), preview_grey_again, no_uncertainty, _ = shown[0][0]
+    (_, preview_grey), preview_grey_again, no_uncertainty, no_download = shown[0][0]
     assert preview_grey.shape == (40, 52) and no_uncertainty is None
+    assert no_download is None and Path(shown[1][0][3]).name.startswith("ffa-")  # only the full result downloads
+    assert len(list(tmp_path.glob("ffa-*.png"))) == 1
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)  # a distilled model: one step
     recording.calls.clear()
     list(translator.stream(str(photo), 4, 0, 1, "late"))
@@ -194,3 +196,62 @@ def test_serve_says_serving_only_once_the_page_answers(pipeline_dir, tmp_path, m
     )
     app_module.serve(pipeline_dir, settings=ServeSettings(device="cpu"), on_ready=lambda: ready.append(1))
     assert ready == [1]
+
+
+def test_the_page_reads_only_files_uploaded_to_it(tmp_path):
+    """An API client can send any path in place of an upload: a file outside the page's upload folder is
+    refused, without saying whether it exists (it used to be translated and sent back, the photo with it)."""
+    uploads, elsewhere = tmp_path / "uploads", tmp_path / "private"
+    rng = np.random.default_rng(0)
+    for folder in (uploads / "3f2a", elsewhere):
+        folder.mkdir(parents=True)
+        Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8)).save(folder / "eye.png")
+    (uploads / "link.png").symlink_to(elsewhere / "eye.png")
+    translator = Translator(micro_pipeline(), tmp_path, ServeSettings())
+    translator.uploads = uploads
+    refusal = "upload the photograph through the page: only uploaded files are read"
+    climbing = uploads / "3f2a" / ".." / ".." / "private" / "eye.png"
+    for path in (elsewhere / "eye.png", elsewhere / "missing.png", climbing, uploads / "link.png", "/etc/passwd"):
+        with pytest.raises(FFASynthError) as info:
+            translator.answer(str(path), 2, 0, 1, "early")
+        assert str(info.value) == refusal, path
+    assert translator.answer(str(uploads / "3f2a" / "eye.png"), 2, 0, 1, "early")[1].shape == (40, 52)
+
+
+def test_an_unexpected_failure_is_one_line_and_clears_the_page(pipeline_dir, tmp_path, monkeypatch):
+    """A failure after the preview (here a simulated GPU out of memory) leaves no preview on the page as if
+    it were the result, and says one line (the traceback stays in the server log)."""
+    import gradio as gr
+    import torch
+
+    from ffasynth.app import build_app, page_error
+    from ffasynth.translate import load_pipeline
+
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(more detail)")
+    assert page_error(error) == (
+        "the model failed on this image (OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB); "
+        "try fewer samples or steps"
+    )
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    pipe = load_pipeline(pipeline_dir, "cpu")
+    app = build_app(pipe, tmp_path, ServeSettings())
+    handle = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "handle")
+    photo = tmp_path / "uploads" / "9c" / "eye.png"
+    photo.parent.mkdir(parents=True)
+    Image.fromarray((np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)).save(photo)
+    calls, original = [], type(pipe).__call__
+
+    def failing(*args, **kwargs):
+        calls.append(kwargs["num_inference_steps"])
+        if len(calls) > 1:
+            raise error
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: failing(*a, **k))
+    shown = []
+    with pytest.raises(gr.Error) as info:
+        for outputs in handle({"path": str(photo)}, 6, 0, 1, "early"):
+            shown.append(outputs)
+    assert calls == [2, 6] and shown[0][-1].startswith("Preview") and shown[0][0] is not None
+    assert shown[-1] == (None, None, None, None, f"Failed: {page_error(error)}")
+    assert info.value.message == page_error(error)

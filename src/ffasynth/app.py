@@ -82,11 +82,16 @@ class Translator:
         self.settings = settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffasynth-model")
         self.has_phases = bool(getattr(pipeline.unet.config, "num_class_embeds", None))
+        self.uploads: Path | None = None  # the page's upload folder: every path a request names must lie in it
 
     def read_upload(self, path: str | None) -> tuple[torch.Tensor, str | None]:
         """The photo (3, H, W) and a warning when it is grey; FFASynthError (one line) when unusable."""
         if not path:
             raise FFASynthError("upload a photograph first (PNG, JPEG, BMP or TIFF)")
+        # an API client can name any path: only files uploaded to this page are read (and whether another
+        # file exists is not said)
+        if self.uploads is not None and not Path(path).resolve().is_relative_to(self.uploads.resolve()):
+            raise FFASynthError("upload the photograph through the page: only uploaded files are read")
         return read_photo(path, max_pixels=self.settings.max_pixels)
 
     def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):
@@ -105,7 +110,7 @@ class Translator:
         quick_steps, decoder = preview_settings(self.pipeline)
         if preview and (quick_steps < steps or decoder == "preview"):
             began = time.perf_counter()
-            outputs, _ = self.worker.submit(self.translate, path, quick_steps, seed, 1, phase, decoder).result()
+            outputs, _ = self.worker.submit(self.translate, path, quick_steps, seed, 1, phase, decoder, False).result()
             seconds = time.perf_counter() - began
             name = "preview decoder" if decoder == "preview" else "full decoder"
             said = f"Preview: {quick_steps} step{'s' * (quick_steps > 1)}, {name}, {seconds:.1f} s."
@@ -117,8 +122,11 @@ class Translator:
         seconds = time.perf_counter() - began
         yield outputs, f"Full result: {steps} steps, {samples} sample{'s' * (samples > 1)}, {seconds:.1f} s."
 
-    def translate(self, path: str | None, steps: int, seed: int, samples: int, phase: str, decoder: str = "vae"):
-        """The page's outputs for one upload, and the reader's warning (None when there is none)."""
+    def translate(
+        self, path: str | None, steps: int, seed: int, samples: int, phase: str, decoder: str = "vae", final=True
+    ):
+        """The page's outputs for one upload, and the reader's warning (None when there is none). Only a
+        final result is offered for download: a preview's download file is None."""
         source, warning = self.read_upload(path)
         generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
         output = self.pipeline(
@@ -132,15 +140,16 @@ class Translator:
         )
         ffa = output.images[0][..., 0]
         self.remove_old_results()
-        name = f"ffa-{uuid.uuid4().hex[:8]}"
-        ffa_path = save_image(torch.from_numpy(ffa)[None], self.workdir / f"{name}.png")
+        ffa_path = None
+        if final:
+            ffa_path = str(save_image(torch.from_numpy(ffa)[None], self.workdir / f"ffa-{uuid.uuid4().hex}.png"))
         photo = to_uint8(source)
         grey = to_uint8(ffa)
         uncertainty = None
         if output.uncertainty is not None:
             std = output.uncertainty[0][..., 0]
             uncertainty = uncertainty_rgb(std, max(float(std.max()), 1e-6))
-        return ((photo, grey), grey, uncertainty, str(ffa_path)), warning
+        return ((photo, grey), grey, uncertainty, ffa_path), warning
 
     def remove_old_results(self) -> None:
         """Gradio copies each result into its own cache when answering: ours are only needed briefly."""
@@ -148,6 +157,14 @@ class Translator:
         for old in self.workdir.glob("ffa-*.png"):
             if old.stat().st_mtime < cutoff:
                 old.unlink(missing_ok=True)
+
+
+def page_error(error: Exception) -> str:
+    """An unexpected failure (e.g. the GPU out of memory) in one line for the page; the server log keeps
+    the traceback."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    hint = "; try fewer samples or steps" if isinstance(error, torch.cuda.OutOfMemoryError) else ""
+    return f"the model failed on this image ({type(error).__name__}: {first}){hint}"
 
 
 def preview_settings(pipeline) -> tuple[int, str]:
@@ -167,14 +184,18 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
 
     settings = settings or ServeSettings()
     translator = Translator(pipeline, workdir, settings)
+    translator.uploads = Path(os.environ.get(TEMP_DIR_ENV) or Path(tempfile.gettempdir()) / "gradio")  # Gradio's
 
     def handle(photo, steps, seed, samples, phase):
         path = upload_path(photo)
         try:
             for outputs, status in translator.stream(path, steps, seed, samples, phase, warn=gr.Warning):
                 yield (*outputs, status)
-        except FFASynthError as error:
-            raise gr.Error(str(error).replace(str(Path(path or "").parent) + "/", ""), print_exception=False) from None
+        except Exception as error:  # one line on the page, the page cleared (no preview left as if it were the result)
+            text = str(error) if isinstance(error, FFASynthError) else page_error(error)
+            text = text.replace(str(Path(path or "").parent) + "/", "")
+            yield None, None, None, None, f"Failed: {text}"
+            raise gr.Error(text, print_exception=not isinstance(error, FFASynthError)) from None
 
     blocks = gr.Blocks(
         title="ffasynth — synthetic fluorescein angiography",
