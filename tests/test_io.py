@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ffasynth.data import io as image_io
 from ffasynth.data.io import image_size, is_grey, read_image, save_image, source_tensor, to_uint8, unit_float
@@ -153,7 +153,14 @@ def _truncated_png(path):
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
 
 
+def _metadata_bomb_png(path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * 3_000_000, zip=True)  # a few kB on disk, 3 MB inflated
+    Image.new("L", (16, 16)).save(path, pnginfo=info)
+
+
 BAD_FILES = {
+    "metadata.png": (_metadata_bomb_png, "metadata inflates past 1 MB"),
     "truncated.jpg": (_truncated_jpeg, "truncated"),
     "truncated.png": (_truncated_png, "truncated"),
     "empty.png": (lambda p: p.write_bytes(b""), "empty file"),

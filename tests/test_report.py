@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -197,3 +198,15 @@ def test_cli_evaluate_reports_skips_in_one_line(uwf, two_methods, tmp_path):
     assert "1 real without generated" in result.output
     result = runner.invoke(app, ["evaluate", "--real", str(uwf), "--fake", str(tmp_path / "nope"), "--out", str(out)])
     assert result.exit_code != 0 and "is not a folder" in str(result.exception)
+
+
+def test_each_pair_gets_its_own_image_folder_whatever_its_name():
+    """Keys that differ only in characters a folder name drops (`Müller_OD`, `Möller_OD`) wrote into one
+    folder, so the second row's images replaced the first's and both rows showed the same eye."""
+    from ffasynth.evaluation.outputs import _file_name
+
+    keys = ["Müller_OD", "Möller_OD", "M_ller_OD", "train/7", "train_7", "a b", "a  b", "7.1", "sub/7.1"]
+    names = [_file_name(key) for key in keys]
+    assert len(set(names)) == len(keys), names
+    assert _file_name("7.1") == "7.1" and _file_name("M_ller_OD") == "M_ller_OD"  # plain keys keep their name
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)

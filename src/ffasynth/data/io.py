@@ -85,7 +85,9 @@ def _open_checked(path: Path, limit: int, min_side: int = 1) -> Image.Image:
     except UnidentifiedImageError:
         cause = _sniff_non_image(path) or "not an image, or a format Pillow cannot decode"
         raise ImageReadError(path, cause) from None
-    except OSError as error:
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow raises all three for damaged headers
+        if "MAX_TEXT_CHUNK" in str(error):  # a text or colour-profile chunk that inflates past 1 MB
+            raise ImageReadError(path, "its metadata inflates past 1 MB (a hostile or damaged file)") from None
         raise ImageReadError(path, f"cannot open ({error})") from None
     width, height = image.size
     if width * height > limit:

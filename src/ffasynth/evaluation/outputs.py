@@ -11,6 +11,7 @@ report; an existing folder is replaced only when it is an earlier report (holds 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -150,7 +151,10 @@ def _mean_std(mean: float, std: float) -> str:
 
 
 def _file_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+    """A folder name for a pair's key: the key itself when it is plain, else its plain characters and a hash
+    of the key, so that keys differing only in other characters (`Müller_OD`, `Möller_OD`) stay apart."""
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+    return plain if plain == key else f"{plain}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def _grid_images(evaluation: Evaluation, folder: Path, maps: bool) -> tuple[list[str], list, list[str], list]:
