@@ -179,7 +179,8 @@ CONFIG = [
     ("stage1.lr=inf", "stage1.lr='inf'", "must be a finite number"),
     ("seed=-5", "seed=-5", "must be between 0 and 4294967295"),
     ("data.crop_size=40", "data.crop_size=40", "must be a multiple of 16"),
-    ("stage1.sample_steps=0", "stage1.sample_steps=0", "must be in [1, num_train_timesteps=1000]"),
+    ("stage1.sample_steps=0", "stage1.sample_steps=0", "must be in [1, num_train_timesteps - 1 = 999]"),
+    ("stage1.inference_steps=1000", "stage1.inference_steps=1000", "must be in [1, num_train_timesteps - 1 = 999]"),
     ("stage2.unet_max_timestep=5000", "stage2.unet_max_timestep=5000", "must be at most 1000"),
     ("stage2.latent_reuse=0", "stage2.latent_reuse=0", "must be at least 1"),
     ("stage1.rehearsal=1", "stage1.rehearsal=1.0", "must be in [0, 1)"),
@@ -214,7 +215,7 @@ def test_config_file_with_a_non_finite_value(tmp_path):
 def test_config_ranges_accept_the_presets_and_their_edges():
     for preset in ("tiny", "sd15"):
         load_config(preset=preset)
-    edges = ["seed=0", "seed=4294967295", "stage1.sample_steps=1000", "stage1.max_minutes=0.5", "stage2.disc_start=0"]
+    edges = ["seed=0", "seed=4294967295", "stage1.sample_steps=999", "stage1.max_minutes=0.5", "stage2.disc_start=0"]
     assert load_config(preset="tiny", overrides=edges).seed == 4294967295
     with pytest.raises(ConfigError, match="seed=4294967296"):
         load_config(preset="tiny", overrides=["seed=4294967296"])

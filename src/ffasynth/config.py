@@ -252,11 +252,9 @@ class Stage1Config(TrainConfig):
         _require(every is None or every >= 0, "stage1.cond_gain_every", "must be >= 0 (0 = off) or null")
         _require(self.cond_gain_items >= 2, "stage1.cond_gain_items", "must be at least 2 (to shuffle photos)")
         _require(self.num_train_timesteps >= 2, "stage1.num_train_timesteps", "must be at least 2")
-        steps = self.num_train_timesteps
-        _require(1 <= self.sample_steps <= steps, "stage1.sample_steps", f"must be in [1, num_train_timesteps={steps}]")
-        _require(
-            1 <= self.inference_steps <= steps, "stage1.inference_steps", f"must be in [1, num_train_timesteps={steps}]"
-        )
+        most = f"must be in [1, num_train_timesteps - 1 = {self.num_train_timesteps - 1}]"  # see pipeline.max_steps
+        _require(1 <= self.sample_steps < self.num_train_timesteps, "stage1.sample_steps", most)
+        _require(1 <= self.inference_steps < self.num_train_timesteps, "stage1.inference_steps", most)
 
 
 @dataclass

@@ -162,12 +162,13 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @property
     def max_steps(self) -> int:
-        """The most steps the scheduler can take: an LCM student's solver grid (50), else the training steps."""
+        """The most steps the scheduler can take: an LCM student's solver grid (50), else one fewer than the
+        training steps: at N steps "leading" spacing (DDIM, DDPM) puts the last step at t = N − 1 + offset, past
+        the schedule, and "linspace" (DPM-Solver++) rounds two steps to one t, a zero-length step → NaN."""
         config = self.scheduler.config
         if config.get("original_inference_steps"):
             return int(config["original_inference_steps"])
-        leading = config.get("timestep_spacing") == "leading"  # DDIM, DDPM: the last step is at t = N − 1 + offset
-        return int(config.get("num_train_timesteps", 1000)) - leading * int(config.get("steps_offset", 0))
+        return int(config.get("num_train_timesteps", 1000)) - 1
 
     def conditioner(self) -> SourceConditioner:
         """The conditioning paths over the pipeline's current components (the projection shared, not copied)."""

@@ -92,9 +92,10 @@ class Stage2Task(Task):
         if config.lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS module")
         train_steps = stage1.components.scheduler.config.num_train_timesteps
-        if config.sampler_steps > train_steps:
+        if config.sampler_steps >= train_steps:  # the sampler's most (pipeline.max_steps)
             raise ConfigError(
-                f"stage2.sampler_steps={config.sampler_steps} exceeds the {train_steps} training timesteps"
+                f"stage2.sampler_steps={config.sampler_steps}: allowed up to {train_steps - 1}, one fewer than the "
+                f"{train_steps} training timesteps"
             )
 
     def optimizer_groups(self) -> dict[str, list[str]]:
