@@ -238,3 +238,66 @@ def test_an_unreachable_hub_is_said_in_one_line_at_once_not_after_retries(monkey
         assert hub.HF_HUB_OFFLINE is True
     finally:
         loading.hub_unreachable.cache_clear()
+
+
+@pytest.mark.parametrize("damage", ["cut short", "config.json", "index"])
+def test_a_damaged_clip_download_is_one_line_naming_it(tmp_path, damage):
+    """The 1.7 GB CLIP file is the download most likely to arrive cut short: one line naming the file, as for
+    the U-Net and the VAE (it was a SafetensorError / OSError traceback, at training and at export)."""
+    folder = write_openai_clip_folder(tmp_path / "clip")
+    weights = folder / "model.safetensors"
+    if damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = f"{weights}: corrupt"
+    elif damage == "config.json":
+        (folder / "config.json").write_text('{"model_type": "clip", "vision_con')
+        expected = f"the CLIP image encoder in {folder} cannot be read"
+    else:
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../elsewhere.safetensors"}}')
+        expected = "names files outside"
+    with pytest.raises(WeightsNotFoundError) as info:
+        loading.load_image_encoder(str(folder))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """`model.pretrained=weights/sd15` with weights/ here but no sd15 in it is a local path gone wrong: said as
+    such (relative to the working folder), not as a failed Hub download of a repository 'weights/sd15'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    model = load_config(preset="tiny").model
+    with pytest.raises(WeightsNotFoundError) as info:
+        loading.load_unet_and_vae("weights/sd15", model)
+    assert str(info.value) == (
+        f"weights/sd15 does not exist (relative to {tmp_path}): give a diffusers folder, a .safetensors file or a "
+        "hub id"
+    )
+    with pytest.raises(WeightsNotFoundError, match="weights/clip-vit-large-patch14 does not exist"):
+        loading.load_image_encoder("weights/clip-vit-large-patch14")
+    assert loading._is_hub_id("openai/clip-vit-large-patch14")  # no folder openai/ here: a hub id
+
+
+def test_a_folder_holding_a_single_file_or_an_fp16_variant_says_what_to_give(tmp_path):
+    model = load_config(preset="tiny").model
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    (holder / "v1-5-pruned-emaonly.safetensors").write_bytes(b"x")
+    with pytest.raises(WeightsNotFoundError, match=r"holds v1-5-pruned-emaonly.safetensors: give that file"):
+        loading.load_unet_and_vae(str(holder), model)
+    folder = write_sd15_folder(tmp_path / "sd15", layers_per_block=1)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(WeightsNotFoundError, match=r"found diffusion_pytorch_model.fp16.safetensors: rename it to "):
+        loading.load_unet_and_vae(str(folder), model)
+
+
+@pytest.mark.parametrize("header", ["{not json", '{"parts": ["vae"]}', "[1, 2]"])
+def test_a_base_file_with_a_damaged_header_is_one_line(tmp_path, header):
+    from safetensors.torch import save_file
+
+    from ffasynth.models import base
+
+    path = tmp_path / "base.safetensors"
+    save_file({"vae.x": torch.zeros(1)}, str(path), metadata={"ffasynth_base": header})
+    with pytest.raises(WeightsNotFoundError, match="has a damaged ffasynth_base header"):
+        base.read_header(path)

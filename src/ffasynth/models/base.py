@@ -81,7 +81,16 @@ def read_header(path: Path) -> dict:
         raise WeightsNotFoundError(f"model.base: {path} is not a readable safetensors file ({error})") from None
     if "ffasynth_base" not in metadata:
         raise WeightsNotFoundError(f"model.base: {path} is not an ffasynth base model (no ffasynth_base header)")
-    return json.loads(metadata["ffasynth_base"])
+    try:
+        header = json.loads(metadata["ffasynth_base"])
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(header.get("architecture"), dict) or "parts" not in header:
+        raise WeightsNotFoundError(
+            f"model.base: {path} has a damaged ffasynth_base header (no architecture and parts); build it again "
+            "(`ffasynth base build`) or set model.base=none"
+        )
+    return header
 
 
 def save(path: str | Path, modules: dict[str, nn.Module], model: ModelConfig, scaling_factor: float, **info) -> Path:

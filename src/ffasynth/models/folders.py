@@ -238,7 +238,7 @@ def _config_model(component: Path, class_name: str) -> torch.nn.Module:
         raise WeightsNotFoundError(f"{config_path}: does not describe a {class_name} ({cause})") from None
 
 
-def _header_shapes(files: set[Path]) -> dict[str, tuple[int, ...]]:
+def header_shapes(files: set[Path]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in sorted(p for p in files if p.name.endswith(".safetensors")):
         if not path.is_file():
@@ -252,7 +252,7 @@ def _header_shapes(files: set[Path]) -> dict[str, tuple[int, ...]]:
 
 def check_weights_match_config(component: Path, class_name: str, weights: set[Path]) -> None:
     """Refuse, before a tensor is read, weights whose names or shapes differ from their config's model."""
-    found = _header_shapes(weights)
+    found = header_shapes(weights)
     model = _config_model(component, class_name)
     if isinstance(model, ModelMixin):  # names older diffusers wrote (attention query → to_q...), renamed on load
         found = model._fix_state_dict_keys_on_load(found)
@@ -288,7 +288,7 @@ def check_pipeline_folder(folder: Path) -> None:
     check_files(folder, set().union(adapters, *expected.values()))
     for name, weights in expected.items():
         check_weights_match_config(folder / name, components[name][1], weights)
-    _header_shapes(adapters)
+    header_shapes(adapters)
 
 
 def check_base_folder(folder: Path) -> None:

@@ -10,6 +10,7 @@ put where.
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import socket
 import urllib.parse
@@ -27,11 +28,14 @@ from ffasynth.errors import WeightsNotFoundError
 from ffasynth.files import atomic_folder
 from ffasynth.models.architecture import clip_processor, unet_config, vae_config
 from ffasynth.models.folders import DIFFUSERS_WEIGHTS as WEIGHTS
-from ffasynth.models.folders import PICKLE_SUFFIXES, check_base_folder, check_model_folder
+from ffasynth.models.folders import PICKLE_SUFFIXES, check_base_folder, check_model_folder, header_shapes
 
 
 def _is_hub_id(name: str) -> bool:
-    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    """`owner/name` that is not a path here: neither it nor its first part (`weights/` of `weights/sd15`, a
+    folder the README's commands download into) exists, so a mistyped local path is not sent to the Hub."""
+    path = Path(name)
+    return not path.exists() and not path.parent.is_dir() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 @functools.cache
@@ -64,18 +68,23 @@ def _hub_error(name: str, what: str, error: Exception) -> WeightsNotFoundError:
 def _require(folder: Path, name: str, what: str) -> Path:
     path = folder / name
     if not path.is_file():
-        pickles = [p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES] if folder.is_dir() else []
-        hint = (
-            f" (found only pickle files {pickles}, which are not loaded: convert them to safetensors)"
-            if pickles
-            else ""
-        )
+        present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+        pickles = [n for n in present if Path(n).suffix in PICKLE_SUFFIXES]
+        variants = [n for n in present if n != name and n.endswith(".safetensors") and n.startswith(name.split(".")[0])]
+        hint = ""
+        if variants:  # e.g. a download of the fp16 variant only: diffusion_pytorch_model.fp16.safetensors
+            hint = f" (found {variants[0]}: rename it to {name}, or download the full-precision files)"
+        elif pickles:
+            hint = f" (found only pickle files {pickles}, which are not loaded: convert them to safetensors)"
         raise WeightsNotFoundError(f"{what}: missing {path}; put that file there{hint}")
     return path
 
 
 def _missing(path: str) -> WeightsNotFoundError:
-    return WeightsNotFoundError(f"{path} does not exist: give a diffusers folder, a .safetensors file or a hub id")
+    where = f" (relative to {Path.cwd()})" if not Path(path).expanduser().is_absolute() else ""
+    return WeightsNotFoundError(
+        f"{path} does not exist{where}: give a diffusers folder, a .safetensors file or a hub id"
+    )
 
 
 def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL]:
@@ -84,6 +93,12 @@ def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DCondit
     if path.is_file():
         return load_single_file(path, model)
     if path.is_dir():
+        single = sorted(path.glob("*.safetensors"))
+        if single and not (path / "unet").is_dir():  # the single file's folder given instead of the file
+            raise WeightsNotFoundError(
+                f"{path} is not a diffusers folder (no unet/, vae/) but holds {single[0].name}: give that file, "
+                f"model.pretrained={single[0]}"
+            )
         for sub in ("unet", "vae"):
             _require(path / sub, "config.json", f"the {sub} of {path}")
             _require(path / sub, WEIGHTS, f"the {sub} of {path}")
@@ -181,10 +196,16 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
             )
         if not has_safetensors:
             _require(folder, CLIP_WEIGHTS, f"the CLIP image encoder in {folder}")
-        encoder = _clip_vision_model(str(folder), "", str(folder))
-        for candidate in (folder, path / "feature_extractor"):
-            if (candidate / "preprocessor_config.json").is_file():
-                return encoder, CLIPImageProcessor.from_pretrained(candidate)
+        header_shapes(_clip_weight_files(folder))  # a cut-short or damaged download: one line, before loading
+        try:
+            encoder = _clip_vision_model(str(folder), "", str(folder))
+            for candidate in (folder, path / "feature_extractor"):
+                if (candidate / "preprocessor_config.json").is_file():
+                    return encoder, CLIPImageProcessor.from_pretrained(candidate)
+        except (OSError, ValueError, SafetensorError) as error:  # a damaged config.json or preprocessor file
+            raise WeightsNotFoundError(
+                f"the CLIP image encoder in {folder} cannot be read ({_first_line(error)}); fetch it again"
+            ) from None
         return encoder, clip_processor(encoder.config.image_size)
     if _is_hub_id(source):
         hub_unreachable()
@@ -207,6 +228,24 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
             ) from None
         raise _hub_error(source, "the CLIP image encoder", errors[-1]) from None
     raise _missing(source)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _clip_weight_files(folder: Path) -> set[Path]:
+    """model.safetensors, or the shards its index names (file names only: nothing outside the folder)."""
+    index = folder / (CLIP_WEIGHTS + ".index.json")
+    if not index.is_file():
+        return {folder / CLIP_WEIGHTS}
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightsNotFoundError(f"{index} is not a readable shard index ({error}); fetch it again") from None
+    if not all(isinstance(name, str) and Path(name).name == name for name in names):
+        raise WeightsNotFoundError(f"{index} names files outside {folder}; fetch it again")
+    return {folder / name for name in names}
 
 
 def clip_vision_config(source: str, subfolder: str = "") -> CLIPVisionConfig:
@@ -271,14 +310,17 @@ def convert_clip_checkpoint(source: str | Path, out: str | Path) -> Path:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise WeightsNotFoundError(f"{weights} holds {type(state).__name__}, not a state dict of tensors")
-    config = clip_vision_config(str(folder))
+    try:
+        config = clip_vision_config(str(folder))
+    except (OSError, ValueError) as error:
+        raise WeightsNotFoundError(f"{folder / 'config.json'} cannot be read ({_first_line(error)})") from None
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     encoder = CLIPVisionModelWithProjection(config).to(floats[0] if floats else torch.float32)
     try:
         result = encoder.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        raise WeightsNotFoundError(f"{weights} does not match {folder / 'config.json'} ({detail[:200]})") from None
+        raise WeightsNotFoundError(f"{weights} does not match {folder / 'config.json'} ({detail[:400]})") from None
     # unexpected keys are a text tower (a whole CLIPModel) or buffers older transformers saved (position_ids)
     if result.missing_keys:
         raise WeightsNotFoundError(
@@ -315,7 +357,7 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str) -> None:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
         detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        raise WeightsNotFoundError(f"{what} does not match the model's shapes ({detail[:200]})") from None
+        raise WeightsNotFoundError(f"{what} does not match the model's shapes ({detail[:400]})") from None
     bad = list(result.missing_keys) + list(result.unexpected_keys)
     if bad:
         raise WeightsNotFoundError(f"{what} does not match the model ({len(bad)} keys differ, e.g. {bad[0]})")
