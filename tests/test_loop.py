@@ -133,6 +133,46 @@ def test_an_fp16_gradient_overflow_is_skipped_by_the_scaler_and_training_goes_on
     assert [line["skipped"] for line in result.losses] == [0, 1, 1, 1]
 
 
+class _TwoOptimizers(Task):
+    """Stage 2's shape: the generator's loss also reaches the discriminator's weights (here with gradients that
+    overflow fp16's scaled range); those gradients are discarded, and must not count against the update."""
+
+    name = "two-optimizers"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.trainable = {"generator": nn.Linear(2, 1), "discriminator": nn.Linear(2, 1)}
+
+    def optimizer_groups(self):
+        return {"generator": ["generator"], "discriminator": ["discriminator"]}
+
+    def to(self, device, weight_dtype):
+        for module in self.trainable.values():
+            module.to(device)
+
+    def loss(self, batch, step, generator, optimizer):
+        ones = torch.ones(1, 2)
+        judged = self.trainable["discriminator"](ones).sum()
+        if optimizer == "discriminator":  # small losses: their own scaled gradients fit in float16
+            return 0.01 * judged**2, {}
+        return 0.01 * self.trainable["generator"](ones).sum() ** 2 + 1e35 * judged, {}  # 1e35 · 2^16: inf
+
+    def samples(self, batch, generator):
+        return [batch["target"]]
+
+
+def test_an_overflow_in_another_optimizers_discarded_gradients_does_not_cut_the_loss_scale(tmp_path, monkeypatch):
+    """accelerate unscales every optimizer at clipping: the discriminator's gradients from the generator's loss
+    halved the scale at every step (and could mark the step skipped), though that update never used them."""
+    scalers = _with_cpu_grad_scaler(monkeypatch)
+    config = TrainConfig(
+        max_steps=3, mixed_precision="fp16", lr=0.1, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=100
+    )
+    result = train(_TwoOptimizers(), BlankDataset(), config, tmp_path, progress=False)
+    assert result.step == 3 and result.skipped_steps == 0
+    assert scalers[0].get_scale() == 2.0**16
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return write_phantom_dataset(tmp_path_factory.mktemp("pairs"), n=3, size=40, seed=4)

@@ -261,6 +261,12 @@ def _train_step(accelerator, task: Task, optimizers: dict, groups: dict, micro_b
                 each.zero_grad(set_to_none=True)
             if not _accumulate(accelerator, task, name, micro_batches, (*draw, index), logs):
                 return False, logs
+            # the loss may reach other optimizers' weights (stage 2's generator loss, the discriminator): those
+            # gradients are not this step's, and accelerate unscales every optimizer, so a GradScaler would
+            # count an overflow in them against this update
+            for other, each in optimizers.items():
+                if other != name:
+                    each.zero_grad(set_to_none=True)
             if config.max_grad_norm > 0:
                 params = [p for m in groups[name] for p in task.trainable[m].parameters() if p.requires_grad]
                 norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
