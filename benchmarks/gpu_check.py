@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -169,11 +170,19 @@ def ffasynth(*args) -> list[str]:
     return [sys.executable, "-m", "ffasynth", *map(str, args)]
 
 
+BUDGET_END = math.inf  # perf_counter time by which every step must have ended (main sets it from --budget)
+
+
 def run(command: list[str], timeout: float, log: Path) -> tuple[float, str]:
-    """Run one step; (seconds, its output). A failure raises with the output's last line."""
+    """Run one step within `timeout` s and the script's remaining --budget; (seconds, its output). A failure
+    or a timeout raises with the output's last line (the steps before it keep their figures)."""
     start = time.perf_counter()
+    timeout = max(1.0, min(timeout, BUDGET_END - start))
     with open(log, "w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+        try:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"stopped after {timeout:.0f} s (its own limit or the script's --budget)") from None
     text = log.read_text(errors="replace")
     if done.returncode != 0:
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
@@ -203,6 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_check.json goes")
     parser.add_argument("--only", nargs="*", help="run only these steps (names as in the docstring)")
     parser.add_argument("--deadline", type=float, default=400, help="seconds; steps not begun by then are skipped")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=540,
+        help="seconds; a step still running then is stopped (the device's "
+        "commands are killed at 600 s, with everything not yet written)",
+    )
     parser.add_argument("--child", choices=["weights", "data"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
@@ -211,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
 
+    global BUDGET_END
+    BUDGET_END = time.perf_counter() + args.budget
     import torch
     from common import machine
 

@@ -212,3 +212,22 @@ def test_uwf_folds_train_on_two_eyes_and_score_the_others_against_every_training
     copied = score({"3-early": reals["1-early"], "4-early": reals["2-early"]}, eyes)
     assert copied["own_eye"] == 0.0 and copied["margin"] < 0
     assert copied["vessel_band_own_eye"] == 0.0 and copied["vessel_band_excess"] < 0
+
+
+def test_gpu_check_stops_a_step_at_the_scripts_budget_and_says_so(monkeypatch, tmp_path):
+    """The device kills a command at 600 s with nothing written after: a step still running at --budget is
+    stopped by the script itself, so the steps before it keep their figures and this one says why."""
+    import sys
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "BUDGET_END", time.perf_counter() + 1.0)
+    began = time.perf_counter()
+    with pytest.raises(RuntimeError, match="stopped after 1 s"):
+        gpu_check.run([sys.executable, "-c", "import time; time.sleep(30)"], 600, tmp_path / "slow.log")
+    assert time.perf_counter() - began < 10
+    monkeypatch.setattr(gpu_check, "BUDGET_END", float("inf"))
+    seconds, text = gpu_check.run([sys.executable, "-c", "print('done')"], 60, tmp_path / "quick.log")
+    assert text.strip() == "done" and seconds < 30
