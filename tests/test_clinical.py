@@ -36,6 +36,25 @@ def test_metrics_on_a_fixed_prediction_set():
     assert metrics["auc_ovr"] == pytest.approx((7 / 8 + 1 + 1) / 3)
 
 
+def test_a_class_absent_from_a_fold_is_not_a_zero_in_its_scores():
+    """A fold whose truth and predictions hold two of three classes, all right: macro-F1 1 (it was 2/3, the
+    absent class counted as F1 0); a fold with one class has no AUC, and the summary leaves it out (one such
+    fold made the whole AUC null) and says over how many folds it averaged."""
+    from ffasynth.evaluation.clinical import ClinicalResult, ClinicalSettings
+
+    perfect = classification_metrics(np.array([0, 0, 1, 1]), np.eye(3)[[0, 0, 1, 1]], 3)
+    assert perfect["macro_f1"] == 1.0 and perfect["auc_ovr"] == 1.0
+    wrong = classification_metrics(np.array([0, 0]), np.eye(3)[[0, 2]], 3)  # a false class 2: its F1 is 0
+    assert wrong["macro_f1"] == pytest.approx((2 / 3 + 0) / 2) and np.isnan(wrong["auc_ovr"])
+    folds = [perfect, wrong, {"accuracy": 0.5, "macro_f1": 0.5, "auc_ovr": 0.8}]
+    result = ClinicalResult(
+        ClinicalSettings(), ["a", "b", "c"], folds, np.zeros(1), np.zeros((1, 3)), np.zeros(1), [], []
+    )
+    summary = result.summary()
+    assert summary["auc_ovr"] == {"mean": pytest.approx(0.9), "std": pytest.approx(0.1), "folds": 2}
+    assert summary["accuracy"]["folds"] == 3 and summary["accuracy"]["std"] == pytest.approx(np.std([1, 0.5, 0.5]))
+
+
 def test_folds_are_stratified_and_never_split_an_eye():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1])
     groups = ["a", "a", "b", "c", "d", "d", "e", "f", "g", "h", "i", "j"]

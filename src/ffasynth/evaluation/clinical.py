@@ -13,6 +13,7 @@ backbones whose pooled features are concatenated (`two-branch`).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,14 +236,15 @@ class ClinicalResult:
     skipped: list[str]
 
     def summary(self) -> dict[str, dict[str, float]]:
-        names = self.fold_metrics[0].keys()
-        return {
-            n: {
-                "mean": float(np.mean([m[n] for m in self.fold_metrics])),
-                "std": float(np.std([m[n] for m in self.fold_metrics])),
-            }
-            for n in names
-        }
+        """Per metric: mean and std (numpy's, ddof 0) over the folds where it is defined (an AUC is not in a
+        fold with one class), and how many folds that is; NaN only when no fold defines it."""
+        summary = {}
+        for name in self.fold_metrics[0]:
+            values = np.array([m[name] for m in self.fold_metrics], dtype=float)
+            defined = values[np.isfinite(values)]
+            mean, std = (float(defined.mean()), float(defined.std())) if defined.size else (math.nan, math.nan)
+            summary[name] = {"mean": mean, "std": std, "folds": int(defined.size)}
+        return summary
 
     def confusion(self) -> np.ndarray:
         from sklearn.metrics import confusion_matrix
@@ -259,7 +261,8 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, n_clas
     labels = list(range(n_classes))
     metrics = {
         "accuracy": float(accuracy_score(y_true, predicted)),
-        "macro_f1": float(f1_score(y_true, predicted, labels=labels, average="macro", zero_division=0)),
+        # over the classes in this fold's truth or predictions: a class neither has is not a 0 in the mean
+        "macro_f1": float(f1_score(y_true, predicted, average="macro", zero_division=0)),
     }
     present = np.unique(y_true)
     if len(present) < 2:

@@ -89,10 +89,11 @@ def write_html(document: dict, out: Path) -> dict[str, Path]:
     report = Report(
         "Clinical validation: disease classification",
         intro=(
-            f"{settings['folds']}-fold cross-validation (stratified, grouped by eye) of a {settings['backbone']} "
-            f"classifier ({'pretrained' if settings['pretrained_backbone'] else 'random initialisation'}), "
+            f"{settings['folds']}-fold cross-validation (stratified; every example of one id in one fold: an eye "
+            f"for paired data, an image for class folders) of a {settings['backbone']} classifier "
+            f"({'pretrained' if settings['pretrained_backbone'] else 'random initialisation'}), "
             f"{settings['epochs']} epochs at {settings['image_size']}², fusion {settings['fusion']}; "
-            "mean ± std over folds."
+            "mean ± std (numpy's, ddof 0) over the folds, an AUC over the folds where it is defined."
         ),
     )
     columns = ["mode", "examples", "accuracy ↑", "macro-F1 ↑", "AUC (one-vs-rest) ↑"]

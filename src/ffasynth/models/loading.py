@@ -35,7 +35,8 @@ def _is_hub_id(name: str) -> bool:
     """`owner/name` that is not a path here: neither it nor its first part (`weights/` of `weights/sd15`, a
     folder the README's commands download into) exists, so a mistyped local path is not sent to the Hub."""
     path = Path(name)
-    return not path.exists() and not path.parent.is_dir() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    local = path.exists() or path.parent.is_dir() or name.startswith((".", "/", "~"))
+    return not local and name.count("/") == 1
 
 
 @functools.cache
