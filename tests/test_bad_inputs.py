@@ -11,6 +11,7 @@ the terminal summary counts them (see conftest.py). 186 cases, ~17 s on a quiet 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,7 +366,12 @@ def web_page(pipeline_dir, tmp_path_factory) -> tuple[dict[str, Upload], Path, P
     root = tmp_path_factory.mktemp("web")
     workdir, uploads = root / "work", root / "uploads"
     workdir.mkdir()
-    page = build_app(load_pipeline(pipeline_dir, "cpu"), workdir, ServeSettings())
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # as serve sets it: the page reads only files uploaded here
+    try:
+        page = build_app(load_pipeline(pipeline_dir, "cpu"), workdir, ServeSettings())
+    finally:
+        os.environ.pop("GRADIO_TEMP_DIR") if previous is None else os.environ.update(GRADIO_TEMP_DIR=previous)
     handle = next(f.fn for f in page.fns.values() if f.name == "handle")
     results = {}
     for case in IMAGE_CASES:

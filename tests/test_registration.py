@@ -78,18 +78,19 @@ def test_unrelated_pair_is_refused_and_keeps_the_identity(moved_eye):
 
 @pytest.fixture(scope="module")
 def two_eyes(tmp_path_factory, moved_eye):
-    """uwf layout at 512 px: eye 1 the moved photo with its early and late angiograms as drawn; eye 2
-    the same photo with another eye's angiogram."""
+    """uwf layout at 512 px: eye 1 the moved photo with its early and late angiograms as drawn (the late
+    one a 16-bit PNG); eye 2 the same photo with another eye's angiogram."""
     eye, _, moved_photo = moved_eye
     root = tmp_path_factory.mktemp("two-eyes")
     for name, image in {
         "1.png": moved_photo,
         "1.1.png": eye.ffa_early,
-        "1.2.png": eye.ffa_late,
         "2.png": moved_photo,
         "2.1.png": make_uwf_eye(SIZE, seed=10).ffa_early,
     }.items():
         _save(image, root / name)
+    late = np.clip(eye.ffa_late.reshape(SIZE, SIZE, -1)[..., 0], 0, 1)
+    Image.fromarray(np.uint16(late * 65535 + 0.5)).save(root / "1.2.png")
     return root
 
 
@@ -106,15 +107,20 @@ def test_folder_checks_the_phases_writes_the_angiogram_unchanged_and_warns_once(
     assert early.dog_registered > early.dog_identity + 0.2
     details = json.loads((out / early.details).read_text())
     assert corner_residual(np.array(details["matrix"]), np.linalg.inv(known), (SIZE, SIZE)) <= 2.0
-    for row, suffix in ((early, "1"), (late, "2")):  # the angiogram as it came, the photo moved onto it
+    for row, suffix in ((early, "1"), (late, "2")):  # the angiogram as it came (16 bits kept), the photo moved
         assert np.array_equal(read_image(out / row.aligned_target), read_image(two_eyes / f"1.{suffix}.png"))
+    assert Image.open(out / late.aligned_target).mode.startswith("I")  # it was cut to 8 bits
     assert not np.array_equal(read_image(out / early.aligned_source), read_image(two_eyes / "1.png"))
 
+    # refused and no better at the identity than an unrelated eye: written aside, never trained on
     assert other.status == "identity" and "unrelated eye" in other.reason
+    assert other.aligned_source == "_refused/2-early.png" and other.aligned_target == "_refused/2-early.1.png"
     assert np.array_equal(read_image(out / other.aligned_source), read_image(two_eyes / "2.png"))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("2@early: registration refused, kept as it is (identity)")
-    assert sorted(p.id for p in check_pairs(out).pairs) == ["1-early", "1-late", "2-early"]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "2@early: registration refused, written as it is under _refused/"
+    )
+    assert sorted(p.id for p in check_pairs(out).pairs) == ["1-early", "1-late"]
     with (out / "registration.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["registered", "registered", "identity"]
 

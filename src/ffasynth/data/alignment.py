@@ -16,9 +16,11 @@ photo→late does. When all three are accepted and disagree by more than `max_re
 diagonal at its corners, both pairs are refused. When one phase is refused on its own but the
 other phase and early→late are accepted, it is registered through them (status `transferred`).
 
-A refused pair of same-size images keeps the identity (status `identity`, written as it is, one
-warning line naming it); a refused pair of different sizes is left out (status `flagged`). Pair
-discovery skips `_`-folders, so `ffasynth data check ALIGNED_DIR` sees only the aligned pairs.
+A refused pair of same-size images keeps the identity (status `identity`, one warning line naming it):
+written as it is when it already matches there (vessels at the identity beat the mirrored-eye bar by
+the margin), else under `_refused/`, for a person to look at, not in the aligned set; a refused pair of
+different sizes is left out (status `flagged`). Pair discovery skips `_`-folders, so `train` and
+`ffasynth data check ALIGNED_DIR` see only the aligned pairs. 16-bit grey images are written in 16 bits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, save_image
@@ -50,11 +53,12 @@ from ffasynth.data.registration import (
     vessel_channel,
 )
 from ffasynth.errors import ImageReadError, PairError
-from ffasynth.files import atomic_folder, atomic_write_text
+from ffasynth.files import atomic_folder, atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 CHECKERBOARD_FOLDER = "_checkerboards"
+REFUSED_FOLDER = "_refused"  # refused pairs that do not match at the identity either: as misaligned as shipped
 JSON_FOLDER = "_registration"
 REPORT_NAME = "registration.csv"
 PHASE_SUFFIX = {None: "1", "early": "1", "late": "2"}
@@ -213,6 +217,7 @@ class _Work:
     result: Registration | None = None
     matrix: np.ndarray | None = None  # None: refused
     transferred: bool = False  # registered through the photo's other angiogram
+    bits: tuple[int, int] = (8, 8)  # of the photo and the angiogram files: 16 for 16-bit grey
 
 
 def _register(pair: Pair, params: RegistrationParams) -> _Work:
@@ -222,6 +227,7 @@ def _register(pair: Pair, params: RegistrationParams) -> _Work:
     )
     try:
         work.source, work.target = to_numpy(read_image(pair.source)), to_numpy(read_image(pair.target))
+        work.bits = (_bits(pair.source), _bits(pair.target))
     except ImageReadError as error:
         work.row.reason = str(error)
         return work
@@ -268,17 +274,47 @@ def _check_phases(first: _Work, second: _Work, params: RegistrationParams) -> No
         first.row.reason = f"through {names}; own match refused: {first.row.reason}"
 
 
-def _write(work: _Work, out: Path) -> None:
+def _bits(path: Path) -> int:
+    """16 for a 16-bit grey file (what read_image reads at 16 bits), else 8."""
+    with Image.open(path) as image:
+        return 16 if image.mode.startswith("I;16") or image.mode == "I" else 8
+
+
+def _save(image: np.ndarray, path: Path, bits: int) -> None:
+    """[0, 1] (H, W[, C]) at the file's own depth: a 16-bit grey input stays 16-bit (PNG), else 8-bit."""
+    if bits == 16 and (image.ndim == 2 or image.shape[-1] == 1):
+        levels = np.uint16(np.clip(image.reshape(image.shape[:2]), 0.0, 1.0) * 65535 + 0.5)
+        atomic_write(path, lambda tmp: Image.fromarray(levels).save(tmp, format="PNG"))
+    else:
+        save_image(_to_uint8(image), path)
+
+
+def _matches_at_identity(row: RegistrationRow, margin: float) -> bool:
+    """Vessels at the identity beat the mirrored-eye bar by the registration's margin (NaN: no)."""
+    return row.identity_correlation - row.null_correlation >= margin
+
+
+def _write(work: _Work, out: Path, margin: float) -> None:
     """The pair's images (when written), checkerboard, JSON; its status and one warning if refused."""
     row, pair, stem = work.row, work.pair, output_stem(work.pair)
     if work.result is None:
         return
     same_size = work.source.shape[:2] == work.target.shape[:2]
+    folder = ""
     if work.matrix is not None:
         row.status = "transferred" if work.transferred else "registered"
     else:
         row.status = "identity" if same_size else "flagged"
-        action = "kept as it is (identity)" if same_size else "left out (the sizes differ)"
+        if not same_size:
+            action = "left out (the sizes differ)"
+        elif _matches_at_identity(row, margin):
+            action = "kept as it is (identity): it already matches there"
+        else:
+            folder = f"{REFUSED_FOLDER}/"
+            action = (
+                f"written as it is under {REFUSED_FOLDER}/, not in the aligned set (it matches no better than "
+                "an unrelated eye; move its two files up to train on it anyway)"
+            )
         log.warning("%s: registration refused, %s: %s", pair.name, action, row.reason)
     written = work.matrix if work.matrix is not None else (np.eye(3) if same_size else None)
     shown = written if written is not None else work.result.found  # what the checkerboard shows
@@ -295,9 +331,10 @@ def _write(work: _Work, out: Path) -> None:
             row.checkerboard = (Path(CHECKERBOARD_FOLDER) / f"{stem}.png").as_posix()
             save_image(checkerboard(aligned), out / row.checkerboard)
             if written is not None:
-                row.aligned_source, row.aligned_target = f"{stem}.png", f"{stem}.{_target_suffix(pair)}.png"
-                save_image(_to_uint8(aligned.source), out / row.aligned_source)
-                save_image(_to_uint8(aligned.target), out / row.aligned_target)
+                row.aligned_source = f"{folder}{stem}.png"
+                row.aligned_target = f"{folder}{stem}.{_target_suffix(pair)}.png"
+                _save(aligned.source, out / row.aligned_source, work.bits[0])
+                _save(aligned.target, out / row.aligned_target, work.bits[1])
     row.details = (Path(JSON_FOLDER) / f"{stem}.json").as_posix()
     found = work.result.found
     record = {
@@ -357,7 +394,7 @@ def register_folder(
             if len(group) == 2 and group[0].target.shape[:2] == group[1].target.shape[:2]:
                 _check_phases(*sorted(group, key=lambda work: _target_suffix(work.pair)), params)
         for work in works:
-            _write(work, folder)
+            _write(work, folder, params.min_margin)
             rows.append(work.row)
         atomic_write_text(folder / REPORT_NAME, rows_to_csv(rows))
 
@@ -376,7 +413,7 @@ def aligned_pairs(folder: Path) -> list[Pair]:
         if row["status"] in ACCEPTED:
             return True
         gain = float(row["identity_correlation"] or "nan") - float(row["null_correlation"] or "nan")
-        return row["status"] == "identity" and gain >= margin  # NaN compares False
+        return row["status"] == "identity" and gain >= margin  # NaN compares False (as _matches_at_identity)
 
     with open(folder / REPORT_NAME, newline="") as handle:
         kept = {row["aligned_target"] for row in csv.DictReader(handle) if aligned(row)}
