@@ -24,6 +24,7 @@ from ffasynth.evaluation.metrics import (
     load_pair,
     paired_scores,
     read_grey,
+    resize_to,
     sample_patches,
 )
 from ffasynth.evaluation.pairing import real_images
@@ -244,3 +245,49 @@ def test_load_pair_flags_a_resize_only_when_the_generated_image_differs_from_its
         assert not resized and fake.shape == real.shape == ((1, 60, 80) if resolution is None else (1, 48, 64))
         real, fake, resized, _ = load_pair(tmp_path / "real.png", tmp_path / "half.png", resolution)
         assert resized and fake.shape == real.shape
+
+
+@pytest.mark.slow
+def test_fid_patches_see_a_smaller_generated_image_at_its_real_partners_size(ffa_dir, weights_dir, tmp_path):
+    """Copies of the real FFA saved at half size: each generated patch covered twice the field of a real one
+    (FID/KID compared magnifications, not quality). Now each is first resized to its real partner, as the
+    paired metrics do: FID as if the copies had been written at full size."""
+    half = tmp_path / "half"
+    half.mkdir()
+    for key, path in real_images(ffa_dir)[0].items():
+        image = read_grey(path)[0]
+        save_image(F.interpolate(image[None], scale_factor=0.5, mode="area")[0], half / f"{key}_ffa.png")
+    settings = EvalSettings(weights_dir=str(weights_dir), metrics=("fid",), patches=2, patch_size=64)
+    scored = evaluate(ffa_dir, {"half": half}, settings).methods[0]
+    restored = tmp_path / "restored"  # the half-size copies brought to full size by hand, as evaluate should
+    restored.mkdir()
+    for path in half.iterdir():
+        save_image(resize_to(read_grey(path)[0], (200, 200)), restored / path.name)
+    expected = evaluate(ffa_dir, {"restored": restored}, settings).methods[0].distribution["fid"]
+    assert scored.distribution["fid"] == pytest.approx(expected, rel=0.01), (scored.distribution, expected)
+    images, _ = _distribution_images(
+        [half / "1.1_ffa.png"], ["1.1"], settings, {half / "1.1_ffa.png": ffa_dir / "1.1.png"}
+    )
+    assert all(image.shape == (1, 64, 64) for image in images)
+    whole = EvalSettings(weights_dir=str(weights_dir), metrics=("fid",))
+    unpaired = _distribution_images([half / "1.1_ffa.png"], ["1.1"], whole)[0][0]
+    paired = _distribution_images([half / "1.1_ffa.png"], ["1.1"], whole, {half / "1.1_ffa.png": ffa_dir / "1.1.png"})
+    assert unpaired.shape == (1, 100, 100) and paired[0][0].shape == (1, 200, 200)
+
+
+def test_dark_pathology_inside_the_eye_counts_in_the_paired_metrics(tmp_path):
+    """A near-black non-perfusion area inside the field (4/255) was outside the mask of a per-pixel threshold:
+    a generated image that drew it grey lost nothing. The field now has its holes filled."""
+    yy, xx = np.mgrid[:200, :200]
+    field = (yy - 100) ** 2 + (xx - 100) ** 2 < 90**2
+    real = np.where(field, 0.5, 0.0)
+    real[(yy - 100) ** 2 + (xx - 120) ** 2 < 30**2] = 4 / 255  # dark area well inside the field
+    fake = np.where(field, 0.5, 0.0)  # the same eye, the dark area drawn as its surroundings
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    save_image(torch.from_numpy(real).float()[None], tmp_path / "real" / "1.png")
+    save_image(torch.from_numpy(fake).float()[None], tmp_path / "fake" / "1_ffa.png")
+    settings = EvalSettings(weights_dir=str(tmp_path / "none"), metrics=("psnr", "ssim"))
+    method = evaluate(tmp_path / "real", {"m": tmp_path / "fake"}, settings).methods[0]
+    # the dark area is 30²/90² ≈ 11% of the field, wrong by ~0.5: MSE ≈ 0.11 · 0.24 → PSNR ≈ 15.7 dB
+    assert method.summary["psnr"]["mean"] < 20, method.summary
