@@ -13,6 +13,7 @@ from ffasynth.models.conditioning import decode_latents, encode_latents
 from ffasynth.pipeline import TileSettings
 from ffasynth.tiling import (
     DECODE_TILE_MIN,
+    blend_overlap,
     pad_to_multiple,
     plan_tiles,
     tile_weights,
@@ -95,6 +96,21 @@ def test_blending_reproduces_a_local_function_exactly():
     assert torch.allclose(tiled, full, atol=1e-5), (tiled - full).abs().max()
     without_guard = tiled_map(net, [latents], 16, 0, scale=2.0)
     assert (without_guard - full).abs().max() > 1e-2  # hard tiles do see the zero padding
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "multiple", "shared"), [(64, 32, 64, 0), (32, 24, 16, 16), (48, 40, 16, 32), (32, 8, 4, 8)]
+)
+def test_an_overlap_the_stride_cannot_keep_blends_without_holes(tile, overlap, multiple, shared):
+    """tile − overlap below `multiple`: the starts step by `multiple`, so neighbours share less than asked.
+    Ramps as long as the asked overlap weighed both tiles 0 where they meet: 0/0, NaN in the output (pix2pix
+    at tile 256, overlap 64, 2**8). The blend now uses the overlap the tiles really share."""
+    image = torch.rand(1, 1, 150, 200, generator=seeded(0))
+    tiled = tiled_map(lambda x: x * 2.0, [image], tile, overlap, multiple=multiple)
+    assert torch.isfinite(tiled).all() and torch.allclose(tiled, image * 2.0, atol=1e-5)
+    assert blend_overlap(tile, overlap, multiple) == min(
+        overlap, tile - max(multiple, (tile - overlap) // multiple * multiple)
+    )
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 100])

@@ -59,13 +59,23 @@ class Tile:
         return slice(top, top + round(self.height * scale)), slice(left, left + round(self.width * scale))
 
 
+def tile_stride(tile: int, overlap: int, multiple: int = 1) -> int:
+    """The step between tile starts: tile − overlap rounded down to `multiple`, at least `multiple`."""
+    return max(multiple, (tile - overlap) // multiple * multiple)
+
+
+def blend_overlap(tile: int, overlap: int, multiple: int = 1) -> int:
+    """The overlap the blend ramps may use: the one asked for, unless a stride of at least `multiple` leaves
+    neighbours less (tile − overlap < multiple); a longer ramp would weigh both tiles 0 where they meet."""
+    return max(0, min(overlap, tile - tile_stride(tile, overlap, multiple)))
+
+
 def tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
-    """Starts of windows of `tile` covering [0, length) with at least `overlap` shared; the last one
-    ends at `length`. Starts are multiples of `multiple` when length and tile are."""
+    """Starts of windows of `tile` covering [0, length) with at least blend_overlap(...) shared; the last
+    one ends at `length`. Starts are multiples of `multiple` when length and tile are."""
     if length <= tile:
         return [0]
-    stride = max(multiple, (tile - overlap) // multiple * multiple)
-    starts = list(range(0, length - tile, stride)) + [length - tile]
+    starts = list(range(0, length - tile, tile_stride(tile, overlap, multiple))) + [length - tile]
     return sorted(set(starts))
 
 
@@ -152,6 +162,7 @@ def tiled_map(
     first = inputs[0]
     count, height, width = first.shape[0], first.shape[-2], first.shape[-1]
     tiles = plan_tiles(height, width, tile, overlap, multiple)
+    overlap = blend_overlap(tile, overlap, multiple)
     out_height, out_width = round(height * scale), round(width * scale)
     output = None
     for start in range(0, len(tiles), batch_size):
