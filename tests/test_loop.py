@@ -45,12 +45,14 @@ class _Overflowing(Task):
         return [batch["target"]]
 
 
-# warm-up 4 steps: (s + 1)/4; cosine over steps 4-12: ½(1 + cos(π·(s − 4)/8)), e.g. ½(1 + cos 3π/4) at 10
+# warm-up 4 steps: (s + 1)/4; cosine over steps 4-12: ½(1 + cos(π·(s − 4)/8)), e.g. ½(1 + cos 3π/4) at 10;
+# linear: 1 up to step 8 (half of 4-12), then 2(1 − (s − 4)/8), e.g. 0.5 at 10
 @pytest.mark.parametrize(
     ("schedule", "factors"),
     [
         ("cosine", {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.85355339, 8: 0.5, 10: 0.14644661, 12: 0.0, 13: 0.0}),
         ("constant", {0: 0.25, 2: 0.75, 3: 1.0, 4: 1.0, 11: 1.0}),
+        ("linear", {0: 0.25, 3: 1.0, 4: 1.0, 6: 1.0, 8: 1.0, 9: 0.75, 10: 0.5, 12: 0.0, 13: 0.0}),
     ],
 )
 def test_learning_rate_warms_up_linearly_then_follows_its_schedule(schedule, factors):

@@ -46,8 +46,8 @@ class DataConfig:
     source_jitter: float = 0.0  # > 0: each crop's photo gets random gains and a gamma (transforms.jitter_photo)
     max_pixels: int = 64_000_000
     # each image decoded once, with its FOV mask and crop-window counts, into .npy files every loader worker
-    # memory-maps (data.cache); cache_dir: where (null: a temporary folder per run process, removed at its
-    # end; a folder: kept and shared by the processes and runs that name it, e.g. on a local SSD)
+    # memory-maps (data.cache); cache_dir: where (null: a temporary folder per run process, removed at its end;
+    # a folder: kept and shared by the processes and runs that name it, e.g. on a local SSD)
     cache_images: bool = True
     cache_dir: str | None = None
 
@@ -135,7 +135,7 @@ class TrainConfig:
     gradient_accumulation: int = 1
     lr: float = 1e-5
     lr_warmup_steps: int = 500
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"  # linear: 1 for half the steps, then to 0
     # adamw8bit: bitsandbytes' 8-bit AdamW (a CUDA GPU with bitsandbytes installed): moments in 2 bytes, not 8
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = 0.9
@@ -261,8 +261,7 @@ class Stage1Config(TrainConfig):
 class Stage2Config(TrainConfig):
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + adaptive-weight PatchGAN)."""
 
-    # what the decoder learns to decode (training/stage2.py): "sampler" = the frozen U-Net's samples,
-    # what translate decodes; the best end to end of the four on the shared UWF pairs (tiny preset)
+    # what the decoder learns to decode (stage2.py); "sampler": the U-Net's samples, best on the shared UWF pairs
     latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
     sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
@@ -366,6 +365,7 @@ class Pix2PixConfig(TrainConfig):
     lr: float = 2e-4
     adam_beta1: float = 0.5
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "linear"  # the paper's: constant, then linear to 0
     lr_warmup_steps: int = 0
     ema_decay: float = 0.0
     max_grad_norm: float = 0.0

@@ -44,10 +44,18 @@ class Pix2PixTask(Task):
         self.generator.to(device)
         self.discriminator.to(device)
 
+    def generate(self, source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The generator's output in training: its dropout draws from torch's global generator, seeded here from
+        the step's own generator, so a resumed run repeats the uninterrupted one mask for mask."""
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[source.device] if source.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.trainable["generator"](source)
+
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
         source, target = batch["source"], batch["target"]
         if optimizer == "generator":
-            fake = self.trainable["generator"](source)
+            fake = self.generate(source, generator)
             self._fake = (id(batch), fake.detach())
             return generator_loss(
                 self.trainable["discriminator"], source, fake, target, self.config.l1_weight, self.config.gan_loss
@@ -56,7 +64,7 @@ class Pix2PixTask(Task):
             fake = self._fake[1]  # the generator's output for this batch, before its update (as pix2pix does)
         else:
             with torch.no_grad():
-                fake = self.trainable["generator"](source)
+                fake = self.generate(source, generator)
         return discriminator_loss(self.trainable["discriminator"], source, fake, target, self.config.gan_loss)
 
     @torch.no_grad()

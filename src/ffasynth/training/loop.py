@@ -102,12 +102,15 @@ def step_generator(seed: int, step: int, micro: int, optimizer: int, rank: int, 
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to 1, then constant or cosine decay to 0 at max_steps."""
+    """Linear warm-up to 1, then constant, cosine decay to 0 at max_steps, or linear: 1 for the first half
+    of the steps after warm-up, then linearly to 0 at max_steps (pix2pix's 100 + 100 epochs)."""
     if step < config.lr_warmup_steps:
         return (step + 1) / config.lr_warmup_steps
+    progress = min(1.0, (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps))
     if config.lr_schedule == "cosine":
-        progress = (step - config.lr_warmup_steps) / max(1, config.max_steps - config.lr_warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.lr_schedule == "linear":
+        return min(1.0, 2.0 * (1.0 - progress))
     return 1.0
 
 
