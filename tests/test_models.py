@@ -205,7 +205,7 @@ def test_hub_id_without_internet_fails_in_one_sentence(monkeypatch):
     with pytest.raises(WeightsNotFoundError) as info:
         loading.load_unet_and_vae("ffasynth-test/not-a-real-model", micro_config().model)
     message = str(info.value)
-    assert "huggingface-cli download ffasynth-test/not-a-real-model" in message and "\n" not in message
+    assert "hf download ffasynth-test/not-a-real-model" in message and "\n" not in message
 
 
 def test_clip_folder_roundtrip_with_the_image_variation_layout(tmp_path):

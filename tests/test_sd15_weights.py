@@ -99,14 +99,14 @@ def test_a_hub_encoder_with_only_a_bin_is_refused_with_the_download_and_convert_
     with pytest.raises(WeightsNotFoundError) as info:
         loading.load_image_encoder(repo)
     message = str(info.value)
-    assert f"huggingface-cli download {repo} --local-dir DIR" in message and f"{CONVERT} DIR --out" in message
+    assert f"hf download {repo} --local-dir DIR" in message and f"{CONVERT} DIR --out" in message
     assert "openai/clip-vit-large-patch14" in message and "\n" not in message
 
     def offline(source, subfolder, where):  # no answer from the Hub: the plain download advice, no conversion
         raise OSError(f"We couldn't connect to 'https://huggingface.co' to load {source}/model.safetensors")
 
     monkeypatch.setattr(loading, "_clip_vision_model", offline)
-    with pytest.raises(WeightsNotFoundError, match=f"could not fetch .*huggingface-cli download {repo}") as info:
+    with pytest.raises(WeightsNotFoundError, match=f"could not fetch .*hf download {repo}") as info:
         loading.load_image_encoder(repo)
     assert CONVERT not in str(info.value)
 

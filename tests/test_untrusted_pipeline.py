@@ -179,7 +179,7 @@ def test_the_checked_index_knows_every_argument_of_the_pipeline():
 
 
 def test_links_into_a_hugging_face_cache_are_followed(pipeline_dir, tmp_path):
-    """`huggingface-cli download` keeps each file once in models--X/blobs/ and links a snapshot to it."""
+    """`hf download` keeps each file once in models--X/blobs/ and links a snapshot to it."""
     repository = tmp_path / "hub" / "models--someone--ffa"
     snapshot = shutil.copytree(pipeline_dir, repository / "snapshots" / "0123abc")
     (repository / "blobs").mkdir()

@@ -45,7 +45,7 @@ def check(
 ) -> None:
     """List the pairs found in FOLDER and every problem (unpaired, unreadable, size mismatch...).
 
-    Exit code 0 when at least one valid pair exists, 1 otherwise.
+    Exit code 0 when at least one valid pair exists, 1 when none is valid, 2 when FOLDER holds no known layout.
     """
     if json_out is not None:
         check_output_file(json_out, [folder], "--json", suffixes=(".json",))

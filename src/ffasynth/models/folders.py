@@ -7,7 +7,7 @@ and an SD1.5 base folder (model.pretrained) are checked, each refusal one line n
   "system"]` would import os); a base folder's index must name the U-Net and VAE classes we build,
   and its other components (text encoder, tokenizer, safety checker...) are accepted, never imported;
 - no symlink leads out of the folder (except into a Hugging Face cache's blobs/, where
-  `huggingface-cli download` keeps the files a snapshot links to);
+  `hf download` keeps the files a snapshot links to);
 - no pickle weights (.bin/.pt/.pth/.ckpt/.pkl), no code (.py), no weights file nobody reads;
 - each model's safetensors header parses, and its tensor names and shapes are those its config.json
   describes: the model is built from the config on the meta device (no memory, no values) and the

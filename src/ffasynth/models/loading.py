@@ -62,7 +62,7 @@ def _hub_error(name: str, what: str, error: Exception) -> WeightsNotFoundError:
         cause = f"{unreachable}, and not in the local Hugging Face cache"
     return WeightsNotFoundError(
         f"could not fetch {what} '{name}' from the Hugging Face Hub ({cause}); on a machine with internet run "
-        f"`huggingface-cli download {name} --local-dir DIR`, copy DIR here and point the option at that folder"
+        f"`hf download {name} --local-dir DIR`, copy DIR here and point the option at that folder"
     )
 
 
@@ -223,7 +223,7 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
         if any(f"does not appear to have a file named {CLIP_WEIGHTS}" in str(error) for error in errors):
             raise WeightsNotFoundError(
                 f"'{source}' holds its CLIP image encoder only as a pickle file (pytorch_model.bin), which is "
-                f"not loaded: run `huggingface-cli download {source} --local-dir DIR`, then "
+                f"not loaded: run `hf download {source} --local-dir DIR`, then "
                 f"`{CONVERT_CLIP} DIR --out CLIPDIR` and set model.image_encoder=CLIPDIR "
                 "(or use openai/clip-vit-large-patch14, which has model.safetensors)"
             ) from None
