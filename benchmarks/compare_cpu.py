@@ -36,7 +36,7 @@ from common import emit, log, machine  # noqa: E402
 
 from ffasynth.baselines.training import generate_folder, train_pix2pix  # noqa: E402
 from ffasynth.config import load_config  # noqa: E402
-from ffasynth.data.alignment import aligned_pairs, register_folder  # noqa: E402
+from ffasynth.data.alignment import aligned_pairs, keep_refused, register_folder  # noqa: E402
 from ffasynth.data.io import read_image, save_image  # noqa: E402
 from ffasynth.data.pairs import load_pairs  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
@@ -57,6 +57,8 @@ def prepare_data(shared: Path, out: Path) -> Path:
     for split in ("train", "test"):
         if not (data / split).is_dir():
             rows = register_folder(shared / "uwf-slo-ffa" / split, data / split)
+            if split == "test":  # every test eye is scored: a refused one as shipped
+                keep_refused(data / split)
             if split == "train":  # a refused pair is as misaligned as shipped: not trained on (as the base)
                 kept = {pair.target.name for pair in aligned_pairs(data / split)}
                 for row in rows:

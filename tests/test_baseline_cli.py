@@ -87,3 +87,20 @@ def test_a_resumed_pix2pix_run_repeats_the_uninterrupted_one(tmp_path):
     whole, cut = (load_file(ckpt.latest_checkpoint(tmp_path / r) / "generator.safetensors") for r in ("whole", "cut"))
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000004"
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_a_tile_overlap_the_tiles_cannot_share_is_refused_at_training_only(tmp_path):
+    """Tiles start on multiples of 2**num_downs: an overlap leaving less than that between starts cannot be
+    blended as asked (it gave NaN pixels before the tiler learnt to blend what the tiles share); a new run
+    refuses it in one line, while an earlier run's config with it still loads (its generator translates)."""
+    from ffasynth.config import load_config
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", n=2, size=48, seed=2)
+    result = invoke("baseline", "train", "--data", data, "--out", tmp_path / "run", "--preset", "tiny", "--quiet",
+                    *SMALL, "pix2pix.tile_overlap=40")  # fmt: skip
+    assert result.exit_code != 0 and "pix2pix.tile_overlap=40 must leave tile − overlap >= 2**num_downs (32)" in (
+        str(result.exception) + result.output
+    )
+    assert not (tmp_path / "run").exists()
+    assert load_config(preset="tiny", overrides=[*SMALL, "pix2pix.tile_overlap=40"]).pix2pix.tile_overlap == 40

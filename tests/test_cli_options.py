@@ -74,7 +74,11 @@ def test_device_names_are_checked_before_any_work(tmp_path, monkeypatch):
     from tests.helpers import invoke
 
     assert resolve_device("cpu") == torch.device("cpu")
-    for name in ("foo", "cuda:x", "cuda:", "cpu:0", "CUDA"):
+    for name in ("foo", "cuda:x", "cuda:", "cpu:0", "CUDA", "cuda:²", "cuda:٠"):
+        with pytest.raises(FFASynthError, match=r"--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the word is checked before the machine
+    for name in ("cuda:²", "cuda:٠"):
         with pytest.raises(FFASynthError, match=r"--device must be auto, cpu, cuda or cuda:N"):
             resolve_device(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

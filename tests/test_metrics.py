@@ -273,6 +273,10 @@ def test_fid_patches_see_a_smaller_generated_image_at_its_real_partners_size(ffa
     unpaired = _distribution_images([half / "1.1_ffa.png"], ["1.1"], whole)[0][0]
     paired = _distribution_images([half / "1.1_ffa.png"], ["1.1"], whole, {half / "1.1_ffa.png": ffa_dir / "1.1.png"})
     assert unpaired.shape == (1, 100, 100) and paired[0][0].shape == (1, 200, 200)
+    # with --resolution: resampled once, straight to the evaluation size, as the paired metrics see it
+    scaled = EvalSettings(weights_dir=str(weights_dir), metrics=("fid",), resolution=150)
+    seen = _distribution_images([half / "1.1_ffa.png"], ["1.1"], scaled, {half / "1.1_ffa.png": ffa_dir / "1.1.png"})
+    assert torch.equal(seen[0][0], load_pair(ffa_dir / "1.1.png", half / "1.1_ffa.png", 150)[1])
 
 
 def test_dark_pathology_inside_the_eye_counts_in_the_paired_metrics(tmp_path):

@@ -183,7 +183,6 @@ CONFIG = [
     ("stage1.inference_steps=1000", "stage1.inference_steps=1000", "must be in [1, num_train_timesteps - 1 = 999]"),
     ("stage2.unet_max_timestep=5000", "stage2.unet_max_timestep=5000", "must be at most 1000"),
     ("stage2.latent_reuse=0", "stage2.latent_reuse=0", "must be at least 1"),
-    ("pix2pix.tile_overlap=200", "pix2pix.tile_overlap=200", "must leave tile − overlap >= 2**num_downs (64), or be 0"),
     ("stage1.rehearsal=1", "stage1.rehearsal=1.0", "must be in [0, 1)"),
     ("stage1.max_minutes=0", "stage1.max_minutes=0.0", "must be positive or null"),
     ("stage1.adam_beta2=1", "stage1.adam_beta2=1.0", "must be in [0, 1)"),

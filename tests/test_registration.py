@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ffasynth.cli import app
-from ffasynth.data.alignment import register_folder
+from ffasynth.data.alignment import aligned_pairs, keep_refused, register_folder
 from ffasynth.data.io import read_image
 from ffasynth.data.pairs import check_pairs
 from ffasynth.data.phantom import write_phantom_dataset
@@ -123,6 +123,10 @@ def test_folder_checks_the_phases_writes_the_angiogram_unchanged_and_warns_once(
     assert sorted(p.id for p in check_pairs(out).pairs) == ["1-early", "1-late"]
     with (out / "registration.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["registered", "registered", "identity"]
+    # a test set keeps every eye: the refused pair moved up, as shipped, and still not counted as aligned
+    assert [p.name for p in keep_refused(out)] == ["2-early.1.png", "2-early.png"] and not (out / "_refused").exists()
+    assert sorted(p.id for p in check_pairs(out).pairs) == ["1-early", "1-late", "2-early"]
+    assert sorted(p.id for p in aligned_pairs(out)) == ["1-early", "1-late"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ and a config that names no weights is refused instead of training from random va
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -240,7 +241,7 @@ def test_an_unreachable_hub_is_said_in_one_line_at_once_not_after_retries(monkey
         loading.hub_unreachable.cache_clear()
 
 
-@pytest.mark.parametrize("damage", ["cut short", "config.json", "index"])
+@pytest.mark.parametrize("damage", ["cut short", "config.json", "index", "missing shard"])
 def test_a_damaged_clip_download_is_one_line_naming_it(tmp_path, damage):
     """The 1.7 GB CLIP file is the download most likely to arrive cut short: one line naming the file, as for
     the U-Net and the VAE (it was a SafetensorError / OSError traceback, at training and at export)."""
@@ -252,29 +253,42 @@ def test_a_damaged_clip_download_is_one_line_naming_it(tmp_path, damage):
     elif damage == "config.json":
         (folder / "config.json").write_text('{"model_type": "clip", "vision_con')
         expected = f"the CLIP image encoder in {folder} cannot be read"
-    else:
+    elif damage == "index":
         (folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../elsewhere.safetensors"}}')
         expected = "names files outside"
+    else:
+        shard = "model-00002-of-00002.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+        expected = f"{shard}: missing (the clip weights); fetch it again"
     with pytest.raises(WeightsNotFoundError) as info:
         loading.load_image_encoder(str(folder))
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
-    """`model.pretrained=weights/sd15` with weights/ here but no sd15 in it is a local path gone wrong: said as
-    such (relative to the working folder), not as a failed Hub download of a repository 'weights/sd15'."""
+def test_a_mistyped_local_path_is_said_as_one_before_the_hub(tmp_path, monkeypatch):
+    """`model.pretrained=weights/sd15` with weights/ here but no sd15 in it is most likely a local path gone
+    wrong: it is still tried as a hub id (a folder named like a hub owner must not hide the Hub), and when that
+    fails too the line says first that the path does not exist here, then why the Hub did not have it."""
+    import huggingface_hub.constants as hub
+
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "weights").mkdir()
-    model = load_config(preset="tiny").model
-    with pytest.raises(WeightsNotFoundError) as info:
-        loading.load_unet_and_vae("weights/sd15", model)
-    assert str(info.value) == (
-        f"weights/sd15 does not exist (relative to {tmp_path}): give a diffusers folder, a .safetensors file or a "
-        "hub id"
-    )
-    with pytest.raises(WeightsNotFoundError, match="weights/clip-vit-large-patch14 does not exist"):
-        loading.load_image_encoder("weights/clip-vit-large-patch14")
-    assert loading._is_hub_id("openai/clip-vit-large-patch14")  # no folder openai/ here: a hub id
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # no network: the Hub's answer comes at once
+    loading.hub_unreachable.cache_clear()
+    try:
+        (tmp_path / "weights").mkdir()
+        model = load_config(preset="tiny").model
+        with pytest.raises(WeightsNotFoundError) as info:
+            loading.load_unet_and_vae("weights/sd15", model)
+        assert str(info.value).startswith(
+            f"weights/sd15 does not exist (relative to {tmp_path}), and as a Hugging Face Hub id it could not be "
+            "fetched either (offline mode (HF_HUB_OFFLINE), and not in the local Hugging Face cache)"
+        ), str(info.value)
+        with pytest.raises(WeightsNotFoundError, match="weights/clip-vit-large-patch14 does not exist"):
+            loading.load_image_encoder("weights/clip-vit-large-patch14")
+        (tmp_path / "openai").mkdir()  # a local folder named like the owner: still a hub id
+        assert loading._is_hub_id("openai/clip-vit-large-patch14")
+    finally:
+        loading.hub_unreachable.cache_clear()
 
 
 def test_a_folder_holding_a_single_file_or_an_fp16_variant_says_what_to_give(tmp_path):

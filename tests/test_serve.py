@@ -248,6 +248,12 @@ def test_an_unexpected_failure_is_one_line_and_clears_the_page(pipeline_dir, tmp
         return original(pipe, *args, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: failing(*a, **k))
+    outside = tmp_path / "eye.png"  # the page's own upload folder is GRADIO_TEMP_DIR: this file is not in it
+    outside.write_bytes(photo.read_bytes())
+    for path in (outside, str(photo.parent) + "/\x00eye.png"):
+        with pytest.raises(gr.Error, match="only uploaded files are read"):
+            list(handle({"path": str(path)}, 6, 0, 1, "early"))
+    assert calls == []
     shown = []
     with pytest.raises(gr.Error) as info:
         for outputs in handle({"path": str(photo)}, 6, 0, 1, "early"):

@@ -90,8 +90,13 @@ class Translator:
             raise FFASynthError("upload a photograph first (PNG, JPEG, BMP or TIFF)")
         # an API client can name any path: only files uploaded to this page are read (and whether another
         # file exists is not said)
-        if self.uploads is not None and not Path(path).resolve().is_relative_to(self.uploads.resolve()):
-            raise FFASynthError("upload the photograph through the page: only uploaded files are read")
+        if self.uploads is not None:
+            try:
+                inside = Path(path).resolve().is_relative_to(self.uploads.resolve())
+            except (OSError, ValueError):  # e.g. a NUL byte in the path
+                inside = False
+            if not inside:
+                raise FFASynthError("upload the photograph through the page: only uploaded files are read")
         return read_photo(path, max_pixels=self.settings.max_pixels)
 
     def answer(self, path: str | None, steps: int, seed: int, samples: int, phase: str, warn=None):

@@ -381,8 +381,6 @@ class Pix2PixConfig(TrainConfig):
         _require(1 <= self.disc_layers <= 6, "pix2pix.disc_layers", "must be between 1 and 6")
         multiple = 2**self.num_downs
         _require(self.tile % multiple == 0, "pix2pix.tile", f"must be a multiple of 2**num_downs ({multiple})")
-        overlap_ok = self.tile_overlap == 0 or self.tile - self.tile_overlap >= multiple
-        _require(overlap_ok, "pix2pix.tile_overlap", f"must leave tile − overlap >= 2**num_downs ({multiple}), or be 0")
 
 
 @dataclass

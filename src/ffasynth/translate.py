@@ -117,7 +117,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, colon, index = name.partition(":")
-    if name == "cpu" or (kind == "cuda" and (not colon or index.isdigit())):
+    if name == "cpu" or (kind == "cuda" and (not colon or (index.isascii() and index.isdigit()))):
         if kind == "cuda" and not torch.cuda.is_available():
             raise FFASynthError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
         if index and int(index) >= torch.cuda.device_count():

@@ -80,10 +80,16 @@ class Pix2PixTask(Task):
 def train_pix2pix(
     config: Config, data: Path, out: Path, resume: bool = False, progress: bool = True, say: Callable = print
 ) -> TrainResult:
-    multiple = 2**config.pix2pix.num_downs
+    settings = config.pix2pix
+    multiple = 2**settings.num_downs
     if config.data.crop_size % multiple:
         raise ConfigError(
             f"data.crop_size={config.data.crop_size} must be a multiple of 2**pix2pix.num_downs={multiple}"
+        )
+    if settings.tile_overlap and settings.tile - settings.tile_overlap < multiple:  # checked here, not on load:
+        raise ConfigError(  # an earlier run's generator still translates (its tiles then abut, unblended)
+            f"pix2pix.tile_overlap={settings.tile_overlap} must leave tile − overlap >= 2**num_downs ({multiple}), "
+            f"or be 0: tiles start on multiples of {multiple}"
         )
     dataset = load_training_data(data, config)
     run_dir = prepare_run(out, config, "pix2pix", data, resume)

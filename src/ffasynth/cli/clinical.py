@@ -33,7 +33,8 @@ MODE_HELP = (
 
 
 def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int | None, seed: int, console) -> Path:
-    """Synthetic FFA of each eye's photo with an exported pipeline, named `<id>_ffa.png`."""
+    """Synthetic FFA of each eye's photo with an exported pipeline, named as `ffasynth translate` names them
+    (`<photo name>_ffa.png`; attach_synthetic matches them back by that name)."""
     photos = [eye.images["source"] for eye in eyes if "source" in eye.images]
     if not photos:
         raise FFASynthError("--pipeline needs photos: the labelled data has angiograms only (no source images)")

@@ -10,7 +10,7 @@ from ffasynth.app import ServeSettings
 from ffasynth.app import serve as serve_page
 from ffasynth.cli.options import SEED, in_range
 from ffasynth.files import check_output_folder
-from ffasynth.translate import library_bars_off
+from ffasynth.translate import library_bars_off, resolve_device
 
 # ffasynth.quickstart trains, exports and evaluates: it imports diffusers, transformers and accelerate
 # (seconds), so `quickstart` imports it when it runs, and `ffasynth --help` does not wait for it.
@@ -76,6 +76,7 @@ def serve(
     the uncertainty map with several samples, and download it. Images are labelled synthetic."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.secho(f"warning: binding {host} exposes the page to your network", fg=typer.colors.YELLOW, err=True)
+    resolve_device(device)  # a wrong word or an absent GPU: one line before the pipeline is read
     settings = ServeSettings(max_upload_mb=max_upload_mb, max_pixels=max_pixels, device=device)
     ready = f"serving {pipeline} on http://{host}:{port} (Ctrl-C to stop)"
     serve_page(pipeline, host, port, settings, on_ready=lambda: typer.echo(ready))

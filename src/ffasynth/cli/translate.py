@@ -18,6 +18,7 @@ from ffasynth.translate import (
     load_pipeline,
     output_file,
     output_names,
+    resolve_device,
     translate_files,
 )
 
@@ -113,6 +114,7 @@ def translate(
     overlapping tiles blended at every step. A file that cannot be read or translated is reported
     in one line and skipped; the exit code is 1 when any failed."""
     options = dict(locals())
+    resolve_device(device)  # a wrong word or an absent GPU: one line before the pipeline is read
     check_output_folder(out, [*inputs, pipeline_dir])
     files, problems = collect_inputs(inputs)
     for path, reason in problems:

@@ -402,6 +402,19 @@ def register_folder(
     return rows
 
 
+def keep_refused(folder: Path) -> list[Path]:
+    """Move the pairs a registration refused (under `_refused/`) up into `folder`, as shipped: for a set that
+    must keep every eye, e.g. test eyes scored against their own real angiogram. Returns the files moved;
+    registration.csv still names them refused, so `aligned_pairs` leaves them out."""
+    moved = []
+    refused = folder / REFUSED_FOLDER
+    for path in sorted(refused.iterdir()) if refused.is_dir() else []:
+        moved.append(path.replace(folder / path.name))
+    if refused.is_dir():
+        refused.rmdir()
+    return moved
+
+
 def aligned_pairs(folder: Path) -> list[Pair]:
     """The pairs of a registered folder that are aligned: registered, transferred through the other
     phase, or left at the identity because they already matched there (vessels at the identity beat the

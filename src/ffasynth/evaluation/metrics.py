@@ -109,13 +109,17 @@ def load_backbones(settings: EvalSettings) -> Backbones:
     return backbones
 
 
+def shorter_side_size(size: tuple[int, int], side: int | None) -> tuple[int, int]:
+    """(H, W) with the shorter side scaled to `side` (aspect kept); unchanged for None."""
+    if side is None or min(size) == side:
+        return tuple(size)
+    scale = side / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def resize_shorter(image: torch.Tensor, side: int | None) -> torch.Tensor:
     """(C, H, W) with the shorter side scaled to `side` (aspect kept); unchanged for None."""
-    if side is None or min(image.shape[-2:]) == side:
-        return image
-    scale = side / min(image.shape[-2:])
-    size = (max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale)))
-    return resize_to(image, size)
+    return resize_to(image, shorter_side_size(tuple(image.shape[-2:]), side))
 
 
 def resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -301,10 +305,11 @@ def _distribution_images(
     for path, key in zip(paths, keys, strict=True):
         try:
             image = read_grey(path)[0]
+            size = tuple(image.shape[-2:])
             if (partner := (partners or {}).get(path)) is not None:
                 width, height = image_size(partner)
-                image = resize_to(image, (height, width))
-            image = resize_shorter(image, settings.resolution)
+                size = (height, width)
+            image = resize_to(image, shorter_side_size(size, settings.resolution))  # one resampling, as load_pair
         except ImageReadError as error:
             unreadable.append(str(error))
             continue

@@ -238,15 +238,21 @@ def _config_model(component: Path, class_name: str) -> torch.nn.Module:
         raise WeightsNotFoundError(f"{config_path}: does not describe a {class_name} ({cause})") from None
 
 
-def header_shapes(files: set[Path]) -> dict[str, tuple[int, ...]]:
+def header_shapes(files: set[Path], remedy: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers of `files`; a missing or damaged file is one
+    WeightsNotFoundError ending in `remedy` (default: export the pipeline again, or fetch it again)."""
     shapes = {}
     for path in sorted(p for p in files if p.name.endswith(".safetensors")):
         if not path.is_file():
-            raise WeightsNotFoundError(f"{path}: missing (the {path.parent.name} weights); export the pipeline again")
+            raise WeightsNotFoundError(
+                f"{path}: missing (the {path.parent.name} weights); {remedy or 'export the pipeline again'}"
+            )
         try:
             shapes.update({name: shape for name, (_, shape) in safetensors_header(path).items()})
         except DamagedFileError as error:
-            raise WeightsNotFoundError(f"{path}: corrupt ({error}); export it again or fetch it again") from None
+            raise WeightsNotFoundError(
+                f"{path}: corrupt ({error}); {remedy or 'export it again or fetch it again'}"
+            ) from None
     return shapes
 
 

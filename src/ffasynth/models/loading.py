@@ -32,11 +32,7 @@ from ffasynth.models.folders import PICKLE_SUFFIXES, check_base_folder, check_mo
 
 
 def _is_hub_id(name: str) -> bool:
-    """`owner/name` that is not a path here: neither it nor its first part (`weights/` of `weights/sd15`, a
-    folder the README's commands download into) exists, so a mistyped local path is not sent to the Hub."""
-    path = Path(name)
-    local = path.exists() or path.parent.is_dir() or name.startswith((".", "/", "~"))
-    return not local and name.count("/") == 1
+    return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 @functools.cache
@@ -60,6 +56,11 @@ def _hub_error(name: str, what: str, error: Exception) -> WeightsNotFoundError:
     cause = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
     if unreachable := hub_unreachable():
         cause = f"{unreachable}, and not in the local Hugging Face cache"
+    if Path(name).parent.is_dir():  # `weights/sd15` with weights/ here: most likely a local path gone wrong
+        return WeightsNotFoundError(
+            f"{name} does not exist (relative to {Path.cwd()}), and as a Hugging Face Hub id it could not be "
+            f"fetched either ({cause}): give the downloaded folder, a .safetensors file or a hub id"
+        )
     return WeightsNotFoundError(
         f"could not fetch {what} '{name}' from the Hugging Face Hub ({cause}); on a machine with internet run "
         f"`hf download {name} --local-dir DIR`, copy DIR here and point the option at that folder"
@@ -197,7 +198,7 @@ def load_image_encoder(source: str) -> tuple[CLIPVisionModelWithProjection, CLIP
             )
         if not has_safetensors:
             _require(folder, CLIP_WEIGHTS, f"the CLIP image encoder in {folder}")
-        header_shapes(_clip_weight_files(folder))  # a cut-short or damaged download: one line, before loading
+        header_shapes(_clip_weight_files(folder), "fetch it again")  # a cut-short download: one line, first
         try:
             encoder = _clip_vision_model(str(folder), "", str(folder))
             for candidate in (folder, path / "feature_extractor"):
