@@ -162,9 +162,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
 
     @property
     def max_steps(self) -> int:
-        """The most steps the scheduler can take: an LCM student's solver grid (50), else one fewer than the
-        training steps: at N steps "leading" spacing (DDIM, DDPM) puts the last step at t = N − 1 + offset, past
-        the schedule, and "linspace" (DPM-Solver++) rounds two steps to one t, a zero-length step → NaN."""
+        """An LCM student's solver grid (50), else training steps − 1: at N, "leading" spacing (DDIM, DDPM) ends
+        past the schedule (t = N − 1 + offset) and "linspace" (DPM-Solver++) gives two steps one t (NaN)."""
         config = self.scheduler.config
         if config.get("original_inference_steps"):
             return int(config["original_inference_steps"])
