@@ -155,3 +155,23 @@ def test_extends_chains_relative_to_the_file_and_refuses_a_cycle(tmp_path):
     (tmp_path / "d.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml .*extended by .*d\.yaml.* does not exist"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_preset_sd15_and_configs_sd15_yaml_train_alike_and_weights_need_a_preset():
+    """`--preset sd15` with the weights given as options is the same recipe as configs/sd15.yaml (it was fp32,
+    no checkpointing, no accumulation); naming SD1.5 weights with no preset at all used to train them with the
+    tiny preset's CPU recipe (v-prediction, lr 5e-4, 128² crops) without a word: now refused."""
+    from pathlib import Path
+
+    from ffasynth.config import to_dict
+
+    yaml_file = Path(__file__).parent.parent / "configs" / "sd15.yaml"
+    from_file = load_config(yaml_file)
+    weights = [f"model.pretrained={from_file.model.pretrained}", f"model.image_encoder={from_file.model.image_encoder}"]
+    from_preset = load_config(preset="sd15", overrides=weights)
+    assert _flat(to_dict(from_file)) == _flat(to_dict(from_preset))
+    assert (from_preset.stage1.mixed_precision, from_preset.stage1.gradient_accumulation) == ("bf16", 4)
+    assert from_preset.stage1.prediction_type == "epsilon" and from_preset.stage2.lpips_weight == 1.0
+    with pytest.raises(ConfigError, match="model.pretrained names weights but no preset is given"):
+        load_config(overrides=weights)
+    assert load_config(preset="tiny", overrides=weights).preset == "tiny"  # said explicitly: as asked

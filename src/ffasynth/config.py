@@ -304,9 +304,8 @@ class Stage2Config(TrainConfig):
 
 @dataclass
 class DistillLoRAConfig(LoRAConfig):
-    """The distilled student as LoRA adapters over the frozen stage-1 U-Net (LCM-LoRA's layers: attention,
-    transformer projections and feed-forward, ResNet convolutions and their time projections); only the
-    adapters and the guidance-scale input learn. rank 0: the student is a whole copy of the U-Net."""
+    """The distilled student as LoRA adapters over the frozen stage-1 U-Net (LCM-LoRA's layers: attention, projections,
+    feed-forward, ResNet convolutions, time projections); only they and the guidance input learn. rank 0: a copy."""
 
     target_modules: tuple[str, ...] = (
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -425,6 +424,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     if not isinstance(values, dict):
         raise ConfigError("a config must be a mapping of keys to values")
     preset = values.get("preset", Config.preset)
+    named = [f"model.{key}" for key in ("pretrained", "image_encoder") if (values.get("model") or {}).get(key)]
+    if "preset" not in values and named:  # the tiny preset's CPU recipe (v-prediction, lr 5e-4) would train SD1.5
+        raise ConfigError(f"{named[0]} names weights but no preset is given: add `preset: sd15` (or tiny) or --preset")
     if preset not in PRESETS:
         raise ConfigError(f"config value preset={preset!r} is not one of {sorted(PRESETS)}")
     config = build(Config, merge(merge(to_dict(Config()), PRESETS[preset]), values))

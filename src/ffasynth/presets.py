@@ -82,6 +82,24 @@ PRESETS: dict[str, dict[str, Any]] = {
             "tile_overlap": 32,
         },
     },
-    # LCM-LoRA's size: rank-64 adapters over the stage-1 U-Net
-    "sd15": {"data": {"crop_size": 768}, "distill": {"lora": {"rank": 64}}},
+    # The paper's scale (SD1.5 U-Net + VAE, CLIP ViT-L/14, 768² crops); the weights are named by the user
+    # (configs/sd15.yaml, or model.pretrained= / model.image_encoder=), so `--preset sd15` and that file train alike.
+    "sd15": {
+        "data": {"crop_size": 768},
+        "model": {"use_clip": True, "use_concat": True, "clip_tokens": "embed", "clip_view": "tile"},
+        "stage1": {
+            **{"lr": 1e-5, "batch_size": 1, "gradient_accumulation": 4, "max_steps": 20000},
+            **{"offset_noise_strength": 0.1, "mixed_precision": "bf16", "gradient_checkpointing": True},
+            **{"save_every": 1000, "sample_every": 500},
+        },
+        "stage2": {  # the decoder's GAN training in fp32; the frozen U-Net and CLIP that make its latents in bf16
+            **{"lr": 1e-5, "batch_size": 1, "gradient_accumulation": 4, "max_steps": 5000, "mixed_precision": "no"},
+            **{"gradient_checkpointing": True, "frozen_dtype": "bf16", "disc_start": 1000, "lpips_weight": 1.0},
+        },
+        "distill": {  # LCM-LoRA's size: rank-64 adapters over the frozen stage-1 U-Net
+            **{"method": "lcm", "lora": {"rank": 64}, "lr": 1e-4, "batch_size": 4, "max_steps": 4000},
+            **{"mixed_precision": "bf16", "gradient_checkpointing": True, "preview_channels": 64},
+            **{"save_every": 500, "sample_every": 500},
+        },
+    },
 }
