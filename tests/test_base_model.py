@@ -215,6 +215,11 @@ def test_resuming_with_another_freeze_is_refused_naming_the_option_and_keeps_the
     (tmp_path / "early" / "config.yaml").write_text(saved)
     train_stage1(other, data, tmp_path / "early", resume=True, progress=False)
     assert (tmp_path / "early" / "checkpoints" / "step-000002").is_dir()
+    # what the weights mean is kept too: an epsilon-trained U-Net does not go on (and export) as v-prediction
+    for changed in ("stage1.prediction_type=epsilon", "stage1.num_train_timesteps=500"):
+        with pytest.raises(FFASynthError, match=changed.split("=")[0]):
+            train_stage1(micro_config(*steps, reordered, changed, "stage1.max_steps=3"), data, tmp_path / "s1",
+                         resume=True, progress=False)  # fmt: skip
 
 
 def test_stage1_freeze_is_ignored_on_random_weights_and_refuses_bad_names():

@@ -175,3 +175,24 @@ def test_preset_sd15_and_configs_sd15_yaml_train_alike_and_weights_need_a_preset
     with pytest.raises(ConfigError, match="model.pretrained names weights but no preset is given"):
         load_config(overrides=weights)
     assert load_config(preset="tiny", overrides=weights).preset == "tiny"  # said explicitly: as asked
+
+
+def test_config_files_say_what_is_wrong_and_where(tmp_path):
+    """A key given twice (a second `stage1:` section replaced the first whole, silently), a YAML error with
+    its line (PyYAML's first line said neither what nor where), and unknown keys all at once, each with the
+    key it resembles and the file named (a run's config.yaml written by an older ffasynth, say)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("preset: tiny\nstage1:\n  lr: 1.0e-4\nseed: 3\nstage1:\n  lr: 2.0e-5\n")
+    with pytest.raises(ConfigError, match=r"the key 'stage1' is given twice in one mapping at line 5, column 1"):
+        load_config(twice)
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("preset: tiny\nstage1:\n\tlr: 1\n")
+    with pytest.raises(ConfigError, match=r"found character '\\t' that cannot start any token at line 3, column 1"):
+        load_config(tab)
+    old = tmp_path / "old.yaml"
+    old.write_text("preset: tiny\nstage1:\n  guidance_scale: 3\n  use_ema: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(old)
+    message = str(info.value)
+    assert "unknown config keys stage1.guidance_scale (did you mean stage1.image_guidance_scale?)" in message
+    assert "stage1.use_ema" in message and message.endswith(f"(with the config file {old})") and "\n" not in message

@@ -434,16 +434,14 @@ def from_dict(values: dict[str, Any]) -> Config:
     return config
 
 
-def load_config(
-    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None):
     """Defaults ← preset ← YAML file (over the file it `extends:`, if any) ← key=value overrides."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
-    if preset is not None:
-        values = {**values, "preset": preset}
-    if overrides:
-        values = merge(values, overrides_to_dict(overrides))
-    return from_dict(values)
+    values = merge({**values, **({"preset": preset} if preset is not None else {})}, overrides_to_dict(overrides or []))
+    try:
+        return from_dict(values)
+    except ConfigError as error:  # which file, e.g. a run's config.yaml written by an older ffasynth
+        raise ConfigError(f"{error} (with the config file {path})" if path is not None else str(error)) from None
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -90,9 +91,16 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    if unknown:
+    if unknown:  # every unknown key at once, each with the known key it most resembles (a typo, a renamed key)
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+        said = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, names, n=1)
+            said.append(f"{where}{name}" + (f" (did you mean {where}{close[0]}?)" if close else ""))
+        raise ConfigError(
+            f"unknown config key{'s' * (len(said) > 1)} {', '.join(said)}; known in this section: "
+            f"{', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -114,6 +122,22 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error, not silently the last one
+    (a second `stage1:` section would replace the first whole)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config file's values merged over those of the file its `extends:` key names (a path
     relative to it; that file may extend another). A cycle is refused, naming the files."""
@@ -123,15 +147,17 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         cycle = " → ".join(str(p) for p in (*_chain, path))
         raise ConfigError(f"config files extend each other in a cycle ({cycle}): remove one of their `extends:`")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ConfigError(f"{where} does not exist") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{where} is not a text (YAML) file") from None
     except OSError as error:
         raise ConfigError(f"{where} cannot be read ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{where} is not valid YAML: {error}".splitlines()[0]) from None
+    except yaml.YAMLError as error:  # what PyYAML found, and where (its first line alone says neither)
+        problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where} is not valid YAML: {problem or str(error).splitlines()[0]}{at}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{where} must hold a mapping of keys to values")
     values = dict(loaded or {})

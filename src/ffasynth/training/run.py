@@ -92,10 +92,13 @@ def prepare_run(
     return run_dir
 
 
-# Settings that decide which tensors a run trains (and so what its checkpoints hold): a resumed run must
-# keep them, or its weights, EMA and optimiser state no longer fit the model it builds.
+# Settings that decide which tensors a run trains (and so what its checkpoints hold), or what its weights mean:
+# a resumed run must keep them, or its weights, EMA and optimiser state no longer fit the model it builds (or an
+# epsilon-trained U-Net would go on as, and be exported as, a v-prediction one).
 TRAINED_SET = {
     "stage1": (
+        "stage1.prediction_type",
+        "stage1.num_train_timesteps",
         "stage1.freeze",
         "stage1.lora.rank",
         "stage1.lora.target_modules",
