@@ -301,3 +301,15 @@ def test_cli_resume_with_every_checkpoint_damaged(stage1_run, tmp_path):
     assert not problem, problem
     assert said.exit_code == 2, said.output
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_a_damaged_checkpoint_is_never_loaded_for_export(stage1_run, tmp_path):
+    """Only a resume checked a checkpoint against its manifest: export (and stage 2, distill, the reports)
+    loaded a checkpoint with a flipped byte, NaN weights and all. Now one line names the file."""
+    _, original = stage1_run
+    run = shutil.copytree(original, tmp_path / "run")
+    _flip_last_byte(run / "checkpoints" / "step-000002" / "unet.ema.safetensors")
+    said = cli("export", run, tmp_path / "pipeline")
+    problem = line_problem(said.output, "step-000002: unet.ema.safetensors differs from its sha256", "damaged")
+    assert not problem and said.exit_code != 0, (problem, said.output)
+    assert not (tmp_path / "pipeline").exists()

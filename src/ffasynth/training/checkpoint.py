@@ -259,10 +259,24 @@ def load_checkpoint(
     return state
 
 
+def _check_files(folder: Path, names: list[str]) -> None:
+    """The files about to be loaded match the checkpoint's manifest (size, then sha256): a damaged checkpoint is
+    one error naming the file, never loaded (a resume checks its checkpoint alone; export, stage 2, distill and
+    the reports load through load_weights). A checkpoint from before manifests is loaded as it is."""
+    try:
+        listed = read_manifest(folder)
+        problem = manifest_problem(folder, {n: listed[n] for n in names if n in listed}) if listed else None
+    except DamagedFileError as error:
+        problem = str(error)
+    if problem:
+        raise FFASynthError(f"{folder}: {problem}; this checkpoint is damaged: give an earlier one, or train again")
+
+
 def load_weights(folder: Path, name: str, module: nn.Module, ema: bool = True) -> bool:
-    """Load one module's weights from a checkpoint, the EMA copy when asked and present.
-    Returns whether EMA weights were used."""
+    """Load one module's weights from a checkpoint, the EMA copy when asked and present, after checking them
+    against its manifest. Returns whether EMA weights were used."""
     ema_path = folder / f"{name}.ema.safetensors"
+    _check_files(folder, [f"{name}.safetensors"] + ([ema_path.name] if ema and ema_path.is_file() else []))
     if ema and ema_path.is_file():
         weights = load_file(str(ema_path))
         with torch.no_grad():
