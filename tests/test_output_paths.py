@@ -463,6 +463,39 @@ def test_a_failed_folder_write_restores_the_earlier_folder(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["report"]
 
 
+def test_a_folder_write_is_on_disk_before_it_is_visible_and_follows_a_link(tmp_path, monkeypatch):
+    """atomic_folder fsyncs every file and folder it wrote before the rename, and the parent after it (a
+    checkpoint's files were never synced, yet older checkpoints are pruned right after); an output that is a
+    link to a folder elsewhere is written there and the link kept (it was replaced, and the next write failed)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+
+    def fill(folder):
+        (folder / "sub").mkdir()
+        (folder / "a.json").write_text("a")
+        (folder / "sub" / "b.bin").write_bytes(b"b")
+
+    out = files.atomic_folder(tmp_path / "ckpt", fill)
+    temporary = Path(synced[0]).parent  # the files were synced under the temporary name, before the rename
+    assert {Path(p).relative_to(temporary).as_posix() for p in synced[:2]} == {"a.json", "sub/b.bin"}
+    assert str(temporary / "sub") in synced and str(temporary) in synced and synced[-1] == str(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "sub"]
+    elsewhere, link = tmp_path / "bigdisk" / "out", tmp_path / "out"
+    elsewhere.mkdir(parents=True)
+    link.symlink_to(elsewhere)
+    for text in ("first", "second"):
+        files.atomic_folder(link, lambda folder, text=text: (folder / "note.txt").write_text(text))
+    assert link.is_symlink() and (link / "note.txt").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigdisk", "ckpt", "out"]
+    assert [p.name for p in (tmp_path / "bigdisk").iterdir()] == ["out"]
+
+
 # ---- damaged run folders, config files that are not YAML, settings that cannot be folders: one line each
 @corpus
 @pytest.mark.parametrize(

@@ -74,8 +74,39 @@ def as_os_error(error: BaseException) -> BaseException:
     return OSError(code, os.strerror(code))
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then each folder (deepest first): its contents are on disk before a
+    rename makes them visible, and before anything older is deleted in their favour."""
+    folders = [folder]
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        folders += [Path(root) / name for name in dirs]
+    for each in reversed(folders):
+        _fsync_folder(each)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """fsync a folder's entries (a rename into it survives a power cut); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: nothing more to be done there
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call write(tmp_path) for a temporary file beside `path`, fsync it, then rename onto `path`."""
+    """Call write(tmp_path) for a temporary file beside `path`, fsync it, rename it onto `path`, fsync the
+    folder (the rename itself then survives a power cut)."""
     path = Path(path)
     tmp = None
     try:
@@ -88,6 +119,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as error:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -106,6 +138,8 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], object]) -> Pa
     is put back if the rename fails). Temporary folders start with '.' and end in '.tmp', so a reader
     can skip what a kill left. A file at `path` is never replaced."""
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # a link to a folder elsewhere (a larger disk): write there, keep the link
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise OutputError(f"cannot write {path}: it is a file, not a folder", errno.EEXIST)
     tmp = None
@@ -113,6 +147,7 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], object]) -> Pa
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         fill(tmp)
+        _fsync_tree(tmp)  # the contents on disk before the rename shows them (and before callers prune older ones)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():
             old = path.with_name(f".{path.name}.old.tmp")
@@ -126,6 +161,7 @@ def atomic_folder(path: str | os.PathLike, fill: Callable[[Path], object]) -> Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException as error:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
