@@ -149,6 +149,35 @@ def test_the_cache_holds_each_image_once_however_many_workers_read_it(small_pair
             assert torch.equal(zero[key], two[key])
 
 
+@pytest.mark.parametrize("damage", ["empty", "cut short", "not npy"])
+def test_a_damaged_cache_entry_is_made_again_and_a_failed_write_leaves_nothing(tmp_path, damage, monkeypatch):
+    """What a crash can leave in a shared data.cache_dir (an empty or cut-short .npy) failed every later run;
+    it is now computed again. Temporary names are unique (two processes of one PID in two containers wrote
+    one name and broke each other), and a failed write (a full disk) removes its temporary file."""
+    import errno
+
+    from ffasynth.data.cache import ArrayStore
+    from ffasynth.errors import OutputError
+
+    value = np.arange(1000, dtype=np.int16).reshape(10, 100)
+    store = ArrayStore(tmp_path / "cache")
+    store.get("img", lambda: value)
+    entry = tmp_path / "cache" / "img.npy"
+    data = entry.read_bytes()
+    entry.write_bytes({"empty": b"", "cut short": data[: len(data) // 2], "not npy": b"x" * len(data)}[damage])
+    again = ArrayStore(tmp_path / "cache")
+    assert np.array_equal(again.get("img", lambda: value), value) and again.computed == 1
+    full = ArrayStore(tmp_path / "cache")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(OutputError, match=r"cannot write the image cache \(data.cache_dir\): the disk is full"):
+        full.get("other", lambda: value)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["img.npy"]
+
+
 def test_processes_draw_different_crops_and_workers_seed_from_the_loader():
     keys = [StreamBatchSampler(4, 2, seed=0, rank=rank, world=2).batch(0) for rank in (0, 1)]
     assert not set(keys[0]) & set(keys[1])  # (index, epoch) keys, hence crops, differ per rank

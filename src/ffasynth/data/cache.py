@@ -6,8 +6,10 @@ view. Every DataLoader worker (and, with a shared folder, every process of a run
 files, so the operating system's page cache holds one copy of each image however many read it,
 and a worker reads and converts to float only its crop's pixels.
 
-An entry is written under a temporary name and renamed: two workers that compute the same entry
-at once both write a complete file and the second rename wins (same content).
+An entry is written under a temporary name of its own (unique even for two processes of one PID in
+two containers sharing the folder), synced and renamed: two workers that compute the same entry at once
+both write a complete file and the second rename wins (same content). An entry that cannot be read (cut
+short, empty: what a crash can leave) is computed again and replaced.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ffasynth.errors import FFASynthError
+from ffasynth.files import write_error
 
 
 def file_key(path: str | os.PathLike, *details) -> str:
@@ -64,15 +67,37 @@ class ArrayStore:
         if array is not None:
             return array
         path = self.folder / f"{name}.npy"
-        if not path.is_file():
-            value = np.ascontiguousarray(make())
+        array = self._load(path)
+        if array is None:
+            self._write(path, np.ascontiguousarray(make()))
             self.computed += 1
-            partial = self.folder / f".{name}.{os.getpid()}.partial.npy"
-            np.save(partial, value)
-            os.replace(partial, path)
-        array = np.load(path, mmap_mode="r")
+            array = np.load(path, mmap_mode="r")
         self._open[name] = array
         return array
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray | None:
+        """The entry memory-mapped, or None when there is none or it cannot be read (then it is made again)."""
+        try:
+            return np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            return None
+        except (ValueError, EOFError, OSError):  # cut short, empty, not an .npy: a crash's leftover
+            return None
+
+    def _write(self, path: Path, value: np.ndarray) -> None:
+        handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.npy", dir=self.folder)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                np.save(out, value)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        except BaseException as error:
+            Path(partial).unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise write_error(path, error, "the image cache (data.cache_dir)") from None
+            raise
 
     def __getstate__(self) -> dict:
         # a spawned worker gets the folder, not the mapped arrays (pickling would copy them) nor the finaliser
