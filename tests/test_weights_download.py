@@ -222,6 +222,49 @@ def test_a_file_is_hashed_once_per_process_until_it_changes(pinned, tmp_path, mo
     assert len(calls) == 2
 
 
+def test_a_file_rewritten_in_place_with_its_old_mtime_is_hashed_again_and_loads_what_was_checked(
+    pinned, tmp_path, monkeypatch
+):
+    """The digest cache keyed on size and mtime accepted a file rewritten in place with its mtime set back; and
+    the file was hashed, then opened again by name to load: a file replaced in between was loaded unchecked."""
+    path = tmp_path / FILENAME
+    path.write_bytes(PAYLOAD)
+    assert verify(NAME, path) == "upstream"
+    stat = path.stat()
+    path.write_bytes(CORRUPTED)  # same size, and the modification time put back
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(FFASynthError, match="is not the pinned"):
+        verify(NAME, path)
+    trusted = tmp_path / "trusted"  # a tensor file of one's own, replaced between its check and its load
+    trusted.mkdir()
+    good = trusted / FILENAME
+    good.write_bytes(tensor_file(2))
+    trust_file(good)
+    real_read = type(good).read_bytes
+
+    def read_then_replace(self):
+        data = real_read(self)
+        self.write_bytes(tensor_file(3))  # another file lands at the path right after it is read
+        return data
+
+    monkeypatch.setattr(type(good), "read_bytes", read_then_replace)
+    loaded = load_state_dict(NAME, trusted)  # the bytes checked are the bytes loaded
+    assert torch.equal(loaded["features.0.weight"], torch.load(io.BytesIO(tensor_file(2)))["features.0.weight"])
+
+
+def test_an_unreadable_weights_file_is_one_line_in_weights_check(pinned, tmp_path, monkeypatch):
+    (tmp_path / FILENAME).write_bytes(PAYLOAD)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(weights, "_hash_file", denied)
+    monkeypatch.setattr(weights, "_DIGESTS", {})
+    result = invoke("weights", "check", "--dir", tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"DAMAGED  {tmp_path / FILENAME}: cannot be read (Permission denied)" in result.output
+
+
 def test_evaluate_and_stage2_name_the_download_command_when_weights_are_missing(tmp_path):
     backbones = load_backbones(EvalSettings(metrics=("lpips", "fid"), weights_dir=str(tmp_path)))
     assert f"ffasynth weights download alexnet --dir {tmp_path}" in backbones.skipped["lpips"]

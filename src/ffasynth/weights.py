@@ -122,7 +122,7 @@ def locate(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple, str] = {}
 
 
 def _hash_file(path: Path) -> str:
@@ -131,10 +131,11 @@ def _hash_file(path: Path) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256, computed once a process while its size and modification time stay the same."""
+    """The file's SHA-256, computed once a process while it stays the same file (inode, size, modification and
+    change times: a file rewritten in place with its old size and mtime set back is hashed again)."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = _hash_file(path)
     return _DIGESTS[key]
@@ -171,10 +172,14 @@ def trust_file(path: str | os.PathLike) -> str:
     return digest
 
 
-def origin(name: str, path: str | os.PathLike) -> tuple[str, str]:
-    """("upstream" | "trusted" | "damaged", SHA-256) of a file at a known weights name."""
+def origin(name: str, path: str | os.PathLike, digest: str | None = None) -> tuple[str, str]:
+    """("upstream" | "trusted" | "damaged", SHA-256) of a file at a known weights name (`digest`: of bytes
+    already read); FFASynthError (one line) when it cannot be read."""
     path = Path(path)
-    digest = file_sha256(path)
+    try:
+        digest = digest or file_sha256(path)
+    except OSError as error:
+        raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
     if matches_pin(name, digest):
         return "upstream", digest
     return ("trusted" if (digest, path.name) in _trusted(path.parent) else "damaged"), digest
@@ -215,7 +220,11 @@ def weights_status(weights_dir: str | os.PathLike | None = None) -> list[Weights
             message = f"missing: run {_download_hint(name, weights_dir)}"
             statuses.append(WeightsStatus(name, path, "missing", None, message))
             continue
-        state, digest = origin(name, path)
+        try:
+            state, digest = origin(name, path)
+        except FFASynthError as error:  # unreadable: said, and counted as not usable
+            statuses.append(WeightsStatus(name, path, "damaged", None, str(error)))
+            continue
         message = damaged_message(name, path, digest, weights_dir) if state == "damaged" else ""
         statuses.append(WeightsStatus(name, path, state, digest, message))
     return statuses
@@ -224,9 +233,15 @@ def weights_status(weights_dir: str | os.PathLike | None = None) -> list[Weights
 def load_state_dict(name: str, weights_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """The file's state dict, loaded on the CPU with weights_only=True, once its hash is checked."""
     path = locate(name, weights_dir)
-    verify(name, path, weights_dir)
+    try:  # read once: the bytes hashed are the bytes loaded (a file replaced in between cannot slip in)
+        data = path.read_bytes()
+    except OSError as error:
+        raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
+    state, digest = origin(name, path, hashlib.sha256(data).hexdigest())
+    if state == "damaged":
+        raise FFASynthError(damaged_message(name, path, digest, weights_dir))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated download or a pickle with code: say which file
         raise FFASynthError(f"{path}: not a readable tensor-only state dict ({type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
