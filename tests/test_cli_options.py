@@ -99,3 +99,20 @@ def test_device_names_are_checked_before_any_work(tmp_path, monkeypatch):
         str(result.exception) + result.output
     )
     assert not (tmp_path / "report").exists()
+
+
+def test_paths_and_numbers_on_the_command_line_are_read_as_typed(tmp_path):
+    """Flags went through YAML as text: `--vae "/data/runs #2/vae"` became '/data/runs' (a comment) and
+    `/data/a: b/vae` a mapping; key=value read `010` as octal 8 and `1:30` as sexagesimal 90."""
+    from ffasynth.config import load_config
+    from ffasynth.errors import ConfigError
+
+    for path in ("/data/runs #2/vae", "/data/a: b/vae", "/data/[x]/vae", "/data/it's/vae"):
+        options = TrainOptions(data=tmp_path, out=tmp_path / "run", preset="tiny")
+        assert options.config("stage1", **{"model.vae": path}).model.vae == path
+    assert load_config(preset="tiny", overrides=["model.vae=/data/runs #2/vae"]).model.vae == "/data/runs #2/vae"
+    assert load_config(preset="tiny", overrides=["stage1.max_steps=010"]).stage1.max_steps == 10
+    import pytest
+
+    with pytest.raises(ConfigError, match="stage1.max_steps"):
+        load_config(preset="tiny", overrides=["stage1.max_steps=1:30"])

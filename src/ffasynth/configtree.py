@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -211,13 +212,21 @@ def plain_lookup(root: Any, key: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'stage1.lr=1e-4' → ('stage1.lr', 0.0001); the value is read as YAML (numbers, bools, lists)."""
+    """'stage1.lr=1e-4' → ('stage1.lr', 0.0001); the value is read as YAML (numbers, bools, lists), except what
+    YAML 1.1 would read unlike a command line: ` #` starts no comment (`/data/runs #2/vae` stays whole), `010`
+    is ten (not octal 8) and `1:30` is text (not sexagesimal 90)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key=value")
+    stripped = raw.strip()
+    if re.fullmatch(r"[-+]?0[0-9_]+", stripped):
+        return key, int(stripped.replace("_", ""))
+    comment = stripped[:1] not in ("'", '"') and (" #" in raw or stripped.startswith("#"))  # not in a quoted text
+    if comment or re.fullmatch(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?", stripped):
+        return key, raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if stripped else ""
     except yaml.YAMLError:
         value = raw
     return key, value

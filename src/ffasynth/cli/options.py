@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +58,12 @@ class TrainOptions:
             "seed": self.seed,
             **fields,
         }
-        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+        # text (paths) quoted, so no character of it is read as YAML (`#`, `: `)
+        extra = [
+            f"{key}={json.dumps(str(value)) if isinstance(value, (str, os.PathLike)) else value}"
+            for key, value in flags.items()
+            if value is not None
+        ]
         return load_config(base, self.preset, extra + list(self.overrides or []))
 
 
