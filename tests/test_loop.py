@@ -253,3 +253,21 @@ def test_a_resume_drops_log_lines_past_its_checkpoint_and_a_line_cut_short(tmp_p
     assert [line["step"] for line in _training_metrics(tmp_path)] == [0, 1, 2]
     _truncate_metrics(path, 1)
     assert path.read_text() == '{"step": 0}\n{"step": 1, "loss": 0.5}\n'
+
+
+def test_a_second_trainer_on_a_run_still_training_is_refused_in_one_line(tmp_path):
+    """Nothing stopped a second `train --resume` on a run being trained: it removed the checkpoint the first
+    was writing (its save then failed) and the two would prune each other's checkpoints. The first process
+    holds a lock on the run folder while it trains; a second is refused before touching anything."""
+    from ffasynth import run_folder
+    from ffasynth.errors import FFASynthError
+
+    config = TrainConfig(max_steps=2, lr_warmup_steps=0, ema_decay=0.0, log_every=1, save_every=1)
+    with run_folder.training_lock(tmp_path / "run"):  # another process training there (a lock of its own)
+        with pytest.raises(FFASynthError, match="is being trained by another process"):
+            train(_Overflowing(overflow_at=-1), BlankDataset(), config, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    assert train(_Overflowing(overflow_at=-1), BlankDataset(), config, tmp_path / "run", progress=False).step == 2
+    # a multi-process run's other processes take no lock: the first one's is free beside them
+    with run_folder.training_lock(tmp_path / "run", held=False), run_folder.training_lock(tmp_path / "run"):
+        pass

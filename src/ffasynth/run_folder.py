@@ -10,7 +10,10 @@ Standard library only, so any layer may use it without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 from pathlib import Path
 
@@ -79,3 +82,26 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     if not found:
         raise FFASynthError(f"{run_dir} has no complete checkpoint yet (checkpoints/step-*/state.json)")
     return found[-1]
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: str | Path, held: bool = True):
+    """One training process at a time in RUN (an exclusive lock on the folder itself, released when the run
+    ends or its process dies): a second `train --resume` on a run still training would prune its checkpoints
+    and remove the one being written. held=False (every process but the first of a multi-process run): no lock."""
+    if not held:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FFASynthError(
+                f"{run_dir} is being trained by another process; wait for it to end, or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(handle)  # closing the folder's handle releases its lock

@@ -30,6 +30,7 @@ import torch
 from accelerate.state import AcceleratorState
 from torch import nn
 
+from ffasynth import run_folder
 from ffasynth.config import TrainConfig
 from ffasynth.data.dataset import StreamBatchSampler, loader_workers, training_loader
 from ffasynth.errors import FFASynthError
@@ -325,7 +326,15 @@ def _first_items(dataset, count: int, device) -> dict | None:
     return _to_device(torch.utils.data.default_collate(items), device) if items else None
 
 
-def train(
+def train(task: Task, dataset, config: TrainConfig, run_dir: str | Path, *args, **kwargs) -> TrainResult:
+    """Train `task` on `dataset` in RUN up to config.max_steps (or its time budget); resume=True goes
+    on from RUN's newest complete checkpoint. Every process of a multi-process launch calls it; the first
+    holds RUN's training lock meanwhile (run_folder.training_lock)."""
+    with run_folder.training_lock(run_dir, held=int(os.environ.get("RANK", "0")) == 0):
+        return _train(task, dataset, config, run_dir, *args, **kwargs)
+
+
+def _train(
     task: Task,
     dataset,
     config: TrainConfig,
@@ -335,8 +344,6 @@ def train(
     progress: bool = True,
     sample_items: int = 4,
 ) -> TrainResult:
-    """Train `task` on `dataset` in RUN up to config.max_steps (or its time budget); resume=True goes
-    on from RUN's newest complete checkpoint. Every process of a multi-process launch calls it."""
     run_dir = Path(run_dir)
     accelerator = _accelerator(config.mixed_precision)
     device = accelerator.device
