@@ -282,3 +282,12 @@ def test_a_local_folder_is_a_mirror_and_a_non_url_is_refused_in_one_line(pinned,
     with pytest.raises(DownloadError, match="no such folder"):
         download(NAME, tmp_path / "other", base_url=str(tmp_path / "absent"))
     assert leftovers(tmp_path / "other") == []
+    # a file the mirror folder lacks (or a non-UTF-8 folder name): said so, not "no connection to  (...)"
+    odd = tmp_path / os.fsdecode(b"copied-\xff")
+    odd.mkdir()
+    for mirror in (tmp_path / "copied-but-empty", odd):
+        mirror.mkdir(exist_ok=True)
+        with pytest.raises(DownloadError, match=f"{FILENAME} is not in the mirror folder"):
+            download(NAME, tmp_path / "other", base_url=str(mirror))
+    (odd / FILENAME).write_bytes(PAYLOAD)
+    assert download(NAME, tmp_path / "odd-weights", base_url=str(odd)).path.read_bytes() == PAYLOAD

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import os
 import urllib.error
 import urllib.parse
@@ -70,6 +71,14 @@ def by_hand(names: list[str], folder: Path) -> str:
     return f"without internet, put these files in {folder} by hand: {files}; then run `ffasynth weights check`"
 
 
+class _LocalFile(io.FileIO):
+    """A mirror folder's file, read as a download is (its size as the Content-Length)."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Content-Length": str(os.fstat(self.fileno()).st_size)}
+
+
 def _content_length(response) -> int | None:
     value = response.headers.get("Content-Length", "").strip()
     return int(value) if value.isdigit() else None
@@ -95,7 +104,16 @@ def download(
             return Fetched(name, target, digest, target.stat().st_size, kept)
     url = source_url(name, base_url)
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
+        if base_url is not None and "://" not in base_url:  # a mirror folder: read the file there, by its path
+            local = Path(base_url).expanduser() / spec.filename
+            if not local.is_file():
+                raise DownloadError(f"{spec.filename} is not in the mirror folder {local.parent}; nothing written")
+            try:
+                url, response = str(local), _LocalFile(local)
+            except OSError as error:
+                raise DownloadError(f"{local}: cannot be read ({error.strerror or error}); nothing written") from None
+        else:
+            response = urllib.request.urlopen(url, timeout=timeout)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; nothing written to {folder}") from None
     except ValueError as error:  # not a URL urllib can open
