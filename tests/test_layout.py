@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import yaml
+
 import ffasynth
 
 TESTS = Path(__file__).resolve().parent
@@ -79,3 +81,6 @@ def test_no_pickle_is_loaded_anywhere_in_the_package():
             if call in ("np.load", "numpy.load") and keywords.get("allow_pickle", "False") != "False":
                 unsafe.append(f"{where} np.load with allow_pickle")
     assert not unsafe, unsafe
+    from ffasynth.configtree import _UniqueKeyLoader  # config files' loader: built on the safe one
+
+    assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)

@@ -139,6 +139,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load with _UniqueKeyLoader (a SafeLoader: plain data only, no object construction)."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config file's values merged over those of the file its `extends:` key names (a path
     relative to it; that file may extend another). A cycle is refused, naming the files."""
@@ -148,7 +157,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         cycle = " → ".join(str(p) for p in (*_chain, path))
         raise ConfigError(f"config files extend each other in a cycle ({cycle}): remove one of their `extends:`")
     try:
-        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        loaded = _safe_load(path.read_text())
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ConfigError(f"{where} does not exist") from None
     except UnicodeDecodeError:
