@@ -11,11 +11,15 @@ Standard library only, so any layer may use it without importing torch.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX; elsewhere (Windows) a run folder is not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
@@ -89,7 +93,7 @@ def training_lock(run_dir: str | Path, held: bool = True):
     """One training process at a time in RUN (an exclusive lock on the folder itself, released when the run
     ends or its process dies): a second `train --resume` on a run still training would prune its checkpoints
     and remove the one being written. held=False (every process but the first of a multi-process run): no lock."""
-    if not held:
+    if not held or fcntl is None:
         yield
         return
     run_dir = Path(run_dir)
