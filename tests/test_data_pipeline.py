@@ -167,6 +167,9 @@ def test_a_damaged_cache_entry_is_made_again_and_a_failed_write_leaves_nothing(t
     entry.write_bytes({"empty": b"", "cut short": data[: len(data) // 2], "not npy": b"x" * len(data)}[damage])
     again = ArrayStore(tmp_path / "cache")
     assert np.array_equal(again.get("img", lambda: value), value) and again.computed == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by a shared cache's other users
     full = ArrayStore(tmp_path / "cache")
 
     def no_space(*args, **kwargs):

@@ -28,6 +28,11 @@ def _umask() -> int:
     return mask
 
 
+def as_created(handle: int) -> None:
+    """Give a file mkstemp made (mode 0600) the permissions open() would have given it (0666 less the umask)."""
+    os.fchmod(handle, 0o666 & ~_umask())
+
+
 def _nearest_existing(path: Path) -> Path:
     for folder in (path, *path.absolute().parents):
         if folder.exists():

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ffasynth.errors import FFASynthError
-from ffasynth.files import write_error
+from ffasynth.files import as_created, write_error
 
 
 def file_key(path: str | os.PathLike, *details) -> str:
@@ -80,14 +80,13 @@ class ArrayStore:
         """The entry memory-mapped, or None when there is none or it cannot be read (then it is made again)."""
         try:
             return np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            return None
-        except (ValueError, EOFError, OSError):  # cut short, empty, not an .npy: a crash's leftover
+        except (ValueError, EOFError, OSError):  # none yet; or cut short, empty, not an .npy: a crash's leftover
             return None
 
     def _write(self, path: Path, value: np.ndarray) -> None:
         handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.npy", dir=self.folder)
         try:
+            as_created(handle)  # readable by the other users of a shared cache folder, as np.save's files were
             with os.fdopen(handle, "wb") as out:
                 np.save(out, value)
                 out.flush()
