@@ -237,8 +237,8 @@ def load_state_dict(name: str, weights_dir: str | os.PathLike | None = None) -> 
         data = path.read_bytes()
     except OSError as error:
         raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
-    state, digest = origin(name, path, hashlib.sha256(data).hexdigest())
-    if state == "damaged":
+    kind, digest = origin(name, path, hashlib.sha256(data).hexdigest())
+    if kind == "damaged":
         raise FFASynthError(damaged_message(name, path, digest, weights_dir))
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
