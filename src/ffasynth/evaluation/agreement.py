@@ -145,12 +145,17 @@ class AgreementScorer:
     sightings: list[Sighting] = field(default_factory=list)
     lesion_records: int = 0
 
-    def score(self, key: str, real_path: Path, real: np.ndarray, fake: np.ndarray) -> dict:
-        """Per-image columns of one pair: (H, W) grey real and generated images in [0, 1], same size."""
+    def real_maps(self, real_path: Path, real: np.ndarray) -> Maps:
+        """The maps of a real (H, W) angiogram, computed once per evaluation (the cache) at this size."""
         real_maps = self.cache.get(Path(real_path))
         if real_maps is None or real_maps.fov.shape != real.shape:
             real_maps = analyse_real(real, self.fov_threshold)
             self.cache[Path(real_path)] = real_maps
+        return real_maps
+
+    def score(self, key: str, real_path: Path, real: np.ndarray, fake: np.ndarray) -> dict:
+        """Per-image columns of one pair: (H, W) grey real and generated images in [0, 1], same size."""
+        real_maps = self.real_maps(real_path, real)
         fake_maps = analyse(fake, real_maps.fov)
         row: dict = {"phase": phase_of(key)}
         scores = pair_scores(real_maps, fake_maps)

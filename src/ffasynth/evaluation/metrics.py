@@ -355,7 +355,9 @@ def evaluate_method(
         colour += [path.name for path in colour_files]
         mask = None
         if settings.fov_mask:  # the field with its holes filled: dark non-perfusion inside the eye is scored
-            mask = torch.from_numpy(field_of_view(real[0].numpy(), settings.fov_threshold))[None].float()
+            grey = real[0].numpy()  # the agreement metrics' field of this real image when they run (computed once)
+            fov = scorer.real_maps(pair.real, grey).fov if chosen else field_of_view(grey, settings.fov_threshold)
+            mask = torch.from_numpy(fov)[None].float()
         if mask is not None and not mask.any():  # an all-black real image: score the whole frame
             mask, empty_fov = None, empty_fov + 1
         row = {
