@@ -289,9 +289,9 @@ def _save(image: np.ndarray, path: Path, bits: int) -> None:
         save_image(_to_uint8(image), path)
 
 
-def _matches_at_identity(row: RegistrationRow, margin: float) -> bool:
+def _matches_at_identity(identity_correlation: float, null_correlation: float, margin: float) -> bool:
     """Vessels at the identity beat the mirrored-eye bar by the registration's margin (NaN: no)."""
-    return row.identity_correlation - row.null_correlation >= margin
+    return identity_correlation - null_correlation >= margin
 
 
 def _write(work: _Work, out: Path, margin: float) -> None:
@@ -307,7 +307,7 @@ def _write(work: _Work, out: Path, margin: float) -> None:
         row.status = "identity" if same_size else "flagged"
         if not same_size:
             action = "left out (the sizes differ)"
-        elif _matches_at_identity(row, margin):
+        elif _matches_at_identity(row.identity_correlation, row.null_correlation, margin):
             action = "kept as it is (identity): it already matches there"
         else:
             folder = f"{REFUSED_FOLDER}/"
@@ -425,8 +425,8 @@ def aligned_pairs(folder: Path) -> list[Pair]:
     def aligned(row: dict) -> bool:
         if row["status"] in ACCEPTED:
             return True
-        gain = float(row["identity_correlation"] or "nan") - float(row["null_correlation"] or "nan")
-        return row["status"] == "identity" and gain >= margin  # NaN compares False (as _matches_at_identity)
+        figures = (float(row["identity_correlation"] or "nan"), float(row["null_correlation"] or "nan"))
+        return row["status"] == "identity" and _matches_at_identity(*figures, margin)
 
     with open(folder / REPORT_NAME, newline="") as handle:
         kept = {row["aligned_target"] for row in csv.DictReader(handle) if aligned(row)}
