@@ -28,11 +28,6 @@ def _umask() -> int:
     return mask
 
 
-def as_created(handle: int) -> None:
-    """Give a file mkstemp made (mode 0600) the permissions open() would have given it (0666 less the umask)."""
-    os.fchmod(handle, 0o666 & ~_umask())
-
-
 def _nearest_existing(path: Path) -> Path:
     for folder in (path, *path.absolute().parents):
         if folder.exists():
@@ -109,9 +104,10 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], what: str | None = None) -> Path:
     """Call write(tmp_path) for a temporary file beside `path`, fsync it, rename it onto `path`, fsync the
-    folder (the rename itself then survives a power cut)."""
+    folder (the rename itself then survives a power cut). A failed write is one OutputError naming `what`
+    (default: the path)."""
     path = Path(path)
     tmp = None
     try:
@@ -129,7 +125,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if isinstance(failed := as_os_error(error), OSError):
-            raise write_error(path, failed) from error
+            raise write_error(path, failed, what) from error
         raise
     return path
 

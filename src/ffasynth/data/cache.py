@@ -6,8 +6,8 @@ view. Every DataLoader worker (and, with a shared folder, every process of a run
 files, so the operating system's page cache holds one copy of each image however many read it,
 and a worker reads and converts to float only its crop's pixels.
 
-An entry is written under a temporary name of its own (unique even for two processes of one PID in
-two containers sharing the folder), synced and renamed: two workers that compute the same entry at once
+An entry is written with files.atomic_write (a temporary name of its own, unique even for two processes
+of one PID in two containers sharing the folder; synced, then renamed): two workers that compute the same entry at once
 both write a complete file and the second rename wins (same content). An entry that cannot be read (cut
 short, empty: what a crash can leave) is computed again and replaced.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ffasynth.errors import FFASynthError
-from ffasynth.files import as_created, write_error
+from ffasynth.files import atomic_write
 
 
 def file_key(path: str | os.PathLike, *details) -> str:
@@ -83,20 +83,13 @@ class ArrayStore:
         except (ValueError, EOFError, OSError):  # none yet; or cut short, empty, not an .npy: a crash's leftover
             return None
 
-    def _write(self, path: Path, value: np.ndarray) -> None:
-        handle, partial = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.npy", dir=self.folder)
-        try:
-            as_created(handle)  # readable by the other users of a shared cache folder, as np.save's files were
-            with os.fdopen(handle, "wb") as out:
+    @staticmethod
+    def _write(path: Path, value: np.ndarray) -> None:
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as out:  # a handle: np.save given a name would add ".npy" to the temporary's
                 np.save(out, value)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException as error:
-            Path(partial).unlink(missing_ok=True)
-            if isinstance(error, OSError):
-                raise write_error(path, error, "the image cache (data.cache_dir)") from None
-            raise
+
+        atomic_write(path, save, "the image cache (data.cache_dir)")
 
     def __getstate__(self) -> dict:
         # a spawned worker gets the folder, not the mapped arrays (pickling would copy them) nor the finaliser
