@@ -193,9 +193,12 @@ def damaged_message(name: str, path: Path, digest: str, weights_dir: str | os.Pa
     )
 
 
-def verify(name: str, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None) -> str:
-    """The file's origin ("upstream" or "trusted"); FFASynthError (one line) when its hash does not match."""
-    state, digest = origin(name, path)
+def verify(
+    name: str, path: str | os.PathLike, weights_dir: str | os.PathLike | None = None, digest: str | None = None
+) -> str:
+    """The file's origin ("upstream" or "trusted"); FFASynthError (one line) when its hash does not match.
+    `digest`: of the bytes already read (else the file is hashed)."""
+    state, digest = origin(name, path, digest)
     if state == "damaged":
         raise FFASynthError(damaged_message(name, Path(path), digest, weights_dir))
     return state
@@ -237,9 +240,7 @@ def load_state_dict(name: str, weights_dir: str | os.PathLike | None = None) -> 
         data = path.read_bytes()
     except OSError as error:
         raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
-    kind, digest = origin(name, path, hashlib.sha256(data).hexdigest())
-    if kind == "damaged":
-        raise FFASynthError(damaged_message(name, path, digest, weights_dir))
+    verify(name, path, weights_dir, hashlib.sha256(data).hexdigest())
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated download or a pickle with code: say which file
