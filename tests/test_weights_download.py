@@ -249,7 +249,9 @@ def test_a_file_rewritten_in_place_with_its_old_mtime_is_hashed_again_and_loads_
 
     monkeypatch.setattr(type(good), "read_bytes", read_then_replace)
     loaded = load_state_dict(NAME, trusted)  # the bytes checked are the bytes loaded
-    assert torch.equal(loaded["features.0.weight"], torch.load(io.BytesIO(tensor_file(2)))["features.0.weight"])
+    assert torch.equal(
+        loaded["features.0.weight"], torch.load(io.BytesIO(tensor_file(2)), weights_only=True)["features.0.weight"]
+    )
 
 
 def test_an_unreadable_weights_file_is_one_line_in_weights_check(pinned, tmp_path, monkeypatch):

@@ -76,13 +76,13 @@ class Translator:
     (bench_serve_load.py, 20 uploads at 853x682: peak RSS +392 MiB over one request's on Gradio's
     threads, +122 MiB on one thread)."""
 
-    def __init__(self, pipeline, workdir: Path, settings: ServeSettings):
+    def __init__(self, pipeline, workdir: Path, settings: ServeSettings, uploads: Path | None = None):
         self.pipeline = pipeline
         self.workdir = workdir
         self.settings = settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ffasynth-model")
         self.has_phases = bool(getattr(pipeline.unet.config, "num_class_embeds", None))
-        self.uploads: Path | None = None  # the page's upload folder: every path a request names must lie in it
+        self.uploads = uploads  # the page's upload folder: every path a request names must lie in it (None: any)
 
     def read_upload(self, path: str | None) -> tuple[torch.Tensor, str | None]:
         """The photo (3, H, W) and a warning when it is grey; FFASynthError (one line) when unusable."""
@@ -188,8 +188,8 @@ def build_app(pipeline, workdir: Path, settings: ServeSettings | None = None):
     import gradio as gr  # optional extra (ffasynth[serve]) and ~3 s to import: only when the page is built
 
     settings = settings or ServeSettings()
-    translator = Translator(pipeline, workdir, settings)
-    translator.uploads = Path(os.environ.get(TEMP_DIR_ENV) or Path(tempfile.gettempdir()) / "gradio")  # Gradio's
+    uploads = Path(os.environ.get(TEMP_DIR_ENV) or Path(tempfile.gettempdir()) / "gradio")  # where Gradio puts them
+    translator = Translator(pipeline, workdir, settings, uploads)
 
     def handle(photo, steps, seed, samples, phase):
         path = upload_path(photo)
