@@ -271,3 +271,38 @@ def test_a_second_trainer_on_a_run_still_training_is_refused_in_one_line(tmp_pat
     # a multi-process run's other processes take no lock: the first one's is free beside them
     with run_folder.training_lock(tmp_path / "run", held=False), run_folder.training_lock(tmp_path / "run"):
         pass
+
+
+class _NanAtMicroBatch(_Linear):
+    """_Linear whose loss is NaN at one (step, micro-batch): micro-batches are counted by the calls."""
+
+    name = "nan-at"
+
+    def __init__(self, step: int, micro: int, accumulation: int):
+        super().__init__()
+        self.bad, self.accumulation, self.calls = (step, micro), accumulation, 0
+
+    def loss(self, batch, step, generator, optimizer):
+        micro, self.calls = self.calls % self.accumulation, self.calls + 1
+        loss, parts = super().loss(batch, step, generator, optimizer)
+        return (loss * float("nan") if (step, micro) == self.bad else loss), parts
+
+
+def test_a_step_skipped_at_a_later_micro_batch_logs_no_loss_and_the_skip_count_is_the_total_at_its_step(tmp_path):
+    config = TrainConfig(max_steps=3, gradient_accumulation=2, lr=0.0, lr_warmup_steps=0, save_every=100, log_every=1)
+    result = train(_NanAtMicroBatch(step=1, micro=1, accumulation=2), BlankDataset(), config, tmp_path, progress=False)
+    loss = (_Linear().trainable["layer"](torch.ones(1, 2)).sum() ** 2).item()  # lr 0: the same every step
+    assert [line.get("loss/main") for line in result.losses] == pytest.approx([loss, None, loss])
+    # one line for the three steps: the skip count at its step (1), not the window's mean of the running total
+    config = TrainConfig(max_steps=3, gradient_accumulation=2, lr=0.0, lr_warmup_steps=0, save_every=100, log_every=3)
+    result = train(_NanAtMicroBatch(1, 1, 2), BlankDataset(), config, tmp_path / "window", progress=False)
+    assert result.losses[0]["skipped"] == 1 and result.losses[0]["loss/main"] == pytest.approx(loss)
+
+
+def test_accelerates_own_accumulation_setting_does_not_shrink_the_gradients(tmp_path, monkeypatch):
+    config = TrainConfig(max_steps=2, lr=0.01, lr_warmup_steps=0, save_every=100, log_every=1, max_grad_norm=1e6)
+    plain = train(_Linear(), BlankDataset(), config, tmp_path / "plain", progress=False)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")  # as `accelerate launch` sets it
+    launched = train(_Linear(), BlankDataset(), config, tmp_path / "launched", progress=False)
+    norms = [[line["grad_norm/main"] for line in run.losses] for run in (plain, launched)]
+    assert norms[0] == pytest.approx(norms[1]) and norms[0][0] > 0

@@ -126,7 +126,10 @@ def _accelerator(mixed_precision: str):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # without a GPU, accelerate joins the processes only when told they run on CPUs; else each trains alone
     cpu = launched > 1 and not torch.accelerator.is_available()
-    accelerator = accelerate.Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    # the loop accumulates itself: accelerate's own (`accelerate launch --gradient_accumulation_steps`, an
+    # environment variable the plain argument yields to) would divide every loss once more
+    one = accelerate.utils.GradientAccumulationPlugin(num_steps=1)
+    accelerator = accelerate.Accelerator(mixed_precision=mixed_precision, cpu=cpu, gradient_accumulation_plugin=one)
     if accelerator.num_processes != launched:
         raise FFASynthError(
             f"launched as {launched} processes (WORLD_SIZE) but accelerate joined {accelerator.num_processes}; "
@@ -154,7 +157,7 @@ def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], d
     draw = (seed, step, optimizer index). Returns False, on every process alike, when any process
     had a non-finite loss. DDP all-reduces once, in the last backward (no_sync before it)."""
     seed, step, index = draw
-    count, finite_here, finite = len(micro_batches), True, True
+    count, finite_here, finite, parts_sum = len(micro_batches), True, True, {}
     for micro, batch in enumerate(micro_batches):
         last = micro == count - 1
         with contextlib.nullcontext() if last else _no_sync(accelerator, task.trainable.values()):
@@ -167,11 +170,14 @@ def _accumulate(accelerator, task: Task, name: str, micro_batches: list[dict], d
             if finite_here and finite:
                 accelerator.backward(loss / count)
                 for key, value in {f"loss/{name}": loss.item(), **parts}.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) / count
+                    parts_sum[key] = parts_sum.get(key, 0.0) + float(value) / count
             elif last and accelerator.num_processes > 1 and loss.requires_grad:
                 # DDP's forward awaits this backward (else the next one all-reduces out of turn): run it
                 # empty on every process; its gradients are discarded with the step
                 accelerator.backward(loss.nan_to_num() * 0.0)
+    if finite:  # a skipped step logs no loss (not the share of the micro-batches before the bad one)
+        for key, value in parts_sum.items():
+            logs[key] = logs.get(key, 0.0) + value
     return finite
 
 

@@ -43,7 +43,10 @@ def metrics_line(line: str) -> dict | None:
 class RunLog:
     """metrics.jsonl and TensorBoard (main process only) and the progress bar. Each line holds the
     mean of every value over the steps since the last line that logged it (so a figure measured once,
-    such as stage 1's cond_gain, is written as it is), and the images per second."""
+    such as stage 1's cond_gain, is written as it is), but the value at its step of a running count
+    (`TOTALS`: the steps skipped so far), and the images per second."""
+
+    TOTALS = ("skipped",)
 
     def __init__(self, run_dir: Path, config: TrainConfig, name: str, start: int, progress: bool, accelerator):
         self.run_dir, self.path = run_dir, run_dir / "metrics.jsonl"
@@ -67,6 +70,7 @@ class RunLog:
             window, elapsed = self.window, time.perf_counter() - self.tick
             keys = dict.fromkeys(k for w in window for k in w if k != "step")  # first-seen order
             summary = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
+            summary.update({k: next(w[k] for w in reversed(window) if k in w) for k in self.TOTALS if k in keys})
             summary.update(step=logs["step"], images_per_s=len(window) * self.images_per_step / max(elapsed, 1e-9))
             if self.cuda_device is not None:  # this process's peak tensor memory since the start, GiB
                 summary["cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**30
