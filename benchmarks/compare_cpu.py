@@ -58,7 +58,10 @@ def prepare_data(shared: Path, out: Path) -> Path:
         if not (data / split).is_dir():
             rows = register_folder(shared / "uwf-slo-ffa" / split, data / split)
             if split == "test":  # every test eye is scored: a refused one as shipped
-                keep_refused(data / split)
+                moved = keep_refused(data / split)
+                if moved:
+                    names = ", ".join(path.name for path in moved)
+                    print(f"test set: the refused pairs are scored as shipped, not left out ({names})")
             if split == "train":  # a refused pair is as misaligned as shipped: not trained on (as the base)
                 kept = {pair.target.name for pair in aligned_pairs(data / split)}
                 for row in rows:

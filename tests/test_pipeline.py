@@ -121,6 +121,32 @@ def test_same_seed_same_image_and_another_seed_another(pipe, photo):
     assert (first - _run(pipe, photo, seed=8).images[0]).abs().mean() > 1e-3
 
 
+def test_a_list_of_generators_gives_each_photo_the_image_it_gets_alone(pipe, photo):
+    other = photo.flip(-1)
+    alone = [_run(pipe, photo, seed=3).images[0], _run(pipe, other, seed=4).images[0]]
+    together = pipe([photo, other], generator=[seeded(3), seeded(4)], num_inference_steps=3, output_type="pt")
+    assert all(torch.equal(a, b) for a, b in zip(alone, together.images, strict=True))
+    # one generator is drawn from in turn: the second photo's noise is not the one it gets alone
+    shared = _run(pipe, [photo, other], seed=4).images
+    assert not torch.equal(shared[1], _run(pipe, other, seed=4).images[0])
+    with pytest.raises(FFASynthError, match="1 generators for 2 photos"):
+        pipe([photo, other], generator=[seeded(3)], num_inference_steps=3)
+
+
+def test_float_images_outside_0_1_are_refused_not_clipped_and_a_pil_image_is_turned_upright(tmp_path):
+    for image, shown in ((torch.rand(3, 8, 8) * 2 - 1, "-0."), (np.full((8, 8, 3), 200.0, np.float32), "200")):
+        with pytest.raises(FFASynthError, match=f"values in \\[0, 1\\], not {shown}"):
+            source_tensor(image)
+    assert source_tensor(torch.full((3, 4, 4), 1.0005)).max() == 1.0  # rounding slack is clipped
+    rgb = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to be shown upright
+    Image.fromarray(rgb).save(tmp_path / "turned.jpg", exif=exif)
+    from_file = source_tensor(tmp_path / "turned.jpg")
+    with Image.open(tmp_path / "turned.jpg") as opened:
+        assert from_file.shape == (3, 60, 40) and torch.equal(source_tensor(opened), from_file)
+
+
 @pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler])
 def test_any_diffusers_scheduler_can_be_swapped_in(photo, scheduler_class):
     pipeline = micro_pipeline()

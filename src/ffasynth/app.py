@@ -133,7 +133,7 @@ class Translator:
         """The page's outputs for one upload, and the reader's warning (None when there is none). Only a
         final result is offered for download: a preview's download file is None."""
         source, warning = self.read_upload(path)
-        generator = torch.Generator(device=self.pipeline.device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU, as `translate --seed` draws: the same image
         output = self.pipeline(
             source,
             num_inference_steps=steps,

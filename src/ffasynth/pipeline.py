@@ -363,7 +363,7 @@ class FFASynthesisPipeline(DiffusionPipeline):
         self,
         image,
         num_inference_steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         image_guidance_scale: float | None = None,
         num_samples: int = 1,
         phase: str | None = None,
@@ -379,18 +379,19 @@ class FFASynthesisPipeline(DiffusionPipeline):
     ):
         """Translate one photo or a list of photos (any size; paths, PIL, arrays or [0, 1] tensors).
 
-        image_guidance_scale: 1 = one U-Net pass per step; s > 1 = ε_∅ + s(ε_c − ε_∅) against the null
-        (zero) condition, both in one batched pass; None = the pipeline's config value (exported from
-        `stage1.image_guidance_scale`; 1 for a pipeline that records none). num_samples: samples per
-        photo, drawn in one batch; > 1 returns their mean and per-pixel std. phase: "early"/"late"
-        (default early) when the model has a phase input. tile_size/tile_overlap/decode_tile_size: in
-        pixels (defaults: the training crop, a quarter of it, max(tile, 1024)); 0 = the whole image in
-        one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
+        image_guidance_scale: 1 = one U-Net pass per step; s > 1 = ε_∅ + s(ε_c − ε_∅) against the null (zero)
+        condition, both in one batched pass; None = the pipeline's config value (exported from
+        `stage1.image_guidance_scale`; 1 for a pipeline that records none). num_samples: samples per photo, drawn in
+        one batch; > 1 returns their mean and per-pixel std. generator: one for all photos (drawn from in turn, so
+        a photo's result depends on those before it) or a list, one per photo (each as if translated alone).
+        phase: "early"/"late" (default early) when the model has a phase input. tile_size/tile_overlap/
+        decode_tile_size: in pixels (defaults: the training crop, a quarter of it, max(tile, 1024)); 0 = the whole
+        image in one piece (see TileSettings). start_strength: 1 = start from pure noise; s in (0, 1) = from the
         photo's latent noised to the schedule's fraction s (the first steps skipped; needs the concat path).
-        num_inference_steps: None = the config's (20; 4 for the tiny preset and an LCM student). decoder:
-        "vae", or "preview" (the tiny preview decoder of a distilled pipeline: a fast, softer image).
-        outside_field: "model" (the model's output everywhere) or "black" (0 outside the photo's field of view,
-        where no angiogram has a signal: looks like a real angiogram; scores lower SSIM, see the README).
+        num_inference_steps: None = the config's (20; 4 for the tiny preset and an LCM student). decoder: "vae", or
+        "preview" (the tiny preview decoder of a distilled pipeline: a fast, softer image). outside_field: "model"
+        (the model's output everywhere) or "black" (0 outside the photo's field of view, where no angiogram has a
+        signal: looks like a real angiogram; scores lower SSIM, see the README).
         """
         guidance, steps = self.config.get("image_guidance_scale", 1.0), self.config.get("num_inference_steps", 20)
         image_guidance_scale = float(guidance) if image_guidance_scale is None else image_guidance_scale
@@ -409,20 +410,13 @@ class FFASynthesisPipeline(DiffusionPipeline):
         check_tile_settings(tile_size, tile_overlap, decode_tile_size, self.vae_scale_factor, self.unet_scale_factor)
         tiles = TileSettings.resolve(tile_size, tile_overlap, decode_tile_size, tile_batch_size)
         photos = image if isinstance(image, (list, tuple)) else [image]
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(photos)
+        if len(generators) != len(photos):
+            raise FFASynthError(f"{len(generators)} generators for {len(photos)} photos: give one per photo")
         means, stds = [], []
-        for photo in photos:
-            samples = self.sample_image(
-                source_tensor(photo),
-                num_inference_steps,
-                generator,
-                image_guidance_scale,
-                num_samples,
-                phase,
-                tiles,
-                start_strength,
-                decoder,
-                outside_field,
-            )
+        for photo, draws in zip(photos, generators, strict=True):
+            settings = (num_inference_steps, draws, image_guidance_scale, num_samples, phase, tiles, start_strength)
+            samples = self.sample_image(source_tensor(photo), *settings, decoder, outside_field)
             means.append(samples[0] if num_samples == 1 else samples.mean(dim=0))
             stds.append(samples.std(dim=0) if num_samples > 1 else None)  # sample std (n − 1)
         self.maybe_free_model_hooks()

@@ -283,15 +283,18 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> Pat
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
 
 
+FLOAT_SLACK = 1e-3  # how far outside [0, 1] a float image may reach from rounding (resampling) and be clipped
+
+
 def source_tensor(image) -> torch.Tensor:
     """A photo as (3, H, W): 8-bit data as uint8 levels (kept compact: a large photo costs 3 bytes a
     pixel; tiles are converted as they are used), anything else as float32 in [0, 1]. Takes a path,
     a PIL image, a (H, W[, C]) array (uint8, uint16 or float in [0, 1]) or a ([1,] C, H, W) / (H, W)
-    tensor (uint8 0-255 or float in [0, 1]). Grey is repeated to RGB."""
+    tensor (uint8 0-255 or float in [0, 1]; other floats are refused). Grey is repeated to RGB."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image), channels=3, compact=True)
-    if isinstance(image, Image.Image):  # decoded as read_image decodes a file: alpha composited over black
-        image = _to_array(image, Path("the given PIL image"), compact=True)
+    if isinstance(image, Image.Image):  # decoded as read_image decodes a file: upright, alpha composited over black
+        image = _to_array(ImageOps.exif_transpose(image), Path("the given PIL image"), compact=True)
     if isinstance(image, np.ndarray):
         if image.dtype.kind != "f" and image.dtype not in (np.uint8, np.uint16):
             raise FFASynthError(f"an image array of {image.dtype}: give uint8 (0-255), uint16 or float in [0, 1]")
@@ -315,6 +318,12 @@ def source_tensor(image) -> torch.Tensor:
     tensor = tensor[None] if tensor.ndim == 2 else tensor[0] if tensor.ndim == 4 and tensor.shape[0] == 1 else tensor
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise FFASynthError(f"an image tensor must be (C, H, W) with 1 or 3 channels, not {tuple(image.shape)}")
-    if tensor.dtype != torch.uint8:
-        tensor = tensor.clamp(0.0, 1.0)
+    if tensor.dtype != torch.uint8 and tensor.numel():
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -FLOAT_SLACK or high > 1.0 + FLOAT_SLACK:  # a [-1, 1] or 0-255 image would be clipped unseen
+            raise FFASynthError(
+                f"a float image must hold values in [0, 1], not {low:.4g} to {high:.4g}: rescale it "
+                "(x / 255 for 0-255 levels, (x + 1) / 2 for [-1, 1]) or give uint8"
+            )
+        tensor = tensor.clamp(0.0, 1.0)  # rounding slack only
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
