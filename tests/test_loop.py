@@ -306,3 +306,37 @@ def test_accelerates_own_accumulation_setting_does_not_shrink_the_gradients(tmp_
     launched = train(_Linear(), BlankDataset(), config, tmp_path / "launched", progress=False)
     norms = [[line["grad_norm/main"] for line in run.losses] for run in (plain, launched)]
     assert norms[0] == pytest.approx(norms[1]) and norms[0][0] > 0
+
+
+class _KeyedDataset:
+    """Ten items that say which (index, epoch) they are."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, key):
+        return {"target": torch.zeros(1, 8, 8), "key": torch.tensor(key)}
+
+
+class _Reading(_Linear):
+    """_Linear that records the (index, epoch) keys of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[tuple[int, int]] = []
+
+    def loss(self, batch, step, generator, optimizer):
+        self.keys += [tuple(key) for key in batch["key"].tolist()]
+        return super().loss(batch, step, generator, optimizer)
+
+
+def test_a_resume_with_another_batch_size_reads_on_from_where_the_stream_stopped(tmp_path):
+    config = TrainConfig(max_steps=3, batch_size=4, lr_warmup_steps=0, save_every=3, log_every=1)
+    first = _Reading()
+    train(first, _KeyedDataset(), config, tmp_path, progress=False)
+    resumed = _Reading()
+    smaller = TrainConfig(max_steps=6, batch_size=2, gradient_accumulation=2, lr_warmup_steps=0, save_every=100)
+    train(resumed, _KeyedDataset(), smaller, tmp_path, progress=False, resume=True)
+    stream = StreamBatchSampler(10, 1, seed=0)  # the loop's default seed; position p is its micro-batch p
+    assert first.keys == [stream.batch(p)[0] for p in range(12)]
+    assert resumed.keys == [stream.batch(p)[0] for p in range(12, 24)]  # 3 steps of 2 × 2: positions 12-23

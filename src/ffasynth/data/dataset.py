@@ -182,17 +182,20 @@ class StreamBatchSampler:
     """Micro-batches from an endless stream of per-epoch permutations, addressed by position.
 
     Micro-batch m of process `rank` (of `world`) holds stream positions
-    [(m·world + rank)·B, … + B); position p is item perm_e[p mod N] of epoch e = p div N, where
+    offset + [(m·world + rank)·B, … + B); position p is item perm_e[p mod N] of epoch e = p div N, where
     perm_e is seeded by (seed, e). So any micro-batch is known without replaying the ones before
-    it: a resumed run continues exactly where it stopped, and N < B still works.
+    it: a resumed run continues exactly where it stopped (offset = the positions read before it, which
+    holds also when it resumes with another batch size or number of processes), and N < B still works.
     Yields lists of (index, epoch) keys for PairDataset.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1, offset: int = 0
+    ):
         if size < 1:
             raise PairError("the dataset has no pairs")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start, self.rank, self.world = start, rank, world
+        self.start, self.rank, self.world, self.offset = start, rank, world, offset
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -202,7 +205,7 @@ class StreamBatchSampler:
         return self._perms[epoch]
 
     def batch(self, micro_batch: int) -> list[tuple[int, int]]:
-        first = (micro_batch * self.world + self.rank) * self.batch_size
+        first = self.offset + (micro_batch * self.world + self.rank) * self.batch_size
         keys = []
         for position in range(first, first + self.batch_size):
             epoch, offset = divmod(position, self.size)

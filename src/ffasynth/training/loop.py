@@ -356,7 +356,9 @@ def _train(
     groups = task.optimizer_groups()
     raw, optimizers, emas = _build_optimizers(task, config, accelerator)
     start, state = _resume(run_dir, accelerator, raw, emas, optimizers) if resume else (0, {})
-    state = {"skipped_steps": 0, "bad_in_a_row": 0, **state}
+    per_step = config.gradient_accumulation * config.batch_size * accelerator.num_processes  # stream positions
+    # a checkpoint from before stream_position was saved: read with these settings (a resume kept them)
+    state = {"skipped_steps": 0, "bad_in_a_row": 0, "stream_position": start * per_step, **state}
     if start >= config.max_steps:
         accelerator.print(f"{run_dir} already has {start} steps (max_steps={config.max_steps}); nothing to do")
         if accelerator.is_main_process:
@@ -365,14 +367,8 @@ def _train(
         return TrainResult(start, checkpoint=ckpt.latest_checkpoint(run_dir))
 
     # Data: this process's micro-batches, addressed by stream position (StreamBatchSampler)
-    sampler = StreamBatchSampler(
-        len(dataset),
-        config.batch_size,
-        seed,
-        start=start * config.gradient_accumulation,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-    )
+    rank, world, offset = accelerator.process_index, accelerator.num_processes, state["stream_position"]
+    sampler = StreamBatchSampler(len(dataset), config.batch_size, seed, rank=rank, world=world, offset=offset)
     # first the fixed batches, read here, so the loader's workers start with those images' caches made
     preview = _first_items(dataset, sample_items, device)
     probe = _first_items(dataset, task.diagnostic_items, device) if task.diagnostics_every else None
@@ -396,6 +392,7 @@ def _train(
 
         # Forward, backward and optimizer step, each optimizer in turn
         micro_batches = [_to_device(next(stream), device) for _ in range(config.gradient_accumulation)]
+        state["stream_position"] += per_step
         finite, logs = _train_step(accelerator, task, optimizers, groups, micro_batches, (seed, step), config)
 
         # EMA of the updated weights; a non-finite step updated nothing, max_bad_steps in a row stop the run
