@@ -46,13 +46,15 @@ def test_a_class_absent_from_a_fold_is_not_a_zero_in_its_scores():
     assert perfect["macro_f1"] == 1.0 and perfect["auc_ovr"] == 1.0
     wrong = classification_metrics(np.array([0, 0]), np.eye(3)[[0, 2]], 3)  # a false class 2: its F1 is 0
     assert wrong["macro_f1"] == pytest.approx((2 / 3 + 0) / 2) and np.isnan(wrong["auc_ovr"])
-    folds = [perfect, wrong, {"accuracy": 0.5, "macro_f1": 0.5, "auc_ovr": 0.8}]
+    folds = [perfect, wrong, {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5, "auc_ovr": 0.8}]
     result = ClinicalResult(
         ClinicalSettings(), ["a", "b", "c"], folds, np.zeros(1), np.zeros((1, 3)), np.zeros(1), [], []
     )
     summary = result.summary()
-    assert summary["auc_ovr"] == {"mean": pytest.approx(0.9), "std": pytest.approx(0.1), "folds": 2}
-    assert summary["accuracy"]["folds"] == 3 and summary["accuracy"]["std"] == pytest.approx(np.std([1, 0.5, 0.5]))
+    assert summary["auc_ovr"]["mean"] == pytest.approx(0.9) and summary["auc_ovr"]["folds"] == 2
+    assert summary["auc_ovr"]["std"] == pytest.approx(np.std([1.0, 0.8], ddof=1))
+    assert summary["accuracy"]["folds"] == 3
+    assert summary["accuracy"]["std"] == pytest.approx(np.std([1, 0.5, 0.5], ddof=1))
 
 
 def test_folds_are_stratified_and_never_split_an_eye():
@@ -180,18 +182,22 @@ def test_clinical_cli_runs_every_mode_the_data_allows(lesion_phantoms, tmp_path)
     assert metrics["settings"]["pretrained_backbone"] is False and metrics["settings"]["folds"] == 2
     assert {"torch", "timm", "scikit-learn", "ffasynth"} <= set(metrics["versions"])
     synthetic_mode = metrics["modes"]["source+synthetic"]
-    assert len(synthetic_mode["predictions"]) == 23 and synthetic_mode["skipped"] == [
-        load_labelled(lesion_phantoms)[-1].id
-    ]
+    assert len(synthetic_mode["predictions"]) == 23
+    assert "1 eyes left out of every mode" in result.stderr and load_labelled(lesion_phantoms)[-1].id in result.stderr
     for mode, record in metrics["modes"].items():
-        assert len(record["folds"]) == 2 and set(record["summary"]) == {"accuracy", "macro_f1", "auc_ovr"}
+        assert len(record["folds"]) == 2
+        assert set(record["summary"]) == {"accuracy", "balanced_accuracy", "macro_f1", "auc_ovr"}
         assert 0 <= record["summary"]["accuracy"]["mean"] <= 1
         assert sum(map(sum, record["confusion"])) == len(record["predictions"])
         for figure in record["figures"].values():
             assert (out / figure).stat().st_size > 1000, mode
     assert (out / "roc_real-only.png").is_file() and (out / "confusion_source+synthetic.png").is_file()
     page = (out / "report.html").read_text()
-    assert "source+synthetic" in page and "★" in page and (out / "summary.md").is_file()
+    assert "source+synthetic" in page and "Difference from source-only" in page and (out / "summary.md").is_file()
+    # every mode on the same 23 eyes (one has no synthetic image) and folds: compared fold by fold
+    assert {len(record["predictions"]) for record in metrics["modes"].values()} == {23}
+    assert set(metrics["difference_from_source_only"]) == {"real-only", "source+real", "source+synthetic"}
+    assert "source+synthetic − source-only, accuracy" in result.output
     agreement = metrics["agreement_by_class"]  # the synthetic images are copies: perfect wherever defined
     assert set(agreement) == {"normal", "microaneurysms"} and sum(c["n"] for c in agreement.values()) == 23
     assert all(

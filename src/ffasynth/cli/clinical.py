@@ -12,17 +12,19 @@ from rich.table import Table
 from ffasynth.cli.options import SEED, in_range, settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.agreement import scores_by_class
+from ffasynth.evaluation.classifier import FUSIONS
 from ffasynth.evaluation.clinical import (
     ALIASES,
-    FUSIONS,
     MODES,
     ClinicalSettings,
     attach_synthetic,
     cross_validate,
     load_labelled,
+    paired_eyes,
     resolve_modes,
 )
 from ffasynth.evaluation.clinical_report import write_clinical_report
+from ffasynth.evaluation.clinical_stats import paired_difference, verdict
 from ffasynth.files import check_output_folder
 from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
 
@@ -53,7 +55,10 @@ def clinical(
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json and the ROC / confusion-matrix PNGs."),
     mode: str = typer.Option("all", "--mode", help=MODE_HELP),
     pipeline: Path | None = typer.Option(
-        None, "--pipeline", help="An exported pipeline: generate the synthetic FFA of every photo into OUT/synthetic."
+        None,
+        "--pipeline",
+        help="An exported pipeline: generate the synthetic FFA of every photo into OUT/synthetic (train it on "
+        "other eyes than --data's: an eye it trained on is not held out).",
     ),
     steps: int | None = typer.Option(
         None,
@@ -73,7 +78,13 @@ def clinical(
         None, "--backbone-weights", help="Pretrained backbone weights (.safetensors); random init without."
     ),
     folds: int = typer.Option(
-        5, "--folds", callback=in_range(2), help="Cross-validation folds (stratified, grouped by eye)."
+        5,
+        "--folds",
+        callback=in_range(2),
+        help="Cross-validation folds (stratified; grouped by eye for pairs, by DATA/groups.csv id,group if given).",
+    ),
+    repeats: int = typer.Option(
+        1, "--repeats", callback=in_range(1), help="Cross-validations with other splits (narrower intervals)."
     ),
     epochs: int = typer.Option(15, "--epochs", callback=in_range(1), help="Training epochs per fold."),
     image_size: int = typer.Option(
@@ -87,7 +98,8 @@ def clinical(
 ) -> None:
     """Cross-validated disease classification on photos, real FFA and/or synthetic FFA.
 
-    Reports accuracy, macro-F1 and one-vs-rest AUC (mean ± std over folds) per mode, writes
+    Reports accuracy, balanced accuracy, macro-F1 and one-vs-rest AUC (mean and 95% interval over folds) per
+    mode, run on the same eyes and folds, and each mode's difference from source-only fold by fold; writes
     OUT/metrics.json, OUT/confusion_<mode>.png and OUT/roc_<mode>.png.
     """
     options = dict(locals())
@@ -111,6 +123,11 @@ def clinical(
     modes, skipped_modes = resolve_modes(mode, eyes, folds)
     for name, reason in skipped_modes.items():
         console.print(f"skipping mode {name}: {reason}")
+    if len(modes) > 1:  # compared fold by fold: the same eyes in every mode
+        eyes, left = paired_eyes(eyes, modes, image_size)
+        if left:
+            shown = ", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
+            console.print(f"{len(left)} eyes left out of every mode, which are compared on the same eyes: {shown}")
     if backbone_weights is None:
         typer.secho(
             f"warning: no --backbone-weights: {backbone} starts from random weights; scores are lower than "
@@ -129,14 +146,51 @@ def clinical(
     pairs = [(e.label, e.images["real"], e.images["synthetic"]) for e in eyes if {"real", "synthetic"} <= set(e.images)]
     agreement = scores_by_class(pairs) if pairs else None  # vessels and regions of synthetic vs real, per class
     path = write_clinical_report(
-        results, out, skipped_modes, agreement, data=str(data), synthetic=str(synthetic) if synthetic else None
+        results,
+        out,
+        skipped_modes,
+        agreement,
+        differences(results),
+        data=str(data),
+        synthetic=str(synthetic) if synthetic else None,
     )
-    table = Table(title=f"{data.name}: {folds}-fold cross-validation ({backbone})")
-    for column in ("mode", "examples", "accuracy", "macro-F1", "AUC (one-vs-rest)"):
+    runs = f"{folds}-fold cross-validation{f' × {repeats}' if repeats > 1 else ''}"
+    table = Table(title=f"{data.name}: {runs} ({backbone}), mean [95% interval]")
+    for column in ("mode", "examples", "accuracy", "balanced accuracy", "macro-F1", "AUC (one-vs-rest)"):
         table.add_column(column)
     for result in results:
         summary = result.summary()
-        cells = [f"{summary[k]['mean']:.3f} ± {summary[k]['std']:.3f}" for k in ("accuracy", "macro_f1", "auc_ovr")]
-        table.add_row(result.settings.mode, str(len(result.ids)), *cells)
+        table.add_row(result.settings.mode, str(len(result.ids)), *(_interval(summary[k]) for k in METRICS))
     Console().print(table)
+    for name, difference in differences(results).items():
+        accuracy = difference["accuracy"]
+        typer.echo(
+            f"{name} − source-only, accuracy {accuracy['mean']:+.3f} [{accuracy['low']:+.3f}, {accuracy['high']:+.3f}]"
+            f" (p = {accuracy['p']:.2g}, {accuracy['folds']} folds): {verdict(accuracy)}"
+        )
     typer.echo(f"wrote {path} and the figures beside it")
+
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_ovr")
+
+
+def _interval(score: dict) -> str:
+    low, high = score.get("low"), score.get("high")
+    shown = f" [{low:.3f}, {high:.3f}]" if low is not None and low == low else ""
+    return f"{score['mean']:.3f}{shown}"
+
+
+def differences(results) -> dict[str, dict[str, dict]]:
+    """Each mode's paired difference from source-only per metric (clinical_stats.paired_difference), for the
+    modes that ran on source-only's eyes; {} without source-only."""
+    reference = next((r for r in results if r.settings.mode == "source-only"), None)
+    if reference is None:
+        return {}
+    return {
+        result.settings.mode: {
+            metric: paired_difference(result.scores(metric), reference.scores(metric), reference.test_fraction)
+            for metric in METRICS
+        }
+        for result in results
+        if result is not reference and result.ids == reference.ids
+    }

@@ -1,18 +1,21 @@
 """Clinical validation: does adding synthetic FFA help a disease classifier?
 
-Cross-validated (stratified, grouped by eye so an eye's images never sit on both sides of a
-split) training of a timm classifier on:
+Cross-validated (stratified, grouped so that one group's images never sit on both sides of a split:
+an eye of paired data; for class folders each image is its own group unless `groups.csv` says which
+images show one eye or patient) training of a timm classifier on:
 - `source-only`: the photographs;
 - `real-only`: the real angiograms (the upper reference);
 - `source+real`: photographs with their real angiograms;
 - `source+synthetic` (alias `synthetic`): photographs with synthetic angiograms (a folder of generated images).
 Two inputs are fused by stacking channels (`stack`: one backbone, 3+1 input channels) or by two
-backbones whose pooled features are concatenated (`two-branch`).
+backbones whose pooled features are concatenated (`two-branch`). Modes compared with each other run on
+the same eyes and the same folds (`paired_eyes`); `clinical_stats` says how sure a difference is.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import math
 import re
 from collections.abc import Callable
@@ -26,7 +29,9 @@ from torch import nn
 
 from ffasynth.data.io import IMAGE_SUFFIXES, is_image_file, read_image
 from ffasynth.data.pairs import check_pairs, detect_layout
-from ffasynth.errors import FFASynthError, ImageReadError, PairError, WeightsNotFoundError
+from ffasynth.errors import FFASynthError, ImageReadError, PairError
+from ffasynth.evaluation.classifier import build_classifier
+from ffasynth.evaluation.clinical_stats import classification_metrics, corrected_interval, make_folds
 
 MODES: dict[str, tuple[str, ...]] = {
     "source-only": ("source",),
@@ -36,7 +41,7 @@ MODES: dict[str, tuple[str, ...]] = {
 }
 ALIASES = {"synthetic": "source+synthetic"}  # the experiment the paper asks about
 CHANNELS = {"source": 3, "real": 1, "synthetic": 1}
-FUSIONS = ("stack", "two-branch")
+GROUPS_FILE = "groups.csv"  # id,group: images of one eye (or patient) that must stay in one fold
 
 
 @dataclass
@@ -73,16 +78,37 @@ def load_labelled(root: str | Path) -> list[LabelledEye]:
             raise PairError(
                 f"{root}: pairs found but none has a label (labels.csv id,label or a manifest label column)"
             )
-        return list(eyes.values())
+        return _grouped(root, list(eyes.values()))
     classes = sorted(p for p in root.iterdir() if p.is_dir() and any(is_image_file(f) for f in p.iterdir()))
     if len(classes) < 2:
         raise PairError(f"{root}: neither labelled pairs nor at least two class folders of images")
-    return [
+    examples = [
         LabelledEye(f"{c.name}/{f.stem}", f"{c.name}/{f.stem}", c.name, {"real": f})
         for c in classes
         for f in sorted(c.iterdir())
         if is_image_file(f)
     ]
+    return _grouped(root, examples)
+
+
+def _grouped(root: Path, eyes: list[LabelledEye]) -> list[LabelledEye]:
+    """The examples with the groups ROOT/groups.csv gives (columns id,group; an id it does not name stays
+    its own group); unchanged without the file. An id the data lacks, or a missing column, is refused."""
+    path = root / GROUPS_FILE
+    if not path.is_file():
+        return eyes
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"id", "group"} <= set(rows[0]):
+        raise PairError(f"{path}: needs the columns id,group (one row per image of an eye or patient)")
+    by_id = {eye.id: eye for eye in eyes}
+    unknown = [row["id"] for row in rows if row["id"] not in by_id]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise PairError(f"{path}: {len(unknown)} ids are not examples of {root} ({shown}); ids look like {eyes[0].id}")
+    for row in rows:
+        by_id[row["id"]].group = f"group:{row['group']}"
+    return eyes
 
 
 def attach_synthetic(eyes: list[LabelledEye], folder: str | Path) -> list[str]:
@@ -127,75 +153,6 @@ def attach_synthetic(eyes: list[LabelledEye], folder: str | Path) -> list[str]:
     return missing
 
 
-class TwoBranch(nn.Module):
-    """Two backbones (one per input), pooled features concatenated, one linear head."""
-
-    def __init__(self, branches: list[nn.Module], channels: list[int], num_classes: int):
-        super().__init__()
-        self.branches = nn.ModuleList(branches)
-        self.channels = channels
-        self.head = nn.Linear(sum(b.num_features for b in branches), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, self.channels, dim=1)
-        return self.head(torch.cat([b(p) for b, p in zip(self.branches, parts, strict=True)], dim=1))
-
-
-def build_classifier(
-    backbone: str, in_chans: list[int], num_classes: int, fusion: str = "stack", weights: str | Path | None = None
-) -> nn.Module:
-    """A timm classifier; `weights` (a .safetensors state dict of the backbone) if given, else
-    random initialisation (the CLI warns)."""
-    import timm
-
-    if fusion not in FUSIONS:
-        raise FFASynthError(f"unknown fusion {fusion!r}; choose {' or '.join(FUSIONS)}")
-    if not timm.is_model(backbone):
-        raise FFASynthError(f"unknown backbone {backbone!r}: not a timm model name (e.g. resnet10t, resnet18)")
-
-    def one(channels: int, classes: int) -> nn.Module:
-        model = timm.create_model(backbone, pretrained=False, in_chans=channels, num_classes=classes)
-        if weights is not None:
-            _load_backbone(model, Path(weights))
-        return model
-
-    if fusion == "stack" or len(in_chans) == 1:
-        return one(sum(in_chans), num_classes)
-    return TwoBranch([one(c, 0) for c in in_chans], in_chans, num_classes)
-
-
-def _load_backbone(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise WeightsNotFoundError(f"classifier weights {path} not found; put a timm .safetensors file there")
-    if path.suffix != ".safetensors":
-        raise WeightsNotFoundError(f"classifier weights {path}: expected a .safetensors file (pickles are not loaded)")
-    try:
-        state = load_file(path)
-    except Exception as error:  # SafetensorError (damaged, cut short, not safetensors), OSError
-        raise WeightsNotFoundError(f"classifier weights {path}: not a readable safetensors file ({error})") from None
-    own = model.state_dict()
-    # Keep what fits: the first conv is averaged/repeated to the input channels, the head is new.
-    for key, value in list(state.items()):
-        if key not in own:
-            state.pop(key)
-        elif own[key].shape != value.shape:
-            if value.ndim == 4 and value.shape[0] == own[key].shape[0] and value.shape[2:] == own[key].shape[2:]:
-                mean = value.mean(dim=1, keepdim=True)
-                state[key] = mean.repeat(1, own[key].shape[1], 1, 1) * value.shape[1] / own[key].shape[1]
-            else:
-                state.pop(key)
-    body = [key for key in own if not key.startswith(("fc.", "head", "classifier"))]  # the new head is not in it
-    fitted = sum(key in state for key in body)
-    if fitted < len(body) / 2:  # another network's file: say so, do not train from noise
-        raise WeightsNotFoundError(
-            f"classifier weights {path} fit {fitted} of this backbone's {len(body)} "
-            "tensors: give the timm .safetensors file of the --backbone chosen"
-        )
-    model.load_state_dict(state, strict=False)
-
-
 def _load_inputs(eyes: list[LabelledEye], inputs: tuple[str, ...], size: int) -> torch.Tensor:
     """(N, C, size, size) in [-1, 1]: each input resized (antialiased) and channel-concatenated."""
     batch = []
@@ -222,6 +179,7 @@ class ClinicalSettings:
     weight_decay: float = 1e-4
     seed: int = 0
     weights: str | None = None
+    repeats: int = 1  # cross-validations with other splits (seed + r); each fold of each counts in the summary
 
 
 @dataclass
@@ -234,17 +192,25 @@ class ClinicalResult:
     fold_of: np.ndarray
     ids: list[str]
     skipped: list[str]
+    test_fraction: float = 0.25  # a fold's n_test / n_train (for the corrected intervals)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per metric: mean and std (numpy's, ddof 0) over the folds where it is defined (an AUC is not in a
-        fold with one class), and how many folds that is; NaN only when no fold defines it."""
+        """Per metric: mean, sample std (ddof 1) and the 95% corrected resampled t-interval of the mean
+        (`clinical_stats`) over the folds where it is defined (an AUC is not in a fold with one class), and
+        how many folds that is; NaN only when no fold defines it (the std and interval need two)."""
         summary = {}
         for name in self.fold_metrics[0]:
             values = np.array([m[name] for m in self.fold_metrics], dtype=float)
             defined = values[np.isfinite(values)]
-            mean, std = (float(defined.mean()), float(defined.std())) if defined.size else (math.nan, math.nan)
-            summary[name] = {"mean": mean, "std": std, "folds": int(defined.size)}
+            interval = corrected_interval(defined, self.test_fraction)
+            std = float(defined.std(ddof=1)) if defined.size > 1 else math.nan
+            summary[name] = {"mean": interval["mean"], "std": std, "low": interval["low"], "high": interval["high"]}
+            summary[name]["folds"] = int(defined.size)
         return summary
+
+    def scores(self, name: str) -> list[float]:
+        """One metric's value in every fold of every repeat, in order (NaN where undefined)."""
+        return [float(m[name]) for m in self.fold_metrics]
 
     def confusion(self) -> np.ndarray:
         from sklearn.metrics import confusion_matrix
@@ -252,51 +218,13 @@ class ClinicalResult:
         return confusion_matrix(self.y_true, self.probabilities.argmax(1), labels=range(len(self.classes)))
 
 
-def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and one-vs-rest macro AUC (scikit-learn). AUC is NaN when a class is
-    absent from y_true (it is undefined there)."""
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-
-    predicted = probabilities.argmax(1)
-    labels = list(range(n_classes))
-    metrics = {
-        "accuracy": float(accuracy_score(y_true, predicted)),
-        # over the classes in this fold's truth or predictions: a class neither has is not a 0 in the mean
-        "macro_f1": float(f1_score(y_true, predicted, average="macro", zero_division=0)),
-    }
-    present = np.unique(y_true)
-    if len(present) < 2:
-        metrics["auc_ovr"] = float("nan")
-    elif n_classes == 2:
-        metrics["auc_ovr"] = float(roc_auc_score(y_true, probabilities[:, 1]))
-    elif len(present) == n_classes:
-        metrics["auc_ovr"] = float(
-            roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels)
-        )
-    else:  # one-vs-rest over the classes present in this fold
-        aucs = [roc_auc_score(y_true == c, probabilities[:, c]) for c in present]
-        metrics["auc_ovr"] = float(np.mean(aucs))
-    return metrics
-
-
-def make_folds(labels: np.ndarray, groups: list[str], folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k-fold where all images of one group (eye/patient) fall in one fold."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    smallest = int(np.bincount(labels).min())
-    if folds < 2 or folds > smallest:
-        raise FFASynthError(f"--folds {folds} must be between 2 and the smallest class size ({smallest})")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(labels)), labels, groups))
-
-
-def _train_one(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: ClinicalSettings, seed: int) -> None:
+def _train_one(model: nn.Module, x, y, num_classes: int, settings: ClinicalSettings, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * max(1, -(-len(x) // settings.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr, total_steps=steps, pct_start=0.2)
     # Balanced classes per epoch: weight the loss by inverse class frequency.
-    counts = torch.bincount(y, minlength=int(y.max()) + 1).clamp(min=1).float()
+    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).float()
     class_weight = counts.sum() / (len(counts) * counts)
     model.train()
     for _ in range(settings.epochs):
@@ -361,13 +289,14 @@ def resolve_modes(mode: str, eyes: list[LabelledEye], folds: int) -> tuple[list[
         return [mode], {}
     chosen, skipped = [], {}
     for name, inputs in MODES.items():
-        labels = [e.label for e in eyes if all(i in e.images for i in inputs)]
-        counts = {label: labels.count(label) for label in set(labels)}
+        usable = [e for e in eyes if all(i in e.images for i in inputs)]
+        counts = {label: len({e.group for e in usable if e.label == label}) for label in {e.label for e in usable}}
         if len(counts) < 2:
             skipped[name] = f"needs {' and '.join(inputs)} images for at least two classes"
         elif min(counts.values()) < folds:
             skipped[name] = (
-                f"a class has {min(counts.values())} examples with {' and '.join(inputs)}, fewer than {folds} folds"
+                f"a class has {min(counts.values())} eyes (groups) with {' and '.join(inputs)}, "
+                f"fewer than {folds} folds"
             )
         else:
             chosen.append(name)
@@ -376,13 +305,34 @@ def resolve_modes(mode: str, eyes: list[LabelledEye], folds: int) -> tuple[list[
     return chosen, skipped
 
 
+def paired_eyes(eyes: list[LabelledEye], modes: list[str], image_size: int) -> tuple[list[LabelledEye], list[str]]:
+    """The eyes every mode in `modes` can use (each input they need present and readable), so that the modes
+    run on the same eyes and, with one seed, the same folds: their scores compare fold by fold. Returns
+    (those eyes, the others with why)."""
+    needed = sorted({name for mode in modes for name in MODES[mode]})
+    kept, left = [], []
+    for eye in eyes:
+        absent = [name for name in needed if name not in eye.images]
+        if absent:
+            left.append(f"{eye.id} (no {' or '.join(absent)} image)")
+            continue
+        try:
+            _load_inputs([eye], tuple(needed), 16)
+        except ImageReadError as error:
+            left.append(f"{eye.id} ({error})")
+            continue
+        kept.append(eye)
+    return kept, left
+
+
 def cross_validate(
     eyes: list[LabelledEye],
     settings: ClinicalSettings,
     progress: Callable[[int, int], None] | None = None,
 ) -> ClinicalResult:
     """The clinical experiment for one mode: a classifier trained and scored on each of settings.folds
-    eye-grouped folds (no eye in both train and test), its out-of-fold predictions pooled."""
+    grouped folds (no group in both train and test), settings.repeats times with other splits; each eye's
+    out-of-fold probabilities averaged over the repeats (its fold: the first repeat's)."""
     if settings.mode not in MODES:
         raise FFASynthError(f"unknown mode {settings.mode!r}; choose from {', '.join(MODES)}")
     inputs = MODES[settings.mode]
@@ -404,21 +354,27 @@ def cross_validate(
     if len(classes) < 2:
         raise FFASynthError(f"need at least two classes, found {classes}")
     y = torch.tensor([classes.index(eye.label) for eye in usable])
-    splits = make_folds(y.numpy(), [eye.group for eye in usable], settings.folds, settings.seed)
     probabilities = np.zeros((len(usable), len(classes)), np.float32)
     fold_of = np.zeros(len(usable), np.int64)
-    fold_metrics = []
+    fold_metrics, fractions = [], []
     channels = [CHANNELS[name] for name in inputs]
     base = build_classifier(settings.backbone, channels, len(classes), settings.fusion, settings.weights)
-    for fold, (train, test) in enumerate(splits):
-        torch.manual_seed(settings.seed + fold)
-        model = copy.deepcopy(base)
-        _train_one(model, x[train], y[train], settings, settings.seed + fold)
-        probabilities[test] = _predict(model, x[test], settings.batch_size)
-        fold_of[test] = fold
-        fold_metrics.append(classification_metrics(y[test].numpy(), probabilities[test], len(classes)))
-        if progress is not None:
-            progress(fold + 1, len(splits))
+    total = settings.folds * settings.repeats
+    for repeat in range(settings.repeats):
+        splits = make_folds(y.numpy(), [eye.group for eye in usable], settings.folds, settings.seed + repeat)
+        for fold, (train, test) in enumerate(splits):
+            seed = settings.seed + repeat * settings.folds + fold  # repeat 0: the seeds of a single run
+            torch.manual_seed(seed)
+            model = copy.deepcopy(base)
+            _train_one(model, x[train], y[train], len(classes), settings, seed)
+            predicted = _predict(model, x[test], settings.batch_size)
+            probabilities[test] += predicted / settings.repeats
+            if repeat == 0:
+                fold_of[test] = fold
+            fold_metrics.append(classification_metrics(y[test].numpy(), predicted, len(classes)))
+            fractions.append(len(test) / len(train))
+            if progress is not None:
+                progress(repeat * settings.folds + fold + 1, total)
     return ClinicalResult(
         settings,
         classes,
@@ -428,4 +384,5 @@ def cross_validate(
         fold_of,
         [e.id for e in usable],
         [e.id for e in skipped] + unreadable,
+        test_fraction=float(np.mean(fractions)),
     )

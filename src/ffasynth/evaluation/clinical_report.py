@@ -1,4 +1,4 @@
-"""What a clinical experiment leaves on disk: `metrics.json` (per mode: mean ± std over folds, the
+"""What a clinical experiment leaves on disk: `metrics.json` (per mode: mean, std and 95% interval over folds, the
 per-fold values, the confusion matrix and every out-of-fold prediction; the settings; library
 versions; with synthetic angiograms, their vessel and region agreement with the real ones per
 class) and, per mode, `confusion_<mode>.png` and `roc_<mode>.png`."""
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ffasynth.evaluation.agreement import HIGHER_IS_BETTER, LABELS, PER_IMAGE
 from ffasynth.evaluation.clinical import ClinicalResult
+from ffasynth.evaluation.clinical_stats import verdict
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
 from ffasynth.evaluation.report import Cell, Report
 from ffasynth.files import atomic_write_text
@@ -49,11 +50,13 @@ def write_clinical_report(
     out: str | Path,
     skipped_modes: dict[str, str] | None = None,
     agreement: dict[str, dict] | None = None,
+    differences: dict[str, dict] | None = None,
     **context,
 ) -> Path:
     """Write metrics.json and the figures into `out`; `agreement` (class → vessel/region scores of the
-    synthetic angiograms against the real ones: `evaluation.agreement.scores_by_class`) and `context`
-    (data folder, synthetic folder...) go beside the settings. Returns the metrics.json path."""
+    synthetic angiograms against the real ones: `evaluation.agreement.scores_by_class`), `differences`
+    (mode → metric → its paired difference from source-only: `clinical_stats.paired_difference`) and
+    `context` (data folder, synthetic folder...) go beside the settings. Returns the metrics.json path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     modes = {}
@@ -71,6 +74,12 @@ def write_clinical_report(
         "settings": {**settings, **context, "pretrained_backbone": settings["weights"] is not None},
         "modes": modes,
         "skipped_modes": skipped_modes or {},
+        "difference_from_source_only": {
+            mode: {
+                metric: {k: _finite(v) if isinstance(v, float) else v for k, v in d.items()} for metric, d in m.items()
+            }
+            for mode, m in (differences or {}).items()
+        },
         "agreement_by_class": {
             label: {k: v if k == "n" else {s: _finite(x) for s, x in v.items()} for k, v in scores.items()}
             for label, scores in (agreement or {}).items()
@@ -82,30 +91,70 @@ def write_clinical_report(
     return path
 
 
+METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "macro_f1": "macro-F1",
+    "auc_ovr": "AUC (one-vs-rest)",
+}
+
+
+def _as_floats(record: dict) -> dict:
+    return {k: math.nan if v is None else v for k, v in record.items()}
+
+
+def _cell(record: dict, signed: bool = False, verdict: str | None = None) -> Cell:
+    """mean [low, high] (and p, and the verdict, for a difference); '-' when undefined."""
+    mean, low, high = (record.get(k) for k in ("mean", "low", "high"))
+    if mean is None:
+        return Cell(None, "-")
+    form = "+.3f" if signed else ".3f"
+    text = f"{mean:{form}}" + (f" [{low:{form}}, {high:{form}}]" if low is not None else "")
+    if record.get("p") is not None:
+        text += f", p = {record['p']:.2g}"
+    return Cell(mean, text + (f": {verdict}" if verdict else ""))
+
+
 def write_html(document: dict, out: Path) -> dict[str, Path]:
     """report.html + summary.md in the format `ffasynth evaluate` uses: one table of the modes (best per
     column marked), the ROC curves and confusion matrices, and the settings."""
     settings = document["settings"]
+    repeats = f" × {settings['repeats']} repeats" if settings.get("repeats", 1) > 1 else ""
     report = Report(
         "Clinical validation: disease classification",
         intro=(
-            f"{settings['folds']}-fold cross-validation (stratified; every example of one id in one fold: an eye "
-            f"for paired data, an image for class folders) of a {settings['backbone']} classifier "
+            f"{settings['folds']}-fold cross-validation{repeats} (stratified; every example of one group in one "
+            f"fold: an eye for paired data, an image for class folders unless groups.csv joins them) of a "
+            f"{settings['backbone']} classifier "
             f"({'pretrained' if settings['pretrained_backbone'] else 'random initialisation'}), "
-            f"{settings['epochs']} epochs at {settings['image_size']}², fusion {settings['fusion']}; "
-            "mean ± std (numpy's, ddof 0) over the folds, an AUC over the folds where it is defined."
+            f"{settings['epochs']} epochs at {settings['image_size']}², fusion {settings['fusion']}; the "
+            "modes run on the same eyes and folds. Mean over the folds (an AUC over the folds where it is "
+            "defined) with its 95% interval by the corrected resampled t statistic (Nadeau & Bengio: folds "
+            "share training eyes, so a plain interval over folds is too narrow). The ROC legends give the "
+            "AUC of the pooled out-of-fold predictions, which differs from the table's mean over folds."
         ),
     )
-    columns = ["mode", "examples", "accuracy ↑", "macro-F1 ↑", "AUC (one-vs-rest) ↑"]
+    columns = ["mode", "examples", *(f"{name} ↑" for name in METRIC_NAMES.values())]
     rows = []
     for mode, record in document["modes"].items():
         row = [mode, sum(record["class_counts"].values())]
-        for metric in ("accuracy", "macro_f1", "auc_ovr"):
-            value = record["summary"].get(metric, {})
-            mean, std = value.get("mean"), value.get("std")
-            row.append(Cell(mean, "-" if mean is None else f"{mean:.3f} ± {std or 0:.3f}"))
+        for metric in METRIC_NAMES:
+            row.append(_cell(record["summary"].get(metric, {})))
         rows.append(row)
-    report.add_table("Scores", columns, rows, best={c: "max" for c in columns[2:]})
+    report.add_table("Scores", columns, rows)
+    compared = document.get("difference_from_source_only") or {}
+    if compared:
+        rows = [
+            [mode, *(_cell(d[m], signed=True, verdict=verdict(_as_floats(d[m]))) for m in METRIC_NAMES)]
+            for mode, d in compared.items()
+        ]
+        report.add_table(
+            "Difference from source-only (same eyes, same folds)",
+            ["mode", *METRIC_NAMES.values()],
+            rows,
+            note="Mode minus source-only, fold by fold: mean [95% interval], p of the corrected resampled t-test; "
+            "'better' or 'worse' only when the interval excludes 0.",
+        )
     if document.get("agreement_by_class"):
         metrics = (*PER_IMAGE["vessels"], *PER_IMAGE["regions"])
         labels = [f"{LABELS[m]} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in metrics]

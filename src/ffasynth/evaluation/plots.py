@@ -24,7 +24,7 @@ def plot_roc(result: ClinicalResult, path: str | Path) -> Path:
         if truth.all() or not truth.any():
             continue
         fpr, tpr, _ = roc_curve(truth, result.probabilities[:, index])
-        axis.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
+        axis.plot(fpr, tpr, label=f"{name} (pooled AUC {auc(fpr, tpr):.2f})")
     axis.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {result.settings.mode}")
     axis.legend(loc="lower right", fontsize=8)
