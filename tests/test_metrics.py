@@ -13,6 +13,7 @@ from PIL import Image
 
 from ffasynth.data.io import save_image
 from ffasynth.data.phantom import write_phantom_dataset
+from ffasynth.data.registration import field_of_view
 from ffasynth.errors import FFASynthError, WeightsNotFoundError
 from ffasynth.evaluation.metrics import (
     PAIRED_METRICS,
@@ -161,6 +162,38 @@ def test_paired_metrics_identical_and_masked():
     assert math.isnan(small["ms_ssim"])  # under 176 px: reported as not computed, never a crash
 
 
+def test_ssim_is_scikit_images_gaussian_ssim():
+    """The SSIM of Wang et al. 2004 as scikit-image computes it (11-px Gaussian window, σ 1.5, population
+    covariance), on the region both leave after the window's border."""
+    from skimage.metrics import structural_similarity
+
+    generator = torch.Generator().manual_seed(3)
+    real = torch.rand(1, 64, 80, generator=generator)
+    fake = (real + 0.2 * torch.randn(1, 64, 80, generator=generator)).clamp(0, 1)
+    expected = structural_similarity(
+        real[0].double().numpy(),
+        fake[0].double().numpy(),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+    )
+    assert paired_scores(real, fake, metrics=("ssim",))["ssim"] == pytest.approx(expected, abs=2e-3)
+
+
+def test_ms_ssim_and_lpips_ignore_a_difference_outside_the_field_inside_its_bounding_box(lpips_alex):
+    """MS-SSIM is computed on the field's bounding box with the outside blacked out in both images, and LPIPS
+    averages its distance map over the field: the corners of a round field's box are outside it."""
+    yy, xx = torch.meshgrid(torch.arange(200), torch.arange(200), indexing="ij")
+    mask = (((yy - 100) ** 2 + (xx - 100) ** 2) < 95**2).float()[None]
+    real = torch.rand(1, 200, 200, generator=torch.Generator().manual_seed(0))
+    fake = torch.where(mask.bool(), real, 1.0 - real)  # differs only in the box's corners
+    masked = paired_scores(real, fake, mask, ("ms_ssim", "lpips"), lpips=lpips_alex)
+    assert masked["ms_ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert masked["lpips"] < 0.5 * paired_scores(real, fake, None, ("lpips",), lpips=lpips_alex)["lpips"]
+    assert paired_scores(real, fake, None, ("ms_ssim",))["ms_ssim"] < 0.99
+
+
 @pytest.mark.parametrize(("degrade", "levels"), [(blur, (0.7, 1.5, 3.0)), (noise, (0.03, 0.08, 0.2))])
 def test_paired_metrics_worsen_monotonically(real_ffa, lpips_alex, degrade, levels):
     means = []
@@ -293,5 +326,10 @@ def test_dark_pathology_inside_the_eye_counts_in_the_paired_metrics(tmp_path):
     save_image(torch.from_numpy(fake).float()[None], tmp_path / "fake" / "1_ffa.png")
     settings = EvalSettings(weights_dir=str(tmp_path / "none"), metrics=("psnr", "ssim"))
     method = evaluate(tmp_path / "real", {"m": tmp_path / "fake"}, settings).methods[0]
-    # the dark area is 30²/90² ≈ 11% of the field, wrong by ~0.5: MSE ≈ 0.11 · 0.24 → PSNR ≈ 15.7 dB
-    assert method.summary["psnr"]["mean"] < 20, method.summary
+    # the dark area is 30²/90² ≈ 11% of the field, wrong by ~0.5: MSE ≈ 0.11 · 0.24 → PSNR ≈ 15.7 dB; over the
+    # field only (over the whole frame, where the rest is right, it would be ≈ 17.7 dB)
+    levels = [np.round(image * 255) / 255 for image in (real, fake)]  # as saved, 8 bits
+    squared = (levels[0] - levels[1]) ** 2
+    scored = field_of_view(levels[0].astype(np.float32), settings.fov_threshold)  # the filled field evaluate uses
+    assert -10 * np.log10(squared.mean()) > -10 * np.log10(squared[scored].mean()) + 1.5  # the two differ
+    assert method.summary["psnr"]["mean"] == pytest.approx(-10 * np.log10(squared[scored].mean()), abs=0.02)

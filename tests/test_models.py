@@ -57,6 +57,9 @@ def test_offset_noise_adds_the_stated_variance_to_channel_means(strength):
     expected = 1 / 64 + strength**2  # mean of 64 unit normals + the shared offset
     assert channel_means.var().item() == pytest.approx(expected, rel=0.05)
     assert noise.var().item() == pytest.approx(1 + strength**2, rel=0.03)
+    # one offset per (sample, channel): two channels' means share nothing beyond the sample's own noise
+    correlation = torch.corrcoef(channel_means[:, :2].T)[0, 1].item()
+    assert abs(correlation) < 0.05
 
 
 def _conditioner(config, components):
@@ -106,11 +109,12 @@ def test_each_conditioning_path_carries_the_source_and_nothing_when_off(clip, co
         assert dropped_latents[0].abs().sum() == 0
 
 
-def test_clip_preprocessing_matches_the_processor_on_a_square_image():
+@pytest.mark.parametrize("shape", [(32, 32), (32, 48), (48, 32)])
+def test_clip_preprocessing_matches_the_processor_on_square_and_oblong_images(shape):
     config = micro_config()
     components = build_components(config, random_weights=True)
     conditioner = _conditioner(config, components)
-    image = torch.rand(1, 3, 32, 32)
+    image = torch.rand(1, 3, *shape)  # oblong: the centre crop, not a corner, is what CLIP sees
     ours = conditioner.clip_pixels(image * 2 - 1)
     reference = components.image_processor(
         images=image[0].permute(1, 2, 0).numpy(), do_rescale=False, return_tensors="pt"

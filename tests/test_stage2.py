@@ -430,3 +430,19 @@ def test_the_discriminator_is_not_stepped_before_disc_start_and_a_resume_there_g
     _train_stage2(stage1_run, out, "--max-steps", 3, "--resume", *steps)
     after = load_file(str(ckpt.latest_checkpoint(out) / "discriminator.safetensors"))
     assert not all(torch.equal(initial[key], after[key]) for key in initial)
+
+
+def test_mix_gives_about_half_the_items_unet_latents_and_the_reconstruction_loss_is_the_one_named(stage1_run):
+    from ffasynth.models.conditioning import encode_latents
+
+    task = _stage2(stage1_run[1], "stage2.latents=mix")
+    batch = {"source": torch.rand(64, 3, 32, 32) * 2 - 1, "target": torch.rand(64, 1, 32, 32) * 2 - 1}
+    batch["phase"] = [0] * 64
+    encoded = encode_latents(task.stage1.components.vae, batch["target"])
+    mixed = task.latents(batch, torch.Generator().manual_seed(0))
+    from_unet = (mixed - encoded).flatten(1).abs().amax(1) > 1e-6
+    assert 20 <= int(from_unet.sum()) <= 44  # half of 64 (σ = 4)
+    decoded, target = torch.zeros(1, 3, 8, 8), torch.full((1, 1, 8, 8), 0.5)  # the decoder's grey is 0: error 0.5
+    for rec_loss, expected in (("l1", 0.5), ("l2", 0.25)):
+        task.config.rec_loss = rec_loss
+        assert task.reconstruction_terms(decoded, target)["rec"].item() == pytest.approx(expected)

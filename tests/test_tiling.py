@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from ffasynth.data.phantom import make_eye
 from ffasynth.models.conditioning import decode_latents, encode_latents
@@ -187,21 +187,24 @@ def test_images_up_to_the_decode_tile_minimum_decode_in_one_piece_without_tile_b
     assert torch.equal(default, one_piece)
 
 
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler])
 @torch.no_grad()
-def test_an_image_that_fits_in_one_tile_gives_the_untiled_sampler_result():
+def test_an_image_that_fits_in_one_tile_gives_the_untiled_sampler_result(scheduler_class):
+    """Against a plain diffusers loop; Euler's starting noise is scaled by init_noise_sigma and its model
+    input by scale_model_input (both identities for DDIM)."""
     pipe = micro_pipeline()
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     photo = torch.rand(3, 24, 32, generator=seeded(2))
     tiled = pipe.sample_image(photo, 4, seeded(5), 1.0, 2, "late", TileSettings.resolve(32, 8))
     # the plain sampler: whole-image conditioning, one U-Net pass on the whole latent per step, one decode
     conditioner = pipe.conditioner()
     source = photo[None] * 2 - 1
     tokens, source_latents = conditioner.tokens(source), encode_latents(pipe.vae, source)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = scheduler_class.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(4)
-    latents = torch.randn((2, 4, 12, 16), generator=seeded(5))
+    latents = torch.randn((2, 4, 12, 16), generator=seeded(5)) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        model_input = torch.cat([latents, source_latents.expand(2, -1, -1, -1)], dim=1)
+        model_input = torch.cat([scheduler.scale_model_input(latents, t), source_latents.expand(2, -1, -1, -1)], dim=1)
         noise = pipe.unet(
             model_input, t, encoder_hidden_states=tokens.expand(2, -1, -1), class_labels=torch.tensor([1, 1])
         )

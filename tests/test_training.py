@@ -254,3 +254,35 @@ def test_min_snr_weighting_of_the_epsilon_loss():
     expected = torch.where(clipped, gamma * (1 - alphas) / alphas, torch.ones_like(alphas))
     assert loss == pytest.approx(expected.mean().item(), rel=1e-4)
     assert loss < 1.0
+
+
+def test_stage1_drops_the_condition_at_its_rate_and_draws_timesteps_over_the_whole_schedule():
+    """conditioning_dropout p: a fraction p of the samples get the null condition (keep is False), not 1 − p;
+    timesteps are uniform over [0, num_train_timesteps)."""
+    task = build_stage1(micro_config("stage1.conditioning_dropout=0.2", "data.crop_size=32"))
+    kept, timesteps = [], []
+    condition = task._condition
+
+    def record_condition(batch, keep):
+        kept.append(keep)
+        tokens, source_latents = condition(batch, keep)
+        for both in (tokens, source_latents):  # the null condition is zero in both paths, the kept one is not
+            zero = both.flatten(1).abs().amax(1) == 0
+            assert torch.equal(zero, ~keep)
+        return tokens, source_latents
+
+    def record_loss(unet, latents, noise, drawn, *args):
+        timesteps.append(drawn)
+        return torch.zeros(latents.shape[0])
+
+    task._condition, task._denoising_loss = record_condition, record_loss
+    generator = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(64, 3, 32, 32), "target": torch.zeros(64, 1, 32, 32), "phase": [0] * 64}
+    for step in range(16):
+        task.loss(batch, step, generator, "main")
+    dropped = 1 - torch.cat(kept).float().mean().item()
+    assert dropped == pytest.approx(0.2, abs=0.03)  # 1024 draws: σ ≈ 0.0125
+    drawn, total = torch.cat(timesteps), task.components.scheduler.config.num_train_timesteps
+    assert drawn.min() >= 0 and drawn.max() < total
+    assert drawn.float().mean().item() == pytest.approx((total - 1) / 2, rel=0.05)
+    assert (drawn >= 0.9 * total).float().mean().item() == pytest.approx(0.1, abs=0.03)

@@ -8,7 +8,7 @@ import torch
 from ffasynth.config import load_config
 from ffasynth.data.dataset import PairDataset
 from ffasynth.data.pairs import load_pairs
-from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask, window_counts
+from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask, whole_view, window_counts
 from ffasynth.errors import ConfigError
 
 
@@ -189,3 +189,18 @@ def test_source_jitter_is_refused_outside_0_to_1(value):
     with pytest.raises(ConfigError, match="data.source_jitter"):
         load_config(None, "tiny", [f"data.source_jitter={value}"])
     assert load_config(None, "tiny", ["data.source_jitter=0.5"]).data.source_jitter == 0.5
+
+
+def test_the_whole_view_is_the_centre_of_an_oblong_photo():
+    photo = torch.linspace(0, 1, 64).expand(3, 32, 64).contiguous()  # brightness grows to the right
+    view = whole_view(photo, size=32)  # the short side is already 32: no resizing, the middle 32 columns
+    assert torch.allclose(view, photo[:, :, 16:48], atol=1e-5)
+    assert torch.allclose(whole_view(photo.transpose(1, 2), size=32), photo[:, :, 16:48].transpose(1, 2), atol=1e-5)
+
+
+def test_crops_stay_inside_a_field_that_is_not_symmetric_under_transposition():
+    mask = torch.zeros(1, 64, 128)
+    mask[..., 96:] = 1  # only the right quarter is inside: a crop read with rows and columns swapped lands outside
+    for seed in range(30):
+        top, left = choose_crop(mask, 32, torch.Generator().manual_seed(seed), min_fraction=0.9)
+        assert mask[0, top : top + 32, left : left + 32].mean() >= 0.9, (top, left)
