@@ -82,7 +82,8 @@ def run_ffasynth(args, data: Path, method: str) -> dict:
     folder = args.out / method
     overrides = ["model.base=none"] if method == "ffasynth-random" else [f"model.base={args.base}"]
     began = time.perf_counter()
-    quickstart(folder, args.minutes, data, args.seed, args.steps, False, log, overrides + args.overrides)
+    decoder = True if args.decoder else None  # None: quickstart's default (stage 2 only from random weights)
+    quickstart(folder, args.minutes, data, args.seed, args.steps, False, log, overrides + args.overrides, decoder)
     return {"translated": folder / "translated", "minutes": round((time.perf_counter() - began) / 60, 1)}
 
 
@@ -190,6 +191,7 @@ def main() -> None:
     parser.add_argument("--base", default="tiny", help="model.base for ffasynth-base (tiny or a file)")
     parser.add_argument("--shared", type=Path, default=default_shared())
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    parser.add_argument("--decoder", action="store_true", help="ffasynth: also tune the decoder (stage 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("overrides", nargs="*", help="config key=value for every trained method")
