@@ -248,6 +248,20 @@ def test_clinical_generates_synthetic_ffa_with_a_pipeline(lesion_phantoms, tmp_p
     assert result.exit_code == 0, result.output
     assert len(list((out / "synthetic").glob("*_ffa.png"))) == 24
     assert (out / "report.html").is_file()
+    assert "does not list the photos it was trained on" in " ".join(result.stderr.split())
+    # a pipeline that lists its training photos (run_folder.record_photos): the eyes it saw are named, by content
+    import json
+
+    from ffasynth import run_folder
+
+    eyes = load_labelled(lesion_phantoms)
+    run_folder.record_photos(tmp_path / "pipe", [eye.images["source"] for eye in eyes[:3]])
+    arguments[arguments.index(str(out))] = str(tmp_path / "again")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "was trained on 3 of these eyes' photos" in " ".join(result.stderr.split())
+    metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert metrics["settings"]["generator_trained_on"] == [eye.id for eye in eyes[:3]]
 
 
 def test_backbone_weights_load_into_every_branch_and_a_foreign_or_damaged_file_is_refused(tmp_path):

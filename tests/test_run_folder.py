@@ -83,3 +83,31 @@ def test_latest_checkpoint_of_a_run_without_one_is_one_clear_error(tmp_path, par
         _checkpoint(tmp_path, 1, complete=False)
     with pytest.raises(FFASynthError, match=r"has no complete checkpoint yet \(checkpoints/step-\*/state.json\)"):
         run_folder.latest_checkpoint(tmp_path)
+
+
+def test_training_photos_are_recorded_by_content_and_gathered_along_a_runs_lineage(tmp_path):
+    import hashlib
+
+    photos = []
+    for name, content in (("a.png", b"first eye"), ("b.png", b"second eye"), ("copy.png", b"first eye")):
+        (tmp_path / name).write_bytes(content)
+        photos.append(tmp_path / name)
+    stage1, stage2, distill = (tmp_path / name for name in ("s1", "s2", "d"))
+    for run in (stage1, stage2, distill):
+        run.mkdir()
+    run_folder.update_info(stage1, kind="stage1")
+    run_folder.record_photos(stage1, photos[:2])
+    digests = {hashlib.sha256(b"first eye").hexdigest(), hashlib.sha256(b"second eye").hexdigest()}
+    assert run_folder.trained_photos(stage1) == digests
+    run_folder.record_photos(stage2, photos[2:])  # a copy is the same photo: recognised by content, not name
+    assert run_folder.trained_photos(stage2) == {hashlib.sha256(b"first eye").hexdigest()}
+    run_folder.update_info(stage2, kind="stage2", stage1_run=str(stage1))
+    (tmp_path / "c.png").write_bytes(b"third eye")
+    run_folder.record_photos(stage2, [tmp_path / "c.png"])  # a resume on other data: the record is replaced
+    run_folder.update_info(distill, kind="distill", teacher_run=str(stage2))  # records nothing itself
+    assert run_folder.lineage_photos(distill) == digests | {hashlib.sha256(b"third eye").hexdigest()}
+    assert run_folder.trained_photos(distill) is None
+    empty = tmp_path / "old"
+    empty.mkdir()
+    run_folder.update_info(empty, kind="stage1")
+    assert run_folder.lineage_photos(empty) is None  # a run from before the record

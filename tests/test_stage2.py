@@ -138,6 +138,15 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
         raw["decoder.conv_out.weight"],
         load_model_run(tmp_path / "s2", ema=False).components.vae.decoder.conv_out.weight,
     )
+    # the photos both runs trained on, by hash, go with the exported pipeline (for `clinical`)
+    from ffasynth import run_folder
+    from ffasynth.data.pairs import load_pairs
+    from ffasynth.export import export_run
+    from ffasynth.integrity import sha256
+
+    training = {sha256(pair.source) for pair in load_pairs(run_folder.split_dir(pairs, "train"))}
+    assert run_folder.trained_photos(tmp_path / "s2") == training and len(training) == 3
+    assert run_folder.trained_photos(export_run(tmp_path / "s2", tmp_path / "pipeline")) == training
 
 
 def test_stage2_with_the_real_lpips_gives_the_decoder_perceptual_gradient(stage1_run, tmp_path):

@@ -304,11 +304,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True, lora:
         raise FFASynthError(f"export --lora separate: {run_dir} was trained without LoRA (stage1.lora.rank is 0)")
     pipeline = build_pipeline(exported.run)
     card = model_card(exported, separate_lora=separate)
+    photos = run_folder.lineage_photos(run_dir)
 
     def fill(folder: Path) -> None:
         if separate:  # the adapters out first: the pipeline saves a plain U-Net
             split_lora(unet, folder / ADAPTER_FOLDER)
         pipeline.save_pretrained(folder, safe_serialization=True)
         (folder / "README.md").write_text(card)
+        if photos is not None:  # the photos the model was trained on, by hash (run_folder.record_photos)
+            (folder / run_folder.PHOTOS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(photos)))
 
     return atomic_folder(out_dir, fill)

@@ -2,6 +2,7 @@
 its record run.json, which data split a stage reads, and its newest complete checkpoint.
 
 RUN/run.json            kind, data, versions, and what later stages add (sources, stage1_run, ...)
+RUN/training_photos.sha256  the sha256 of each photo the run trained on (an exported pipeline carries them)
 RUN/checkpoints/step-N/ complete once its state.json is written (training/checkpoint.py verifies it
                         further, against the manifest.json written last, before a run resumes)
 
@@ -23,8 +24,11 @@ except ImportError:  # pragma: no cover
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
+from ffasynth.integrity import sha256
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+PHOTOS_FILE = "training_photos.sha256"  # the sha256 of every photo a run trained on, one per line
+LINEAGE_KEYS = ("stage1_run", "teacher_run")  # run.json keys naming the runs a run was built on
 # A data folder may hold train/ and a held-out split under one of these names; the first found wins.
 SPLIT_NAMES = {"train": ("train",), "test": ("test", "val", "valid")}
 
@@ -109,3 +113,37 @@ def training_lock(run_dir: str | Path, held: bool = True):
         yield
     finally:
         os.close(handle)  # closing the folder's handle releases its lock
+
+
+def record_photos(run_dir: str | Path, photos) -> Path:
+    """RUN/training_photos.sha256: the sha256 of each training photo's bytes, sorted, one per line. An exported
+    pipeline carries them so that `clinical` can tell the eyes it was trained on (a copied or renamed file
+    too) from held-out ones, without the training data at hand."""
+    digests = sorted({sha256(path) for path in photos})
+    return atomic_write_text(Path(run_dir) / PHOTOS_FILE, "".join(f"{digest}\n" for digest in digests))
+
+
+def trained_photos(folder: str | Path) -> set[str] | None:
+    """The digests FOLDER/training_photos.sha256 lists (a run or an exported pipeline); None without the file."""
+    path = Path(folder) / PHOTOS_FILE
+    if not path.is_file():
+        return None
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+def lineage_photos(run_dir: str | Path) -> set[str] | None:
+    """The photos RUN and the runs it was built on (its stage-1 run, a distillation's teacher) trained on;
+    None when none of them recorded any (runs from before the record)."""
+    found: set[str] | None = None
+    pending, seen = [Path(run_dir)], set()
+    while pending:
+        run = pending.pop()
+        if run.resolve() in seen or not (run / "run.json").is_file():
+            continue
+        seen.add(run.resolve())
+        photos = trained_photos(run)
+        if photos is not None:
+            found = (found or set()) | photos
+        record = info(run)
+        pending += [Path(record[key]) for key in LINEAGE_KEYS if record.get(key)]
+    return found

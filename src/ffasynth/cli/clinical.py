@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ffasynth import run_folder
 from ffasynth.cli.options import SEED, in_range, settings_from
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.agreement import scores_by_class
@@ -34,18 +35,44 @@ MODE_HELP = (
 )
 
 
-def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int | None, seed: int, console) -> Path:
-    """Synthetic FFA of each eye's photo with an exported pipeline, named as `ffasynth translate` names them
-    (`<photo name>_ffa.png`; attach_synthetic matches them back by that name)."""
+def eyes_seen(eyes, pipeline_dir: Path) -> list[str] | None:
+    """The ids of the eyes whose photo (by content: sha256) the pipeline was trained on; None when the
+    pipeline does not list its training photos (run_folder.record_photos)."""
+    from ffasynth.integrity import sha256
+
+    trained = run_folder.trained_photos(pipeline_dir)
+    if trained is None:
+        return None
+    return [eye.id for eye in eyes if "source" in eye.images and sha256(eye.images["source"]) in trained]
+
+
+def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int | None, seed: int, console) -> list[str] | None:
+    """Synthetic FFA of each eye's photo with an exported pipeline into `folder`, named as `ffasynth translate`
+    names them (`<photo name>_ffa.png`; attach_synthetic matches them back by that name). Returns the eyes the
+    pipeline was trained on (`eyes_seen`), said in a warning."""
     photos = [eye.images["source"] for eye in eyes if "source" in eye.images]
     if not photos:
         raise FFASynthError("--pipeline needs photos: the labelled data has angiograms only (no source images)")
     pipe = load_pipeline(pipeline_dir)
+    trained_on = eyes_seen(eyes, pipeline_dir)
+    if trained_on is None:
+        console.print(
+            f"{pipeline_dir} does not list the photos it was trained on (exported before that record): make sure "
+            "it never saw these eyes, or their synthetic angiograms are not held out"
+        )
+    elif trained_on:
+        shown = ", ".join(trained_on[:3]) + (" ..." if len(trained_on) > 3 else "")
+        typer.secho(
+            f"warning: {pipeline_dir} was trained on {len(trained_on)} of these eyes' photos ({shown}): their "
+            "synthetic angiograms carry their real ones and are not held out; train the pipeline on other eyes",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     report = translate_files(pipe, photos, folder, TranslateSettings(steps=steps, seed=seed))
     for path, reason in report.failed:
         console.print(f"could not translate {path}: {reason}")
     console.print(f"generated {len(report.written)} synthetic angiograms into {folder}")
-    return folder
+    return trained_on
 
 
 def clinical(
@@ -108,10 +135,13 @@ def clinical(
     check_output_folder(out, [data, synthetic, pipeline, backbone_weights])
     eyes = load_labelled(data)
     console = Console(stderr=True)
+    context = {}
     if pipeline is not None:
         if synthetic is not None:
             raise FFASynthError("give --pipeline (generate) or --synthetic (already generated), not both")
-        synthetic = _generate(eyes, pipeline, out / "synthetic", steps, seed, console)
+        synthetic = out / "synthetic"
+        # the eyes whose photo the pipeline trained on (None: it does not say), in metrics.json
+        context["generator_trained_on"] = _generate(eyes, pipeline, synthetic, steps, seed, console)
     if synthetic is not None:
         missing = attach_synthetic(eyes, synthetic)
         if missing:
@@ -153,6 +183,7 @@ def clinical(
         differences(results),
         data=str(data),
         synthetic=str(synthetic) if synthetic else None,
+        **context,
     )
     runs = f"{folds}-fold cross-validation{f' × {repeats}' if repeats > 1 else ''}"
     table = Table(title=f"{data.name}: {runs} ({backbone}), mean [95% interval]")

@@ -62,7 +62,10 @@ def _start(config: Config, data: Path, out: Path, kind: str, resume: bool, say: 
     first = is_first_process()
     say = say if first else _quiet
     dataset = dataset if dataset is not None else load_training_data(data, config, say)
-    return first, say, dataset, prepare_run(out, config, kind, data, resume, write=first)
+    run_dir = prepare_run(out, config, kind, data, resume, write=first)
+    if first and hasattr(dataset, "pairs"):  # which eyes the model saw, for `clinical` (run_folder.record_photos)
+        run_folder.record_photos(run_dir, [pair.source for pair in dataset.pairs])
+    return first, say, dataset, run_dir
 
 
 def train_vae(
