@@ -330,3 +330,12 @@ def test_the_token_projection_runs_through_its_component_so_offload_hooks_fire()
     pipe.projection.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
     pipe.encode_source(torch.rand(1, 3, 32, 32, generator=seeded(1)), 32, 0, (32, 32))
     assert calls, "the projection component's forward was bypassed"
+
+
+def test_several_samples_are_decoded_one_at_a_time(photo):
+    """The VAE decoder's peak memory is one sample's, whatever --samples is (its largest activations)."""
+    pipeline = micro_pipeline()
+    batches = []
+    pipeline.vae.decoder.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    samples = pipeline.sample_image(photo, 2, seeded(0), 1.0, 3, None, TileSettings.resolve(32, decode_size=0))
+    assert samples.shape[0] == 3 and batches == [1, 1, 1]

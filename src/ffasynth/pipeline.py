@@ -307,8 +307,9 @@ class FFASynthesisPipeline(DiffusionPipeline):
         decode_tile = longest if tiles.decode_size <= 0 else min(longest, tiles.decode_size)
         decode_tile = max(1, decode_tile // vae_factor)
 
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return preview(z).float() if decoder == "preview" else decode_latents(vae, z).float()
+        def decode(z: torch.Tensor) -> torch.Tensor:  # one sample at a time: the decoder's peak memory is one's
+            decoded = [preview(one) if decoder == "preview" else decode_latents(vae, one) for one in z.split(1)]
+            return torch.cat([one.float() for one in decoded])
 
         images = tiled_decode(decode, latents, decode_tile, decode_tile // 4, vae_factor, "cpu")  # tile by tile, host
         images = images[..., :height, :width].add_(1.0).div_(2.0).clamp_(0.0, 1.0)  # [-1, 1] → [0, 1], in place
