@@ -335,8 +335,8 @@ def test_a_resume_with_another_batch_size_reads_on_from_where_the_stream_stopped
     first = _Reading()
     train(first, _KeyedDataset(), config, tmp_path, progress=False)
     resumed = _Reading()
-    smaller = TrainConfig(max_steps=6, batch_size=2, gradient_accumulation=2, lr_warmup_steps=0, save_every=100)
+    smaller = TrainConfig(max_steps=9, batch_size=2, lr_warmup_steps=0, save_every=100)  # positions 6-11 reread
     train(resumed, _KeyedDataset(), smaller, tmp_path, progress=False, resume=True)
     stream = StreamBatchSampler(10, 1, seed=0)  # the loop's default seed; position p is its micro-batch p
     assert first.keys == [stream.batch(p)[0] for p in range(12)]
-    assert resumed.keys == [stream.batch(p)[0] for p in range(12, 24)]  # 3 steps of 2 × 2: positions 12-23
+    assert resumed.keys == [stream.batch(p)[0] for p in range(12, 24)]  # 6 steps of 2: positions 12-23
