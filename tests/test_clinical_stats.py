@@ -110,3 +110,34 @@ def test_a_class_absent_from_a_training_fold_still_gets_its_weight():
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])  # class 2 (the highest) absent
     _train_one(model, x, y, 3, ClinicalSettings(epochs=1, batch_size=4), seed=0)  # the weight had 2 entries
     assert model(x).shape == (4, 3)
+
+
+def test_images_of_one_eye_are_found_and_written_as_groups_for_the_folds(tmp_path):
+    """Two phases of one phantom eye share their vessel tree (100+ agreeing keypoints); different eyes reach
+    about 10. `data groups` writes groups.csv, which `clinical` then reads; it never overwrites one."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ffasynth.cli import app
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    phantoms = write_phantom_dataset(tmp_path / "phantoms", n=4, size=256, seed=3)
+    data = tmp_path / "labelled"
+    placed = {"normal/a": "1.1", "normal/b": "1.2", "normal/c": "2.1", "brvo/d": "3.1", "brvo/e": "3.2"}
+    placed |= {"brvo/f": "4.1", "brvo/g": "2.2"}  # g: eye 2 again, in another class
+    for key, name in placed.items():
+        (data / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(phantoms / f"{name}.png", data / f"{key}.png")
+    result = CliRunner().invoke(app, ["data", "groups", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "4 of 7 images in 2 groups of one eye" in result.output
+    groups = {eye.id: eye.group for eye in load_labelled(data)}
+    assert groups["normal/a"] == groups["normal/b"] and groups["brvo/d"] == groups["brvo/e"]
+    assert len({groups[key] for key in ("normal/a", "normal/c", "brvo/d", "brvo/f", "brvo/g")}) == 5
+    again = CliRunner().invoke(app, ["data", "groups", str(data)])
+    assert again.exit_code != 0 and "exists" in str(again.exception)
+    across = CliRunner().invoke(
+        app, ["data", "groups", str(data), "--across-classes", "--out", str(tmp_path / "x.csv")]
+    )
+    assert "brvo/g ~ normal/c" in across.output and "6 of 7 images in 3 groups" in across.output

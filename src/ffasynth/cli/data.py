@@ -17,6 +17,8 @@ from ffasynth.data.pairs import LAYOUTS, check_pairs
 from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
 from ffasynth.errors import FFASynthError, OutputError
+from ffasynth.evaluation.clinical import GROUPS_FILE
+from ffasynth.evaluation.same_eye import MIN_INLIERS
 from ffasynth.files import atomic_folder, atomic_write_text, check_output_file, check_output_folder
 
 app = typer.Typer(help="Inspect, check, register and generate paired photo/FFA data.", no_args_is_help=True)
@@ -193,3 +195,34 @@ def register(
     aligned = sum(row.status in ("registered", "transferred") for row in rows)
     console.print(f"{aligned} of {len(rows)} pairs registered; report: {out / REPORT_NAME}")
     raise typer.Exit(0 if aligned else 1)
+
+
+@app.command("groups")
+def groups(
+    folder: Path = typer.Argument(..., help="Labelled data, as `clinical --data` takes it (class folders, pairs)."),
+    out: Path | None = typer.Option(None, "--out", help="The CSV to write (default FOLDER/groups.csv)."),
+    min_inliers: int = typer.Option(
+        MIN_INLIERS, "--min-inliers", callback=in_range(3), help="Keypoints that must agree to join two images."
+    ),
+    across_classes: bool = typer.Option(
+        False, "--across-classes", help="Also compare images of different classes (default: within a class)."
+    ),
+) -> None:
+    """Find images that show one eye (keypoint matching) and write groups.csv (id,group) for `clinical`, so
+    that one eye's images stay in one fold. Look at the pairs it lists: it joins by vessel pattern, not by
+    patient record."""
+    from ffasynth.evaluation.clinical import load_labelled
+    from ffasynth.evaluation.same_eye import same_eye_groups
+
+    out = folder / GROUPS_FILE if out is None else out
+    if out.exists():
+        raise OutputError(f"{out} exists: move it away (or give another --out) to write new groups")
+    eyes = load_labelled(folder)
+    images = {eye.id: eye.images.get("real", eye.images.get("source")) for eye in eyes}
+    found, matches = same_eye_groups(images, None if across_classes else {e.id: e.label for e in eyes}, min_inliers)
+    joined = sorted((group, key) for key, group in found.items() if sum(g == group for g in found.values()) > 1)
+    atomic_write_text(out, "id,group\n" + "".join(f"{key},{group}\n" for group, key in joined))
+    for match in matches:
+        typer.echo(f"{match.first} ~ {match.second}: {match.inliers} keypoints agree")
+    count = len({group for group, _ in joined})
+    typer.echo(f"{len(joined)} of {len(images)} images in {count} groups of one eye; wrote {out}")
