@@ -98,10 +98,10 @@ def test_modes_compared_run_on_the_eyes_every_one_of_them_can_use(tmp_path):
         eye.images["source"] = eye.images["real"]
     (tmp_path / "bad.png").write_bytes(b"not a png")
     eyes[0].images["source"] = tmp_path / "bad.png"
-    kept, left = paired_eyes(eyes, ["real-only", "source+real"], image_size=16)
+    kept, left = paired_eyes(eyes, ["real-only", "source+real"])
     assert kept == eyes[1:-1] and len(left) == 2
     assert left[0].startswith(eyes[0].id) and "bad.png" in left[0] and left[1] == f"{eyes[-1].id} (no source image)"
-    assert paired_eyes(eyes, ["real-only"], 16)[0] == eyes  # one mode: every eye with its input
+    assert paired_eyes(eyes, ["real-only"])[0] == eyes  # one mode: every eye with its input
 
 
 def test_a_class_absent_from_a_training_fold_still_gets_its_weight():

@@ -154,7 +154,7 @@ def clinical(
     for name, reason in skipped_modes.items():
         console.print(f"skipping mode {name}: {reason}")
     if len(modes) > 1:  # compared fold by fold: the same eyes in every mode
-        eyes, left = paired_eyes(eyes, modes, image_size)
+        eyes, left = paired_eyes(eyes, modes)
         if left:
             shown = ", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
             console.print(f"{len(left)} eyes left out of every mode, which are compared on the same eyes: {shown}")

@@ -305,7 +305,7 @@ def resolve_modes(mode: str, eyes: list[LabelledEye], folds: int) -> tuple[list[
     return chosen, skipped
 
 
-def paired_eyes(eyes: list[LabelledEye], modes: list[str], image_size: int) -> tuple[list[LabelledEye], list[str]]:
+def paired_eyes(eyes: list[LabelledEye], modes: list[str]) -> tuple[list[LabelledEye], list[str]]:
     """The eyes every mode in `modes` can use (each input they need present and readable), so that the modes
     run on the same eyes and, with one seed, the same folds: their scores compare fold by fold. Returns
     (those eyes, the others with why)."""
@@ -317,7 +317,7 @@ def paired_eyes(eyes: list[LabelledEye], modes: list[str], image_size: int) -> t
             left.append(f"{eye.id} (no {' or '.join(absent)} image)")
             continue
         try:
-            _load_inputs([eye], tuple(needed), 16)
+            _load_inputs([eye], tuple(needed), 16)  # decoded whole: an unreadable file is found here
         except ImageReadError as error:
             left.append(f"{eye.id} ({error})")
             continue
