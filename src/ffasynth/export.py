@@ -312,6 +312,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = True, lora:
         pipeline.save_pretrained(folder, safe_serialization=True)
         (folder / "README.md").write_text(card)
         if photos is not None:  # the photos the model was trained on, by hash (run_folder.record_photos)
-            (folder / run_folder.PHOTOS_FILE).write_text("".join(f"{digest}\n" for digest in sorted(photos)))
+            run_folder.write_photos(folder, photos)
 
     return atomic_folder(out_dir, fill)

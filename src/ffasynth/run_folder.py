@@ -119,8 +119,12 @@ def record_photos(run_dir: str | Path, photos) -> Path:
     """RUN/training_photos.sha256: the sha256 of each training photo's bytes, sorted, one per line. An exported
     pipeline carries them so that `clinical` can tell the eyes it was trained on (a copied or renamed file
     too) from held-out ones, without the training data at hand."""
-    digests = sorted({sha256(path) for path in photos})
-    return atomic_write_text(Path(run_dir) / PHOTOS_FILE, "".join(f"{digest}\n" for digest in digests))
+    return write_photos(run_dir, {sha256(path) for path in photos})
+
+
+def write_photos(folder: str | Path, digests: set[str]) -> Path:
+    """FOLDER/training_photos.sha256 listing `digests` (a run's, or an exported pipeline's), sorted."""
+    return atomic_write_text(Path(folder) / PHOTOS_FILE, "".join(f"{digest}\n" for digest in sorted(digests)))
 
 
 def trained_photos(folder: str | Path) -> set[str] | None:
