@@ -25,7 +25,7 @@ from ffasynth.evaluation.clinical import (
     resolve_modes,
 )
 from ffasynth.evaluation.clinical_report import write_clinical_report
-from ffasynth.evaluation.clinical_stats import paired_difference, verdict
+from ffasynth.evaluation.clinical_stats import paired_difference
 from ffasynth.files import check_output_folder
 from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
 
@@ -197,7 +197,7 @@ def clinical(
         accuracy = difference["accuracy"]
         typer.echo(
             f"{name} − source-only, accuracy {accuracy['mean']:+.3f} [{accuracy['low']:+.3f}, {accuracy['high']:+.3f}]"
-            f" (p = {accuracy['p']:.2g}, {accuracy['folds']} folds): {verdict(accuracy)}"
+            f" (p = {accuracy['p']:.2g}, {accuracy['folds']} folds): {accuracy['verdict']}"
         )
     typer.echo(f"wrote {path} and the figures beside it")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ffasynth.evaluation.agreement import HIGHER_IS_BETTER, LABELS, PER_IMAGE
 from ffasynth.evaluation.clinical import ClinicalResult
-from ffasynth.evaluation.clinical_stats import verdict
 from ffasynth.evaluation.plots import plot_confusion, plot_roc
 from ffasynth.evaluation.report import Cell, Report
 from ffasynth.files import atomic_write_text
@@ -99,11 +98,7 @@ METRIC_NAMES = {
 }
 
 
-def _as_floats(record: dict) -> dict:
-    return {k: math.nan if v is None else v for k, v in record.items()}
-
-
-def _cell(record: dict, signed: bool = False, verdict: str | None = None) -> Cell:
+def _cell(record: dict, signed: bool = False) -> Cell:
     """mean [low, high] (and p, and the verdict, for a difference); '-' when undefined."""
     mean, low, high = (record.get(k) for k in ("mean", "low", "high"))
     if mean is None:
@@ -112,7 +107,7 @@ def _cell(record: dict, signed: bool = False, verdict: str | None = None) -> Cel
     text = f"{mean:{form}}" + (f" [{low:{form}}, {high:{form}}]" if low is not None else "")
     if record.get("p") is not None:
         text += f", p = {record['p']:.2g}"
-    return Cell(mean, text + (f": {verdict}" if verdict else ""))
+    return Cell(mean, text + (f": {record['verdict']}" if record.get("verdict") else ""))
 
 
 def write_html(document: dict, out: Path) -> dict[str, Path]:
@@ -144,10 +139,7 @@ def write_html(document: dict, out: Path) -> dict[str, Path]:
     report.add_table("Scores", columns, rows)
     compared = document.get("difference_from_source_only") or {}
     if compared:
-        rows = [
-            [mode, *(_cell(d[m], signed=True, verdict=verdict(_as_floats(d[m]))) for m in METRIC_NAMES)]
-            for mode, d in compared.items()
-        ]
+        rows = [[mode, *(_cell(d[m], signed=True) for m in METRIC_NAMES)] for mode, d in compared.items()]
         report.add_table(
             "Difference from source-only (same eyes, same folds)",
             ["mode", *METRIC_NAMES.values()],

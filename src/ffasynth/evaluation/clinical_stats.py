@@ -73,27 +73,31 @@ def corrected_interval(values, test_fraction: float) -> dict[str, float]:
     mean = float(values.mean())
     if values.size < 2:
         return {"mean": mean, "low": math.nan, "high": math.nan}
-    scale = math.sqrt((1.0 / values.size + test_fraction) * values.var(ddof=1))
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, values.size - 1)) * scale
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, values.size - 1)) * _corrected_error(values, test_fraction)
     return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def _corrected_error(values: np.ndarray, test_fraction: float) -> float:
+    """The standard error of the mean of J ≥ 2 fold scores, corrected: √((1/J + n_test/n_train)·σ²)."""
+    return math.sqrt((1.0 / values.size + test_fraction) * values.var(ddof=1))
 
 
 def paired_difference(first, second, test_fraction: float) -> dict[str, float]:
     """first − second, fold by fold (the same folds of the same eyes), over the folds where both are defined:
-    {mean, low, high, p (two-sided, corrected resampled t-test), folds}."""
+    {mean, low, high, p (two-sided, corrected resampled t-test), folds, verdict (`verdict`)}."""
     from scipy import stats
 
     pairs = [(a, b) for a, b in zip(first, second, strict=True) if math.isfinite(a) and math.isfinite(b)]
     differences = np.array([a - b for a, b in pairs], dtype=float)
     result = {**corrected_interval(differences, test_fraction), "p": math.nan, "folds": len(pairs)}
     if differences.size >= 2:
-        scale = math.sqrt((1.0 / differences.size + test_fraction) * differences.var(ddof=1))
+        scale = _corrected_error(differences, test_fraction)
         if scale > 0:
             statistic = result["mean"] / scale
             result["p"] = float(2 * stats.t.sf(abs(statistic), differences.size - 1))
         else:  # every fold differs by the same amount: certain when that is not 0
             result["p"] = 1.0 if result["mean"] == 0 else 0.0
-    return result
+    return {**result, "verdict": verdict(result)}
 
 
 def verdict(difference: dict[str, float]) -> str:
