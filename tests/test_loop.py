@@ -99,7 +99,8 @@ def test_processes_read_disjoint_micro_batches_that_cover_every_epoch():
     assert sorted(keys) == sorted((index, epoch) for epoch in (0, 1) for index in range(size))
     # a process resuming at micro-batch 2 reads exactly what it would have read
     for rank in range(world):
-        resumed = iter(StreamBatchSampler(size, batch_size, seed=7, start=2, rank=rank, world=world))
+        offset = 2 * world * batch_size  # the positions every process read in 2 micro-batches
+        resumed = iter(StreamBatchSampler(size, batch_size, seed=7, rank=rank, world=world, offset=offset))
         assert [next(resumed), next(resumed)] == per_process[rank][2:]
 
 

@@ -189,13 +189,11 @@ class StreamBatchSampler:
     Yields lists of (index, epoch) keys for PairDataset.
     """
 
-    def __init__(
-        self, size: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1, offset: int = 0
-    ):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, offset: int = 0):
         if size < 1:
             raise PairError("the dataset has no pairs")
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start, self.rank, self.world, self.offset = start, rank, world, offset
+        self.rank, self.world, self.offset = rank, world, offset
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -213,7 +211,7 @@ class StreamBatchSampler:
         return keys
 
     def __iter__(self):
-        micro_batch = self.start
+        micro_batch = 0
         while True:
             yield self.batch(micro_batch)
             micro_batch += 1
