@@ -172,6 +172,10 @@ def trust_file(path: str | os.PathLike) -> str:
     return digest
 
 
+def _unreadable(path: Path, error: OSError) -> FFASynthError:
+    return FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions")
+
+
 def origin(name: str, path: str | os.PathLike, digest: str | None = None) -> tuple[str, str]:
     """("upstream" | "trusted" | "damaged", SHA-256) of a file at a known weights name (`digest`: of bytes
     already read); FFASynthError (one line) when it cannot be read."""
@@ -179,7 +183,7 @@ def origin(name: str, path: str | os.PathLike, digest: str | None = None) -> tup
     try:
         digest = digest or file_sha256(path)
     except OSError as error:
-        raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
+        raise _unreadable(path, error) from None
     if matches_pin(name, digest):
         return "upstream", digest
     return ("trusted" if (digest, path.name) in _trusted(path.parent) else "damaged"), digest
@@ -239,7 +243,7 @@ def load_state_dict(name: str, weights_dir: str | os.PathLike | None = None) -> 
     try:  # read once: the bytes hashed are the bytes loaded (a file replaced in between cannot slip in)
         data = path.read_bytes()
     except OSError as error:
-        raise FFASynthError(f"{path}: cannot be read ({error.strerror or error}); check its permissions") from None
+        raise _unreadable(path, error) from None
     verify(name, path, weights_dir, hashlib.sha256(data).hexdigest())
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
