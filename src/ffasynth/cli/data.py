@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -220,7 +221,8 @@ def groups(
     eyes = load_labelled(folder)
     images = {eye.id: eye.images.get("real", eye.images.get("source")) for eye in eyes}
     found, matches = same_eye_groups(images, None if across_classes else {e.id: e.label for e in eyes}, min_inliers)
-    joined = sorted((group, key) for key, group in found.items() if sum(g == group for g in found.values()) > 1)
+    sizes = Counter(found.values())
+    joined = sorted((group, key) for key, group in found.items() if sizes[group] > 1)
     atomic_write_text(out, "id,group\n" + "".join(f"{key},{group}\n" for group, key in joined))
     for match in matches:
         typer.echo(f"{match.first} ~ {match.second}: {match.inliers} keypoints agree")
