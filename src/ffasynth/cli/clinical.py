@@ -24,7 +24,7 @@ from ffasynth.evaluation.clinical import (
     paired_eyes,
     resolve_modes,
 )
-from ffasynth.evaluation.clinical_report import write_clinical_report
+from ffasynth.evaluation.clinical_report import METRIC_NAMES, interval_text, write_clinical_report
 from ffasynth.evaluation.clinical_stats import paired_difference
 from ffasynth.files import check_output_folder
 from ffasynth.translate import TranslateSettings, load_pipeline, translate_files
@@ -187,28 +187,16 @@ def clinical(
     )
     runs = f"{folds}-fold cross-validation{f' × {repeats}' if repeats > 1 else ''}"
     table = Table(title=f"{data.name}: {runs} ({backbone}), mean [95% interval]")
-    for column in ("mode", "examples", "accuracy", "balanced accuracy", "macro-F1", "AUC (one-vs-rest)"):
+    for column in ("mode", "examples", *METRIC_NAMES.values()):
         table.add_column(column)
     for result in results:
         summary = result.summary()
-        table.add_row(result.settings.mode, str(len(result.ids)), *(_interval(summary[k]) for k in METRICS))
+        table.add_row(result.settings.mode, str(len(result.ids)), *(interval_text(summary[k]) for k in METRIC_NAMES))
     Console().print(table)
     for name, difference in differences(results).items():
         accuracy = difference["accuracy"]
-        typer.echo(
-            f"{name} − source-only, accuracy {accuracy['mean']:+.3f} [{accuracy['low']:+.3f}, {accuracy['high']:+.3f}]"
-            f" (p = {accuracy['p']:.2g}, {accuracy['folds']} folds): {accuracy['verdict']}"
-        )
+        typer.echo(f"{name} − source-only, accuracy {interval_text(accuracy, signed=True)} ({accuracy['folds']} folds)")
     typer.echo(f"wrote {path} and the figures beside it")
-
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_ovr")
-
-
-def _interval(score: dict) -> str:
-    low, high = score.get("low"), score.get("high")
-    shown = f" [{low:.3f}, {high:.3f}]" if low is not None and low == low else ""
-    return f"{score['mean']:.3f}{shown}"
 
 
 def differences(results) -> dict[str, dict[str, dict]]:
@@ -220,7 +208,7 @@ def differences(results) -> dict[str, dict[str, dict]]:
     return {
         result.settings.mode: {
             metric: paired_difference(result.scores(metric), reference.scores(metric), reference.test_fraction)
-            for metric in METRICS
+            for metric in METRIC_NAMES
         }
         for result in results
         if result is not reference and result.ids == reference.ids

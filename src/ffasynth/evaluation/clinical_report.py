@@ -98,16 +98,24 @@ METRIC_NAMES = {
 }
 
 
-def _cell(record: dict, signed: bool = False) -> Cell:
-    """mean [low, high] (and p, and the verdict, for a difference); '-' when undefined."""
-    mean, low, high = (record.get(k) for k in ("mean", "low", "high"))
+def interval_text(record: dict, signed: bool = False) -> str:
+    """A summary or difference record as "mean [low, high]" (and ", p = …: verdict" for a difference); "-"
+    when undefined. Undefined figures are NaN in the results and None in metrics.json: both are left out."""
+    mean, low, high, p = (_defined(record.get(k)) for k in ("mean", "low", "high", "p"))
     if mean is None:
-        return Cell(None, "-")
+        return "-"
     form = "+.3f" if signed else ".3f"
     text = f"{mean:{form}}" + (f" [{low:{form}}, {high:{form}}]" if low is not None else "")
-    if record.get("p") is not None:
-        text += f", p = {record['p']:.2g}"
-    return Cell(mean, text + (f": {record['verdict']}" if record.get("verdict") else ""))
+    text += f", p = {p:.2g}" if p is not None else ""
+    return text + (f": {record['verdict']}" if record.get("verdict") else "")
+
+
+def _defined(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _cell(record: dict, signed: bool = False) -> Cell:
+    return Cell(record.get("mean"), interval_text(record, signed))
 
 
 def write_html(document: dict, out: Path) -> dict[str, Path]:
