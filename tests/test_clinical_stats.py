@@ -58,6 +58,10 @@ def test_a_paired_difference_is_scipys_paired_t_test_without_the_correction_and_
     assert verdict(plain) == "better" and verdict(paired_difference(b, a, 0.0)) == "worse"
     assert verdict(paired_difference([0.6, 0.7, 0.5], [0.65, 0.6, 0.55], 0.25)) == "no clear difference"
     assert paired_difference([0.7, float("nan"), 0.6], [0.5, 0.5, 0.5], 0.0)["folds"] == 2  # undefined: left out
+    # two folds that both differ by exactly +1/6 (discrete accuracies): no interval, no p, no "better"
+    alike = paired_difference([0.25, 0.25], [1 / 12, 1 / 12], 1.0)
+    assert alike["mean"] == pytest.approx(1 / 6) and np.isnan(alike["low"]) and np.isnan(alike["p"])
+    assert alike["verdict"] == "cannot tell (too few folds, or every fold alike)"
 
 
 def _class_folders(root, per_class=6):
