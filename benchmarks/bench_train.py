@@ -6,12 +6,18 @@ forward/backward and, where the device's peak is known, the model FLOP utilisati
     python benchmarks/bench_train.py                                   # tiny preset on CPU
     python benchmarks/bench_train.py --preset sd15 --resolution 768 --mixed-precision bf16   # on a GPU
     python benchmarks/bench_train.py --compile
+    python benchmarks/bench_train.py --variants "default (sdpa)" --profile 5   # + where the step's time goes
 
-Each variant runs in a fresh process (its own peak) on phantom pairs. Prints one JSON object."""
+Each variant runs in a fresh process (its own peak) on phantom pairs. With --profile N, N steps right
+after the warm-up run under torch.profiler (step_profile.py: device time by operator, kernel and kind of
+work, and the share of the wall time the device was busy); the timed steps come after them. --set KEY=VALUE
+passes config overrides to every variant (e.g. model.pretrained=DIR for the SD1.5 weights' folder).
+Prints one JSON object."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -30,6 +36,7 @@ from common import (  # noqa: E402
     reset_cuda_peak,
     run_child,
 )
+from step_profile import profiled_steps, summarise  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = {
@@ -67,7 +74,8 @@ def child(args) -> dict:
     from ffasynth.training.stage1 import build_stage1
 
     overrides = json.loads(args.overrides)
-    steps = args.warmup + args.steps
+    window = args.profile + 1 if args.profile else 0  # the profiler's warm-up step and its N steps
+    steps = args.warmup + window + args.steps
     config = load_config(
         preset=args.preset,
         overrides=[
@@ -88,8 +96,15 @@ def child(args) -> dict:
     task = build_stage1(config)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     reset_cuda_peak(device)
-    result = train(task, dataset, config.stage1, run_dir, config.seed, progress=False, sample_items=1)
-    per_step = [config.stage1.batch_size / row["images_per_s"] for row in result.losses[args.warmup :]]
+    profiling = contextlib.nullcontext({})
+    if args.profile:
+        from ffasynth.training import loop
+
+        profiling = profiled_steps(loop, args.warmup, args.profile, device.type == "cuda")
+    with profiling as found:
+        result = train(task, dataset, config.stage1, run_dir, config.seed, progress=False, sample_items=1)
+    timed_rows = [row for row in result.losses if row["step"] > args.warmup + window]
+    per_step = [config.stage1.batch_size / row["images_per_s"] for row in timed_rows]
     seconds = statistics.median(per_step)
     peak_cuda = cuda_peak_mib(device)
     batch = _to_device(torch.utils.data.default_collate([dataset[(i, 0)] for i in range(args.batch_size)]), device)
@@ -108,6 +123,7 @@ def child(args) -> dict:
         "flops_per_step": flops,
         "achieved_tflops": None if flops is None else flops / seconds / 1e12,
         "final_loss": result.losses[-1]["loss/main"],
+        **({"profile": summarise(found, device.type == "cuda")} if args.profile else {}),
     }
 
 
@@ -122,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile variant")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the utilisation")
     parser.add_argument("--device", default="auto", help="auto or cpu")
+    parser.add_argument("--variants", nargs="*", help=f"run only these (of: {', '.join(VARIANTS)}, torch.compile)")
+    parser.add_argument("--profile", type=int, default=0, help="profile N steps after the warm-up (torch.profiler)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every variant")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
@@ -136,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = dict(VARIANTS)
     if args.compile:
         variants["torch.compile"] = ["stage1.compile=true"]
+    if args.variants:
+        unknown = [name for name in args.variants if name not in variants]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {list(variants)}")
+        variants = {name: variants[name] for name in args.variants}
     info = machine()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     for name, table in PEAKS.items():
@@ -162,10 +186,12 @@ def main(argv: list[str] | None = None) -> None:
             args.device,
             "--data",
             folder,
+            "--profile",
+            str(args.profile),
         ]
         for name, overrides in variants.items():
             log(f"  {name}")
-            row = run_child(SCRIPT, [*common, "--overrides", json.dumps(overrides)])
+            row = run_child(SCRIPT, [*common, "--overrides", json.dumps([*args.set, *overrides])])
             if peak and row["flops_per_step"]:
                 row["model_flop_utilisation"] = row["flops_per_step"] / row["seconds_per_step"] / peak
             log(f"    {row['steps_per_s']:.2f} steps/s, peak RSS {row['peak_rss_mib']:.0f} MiB")

@@ -12,6 +12,9 @@ Steps, each in its own process with its own time limit (one failing is recorded,
  3. stage1    `ffasynth train stage1 --config configs/sd15.yaml` at 768² in bf16 for ~30 steps
               (steps/s, peak CUDA memory, model FLOP utilisation from the U-Net's FLOPs counted on
               the meta device: 3 × forward, recomputation and the frozen VAE/CLIP encodes not counted);
+ 3b. profile  benchmarks/bench_train.py on the same weights: 5 stage-1 steps under torch.profiler (device
+              time by operator, kernel and kind of work; the share of the wall time the GPU was busy),
+              the FLOPs of a whole step counted by torch, and steps/s and peak memory at batch 1 and 4;
  4. stage2    `ffasynth train stage2` for a few steps (decoder fine-tuning, fp32, LPIPS-VGG);
  4b. distill  `ffasynth train distill` of the stage-2 model as configs/sd15.yaml sets it (LCM, rank-64 LoRA
               student, bf16, gradient checkpointing) for a few steps (steps/s, peak CUDA memory);
@@ -60,6 +63,8 @@ def plan(smoke: bool) -> dict:
             "stage2_steps": 2,
             "translate_steps": 2,
             "sampling": ["--preset", "tiny", "--size", "64", "--steps", "1,2", "--repeats", "1"],
+            "train_bench": ["--resolution", "64", "--mixed-precision", "no", "--warmup", "1"],
+            "batches": (1, 2),
             "memory_sizes": "128x128,256x192",
             "dtypes": ["float32"],
         }
@@ -299,6 +304,18 @@ def main(argv: list[str] | None = None) -> None:
         start = text.rfind("\n{\n")  # the JSON object each script prints last
         return json.loads(text[start + 1 :] if start >= 0 else text[text.find("{") :])
 
+    def profile() -> dict:
+        """Stage 1's step on the SD1.5 weights: where its time goes (batch 1), and how it scales with the batch."""
+        rows = {}
+        for batch in settings["batches"]:
+            flags = ["--preset", "sd15", *settings["train_bench"], "--batch-size", batch]
+            flags += ["--variants", "default (sdpa)"]
+            flags += ["--profile", 5, "--steps", 6] if batch == 1 else ["--steps", 5]
+            flags += ["--set", *where[:2], "stage1.gradient_accumulation=1", "stage1.cond_gain_every=0"]
+            result = bench("bench_train.py", [str(flag) for flag in flags], f"profile-batch{batch}")
+            rows[f"batch_{batch}"] = result["variants"]["default (sdpa)"]
+        return rows
+
     def child(name: str, timeout: float) -> dict:
         """This script's --child NAME in a fresh interpreter; the JSON line it prints last."""
         command = [sys.executable, __file__, "--child", name, "--work", str(work)] + ["--smoke"] * args.smoke
@@ -308,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights": lambda: child("weights", 600),
         "data": lambda: child("data", 300),
         "stage1": lambda: stage1("stage1", []),
+        "profile": profile,
         "stage2": lambda: {
             "wall_s": round(
                 run(
