@@ -35,7 +35,7 @@ def profiled_steps(loop_module, skip: int, active: int, cuda: bool):
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    profiler = profile(activities=activities, schedule=schedule(wait=skip, warmup=1, active=active))
+    profiler = profile(activities=activities, schedule=schedule(wait=skip, warmup=1, active=active, repeat=1))
     original, ends = loop_module._train_step, []
 
     def step_then_count(*args, **kwargs):
@@ -93,7 +93,8 @@ def summarise(found: dict, cuda: bool, top: int = 12) -> dict:
 
     kinds: dict[str, float] = {}
     for event in operators:
-        kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + device_us(event)
+        if device_us(event) > 0:
+            kinds[kind_of(event.key)] = kinds.get(kind_of(event.key), 0.0) + device_us(event)
     attributed = sum(kinds.values())
     return {
         "steps_profiled": steps,

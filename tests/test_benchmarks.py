@@ -231,3 +231,76 @@ def test_gpu_check_stops_a_step_at_the_scripts_budget_and_says_so(monkeypatch, t
     monkeypatch.setattr(gpu_check, "BUDGET_END", float("inf"))
     seconds, text = gpu_check.run([sys.executable, "-c", "print('done')"], 60, tmp_path / "quick.log")
     assert text.strip() == "done" and seconds < 30
+
+
+def test_step_profile_counts_each_step_of_the_loop_and_splits_its_device_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import step_profile
+
+    big, small = torch.randn(256, 256), torch.randn(8, 8, 8, 8)
+
+    class Loop:  # stands in for ffasynth.training.loop: the profile counts steps at _train_step's end
+        @staticmethod
+        def _train_step(batch, after_the_window=False):
+            if after_the_window:  # steps past the window (and the run's end: samples, checkpoint) are not in it
+                return torch.sigmoid(batch)
+            torch.nn.functional.conv2d(small, small)
+            return batch @ batch
+
+    original = Loop._train_step
+    with step_profile.profiled_steps(Loop, skip=2, active=3, cuda=False) as found:
+        for step in range(14):
+            Loop._train_step(big, after_the_window=step >= 6)
+        torch.sigmoid(big)
+    assert Loop._train_step is original  # put back
+    summary = step_profile.summarise(found, cuda=False)
+    assert summary["steps_profiled"] == 3 and len(found["ends"]) == 14
+    # the window: the wall time from the end of step 3 (the profiler's warm-up) to the end of step 6
+    assert summary["wall_ms_per_step"] == pytest.approx((found["ends"][5] - found["ends"][2]) * 1e3 / 3, abs=0.01)
+    names = {row["name"]: row for row in summary["top_operators"]}
+    assert "aten::sigmoid" not in names
+    assert names["aten::mm"]["calls_per_step"] == 1.0 and names["aten::convolution"]["calls_per_step"] == 1.0
+    # self times: each operator once, so the kinds' shares sum to one and the top table's to at most one
+    assert sum(summary["by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert set(summary["by_kind"]) <= {"matmul", "convolution", "other", "copies and casts"}
+    assert sum(row["share"] for row in summary["top_operators"]) <= 1.0 + 1e-3
+    assert 0 < summary["device_busy_share"] <= 1.0 + 1e-3
+    with step_profile.profiled_steps(Loop, skip=2, active=3, cuda=False) as found:
+        Loop._train_step(big)
+    with pytest.raises(RuntimeError, match="ran 1 steps; the profile needs 6"):
+        step_profile.summarise(found, cuda=False)
+
+
+def test_step_profile_sums_kernel_time_on_a_gpu_and_names_the_kind_of_each_operator(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import step_profile
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    class Event:
+        def __init__(self, key, device_type, us, count):
+            self.key, self.device_type, self.count = key, device_type, count
+            self.self_device_time_total, self.self_cpu_time_total = us, 1.0
+
+    events = [  # 2 steps: operators carry the device time of the kernels they launched
+        Event("aten::_efficient_attention_forward", cpu, 6000.0, 20),
+        Event("aten::cudnn_convolution", cpu, 3000.0, 40),
+        Event("aten::_foreach_lerp_", cpu, 1000.0, 2),
+        Event("aten::empty", cpu, 0.0, 100),
+        Event("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", cuda, 6000.0, 20),
+        Event("sm90_xmma_fprop_implicit_gemm", cuda, 3000.0, 40),
+        Event("multi_tensor_apply_kernel", cuda, 1000.0, 2),
+    ]
+
+    class Profiler:
+        def key_averages(self):
+            return events
+
+    found = {"profiler": Profiler(), "ends": [0.0, 1.0, 1.02, 1.04], "window": (2, 4)}
+    summary = step_profile.summarise(found, cuda=True)
+    assert summary["device_ms_per_step"] == 5.0 and summary["wall_ms_per_step"] == pytest.approx(20.0)
+    assert summary["device_busy_share"] == pytest.approx(0.25) and summary["kernel_launches_per_step"] == 31
+    assert summary["by_kind"] == {"attention": 0.6, "convolution": 0.3, "optimizer and EMA": 0.1}
+    assert [row["name"] for row in summary["top_kernels"]][0].startswith("fmha")
+    assert [row["name"] for row in summary["top_operators"]] == [e.key for e in events[:3]]  # none at 0 device time
+    assert step_profile.kind_of("aten::addmm") == "matmul" and step_profile.kind_of("aten::add_") == "other"
