@@ -3,7 +3,8 @@
 # translate → sampling and memory benchmarks, one JSON summary. Made for a GPU machine that has PyTorch,
 # transformers and accelerate but no internet and not diffusers: the missing pure-Python wheels travel
 # in .whl/ at the repository root (ignored by git), fetched once where pip works:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 lpips==0.1.4 importlib_metadata
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 lpips==0.1.4 importlib_metadata==8.7.0
+# (importlib_metadata 9+ needs lazy-importer, which the device image lacks; its other needs are there)
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh [--smoke] [--only STEP ...]
 # Results: $OUT/gpu_check.json (OUT defaults to ./gpu-check-out) and each step's log beside it.
 set -uo pipefail
