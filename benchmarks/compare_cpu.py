@@ -4,7 +4,7 @@ registration is refused left out), scored against the test eyes registered the s
 
 - ffasynth from random initialisation (model.base=none: VAE, U-Net, decoder within the budget),
 - ffasynth from the base model (model.base: U-Net and decoder fine-tuned within the budget),
-- pix2pix (tiny generator, same data pipeline),
+- pix2pix (tiny generator, same data pipeline; told the phase, as ffasynth is: pix2pix.num_phases),
 - the inverted green channel of the photo (no training: the trivial method).
 
 Reported per method: own-eye retrieval first (is each synthetic FFA closest, by correlation inside the
@@ -101,14 +101,19 @@ def run_pix2pix(args, data: Path) -> dict:
     began = time.perf_counter()
     train_pix2pix(config, data, folder / "run", resume=True, progress=False, say=log)
     raw = folder / "raw"
-    photos = [pair.source for pair in load_pairs(data / "test")]
-    photos = list(dict.fromkeys(photos))
+    pairs = load_pairs(data / "test")
+    photos = list(dict.fromkeys(pair.source for pair in pairs))
+    # one output per photo and phase (the default pix2pix.num_phases reads the phase), else one per photo
+    phases = sorted({pair.phase for pair in pairs}) if config.pix2pix.num_phases else [None]
     translate_began = time.perf_counter()
-    generate_folder(folder / "run", photos, raw, say=log)
-    seconds = (time.perf_counter() - translate_began) / len(photos)
+    for phase in phases:
+        generate_folder(folder / "run", photos, raw / (phase or "all"), say=log, phase=phase)
+    seconds = (time.perf_counter() - translate_began) / (len(photos) * len(phases))
     translated = folder / "translated"
     translated.mkdir(exist_ok=True)
-    per_phase_copies({photo: raw / f"{photo.stem}_ffa.png" for photo in photos}, data / "test", translated)
+    for pair in pairs:
+        drawn = raw / (pair.phase if phases != [None] else "all") / f"{pair.source.stem}_ffa.png"
+        shutil.copyfile(drawn, translated / f"{pair.target.with_suffix('').name}_ffa.png")
     return {"translated": translated, "minutes": round((time.perf_counter() - began) / 60, 1), "s_per_image": seconds}
 
 

@@ -104,3 +104,41 @@ def test_a_tile_overlap_the_tiles_cannot_share_is_refused_at_training_only(tmp_p
     )
     assert not (tmp_path / "run").exists()
     assert load_config(preset="tiny", overrides=[*SMALL, "pix2pix.tile_overlap=40"]).pix2pix.tile_overlap == 40
+
+
+def test_pix2pix_draws_the_phase_it_is_asked_for_and_an_older_phase_blind_run_still_translates(tmp_path):
+    import yaml
+
+    from ffasynth.baselines.training import Pix2PixTask, load_generator
+    from ffasynth.config import load_config
+    from ffasynth.data.io import read_image
+    from ffasynth.data.phantom import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", n=4, size=64, seed=2, test_fraction=0.25)
+    common = ["baseline", "train", "--data", data, "--preset", "tiny", "--max-steps", 2, "--quiet", *SMALL]
+    assert invoke(*common, "--out", tmp_path / "phases").exit_code == 0
+    generator, config = load_generator(tmp_path / "phases")
+    assert config.num_phases == 2 and generator.encoder[0][0].in_channels == 5  # photo + early + late maps
+    task = Pix2PixTask(load_config(preset="tiny", overrides=SMALL).pix2pix)
+    assert task.discriminator.model[0].in_channels == 6  # photo, phase maps and the angiogram
+    drawn = {}
+    for phase in ("early", "late"):
+        out = tmp_path / f"out-{phase}"
+        result = invoke("baseline", "translate", tmp_path / "phases", data / "test", "--out", out, "--phase", phase)
+        assert result.exit_code == 0, result.output
+        drawn[phase] = read_image(out / "4_ffa.png", channels=1)
+    assert not torch.equal(drawn["early"], drawn["late"])
+    bad = invoke("baseline", "translate", tmp_path / "phases", data / "test", "--out", tmp_path / "x", "--phase", "mid")
+    assert bad.exit_code != 0 and "--phase 'mid'" in bad.output + str(bad.exception)
+
+    # a run made before the phase input: its config.yaml has no pix2pix.num_phases, its generator reads 3 channels
+    assert invoke(*common, "--out", tmp_path / "blind", "pix2pix.num_phases=0").exit_code == 0
+    saved = yaml.safe_load((tmp_path / "blind" / "config.yaml").read_text())
+    del saved["pix2pix"]["num_phases"]
+    (tmp_path / "blind" / "config.yaml").write_text(yaml.safe_dump(saved))
+    out = tmp_path / "out-blind"
+    assert invoke("baseline", "translate", tmp_path / "blind", data / "test", "--out", out).exit_code == 0
+    late = tmp_path / "out-blind-late"
+    refused = invoke("baseline", "translate", tmp_path / "blind", data / "test", "--out", late, "--phase", "late")
+    assert refused.exit_code != 0 and "trained without a phase input" in refused.output + str(refused.exception)
+    assert not late.exists()  # refused before anything was written

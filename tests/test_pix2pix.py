@@ -14,6 +14,7 @@ from ffasynth.baselines.pix2pix import (
     discriminator_loss,
     generate_image,
     generator_loss,
+    with_phase,
 )
 from ffasynth.errors import FFASynthError
 from ffasynth.models.discriminator import NLayerDiscriminator
@@ -214,3 +215,17 @@ def test_pix2pix_learns_phantom_angiograms(tmp_path):
     end = held_out_l1()
     print(f"pix2pix held-out L1 (early phase, 64², [-1, 1] scale): {start:.3f} → {end:.3f}")
     assert end < 0.4 * start, (start, end)
+
+
+def test_the_phase_maps_say_each_items_phase_in_the_photos_range():
+    photo = torch.rand(3, 3, 5, 7) * 2 - 1
+    stacked = with_phase(photo, [0, 1, 5], num_phases=2)  # 5: clamped to the last phase, as the U-Net's label is
+    assert stacked.shape == (3, 5, 5, 7) and torch.equal(stacked[:, :3], photo)
+    assert stacked[0, 3].eq(1).all() and stacked[0, 4].eq(-1).all()
+    assert stacked[1, 3].eq(-1).all() and stacked[1, 4].eq(1).all() and torch.equal(stacked[2, 3:], stacked[1, 3:])
+    assert with_phase(photo, [0, 1, 1], num_phases=0) is photo  # the paper's pix2pix: the photo alone
+    # the phase reaches the output of a generator that reads it, and tiles carry it (constant maps, reflect padding)
+    generator = tiny_generator(in_ch=5)
+    big = torch.rand(1, 3, 70, 90, dtype=torch.float64) * 2 - 1
+    early, late = (generate_image(generator, with_phase(big, [i], 2), tile=64, overlap=16) for i in (0, 1))
+    assert early.shape == (1, 1, 70, 90) and (early - late).abs().mean() > 1e-4

@@ -355,6 +355,7 @@ class Pix2PixConfig(TrainConfig):
     num_downs: int = 8
     norm: Literal["batch", "instance"] = "batch"
     use_dropout: bool = True
+    num_phases: int = 2  # FFA phases given as input maps (with_phase), as the U-Net gets them; 0 = the paper's
     l1_weight: float = 100.0
     gan_loss: Literal["vanilla", "hinge"] = "vanilla"
     disc_channels: int = 64
@@ -373,6 +374,7 @@ class Pix2PixConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         _require(self.num_downs >= 5, "pix2pix.num_downs", "must be at least 5")
+        _require(0 <= self.num_phases <= 16, "pix2pix.num_phases", "must be between 0 and 16")
         _require(self.l1_weight >= 0, "pix2pix.l1_weight", "must be >= 0")
         _require(0 <= self.tile_overlap < self.tile, "pix2pix.tile_overlap", "must be in [0, tile)")
         for key in ("ngf", "disc_channels"):

@@ -5,7 +5,9 @@ The generator is pix2pix's `UnetGenerator` written as an explicit encoder/decode
 nested blocks; the layers, widths, biases, dropout placement and initialisation are the same. As
 in the reference code (its in-place LeakyReLU), each skip carries the activated encoder feature.
 `generate_image` runs a whole image through the package's one padding rule and tiler
-(`ffasynth.tiling`), the same as the diffusion pipeline's.
+(`ffasynth.tiling`), the same as the diffusion pipeline's. Unlike the paper, the generator and the
+discriminator may also read the FFA phase (`with_phase`), as ffasynth's U-Net does, so neither method has to
+draw one angiogram for both phases.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ class UnetGenerator(nn.Module):
         for up in reversed(self.decoder[:-1]):
             h = up(torch.cat([skips.pop(), h], dim=1))
         return h
+
+
+def with_phase(source: torch.Tensor, phase, num_phases: int) -> torch.Tensor:
+    """(N, C, H, W) photo ⊕ one constant map per FFA phase, +1 on the item's phase and −1 on the others (the
+    photo's range), so one generator draws each phase; the photo alone for num_phases = 0 (the paper's)."""
+    if not num_phases:
+        return source
+    index = torch.as_tensor(phase, device=source.device).long().reshape(-1).clamp(0, num_phases - 1)
+    maps = 2.0 * F.one_hot(index, num_phases).to(source.dtype) - 1.0
+    return torch.cat([source, maps[:, :, None, None].expand(-1, -1, *source.shape[-2:])], dim=1)
 
 
 def _pair_logits(discriminator: nn.Module, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,16 @@ from pathlib import Path
 import torch
 
 from ffasynth import run_folder
-from ffasynth.baselines.pix2pix import UnetGenerator, discriminator_loss, generate_image, generator_loss
+from ffasynth.baselines.pix2pix import (
+    UnetGenerator,
+    discriminator_loss,
+    generate_image,
+    generator_loss,
+    with_phase,
+)
 from ffasynth.config import Config, Pix2PixConfig, load_config
+from ffasynth.configtree import read_yaml
+from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.transforms import denormalise, normalise
 from ffasynth.errors import ConfigError, FFASynthError, OutputError
@@ -23,7 +31,7 @@ from ffasynth.translate import output_file, output_names
 
 
 def build_generator(config: Pix2PixConfig) -> UnetGenerator:
-    return UnetGenerator(3, 1, config.num_downs, config.ngf, config.norm, config.use_dropout)
+    return UnetGenerator(3 + config.num_phases, 1, config.num_downs, config.ngf, config.norm, config.use_dropout)
 
 
 class Pix2PixTask(Task):
@@ -32,8 +40,9 @@ class Pix2PixTask(Task):
     def __init__(self, config: Pix2PixConfig):
         self.config = config
         self.generator = build_generator(config)
-        # conditional discriminator: it sees the photo and the angiogram together (3 + 1 channels)
-        self.discriminator = NLayerDiscriminator(4, config.disc_channels, config.disc_layers, config.norm)
+        # conditional discriminator: it sees the photo (and the phase maps) and the angiogram together
+        channels = 3 + config.num_phases + 1
+        self.discriminator = NLayerDiscriminator(channels, config.disc_channels, config.disc_layers, config.norm)
         self.trainable = {"generator": self.generator, "discriminator": self.discriminator}
         self._fake: tuple[int, torch.Tensor] | None = None
 
@@ -52,8 +61,12 @@ class Pix2PixTask(Task):
             torch.manual_seed(seed)
             return self.trainable["generator"](source)
 
+    def condition(self, batch: dict) -> torch.Tensor:
+        """What both networks are conditioned on: the photo, with the phase maps when the run has them."""
+        return with_phase(batch["source"], batch["phase"], self.config.num_phases)
+
     def loss(self, batch: dict, step: int, generator: torch.Generator, optimizer: str):
-        source, target = batch["source"], batch["target"]
+        source, target = self.condition(batch), batch["target"]
         if optimizer == "generator":
             fake = self.generate(source, generator)
             self._fake = (id(batch), fake.detach())
@@ -73,7 +86,7 @@ class Pix2PixTask(Task):
         return [
             batch["source"],
             batch["target"],
-            generate_image(self.generator, batch["source"], self.config.tile, self.config.tile_overlap),
+            generate_image(self.generator, self.condition(batch), self.config.tile, self.config.tile_overlap),
         ]
 
 
@@ -107,23 +120,40 @@ def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
     run_dir = Path(run_dir)
     if run_folder.info(run_dir).get("kind") != "pix2pix":
         raise FFASynthError(f"{run_dir} is not a pix2pix run (made by `ffasynth baseline train`)")
-    config = load_config(run_dir / "config.yaml").pix2pix
+    # a run from before the phase input has no pix2pix.num_phases in its config: it read the photo alone
+    before_phases = "num_phases" not in (read_yaml(run_dir / "config.yaml").get("pix2pix") or {})
+    config = load_config(run_dir / "config.yaml", overrides=["pix2pix.num_phases=0"] if before_phases else []).pix2pix
     folder = run_folder.latest_checkpoint(run_dir)
     generator = build_generator(config)
     ckpt.load_weights(folder, "generator", generator, ema=False)
     return generator.eval(), config
 
 
-def generate_folder(run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print) -> list[tuple[Path, str]]:
-    """`<name>_ffa.png` per photo, like `ffasynth translate`; returns the (file, reason) that failed."""
+def phase_index(phase: str | None, num_phases: int) -> int:
+    """The phase map to switch on: early when none is named, as `ffasynth translate` does."""
+    if not num_phases:
+        if phase is not None:
+            raise FFASynthError(f"phase={phase!r}: this pix2pix run was trained without a phase input; leave it out")
+        return 0
+    if phase is not None and phase not in PHASES[:num_phases]:
+        raise FFASynthError(f"phase={phase!r} is not one this pix2pix run knows ({', '.join(PHASES[:num_phases])})")
+    return PHASES.index(phase) if phase else 0
+
+
+def generate_folder(
+    run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print, phase: str | None = None
+) -> list[tuple[Path, str]]:
+    """`<name>_ffa.png` per photo, like `ffasynth translate` (of `phase`, early by default, when the run
+    reads the phase); returns the (file, reason) that failed."""
     generator, config = load_generator(run_dir)
+    index = phase_index(phase, config.num_phases)
     stems, notes = output_names(files)
     failed = []
     for note in notes:
         say(f"note: {note}")
     for path in files:
         try:
-            source = normalise(read_image(path, channels=3))
+            source = with_phase(normalise(read_image(path, channels=3))[None], [index], config.num_phases)
             fake = generate_image(generator, source, config.tile, config.tile_overlap)
             save_image(denormalise(fake.reshape(1, *fake.shape[-2:])), out_dir / output_file(stems[path]))
             say(f"{path.name} → {output_file(stems[path])}")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ffasynth.cli.options import TrainOptions, say, train_options
+from ffasynth.cli.options import TrainOptions, one_of, say, train_options
+from ffasynth.data.dataset import PHASES
 from ffasynth.files import check_not_replaced, check_output_folder, removed_if_left_empty
 from ffasynth.translate import collect_inputs, output_file, output_names
 
@@ -34,9 +35,13 @@ def translate_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace outputs of an earlier run in --out (refused without it)."
     ),
+    phase: str | None = typer.Option(
+        None, "--phase", callback=one_of(*PHASES), help="FFA phase to draw: early (default) or late."
+    ),
 ) -> None:
     """Whole photos at native size (tiled when large) → `<name>_ffa.png`, named as `ffasynth translate`
-    names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both."""
+    names its outputs, so `ffasynth evaluate --fake pix2pix=DIR --fake ffasynth=DIR2` compares both.
+    A run trained with pix2pix.num_phases > 0 (the default) draws the phase named by --phase."""
     from ffasynth.baselines.training import generate_folder
 
     check_output_folder(out, [*inputs, run])
@@ -45,6 +50,6 @@ def translate_command(
     for path, reason in problems:
         typer.secho(f"error: {path}: {reason}", fg=typer.colors.RED, err=True)
     with removed_if_left_empty(out):
-        failed = generate_folder(run, files, out, typer.echo)
+        failed = generate_folder(run, files, out, typer.echo, phase)
     if problems or failed or not files:
         raise typer.Exit(1)
