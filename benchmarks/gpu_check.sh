@@ -7,6 +7,10 @@
 # (importlib_metadata 9+ needs lazy-importer, which the device image lacks; its other needs are there)
 # Usage (from the repository root):  bash benchmarks/gpu_check.sh [--smoke] [--only STEP ...]
 # Results: $OUT/gpu_check.json (OUT defaults to ./gpu-check-out) and each step's log beside it.
+# All steps take ~10 min on an H200 (2026-12-04: ~460 s without distill and profile), more than one 600-s device
+# command: choose with --only. The device run prepared on 2026-12-06 (not run: no machine was lent), one call:
+#   OUT=/tmp/gc bash benchmarks/gpu_check.sh --only weights data stage1 profile stage2 distill export translate \
+#     --deadline 445 --budget 550; then tar /tmp/gc into the device's $OUT (it holds more logs than come back)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
