@@ -246,3 +246,52 @@ def test_spreadsheet_csvs_with_a_bom_an_extra_field_or_a_missing_label_are_read(
     _write(uwf / "2.1.png", colour=False)
     (uwf / "labels.csv").write_text("\ufeffid,label\n1\n2,brvo,extra\n", encoding="utf-8")
     assert [(p.id, p.label) for p in check_pairs(uwf, decode=False).pairs] == [("1", None), ("2", "brvo")]
+
+
+def test_a_manifest_id_that_would_lead_out_of_an_output_folder_is_refused(tmp_path):
+    """`data register` writes OUT/<id>.png: an absolute id (or one with '..') wrote outside OUT, over other files."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for name in ("eye1.png", "eye2.png", "eye3.png"):
+        _write(data / name)
+    _write(elsewhere / "eye4.png")
+    for name in ("f1.png", "f2.png", "f3.png", "f4.png"):
+        _write(data / name, colour=False)
+    (data / "pairs.csv").write_text(
+        "source,target,id\n"
+        f"eye1.png,f1.png,{elsewhere / 'scan'}\n"
+        "eye2.png,f2.png,../scan\n"
+        "eye3.png,f3.png,left/eye3\n"  # a relative id with folders stays allowed
+        f"{elsewhere / 'eye4.png'},f4.png,\n"  # no id: the photo's name, as it lies outside the manifest's folder
+    )
+    report = check_pairs(data, decode=False)
+    assert [p.id for p in report.pairs] == ["left/eye3", "eye4"]
+    assert [p.path.rsplit(":", 1)[1] for p in report.problems] == ["2", "3"]
+    assert all("relative name without '..'" in p.message for p in report.problems)
+
+
+def test_an_unreadable_sub_folder_is_named_not_skipped_and_digits_other_than_1_and_2_are_not_phases(
+    tmp_path, monkeypatch
+):
+    import os
+
+    for name in ("1.png", "2.png", "sub/3.png", "linked/4.png"):
+        _write(tmp_path / "data" / name)
+    for name in ("1.1.png", "2.3.png", "sub/3.1.png", "linked/4.2.png"):
+        _write(tmp_path / "data" / name, colour=False)
+    (tmp_path / "data" / "linked").rename(tmp_path / "outside")
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "outside")  # a linked folder is read, as rglob read it
+    report = check_pairs(tmp_path / "data", decode=False)
+    assert [(p.id, p.phase) for p in report.pairs] == [("1", "early"), ("linked/4", "late"), ("sub/3", "early")]
+    digit = [p for p in report.problems if p.kind == "unrecognised-name"]
+    assert [Path(p.path).name for p in digit] == ["2.3.png"] and "phase digit 3" in digit[0].message
+
+    scandir = os.scandir
+
+    def refused(path="."):  # a folder this user may not list (root may list anything, so it is simulated)
+        if Path(path).name == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(PairError, match=r"sub: cannot list this folder \(Permission denied\)"):
+        check_pairs(tmp_path / "data", decode=False)

@@ -52,7 +52,7 @@ from ffasynth.data.registration import (
     to_numpy,
     vessel_channel,
 )
-from ffasynth.errors import ImageReadError, PairError
+from ffasynth.errors import ImageReadError, OutputError, PairError
 from ffasynth.files import atomic_folder, atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,8 @@ def _write(work: _Work, out: Path, margin: float) -> None:
     row, pair, stem = work.row, work.pair, output_stem(work.pair)
     if work.result is None:
         return
+    if not (out / f"{stem}.png").resolve().is_relative_to(out.resolve()):  # pairs.py refuses such ids first
+        raise OutputError(f"{pair.name}: its id {pair.id!r} would write outside {out}; give it a relative id")
     same_size = work.source.shape[:2] == work.target.shape[:2]
     folder = ""
     if work.matrix is not None:

@@ -22,6 +22,7 @@ are not data and are skipped.
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -107,7 +108,15 @@ def _image_files(root: Path) -> list[Path]:
         folders = path.relative_to(root).parts[:-1]
         return not path.name.startswith(".") and not any(part.startswith((".", "_")) for part in folders)
 
-    return sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p) and is_data(p))
+    def unreadable(error: OSError) -> None:  # rglob skipped such a folder, and its pairs, without a word
+        raise PairError(f"{error.filename}: cannot list this folder ({error.strerror}); fix its permissions")
+
+    found = [
+        Path(folder) / name
+        for folder, _, names in os.walk(root, onerror=unreadable, followlinks=True)
+        for name in names
+    ]
+    return sorted(p for p in found if p.is_file() and is_image_file(p) and is_data(p))
 
 
 def _find_manifest(root: Path) -> Path | None:
@@ -180,9 +189,11 @@ def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
     for path in _image_files(root):
         rel = path.relative_to(root)
         parent = "" if rel.parent == Path(".") else f"{rel.parent.as_posix()}/"
-        if m := _UWF_TARGET.match(path.name):
-            phase = UWF_PHASES.get(m["phase"], f"phase{m['phase']}")
-            found_targets[(parent + m["id"], phase)].append(path)
+        if (m := _UWF_TARGET.match(path.name)) and m["phase"] not in UWF_PHASES:  # not trained as early
+            problems.append(Problem("unrecognised-name", str(path), f"phase digit {m['phase']}: only N.1 (early) "
+                                    "and N.2 (late) are known; rename it"))  # fmt: skip
+        elif m:
+            found_targets[(parent + m["id"], UWF_PHASES[m["phase"]])].append(path)
         elif m := _UWF_SOURCE.match(path.name):
             found_sources[parent + m["id"]].append(path)
         else:
@@ -273,8 +284,12 @@ def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
             problems.append(Problem("missing-file", str(path), f"listed in {manifest.name} line {line}, not found"))
         if missing:
             continue
-        pair_id = row.get("id") or Path(row["source"]).with_suffix("").as_posix()
         where = f"{manifest}:{line}"
+        pair_id = _manifest_id(row, base)
+        if pair_id is None:
+            problems.append(Problem("manifest", where, f"id {row['id']!r}: outputs are named by id, so it must be a "
+                                    "relative name without '..' (e.g. eye12)"))  # fmt: skip
+            continue
         phase = row.get("phase", "").lower()
         if phase not in MANIFEST_PHASES:
             problems.append(Problem("manifest", where, f"phase {row['phase']!r}: allowed early, late, 1, 2 or empty"))
@@ -289,6 +304,18 @@ def _discover_manifest(manifest: Path) -> tuple[list[Pair], list[Problem]]:
         phases_of[pair_id].add(phase)
         pairs.append(Pair(pair_id, source, target, phase, row.get("label") or None))
     return pairs, problems
+
+
+def _manifest_id(row: dict, base: Path) -> str | None:
+    """A manifest row's id, which names its outputs (`data register` writes OUT/<id>.png): the id column, or
+    the photo's path inside the manifest's folder without its suffix (its name alone when it lies outside).
+    None for an id column that would lead out of an output folder (absolute, or with '..')."""
+    if row.get("id"):
+        parts = Path(row["id"].replace("\\", "/"))
+        return None if parts.is_absolute() or ".." in parts.parts else parts.as_posix()
+    source = (base / row["source"]).resolve()
+    inside = source.is_relative_to(base.resolve())
+    return (source.relative_to(base.resolve()) if inside else Path(source.name)).with_suffix("").as_posix()
 
 
 def _named_folders(root: Path, names: tuple[str, str]) -> dict[Path, dict[str, list[Path]]]:
