@@ -235,3 +235,19 @@ def test_sd15_preset_has_exactly_sd15_shapes():
         vae = AutoencoderKL(**vae_config(config.model))
         assert count_parameters(vae) == 83_653_863  # SD1.5's VAE
     assert all(p.is_meta for p in [*unet.parameters(), *vae.parameters()])
+
+
+@pytest.mark.parametrize("shape", [(30, 44), (44, 30), (61, 90)])
+def test_clip_resizes_an_oblong_image_to_the_processors_size(shape):
+    """The long side is truncated as CLIPImageProcessor truncates it; rounded, 30 × 44 became 32 × 47 instead of
+    32 × 46, a sub-pixel stretch that moved every pixel of the crop (random-noise images show it most)."""
+    config = micro_config()
+    components = build_components(config, random_weights=True)
+    conditioner = _conditioner(config, components)
+    image = torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(0))
+    ours = conditioner.clip_pixels(image * 2 - 1)
+    reference = components.image_processor(
+        images=image[0].permute(1, 2, 0).numpy(), do_rescale=False, return_tensors="pt"
+    ).pixel_values
+    difference = (ours - reference).abs()  # torch's and PIL's bicubic kernels differ a little
+    assert difference.mean() < 0.05, float(difference.mean())

@@ -21,6 +21,7 @@ from ffasynth.training.stage1 import build_stage1
 from tests.sd15_format import (
     image_variations_encoder,
     openai_clip_model,
+    sd15_unet_config,
     write_image_variations_encoder,
     write_openai_clip_folder,
     write_sd15_folder,
@@ -315,3 +316,62 @@ def test_a_base_file_with_a_damaged_header_is_one_line(tmp_path, header):
     save_file({"vae.x": torch.zeros(1)}, str(path), metadata={"ffasynth_base": header})
     with pytest.raises(WeightsNotFoundError, match="has a damaged ffasynth_base header"):
         base.read_header(path)
+
+
+def test_weights_of_another_family_are_refused_in_one_line_before_anything_is_built_on_them(tmp_path):
+    """An SDXL-shaped U-Net loaded and then failed in its first forward with a traceback; an SD2-shaped one
+    trained behind a new random 768 → 1024 projection, and a VAE of another latent width failed in conv_in."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    clip = write_openai_clip_folder(tmp_path / "clip")
+    folders = {}
+    for name, changes in {
+        "sd2": {"cross_attention_dim": 1024, "use_linear_projection": True},
+        "sdxl": {"addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                 "projection_class_embeddings_input_dim": 8 * 6 + 768},
+        "latents": {"out_channels": 16},
+    }.items():  # fmt: skip
+        folders[name] = write_sd15_folder(tmp_path / name)
+        UNet2DConditionModel.from_config({**sd15_unet_config(), **changes}).save_pretrained(folders[name] / "unet")
+
+    def refusal(*overrides: str) -> str:
+        config = load_config(SD15_YAML, overrides=[f"model.image_encoder={clip}", *overrides])
+        with pytest.raises(ConfigError) as info:
+            build_components(config)
+        return str(info.value)
+
+    assert "cross-attention is 1024 wide but model.cross_attention_dim is 768" in refusal(
+        f"model.pretrained={folders['sd2']}"
+    )
+    assert "added 'text_time' embeddings (an SDXL-family model)" in refusal(f"model.pretrained={folders['sdxl']}")
+    assert "its U-Net draws 16 latent channels but model.latent_channels is 4" in refusal(
+        f"model.pretrained={folders['latents']}"
+    )
+    wide = tmp_path / "vae16"
+    AutoencoderKL(latent_channels=16, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8).save_pretrained(wide)  # fmt: skip
+    sd15 = write_sd15_folder(tmp_path / "sd15")
+    vae_refused = refusal(f"model.pretrained={sd15}", f"model.vae={wide}")
+    assert f"model.vae={wide}: its VAE has 16 latent channels" in vae_refused
+    # the SD2 width, asked for: a projection from CLIP's 768-d embedding is trained to it
+    asked = [f"model.pretrained={folders['sd2']}", f"model.image_encoder={clip}", "model.cross_attention_dim=1024"]
+    config = load_config(SD15_YAML, overrides=asked)
+    assert build_components(config).unet.config.cross_attention_dim == 1024
+
+
+def test_a_missing_weights_file_with_one_slash_is_a_missing_file_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not loading._is_hub_id("models/v1-5-pruned-emaonly.safetensors")
+    assert loading._is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    with pytest.raises(WeightsNotFoundError, match=r"^models/v1-5-pruned-emaonly.safetensors does not exist"):
+        loading.load_unet_and_vae("models/v1-5-pruned-emaonly.safetensors", load_config(preset="tiny").model)
+
+
+def test_an_fp16_clip_file_loads_in_float32_as_the_u_net_and_vae_do(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    clip = write_openai_clip_folder(tmp_path / "clip")
+    weights = load_file(clip / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, clip / "model.safetensors")
+    encoder, _ = loading.load_image_encoder(str(clip))
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}

@@ -147,6 +147,34 @@ def refuse_silent_random_init(model: ModelConfig) -> None:
         )
 
 
+def check_loaded_architecture(unet: UNet2DConditionModel, vae: AutoencoderKL, model: ModelConfig) -> None:
+    """Loaded weights of another family are refused in one line before anything is built on them (an SDXL
+    U-Net loaded, then failed deep in its first forward; an SD2 one trained behind a new random projection)."""
+    if model.pretrained and unet.config.addition_embed_type is not None:
+        raise ConfigError(
+            f"model.pretrained={model.pretrained}: its U-Net takes added {unet.config.addition_embed_type!r} "
+            "embeddings (an SDXL-family model); ffasynth fine-tunes SD1.5-family U-Nets"
+        )
+    if model.pretrained and unet.config.cross_attention_dim != model.cross_attention_dim:
+        raise ConfigError(
+            f"model.pretrained={model.pretrained}: its U-Net's cross-attention is {unet.config.cross_attention_dim} "
+            f"wide but model.cross_attention_dim is {model.cross_attention_dim} (SD1.5: 768, SD2: 1024); set "
+            f"model.cross_attention_dim={unet.config.cross_attention_dim} to train a projection to it from CLIP"
+        )
+    latents = model.latent_channels
+    if model.pretrained and unet.config.out_channels != latents:
+        raise ConfigError(
+            f"model.pretrained={model.pretrained}: its U-Net draws {unet.config.out_channels} latent channels but "
+            f"model.latent_channels is {latents} (SD1.5: 4)"
+        )
+    if (model.pretrained or model.vae) and vae.config.latent_channels != latents:
+        key = f"model.vae={model.vae}" if model.vae else f"model.pretrained={model.pretrained}"
+        raise ConfigError(
+            f"{key}: its VAE has {vae.config.latent_channels} latent channels but model.latent_channels is "
+            f"{latents} (SD1.5: 4); give a VAE of the U-Net's latent space"
+        )
+
+
 def build_components(config: Config, *, random_weights: bool = False) -> Components:
     """Everything stage 1 needs, from real weights where the config names them; random init only
     where model.allow_random_init asks for it (or `random_weights`: every part random, for tests and
@@ -170,6 +198,8 @@ def build_components(config: Config, *, random_weights: bool = False) -> Compone
     if model.vae and not random_weights:
         vae = load_vae(model.vae)
         sources["vae"] = model.vae
+    if not random_weights:
+        check_loaded_architecture(unet, vae, model)
     wanted = unet_in_channels(model)
     if unet.config.in_channels == model.latent_channels and wanted > model.latent_channels:
         widen_conv_in(unet, wanted - model.latent_channels)

@@ -106,7 +106,8 @@ class SourceConditioner(nn.Module):
         size = processor.crop_size["height"]
         height, width = source.shape[-2:]
         scale = size / min(height, width)
-        new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+        # the long side truncated, as CLIPImageProcessor and CLIP's own torchvision Resize compute it
+        new_size = (max(size, int(height * scale)), max(size, int(width * scale)))
         # resize first (linear, so it commutes with [-1, 1] → [0, 1]), one channel at a time: no
         # full-size float copy of a large photo
         resize = dict(size=new_size, mode="bicubic", antialias=True, align_corners=False)

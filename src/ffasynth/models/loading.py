@@ -32,6 +32,9 @@ from ffasynth.models.folders import PICKLE_SUFFIXES, check_base_folder, check_mo
 
 
 def _is_hub_id(name: str) -> bool:
+    """owner/name that is no local path; a missing `models/x.safetensors` is a missing file, not a repository."""
+    if Path(name).suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}:
+        return False
     return not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
@@ -270,6 +273,7 @@ def _clip_vision_model(source: str, subfolder: str, where: str) -> CLIPVisionMod
         subfolder=subfolder,
         config=config,
         use_safetensors=True,
+        dtype=torch.float32,  # as the U-Net and VAE load: an fp16 file stays fp16 otherwise (transformers 5)
         output_loading_info=True,
         ignore_mismatched_sizes=True,  # reported below in one line, not as a multi-line table
     )
