@@ -319,3 +319,20 @@ def test_the_data_benchmark_times_the_before_path_it_claims(small_pairs, tmp_pat
         assert len(row["rounds"]) == 2 and row["items_per_s"] == statistics.median(row["rounds"])
         assert row["vs_before"] == pytest.approx(row["items_per_s"] / paths["whole-image (before)"]["items_per_s"])
     assert result["pairs"] == 2 and result["memory"]["cache_files_mib_shared"] > 0
+
+
+def test_a_file_replaced_with_the_same_size_and_modification_time_gets_a_new_cache_name(tmp_path):
+    import time
+
+    from ffasynth.data.cache import file_key
+
+    path = tmp_path / "1.bmp"
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(path)
+    before, stat = file_key(path, 1), path.stat()
+    time.sleep(0.01)
+    replacement = tmp_path / "new.bmp"
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(replacement)  # a BMP's size follows its dimensions
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` / `rsync -t` keep it
+    replacement.replace(path)
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert file_key(path, 1) != before

@@ -29,11 +29,12 @@ from ffasynth.files import atomic_write
 
 
 def file_key(path: str | os.PathLike, *details) -> str:
-    """A name for what is computed from the file at `path` with `details`: its resolved path, size and
-    modification time go in, so an entry of an edited or replaced file is never reused."""
+    """A name for what is computed from the file at `path` with `details`: its resolved path, size, modification
+    time, inode and change time go in, so an entry of an edited or replaced file is never reused (`cp -p` and
+    `rsync -t` keep the modification time, and a BMP of the same size keeps the size; the change time moves)."""
     path = Path(path).resolve()
     stat = path.stat()
-    text = repr((str(path), stat.st_size, stat.st_mtime_ns, *details))
+    text = repr((str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns, *details))
     return hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
