@@ -268,3 +268,35 @@ def test_source_tensor_composites_alpha_alike_from_a_path_a_pil_image_and_an_arr
 def test_source_tensor_refuses_ambiguous_integers_and_nan(image, message):
     with pytest.raises(FFASynthError, match=message):
         source_tensor(image)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_colour_keeps_its_16_bits(tmp_path, suffix):
+    """Pillow decodes 16-bit RGB to 8 bits a channel: 200 fine levels (30000..30199) came back as one."""
+    import cv2
+
+    levels = 30000 + np.arange(200, dtype=np.uint16)
+    full, empty = np.full((20, 40), 65535, np.uint16), np.zeros((20, 40), np.uint16)
+    rgb = np.stack([np.resize(levels, (20, 40)), full, empty], -1)
+    cv2.imwrite(str(tmp_path / f"photo{suffix}"), rgb[..., ::-1])  # OpenCV writes BGR
+    image = read_image(tmp_path / f"photo{suffix}")
+    assert image.shape == (3, 20, 40) and image.dtype == torch.float32
+    np.testing.assert_allclose(image.numpy(), rgb.transpose(2, 0, 1) / 65535.0, rtol=0, atol=1e-7)
+    assert len(np.unique(image[0].numpy())) == 200
+    rgba = np.concatenate([rgb, np.full((20, 40, 1), 32768, np.uint16)], -1)  # half transparent: over black
+    cv2.imwrite(str(tmp_path / "alpha.png"), rgba[..., [2, 1, 0, 3]])
+    np.testing.assert_allclose(read_image(tmp_path / "alpha.png")[1].numpy(), 32768 / 65535, atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_16_bit_colour_tiff_is_turned_upright_as_its_8_bit_copy_is(tmp_path, orientation):
+    import tifffile
+
+    rng = np.random.default_rng(orientation)
+    deep = rng.integers(0, 65536, (12, 20, 3)).astype(np.uint16)
+    tag = [(274, "H", 1, orientation, False)]  # EXIF/TIFF orientation
+    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb", extratags=tag)
+    tifffile.imwrite(tmp_path / "shallow.tif", (deep >> 8).astype(np.uint8), photometric="rgb", extratags=tag)
+    deep_read, shallow_read = read_image(tmp_path / "deep.tif"), read_image(tmp_path / "shallow.tif")
+    assert deep_read.shape == shallow_read.shape and image_size(tmp_path / "deep.tif") == deep_read.shape[:0:-1]
+    assert (deep_read - shallow_read).abs().max() < 1.01 / 255  # the same pixels, 8 more bits

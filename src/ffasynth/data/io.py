@@ -5,7 +5,8 @@
 Every failure is an `ImageReadError` whose message names the file and the cause.
 
 Intensity conventions (explicit, as in medical imaging):
-- 8-bit data is divided by 255; 16-bit data (`I;16*`, or `I` with values <= 65535) by 65535.
+- 8-bit data is divided by 255; 16-bit data (`I;16*`, `I` with values <= 65535, and 16-bit RGB(A), which
+  OpenCV decodes because Pillow keeps only 8 bits of it) by 65535.
 - 32-bit float images must already lie in [0, 1].
 - Alpha is composited over black (transparent = outside the field of view), then dropped.
 - A 3-channel image whose channels are equal (FFA stored as RGB) is "grey" and, with
@@ -154,6 +155,54 @@ def _to_array(image: Image.Image, path: Path, compact: bool = False) -> np.ndarr
     raise ImageReadError(path, f"unsupported image mode {mode!r}")
 
 
+def _is_deep_colour(image: Image.Image) -> bool:
+    """True for 16-bit RGB(A) (PNG, TIFF), which Pillow decodes to 8 bits a channel (mode RGB/RGBA)."""
+    if image.mode not in ("RGB", "RGBA") or not image.tile:
+        return False
+    args = image.tile[0].args if hasattr(image.tile[0], "args") else image.tile[0][3]
+    rawmode = args[0] if isinstance(args, tuple) else args
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
+# EXIF orientation → the numpy steps of ImageOps.exif_transpose (rows, columns of an (H, W, C) array)
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _deep_colour(path: Path, orientation: int, tiff: bool) -> np.ndarray:
+    """A 16-bit RGB(A) file at its full depth, (H, W, 3) float32 in [0, 1] (alpha over black), upright: decoded
+    by tifffile or OpenCV where Pillow would cut it to 8 bits (16-bit photos keep their 65,536 levels, as 16-bit
+    grey does). Neither applies the orientation tag (OpenCV fails on a rotated TIFF): it is applied here."""
+    data = None
+    if tiff:
+        import tifffile
+
+        try:
+            data = tifffile.imread(path, key=0)
+        except Exception:  # noqa: BLE001 — a compression tifffile needs imagecodecs for (LZW): OpenCV's turn
+            data = None
+        if data is not None and data.ndim == 3 and data.shape[0] in (3, 4) and data.shape[-1] not in (3, 4):
+            data = np.moveaxis(data, 0, -1)  # planar: channels first
+    if data is None and (not tiff or orientation == 1):
+        import cv2
+
+        data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        data = data if data is None or data.ndim != 3 else data[..., [2, 1, 0, 3][: data.shape[-1]]]  # BGR(A)
+    if data is None or data.dtype != np.uint16 or data.ndim != 3 or data.shape[-1] not in (3, 4):
+        raise ImageReadError(
+            path, "a 16-bit colour image that could not be decoded at its depth (a rotated LZW TIFF?); save it as PNG"
+        )
+    data = _ORIENT.get(orientation, lambda a: a)(data.astype(np.float32) / 65535.0)
+    return _over_black(data) if data.shape[-1] == 4 else data
+
+
 def _over_black(data: np.ndarray) -> np.ndarray:
     """(H, W, C + 1) with alpha last → (H, W, C) composited over black (transparent = no signal): uint8 rounded
     to the nearest level, float in [0, 1] multiplied."""
@@ -203,16 +252,20 @@ def read_image(
     path = Path(path)
     image = _open_checked(path, max_pixels_limit(max_pixels), min_side)
     upright = image.size if image.format == "TIFF" else None  # a TIFF's header size is already upright
+    deep = _is_deep_colour(image)  # before getexif, which may load the image (and empty its tiles)
     orientation = _orientation(image)
     try:
         with image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            if upright is not None and image.size != upright:  # Pillow 12 on uncompressed grey, orientation 5-8
-                raise ImageReadError(
-                    path, f"its orientation tag ({orientation}) could not be applied; save it upright (e.g. PNG)"
-                )
-            data = _to_array(image, path, compact)
+            if deep:
+                data = np.ascontiguousarray(_deep_colour(path, orientation, image.format == "TIFF"))
+            else:
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                if upright is not None and image.size != upright:  # Pillow 12 on uncompressed grey, orient. 5-8
+                    raise ImageReadError(
+                        path, f"its orientation tag ({orientation}) could not be applied; save it upright (e.g. PNG)"
+                    )
+                data = _to_array(image, path, compact)
     except ImageReadError:
         raise
     except (OSError, SyntaxError, ValueError) as error:
