@@ -40,7 +40,7 @@ from common import emit, log, machine, run_child  # noqa: E402
 
 from ffasynth.data.dataset import PairDataset, StreamBatchSampler, training_loader  # noqa: E402
 from ffasynth.data.io import read_image  # noqa: E402
-from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.pair_check import load_pairs  # noqa: E402
 from ffasynth.data.phantom import make_eye  # noqa: E402
 from ffasynth.data.transforms import PairedTransform, whole_view  # noqa: E402
 

@@ -248,7 +248,7 @@ def quality(args) -> dict:
     from diffusers import DDIMScheduler
 
     from ffasynth.data.io import read_image
-    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.pair_check import load_pairs
     from ffasynth.evaluation.metrics import paired_scores
     from ffasynth.translate import load_pipeline
 

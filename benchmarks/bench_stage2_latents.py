@@ -53,7 +53,7 @@ def train_mode(args, mode: str) -> dict:
 
 def translate_mode(args, mode: str) -> Path:
     """Export (the stage-1 run itself for "none") and translate the held-out photos into DIR/MODE/translated."""
-    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.pair_check import load_pairs
     from ffasynth.export import export_run
     from ffasynth.quickstart import sample_held_out
     from ffasynth.translate import load_pipeline

@@ -38,7 +38,7 @@ from ffasynth.baselines.training import generate_folder, train_pix2pix  # noqa: 
 from ffasynth.config import load_config  # noqa: E402
 from ffasynth.data.alignment import aligned_pairs, keep_refused, register_folder  # noqa: E402
 from ffasynth.data.io import read_image, save_image  # noqa: E402
-from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.pair_check import load_pairs  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import EvalSettings, evaluate  # noqa: E402
 from ffasynth.evaluation.retrieval import centred, retrieval, vessel_band_retrieval  # noqa: E402

@@ -33,7 +33,7 @@ from common import emit, log, machine  # noqa: E402
 from quality_choices import HeldOut, ceiling, log_table, sample  # noqa: E402
 
 from ffasynth.data.io import read_image  # noqa: E402
-from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.pair_check import load_pairs  # noqa: E402
 from ffasynth.data.phantom import dataset_eye_seed, make_eye  # noqa: E402
 from ffasynth.models.conditioning import decode_latents, encode_latents  # noqa: E402
 from ffasynth.pipeline import FFASynthesisPipeline  # noqa: E402

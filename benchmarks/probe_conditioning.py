@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ffasynth.config import load_config
 from ffasynth.data.io import read_image
-from ffasynth.data.pairs import load_pairs
+from ffasynth.data.pair_check import load_pairs
 from ffasynth.data.transforms import fov_mask
 from ffasynth.models.conditioning import encode_latents
 from ffasynth.training.run import load_stage1_run, load_training_data

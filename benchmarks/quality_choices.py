@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, log, machine  # noqa: E402
 
-from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.pair_check import load_pairs  # noqa: E402
 from ffasynth.data.phantom import write_phantom_dataset  # noqa: E402
 from ffasynth.data.transforms import fov_mask  # noqa: E402
 from ffasynth.evaluation.metrics import paired_scores, read_grey  # noqa: E402

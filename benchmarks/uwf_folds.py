@@ -35,7 +35,7 @@ from common import emit, log, machine  # noqa: E402
 from compare_cpu import prepare_data  # noqa: E402
 
 from ffasynth.data.io import read_image  # noqa: E402
-from ffasynth.data.pairs import load_pairs  # noqa: E402
+from ffasynth.data.pair_check import load_pairs  # noqa: E402
 from ffasynth.data.registration import field_of_view  # noqa: E402
 from ffasynth.evaluation.retrieval import retrieval, vessel_band_retrieval  # noqa: E402
 from ffasynth.evaluation.vessels import vessel_mask, vessel_scores  # noqa: E402

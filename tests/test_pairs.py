@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from ffasynth.config import load_config
-from ffasynth.data.pairs import LAYOUTS, check_pairs, detect_layout, discover_pairs, load_pairs
+from ffasynth.data.pair_check import check_pairs, load_pairs
+from ffasynth.data.pairs import LAYOUTS, detect_layout, discover_pairs
 from ffasynth.errors import ConfigError, PairError
 
 

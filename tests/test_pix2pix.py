@@ -172,7 +172,7 @@ def test_objective_values_and_gradient_routes():
 @pytest.mark.slow
 def test_pix2pix_learns_phantom_angiograms(tmp_path):
     from ffasynth.data.dataset import PairDataset
-    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.pair_check import load_pairs
     from ffasynth.data.phantom import write_phantom_dataset
 
     root = write_phantom_dataset(tmp_path, n=10, size=64, seed=3, test_fraction=0.2)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ffasynth.cli import app
 from ffasynth.data.alignment import aligned_pairs, keep_refused, register_folder
 from ffasynth.data.io import read_image
-from ffasynth.data.pairs import check_pairs
+from ffasynth.data.pair_check import check_pairs
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.data.phantom_uwf import make_uwf_eye
 from ffasynth.data.registration import RegistrationParams, corner_residual, register_pair, to_numpy

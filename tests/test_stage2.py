@@ -140,7 +140,7 @@ def test_stage2_changes_only_the_decoder_and_loads_for_inference(stage1_run, tmp
     )
     # the photos both runs trained on, by hash, go with the exported pipeline (for `clinical`)
     from ffasynth import run_folder
-    from ffasynth.data.pairs import load_pairs
+    from ffasynth.data.pair_check import load_pairs
     from ffasynth.export import export_run
     from ffasynth.integrity import sha256
 

@@ -7,7 +7,7 @@ import torch
 
 from ffasynth.config import load_config
 from ffasynth.data.dataset import PairDataset
-from ffasynth.data.pairs import load_pairs
+from ffasynth.data.pair_check import load_pairs
 from ffasynth.data.transforms import PairedTransform, choose_crop, denormalise, fov_mask, whole_view, window_counts
 from ffasynth.errors import ConfigError
 

@@ -23,7 +23,7 @@ import yaml
 
 from ffasynth import run_folder
 from ffasynth.config import to_dict
-from ffasynth.data.pairs import load_pairs
+from ffasynth.data.pair_check import load_pairs
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_folder
 from ffasynth.models.components import sampling_scheduler

@@ -19,7 +19,7 @@ import torch
 from ffasynth import run_folder
 from ffasynth.config import load_config, save_config
 from ffasynth.data.io import read_image, save_image
-from ffasynth.data.pairs import load_pairs
+from ffasynth.data.pair_check import load_pairs
 from ffasynth.data.phantom import write_phantom_dataset
 from ffasynth.errors import FFASynthError
 from ffasynth.evaluation.lesions import recall_sentence

@@ -14,7 +14,8 @@ from rich.table import Table
 
 from ffasynth.cli.options import SEED, in_range
 from ffasynth.data.alignment import REPORT_NAME, RegistrationRow, register_folder
-from ffasynth.data.pairs import LAYOUTS, check_pairs
+from ffasynth.data.pair_check import check_pairs
+from ffasynth.data.pairs import LAYOUTS
 from ffasynth.data.phantom import DISEASES, STYLES, write_phantom_dataset
 from ffasynth.data.registration import MODELS, RegistrationParams
 from ffasynth.errors import FFASynthError, OutputError

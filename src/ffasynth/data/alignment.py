@@ -41,7 +41,8 @@ from PIL import Image
 
 from ffasynth.data.dataset import PHASES
 from ffasynth.data.io import read_image, save_image
-from ffasynth.data.pairs import Pair, discover_pairs, load_pairs
+from ffasynth.data.pair_check import load_pairs
+from ffasynth.data.pairs import Pair, discover_pairs
 from ffasynth.data.registration import (
     Registration,
     RegistrationParams,

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ffasynth.data.io import IMAGE_SUFFIXES, is_image_file, read_image
-from ffasynth.data.pairs import check_pairs, detect_layout
+from ffasynth.data.pair_check import check_pairs
+from ffasynth.data.pairs import detect_layout
 from ffasynth.errors import FFASynthError, ImageReadError, PairError
 from ffasynth.evaluation.classifier import build_classifier
 from ffasynth.evaluation.clinical_stats import classification_metrics, corrected_interval, make_folds

@@ -17,7 +17,8 @@ from diffusers import AutoencoderKL
 from ffasynth import run_folder
 from ffasynth.config import DataConfig
 from ffasynth.data.io import read_image
-from ffasynth.data.pairs import Pair, load_pairs
+from ffasynth.data.pair_check import load_pairs
+from ffasynth.data.pairs import Pair
 from ffasynth.data.transforms import normalise, pad_to
 from ffasynth.errors import ImageReadError, PairError
 from ffasynth.evaluation.metrics import paired_scores

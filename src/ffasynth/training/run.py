@@ -20,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from ffasynth import configtree, run_folder
 from ffasynth.config import Config, load_config, save_config
 from ffasynth.data.dataset import PairDataset
-from ffasynth.data.pairs import load_pairs
+from ffasynth.data.pair_check import load_pairs
 from ffasynth.data.transforms import PairedTransform
 from ffasynth.errors import FFASynthError
 from ffasynth.models import loading
