@@ -296,3 +296,23 @@ def test_an_unreadable_sub_folder_is_named_not_skipped_and_digits_other_than_1_a
     monkeypatch.setattr(os, "scandir", refused)
     with pytest.raises(PairError, match=r"sub: cannot list this folder \(Permission denied\)"):
         check_pairs(tmp_path / "data", decode=False)
+
+
+def test_check_reports_a_repeated_image_a_one_sided_orientation_and_12_bit_data_and_keeps_the_pairs(tmp_path):
+    data = tmp_path / "data"
+    for split, number in (("train", 1), ("train", 2), ("test", 3)):
+        _write(data / split / f"{number}.png", size=(40, 40), value=60 + number)
+        _write(data / split / f"{number}.1.png", size=(40, 40), colour=False)
+    (data / "test" / "3.png").write_bytes((data / "train" / "1.png").read_bytes())  # a training eye among the test
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(data / "train" / "2.png").save(data / "train" / "2.png", exif=exif.tobytes())  # the photo only
+    twelve = (np.arange(40 * 40).reshape(40, 40) % 4096).astype(np.uint16)  # 12-bit levels in a 16-bit file
+    Image.fromarray(twelve).save(data / "train" / "1.1.png")
+    report = check_pairs(data)
+    assert [p.id for p in report.pairs] == ["test/3", "train/1", "train/2"]  # kept: the data may be meant so
+    found = {(p.kind, Path(p.path).relative_to(data).as_posix()) for p in report.problems}
+    assert found == {("duplicate", "train/1.png"), ("orientation", "train/2.1.png"), ("low-bit", "train/1.1.png")}
+    messages = {p.kind: p.message for p in report.problems}
+    assert "test/3.png" in messages["duplicate"] and "tag 1 but its photo 2.png has 6" in messages["orientation"]
+    assert check_pairs(data, decode=False).problems == []  # headers only: none of the three is read

@@ -5,10 +5,13 @@ problem; `load_pairs` gives the usable pairs for training and evaluation."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from ffasynth.data.io import MIN_SIDE, image_size, read_image
+from PIL import Image
+
+from ffasynth.data.io import MIN_SIDE, image_size, orientation_of, read_image
 from ffasynth.data.pairs import Pair, PairReport, Problem, discover_pairs
 from ffasynth.errors import ImageReadError, PairError
 
@@ -18,7 +21,9 @@ def check_pairs(
 ) -> PairReport:
     """Discover pairs and validate every file: readable (fully decoded when `decode`), at least
     MIN_SIDE pixels a side, source and target of the same size, and (when decoded) a colour source
-    and a grey target. Invalid pairs are dropped and each cause reported once."""
+    and a grey target. Invalid pairs are dropped and each cause reported once. When decoded, three things
+    are reported that leave the pair in (`flag_suspects`): one image under two names, a photo and an
+    angiogram with different orientation tags, and 16-bit data that uses only 12 bits."""
     layout, candidates, problems = discover_pairs(root, layout)
     report = PairReport(Path(root), layout, problems=list(problems))
     info: dict[Path, tuple[tuple[int, int], int] | None] = {}
@@ -69,7 +74,32 @@ def check_pairs(
             flag("grey-source", pair.source, "source is a grey image; a colour photograph was expected")
             continue
         report.pairs.append(pair)
+    if decode:
+        flag_suspects(report, flag)
     return report
+
+
+def flag_suspects(report: PairReport, flag: Callable[[str, Path, str], None]) -> None:
+    """Problems that may be data as meant, so their pairs stay: a file whose bytes another file of the folder
+    repeats (one eye counted as two eyes; across train/ and test/, a test eye trained on), a photo and an
+    angiogram whose orientation tags differ (read_image turns each by its own: the pair no longer lines
+    up), and a 16-bit image whose values stay within 0..4095 (12-bit data: read as near black)."""
+    first_of: dict[str, Path] = {}
+    for path in sorted({p for pair in report.pairs for p in (pair.source, pair.target)}):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if first_of.setdefault(digest, path) != path:
+            flag("duplicate", path, f"the same bytes as {first_of[digest]}: one image under two names (one eye "
+                 "counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
+        with Image.open(path) as image:
+            deep = image.mode.startswith("I;16") or image.mode == "I"
+            if deep and image.getextrema()[1] <= 4095:
+                flag("low-bit", path, "16-bit data that stays within 0..4095 (12-bit?): it reads almost black; "
+                     "rescale it to the full 16-bit range")  # fmt: skip
+    for pair in report.pairs:
+        source, target = orientation_of(pair.source), orientation_of(pair.target)
+        if source != target:
+            flag("orientation", pair.target, f"orientation tag {target} but its photo {pair.source.name} has "
+                 f"{source}: each is turned by its own, so they no longer line up; save both upright")  # fmt: skip
 
 
 def load_pairs(
