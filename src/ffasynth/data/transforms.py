@@ -45,7 +45,7 @@ def whole_view(image: torch.Tensor, size: int = CLIP_VIEW_SIZE) -> torch.Tensor:
     antialiased), then the centre crop. One channel at a time: no full-size float copy of a large photo."""
     height, width = image.shape[-2:]
     scale = size / min(height, width)
-    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    new_size = (max(size, int(height * scale)), max(size, int(width * scale)))  # truncated, as CLIP's processor
     resize = dict(size=new_size, mode="bicubic", antialias=True, align_corners=False)
     batch = image if image.ndim == 4 else image[None]
     channels = [F.interpolate(unit_float(batch[:, c : c + 1]).float(), **resize) for c in range(batch.shape[1])]
