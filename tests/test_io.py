@@ -185,8 +185,12 @@ def test_bad_file_gives_one_error_naming_the_file(tmp_path, name):
 
 def test_pixel_bomb_over_the_limit_is_refused(tmp_path):
     Image.new("L", (300, 300)).save(tmp_path / "bomb.png")  # PNG compresses this to a few hundred bytes
-    with pytest.raises(ImageReadError, match="bomb.png: too large"):
+    with pytest.raises(ImageReadError, match="bomb.png: too large") as info:
         read_image(tmp_path / "bomb.png", max_pixels=50_000)
+    # its own size, and every way to raise the limit (not only the environment variable)
+    assert "90000 pixels" in str(info.value) and "--max-pixels, data.max_pixels or $FFASYNTH_MAX_PIXELS" in str(
+        info.value
+    )
     assert read_image(tmp_path / "bomb.png", max_pixels=100_000).shape == (1, 300, 300)
 
 

@@ -16,6 +16,7 @@ Intensity conventions (explicit, as in medical imaging):
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ffasynth.files import atomic_write
 IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; UWF frames are ~12 MP
 MAX_PIXELS_ENV = "FFASYNTH_MAX_PIXELS"
+LIMIT_OPTIONS = f"raise it with --max-pixels, data.max_pixels or ${MAX_PIXELS_ENV}"
 MIN_SIDE = 16  # pixels a side that pairs, translate and evaluate require: smaller holds no eye
 # ITU-R BT.601 luma, as Pillow's "L" conversion uses.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -81,20 +83,24 @@ def _open_checked(path: Path, limit: int, min_side: int = 1) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageReadError(path, f"too large: over the limit of {limit} pixels ({MAX_PIXELS_ENV})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        found = re.search(r"\((\d+) pixels\)", str(error))  # Pillow's "Image size (N pixels) exceeds limit ..."
+        size = f"{int(found[1])} pixels, " if found else ""
+        raise ImageReadError(path, f"too large: {size}over the limit of {limit} pixels ({LIMIT_OPTIONS})") from None
     except UnidentifiedImageError:
         cause = _sniff_non_image(path) or "not an image, or a format Pillow cannot decode"
         raise ImageReadError(path, cause) from None
     except (OSError, SyntaxError, ValueError) as error:  # Pillow raises all three for damaged headers
         if "MAX_TEXT_CHUNK" in str(error):  # a text or colour-profile chunk that inflates past 1 MB
             raise ImageReadError(path, "its metadata inflates past 1 MB (a hostile or damaged file)") from None
+        if isinstance(error, PermissionError):
+            raise ImageReadError(path, "cannot open it: permission denied (make it readable)") from None
         raise ImageReadError(path, f"cannot open ({error})") from None
     width, height = image.size
     if width * height > limit:
         image.close()
         raise ImageReadError(
-            path, f"too large: {width}x{height} = {width * height} pixels, limit {limit} ({MAX_PIXELS_ENV})"
+            path, f"too large: {width}x{height} = {width * height} pixels, limit {limit} ({LIMIT_OPTIONS})"
         )
     if width < 1 or height < 1:
         raise ImageReadError(path, f"has no pixels ({width}x{height})")
