@@ -316,3 +316,15 @@ def test_check_reports_a_repeated_image_a_one_sided_orientation_and_12_bit_data_
     messages = {p.kind: p.message for p in report.problems}
     assert "test/3.png" in messages["duplicate"] and "tag 1 but its photo 2.png has 6" in messages["orientation"]
     assert check_pairs(data, decode=False).problems == []  # headers only: none of the three is read
+
+
+def test_an_id_given_two_labels_is_reported_and_left_unlabelled_not_the_last_rows(tmp_path):
+    for number in (1, 2):
+        _write(tmp_path / f"{number}.png")
+        _write(tmp_path / f"{number}.1.png", colour=False)
+    (tmp_path / "labels.csv").write_text("id,label\n1,normal\n1,brvo\n2,brvo\n2,brvo\n")
+    report = check_pairs(tmp_path, decode=False)
+    assert [(p.id, p.label) for p in report.pairs] == [("1", None), ("2", "brvo")]  # 2's rows agree
+    assert [(p.kind, p.message) for p in report.problems] == [
+        ("label-conflict", "id '1' has the labels ['brvo', 'normal']; it is left unlabelled: keep one")
+    ]

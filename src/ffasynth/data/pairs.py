@@ -158,14 +158,23 @@ def _csv_rows(path: Path, what: str) -> list[dict[str, str]]:
     return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
 
 
-def _read_labels(root: Path) -> dict[str, str]:
+def _read_labels(root: Path, problems: list[Problem]) -> dict[str, str]:
+    """labels.csv's id → label; an id given two labels is reported and left unlabelled (not the last row's)."""
     path = root / "labels.csv"
     if not path.is_file():
         return {}
     rows = _csv_rows(path, "labels")
     if rows and not {"id", "label"} <= set(rows[0]):
         raise PairError(f"{path}: needs the columns id,label")
-    return {row["id"]: row["label"] for row in rows if row["id"] and row["label"]}
+    given: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row["id"] and row["label"]:
+            given[row["id"]].add(row["label"])
+    for pair_id, labels in given.items():
+        if len(labels) > 1:
+            problems.append(Problem("label-conflict", str(path), f"id {pair_id!r} has the labels {sorted(labels)}; "
+                                    "it is left unlabelled: keep one"))  # fmt: skip
+    return {pair_id: labels.pop() for pair_id, labels in given.items() if len(labels) == 1}
 
 
 def _unique(found: dict, problems: list[Problem], what: str) -> tuple[dict, set]:
@@ -204,7 +213,7 @@ def _discover_uwf(root: Path) -> tuple[list[Pair], list[Problem]]:
     for (pair_id, phase), path in unique_targets.items():
         targets[pair_id][phase] = path
     ambiguous = unclear_sources | {pair_id for pair_id, _ in unclear_targets}  # reported: not again as unpaired
-    labels = _read_labels(root)
+    labels = _read_labels(root, problems)
     pairs = []
     for pair_id in sorted(set(sources) | set(targets), key=_natural_key):
         if pair_id in ambiguous and (pair_id not in sources or pair_id not in targets):
