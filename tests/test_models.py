@@ -251,3 +251,49 @@ def test_clip_resizes_an_oblong_image_to_the_processors_size(shape):
     ).pixel_values
     difference = (ours - reference).abs()  # torch's and PIL's bicubic kernels differ a little
     assert difference.mean() < 0.05, float(difference.mean())
+
+
+def test_a_single_file_is_read_for_its_u_net_and_vae_only_and_loads_in_float32(tmp_path, monkeypatch):
+    """The real file is 4.3 GB, its text encoder and an EMA copy included: only the two parts are read, onto
+    modules built on the meta device (no random initialisation to overwrite), and an fp16 file is upcast."""
+    import safetensors
+
+    layers = ["model.unet_layers_per_block=2", "model.vae_layers_per_block=2"]
+    model = micro_config(*layers).model
+    unet, vae = _tiny_sd(model)
+    checkpoint = {
+        **unet_to_ldm(unet.state_dict(), model.unet_layers_per_block, len(model.unet_channels)),
+        **vae_to_ldm(vae.state_dict(), len(model.vae_channels)),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
+        "model_ema.decay": torch.tensor(0.9999),
+    }
+    path = tmp_path / "sd15-fp16.safetensors"
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in checkpoint.items()}, str(path))
+    read: list[str] = []
+
+    class Recording:  # safe_open, noting each tensor read
+        def __init__(self, *args, **kwargs):
+            self.file = safetensors.safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    monkeypatch.setattr(loading, "safe_open", Recording)
+    loaded_unet, loaded_vae = loading.load_unet_and_vae(str(path), model)
+    assert read and all(k.startswith(("model.diffusion_model.", "first_stage_model.")) for k in read)
+    for original, loaded in ((unet, loaded_unet), (vae, loaded_vae)):
+        values = loaded.state_dict()
+        assert all(v.dtype == torch.float32 and not v.is_meta for v in values.values())
+        expected = original.state_dict()
+        assert all(torch.equal(values[k].reshape(expected[k].shape), expected[k].half().float()) for k in expected)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, PretrainedConfig
 
@@ -122,6 +122,9 @@ def load_unet_and_vae(pretrained: str, model: ModelConfig) -> tuple[UNet2DCondit
     raise _missing(pretrained)
 
 
+LDM_PARTS = ("model.diffusion_model.", "first_stage_model.")  # a single file's U-Net and VAE keys
+
+
 def load_single_file(path: Path, model: ModelConfig) -> tuple[UNet2DConditionModel, AutoencoderKL]:
     """An original-format (CompVis/LDM) SD1.5 checkpoint: keys model.diffusion_model.* and
     first_stage_model.*, converted with diffusers' own key mapping onto the shapes in `model`."""
@@ -129,8 +132,9 @@ def load_single_file(path: Path, model: ModelConfig) -> tuple[UNet2DConditionMod
         raise WeightsNotFoundError(
             f"{path} is a pickle checkpoint, which is not loaded (unsafe); convert it to .safetensors"
         )
-    try:
-        checkpoint = load_file(str(path))
+    try:  # the U-Net's and VAE's tensors alone: the text encoder (and an EMA copy) stay on disk
+        with safe_open(str(path), framework="pt") as file:
+            checkpoint = {k: file.get_tensor(k) for k in file.keys() if k.startswith(LDM_PARTS)}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsNotFoundError(f"{path} is not a readable .safetensors file ({error})") from None
     conv_in = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
@@ -141,13 +145,14 @@ def load_single_file(path: Path, model: ModelConfig) -> tuple[UNet2DConditionMod
         )
     unet_args = unet_config(model, in_channels=conv_in.shape[1])
     vae_args = vae_config(model)
-    unet = UNet2DConditionModel(**unet_args)
-    vae = AutoencoderKL(**vae_args)
+    with torch.device("meta"):  # shapes only: the file's values are assigned, not copied over random ones
+        unet = UNet2DConditionModel(**unet_args)
+        vae = AutoencoderKL(**vae_args)
     for name, module, state in (
         ("U-Net", unet, convert_ldm_unet_checkpoint(checkpoint, unet_args)),
         ("VAE", vae, convert_ldm_vae_checkpoint(checkpoint, vae_args)),
     ):
-        _strict_load(module, state, f"{path}: the {name}")
+        _strict_load(module, state, f"{path}: the {name}", assign=True)
     return unet, vae
 
 
@@ -358,12 +363,19 @@ def load_safetensors_into(module: torch.nn.Module, path: Path, what: str) -> Non
     _strict_load(module, state, f"{path} for the {what}")
 
 
-def _strict_load(module: torch.nn.Module, state: dict, what: str) -> None:
+def _strict_load(module: torch.nn.Module, state: dict, what: str, assign: bool = False) -> None:
+    """state into module, every key matched; assign=True for a module built on the meta device: the
+    tensors become its parameters, in float32 as a copy into float32 parameters would make them."""
+    if assign:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
-        result = module.load_state_dict(state, strict=False)
+        result = module.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as error:  # shape mismatches
         detail = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
         raise WeightsNotFoundError(f"{what} does not match the model's shapes ({detail[:400]})") from None
     bad = list(result.missing_keys) + list(result.unexpected_keys)
     if bad:
         raise WeightsNotFoundError(f"{what} does not match the model ({len(bad)} keys differ, e.g. {bad[0]})")
+    unset = [name for name, value in module.state_dict(keep_vars=True).items() if value.is_meta]
+    if unset:  # a buffer the file does not hold would stay without a value
+        raise WeightsNotFoundError(f"{what} leaves {len(unset)} values unset, e.g. {unset[0]}")
