@@ -375,3 +375,24 @@ def test_an_fp16_clip_file_loads_in_float32_as_the_u_net_and_vae_do(tmp_path):
     save_file({k: v.half() for k, v in weights.items()}, clip / "model.safetensors")
     encoder, _ = loading.load_image_encoder(str(clip))
     assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+
+
+def test_the_cli_keeps_the_libraries_loading_bars_off_though_huggingface_hub_came_first(tmp_path, capfd, monkeypatch):
+    """huggingface_hub is imported with the CLI, before HF_HUB_DISABLE_PROGRESS_BARS was set: transformers then
+    drew its "Loading weights" bar for every CLIP load."""
+    import huggingface_hub
+    import transformers
+
+    from ffasynth.cli import _quiet_libraries
+
+    clip = write_openai_clip_folder(tmp_path / "clip")
+    for variable in ("HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(variable, raising=False)
+    try:
+        _quiet_libraries()
+        capfd.readouterr()
+        loading.load_image_encoder(str(clip))
+        assert "Loading weights" not in capfd.readouterr().err
+    finally:
+        huggingface_hub.utils.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()

@@ -68,6 +68,11 @@ def _quiet_libraries() -> None:
     for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # imported before the variable was set (huggingface_hub comes with the CLI): their switches, not their reading
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()  # transformers imported later follows it
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()  # "Loading weights" bars
 
 
 def main() -> None:
