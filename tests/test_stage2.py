@@ -164,6 +164,11 @@ def test_stage2_with_the_real_lpips_gives_the_decoder_perceptual_gradient(stage1
     grads = torch.autograd.grad(term, list(task.decoder.parameters()), allow_unused=True)
     assert term.item() > 0 and sum(g.abs().sum() for g in grads if g is not None) > 0
     assert not any(p.requires_grad for p in lpips.parameters())  # the metric's own weights stay frozen
+    # pixels the decoder pushes past [-1, 1] keep their LPIPS gradient (a plain clamp gave them none)
+    grey = (torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 3 - 1.5).requires_grad_()
+    outside = grey.detach().abs() > 1
+    task.reconstruction_terms(grey, batch["target"][:1])["lpips"].backward()  # one channel: decoded as it is
+    assert grey.grad[outside].abs().sum() > 0
 
 
 def test_missing_lpips_weights_stop_stage2_in_one_line(stage1_run, tmp_path):

@@ -264,7 +264,7 @@ class Stage2Config(TrainConfig):
     # what the decoder learns to decode (stage2.py); "sampler": the U-Net's samples, best on the shared UWF pairs
     latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
-    sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (translate's sampler)
+    sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (10 also where translate takes 4: README)
     # each sampled batch of latents trains the decoder about this many steps: one step in `latent_reuse`
     # samples afresh, the others train on a batch drawn from the last `latent_reuse` sampled ones (photos,
     # targets and latents together). 1: every step samples (the "sampler" latents cost `sampler_steps`

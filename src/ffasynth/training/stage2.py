@@ -180,7 +180,10 @@ class Stage2Task(Task):
         error = grey - target.float()
         terms = {"rec": error.abs().mean() if self.config.rec_loss == "l1" else error.pow(2).mean()}
         if self.config.lpips_weight > 0:
-            terms["lpips"] = self.lpips(grey.clamp(-1, 1), target.float()).mean()
+            # LPIPS sees [-1, 1]; a straight-through clamp keeps its gradient on pixels pushed past it (a plain
+            # clamp gave them none: only L1 and the discriminator pulled them back)
+            inside = grey + (grey.clamp(-1, 1) - grey).detach()
+            terms["lpips"] = self.lpips(inside, target.float()).mean()
         return terms
 
     def prepare(self, batch: dict, generator: torch.Generator) -> None:
