@@ -118,15 +118,6 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def orientation_of(path: str | os.PathLike) -> int:
-    """A file's EXIF orientation tag (1 = upright, also when absent or unreadable)."""
-    try:
-        with Image.open(path) as image:
-            return _orientation(image)
-    except (OSError, SyntaxError, ValueError):
-        return 1
-
-
 def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the header, EXIF orientation applied, without decoding pixels."""
     path = Path(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ffasynth.data.io import MIN_SIDE, image_size, orientation_of, read_image
+from ffasynth.data.io import MIN_SIDE, image_size, read_image
 from ffasynth.data.pairs import Pair, PairReport, Problem, discover_pairs
 from ffasynth.errors import ImageReadError, PairError
 
@@ -21,9 +21,9 @@ def check_pairs(
 ) -> PairReport:
     """Discover pairs and validate every file: readable (fully decoded when `decode`), at least
     MIN_SIDE pixels a side, source and target of the same size, and (when decoded) a colour source
-    and a grey target. Invalid pairs are dropped and each cause reported once. When decoded, three things
-    are reported that leave the pair in (`flag_suspects`): one image under two names, a photo and an
-    angiogram with different orientation tags, and 16-bit data that uses only 12 bits."""
+    and a grey target. Invalid pairs are dropped and each cause reported once. When decoded, two things
+    are reported that leave the pair in (`flag_suspects`, Problem.kept): one image under two names, and
+    16-bit data that uses only 12 bits."""
     layout, candidates, problems = discover_pairs(root, layout)
     report = PairReport(Path(root), layout, problems=list(problems))
     info: dict[Path, tuple[tuple[int, int], int] | None] = {}
@@ -44,10 +44,10 @@ def check_pairs(
 
     reported: set[tuple[str, Path]] = set()
 
-    def flag(kind: str, path: Path, message: str) -> None:
+    def flag(kind: str, path: Path, message: str, kept: bool = False) -> None:
         if (kind, path) not in reported:
             reported.add((kind, path))
-            report.problems.append(Problem(kind, str(path), message))
+            report.problems.append(Problem(kind, str(path), message, kept))
 
     for pair in candidates:
         source, target = inspect(pair.source), inspect(pair.target)
@@ -79,27 +79,23 @@ def check_pairs(
     return report
 
 
-def flag_suspects(report: PairReport, flag: Callable[[str, Path, str], None]) -> None:
+def flag_suspects(report: PairReport, flag: Callable[..., None]) -> None:
     """Problems that may be data as meant, so their pairs stay: a file whose bytes another file of the folder
-    repeats (one eye counted as two eyes; across train/ and test/, a test eye trained on), a photo and an
-    angiogram whose orientation tags differ (read_image turns each by its own: the pair no longer lines
-    up), and a 16-bit image whose values stay within 0..4095 (12-bit data: read as near black)."""
+    repeats (one eye counted as two eyes; across train/ and test/, a test eye trained on), and a 16-bit image
+    whose values stay within 0..4095 (12-bit data: read as near black). (Orientation tags that differ between
+    a photo and its angiogram are not among them: a camera's tag on one of them is the usual case, and each
+    image read as displayed is what lines up.)"""
     first_of: dict[str, Path] = {}
     for path in sorted({p for pair in report.pairs for p in (pair.source, pair.target)}):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if first_of.setdefault(digest, path) != path:
-            flag("duplicate", path, f"the same bytes as {first_of[digest]}: one image under two names (one eye "
-                 "counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
+            flag("duplicate", path, kept=True, message=f"the same bytes as {first_of[digest]}: one image under two "
+                 "names (one eye counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
         with Image.open(path) as image:
             deep = image.mode.startswith("I;16") or image.mode == "I"
             if deep and image.getextrema()[1] <= 4095:
-                flag("low-bit", path, "16-bit data that stays within 0..4095 (12-bit?): it reads almost black; "
-                     "rescale it to the full 16-bit range")  # fmt: skip
-    for pair in report.pairs:
-        source, target = orientation_of(pair.source), orientation_of(pair.target)
-        if source != target:
-            flag("orientation", pair.target, f"orientation tag {target} but its photo {pair.source.name} has "
-                 f"{source}: each is turned by its own, so they no longer line up; save both upright")  # fmt: skip
+                flag("low-bit", path, kept=True, message="16-bit data that stays within 0..4095 (12-bit?): it "
+                     "reads almost black; rescale it to the full 16-bit range")  # fmt: skip
 
 
 def load_pairs(

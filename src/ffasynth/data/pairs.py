@@ -64,6 +64,7 @@ class Problem:
     kind: str  # unpaired-source/-target, unreadable, too-small, size-mismatch, colour-target, grey-source, ...
     path: str
     message: str
+    kept: bool = False  # a warning: its pair stays in (duplicate, low-bit); else the file is left out
 
 
 @dataclass

@@ -46,7 +46,7 @@ def load_training_data(data_dir: str | Path, config: Config, say: Callable[[str]
 
     def warn(problem) -> None:
         if say is not None:
-            say(f"warning: left out {problem.path}: {problem.message}")
+            say(f"warning: {'' if problem.kept else 'left out '}{problem.path}: {problem.message}")
 
     root = run_folder.split_dir(data_dir, "train")
     pairs = load_pairs(
