@@ -76,7 +76,8 @@ def check(
         for column in ("kind", "file", "problem"):
             problems.add_column(column)
         for problem in report.problems:
-            problems.add_row(problem.kind, problem.path, problem.message)
+            kind = f"{problem.kind} (kept)" if problem.kept else problem.kind  # a warning: the pair stays
+            problems.add_row(kind, problem.path, problem.message)
         console.print(problems)
     console.print(report.summary(), style="bold green" if report.ok and not report.problems else "bold yellow")
     if json_out is not None:
