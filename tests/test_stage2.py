@@ -284,7 +284,7 @@ def test_sampler_latents_follow_the_solver_and_the_guidance_sum(stage1_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["encoder", "unet", "mix", "sampler"])
+@pytest.mark.parametrize("mode", ["encoder", "unet", "mix", "sampler", "split"])
 def test_every_mode_trains_only_the_decoder_and_the_discriminator(stage1_run, tmp_path, mode):
     from ffasynth.training.loop import train
     from ffasynth.training.run import load_training_data, prepare_run
@@ -460,3 +460,28 @@ def test_mix_gives_about_half_the_items_unet_latents_and_the_reconstruction_loss
     for rec_loss, expected in (("l1", 0.5), ("l2", 0.25)):
         task.config.rec_loss = rec_loss
         assert task.reconstruction_terms(decoded, target)["rec"].item() == pytest.approx(expected)
+
+
+def test_split_latents_reconstruct_the_real_ffas_own_latent_and_show_the_discriminator_the_samples(stage1_run):
+    """ "split": L1 against the decode of E(x), which lines up with x pixel for pixel; the adversarial term and the
+    discriminator on the decode of the sampler's latents, whose detail is drawn afresh (L1 on them pays for a blur)."""
+    from ffasynth.models.conditioning import encode_latents, from_vae_output
+
+    task = _stage2(stage1_run[1], "stage2.latents=split", "stage2.sampler_steps=2", "stage2.disc_start=0")
+    draw = torch.Generator().manual_seed(0)
+    batch = {"source": torch.rand(2, 3, 32, 32, generator=draw) * 2 - 1, "phase": [0, 1]}
+    batch["target"] = torch.rand(2, 1, 32, 32, generator=draw) * 2 - 1
+    loss, logs = task.loss(batch, 0, torch.Generator().manual_seed(1), "decoder")
+    aligned = encode_latents(task.stage1.components.vae, batch["target"]).float()
+    assert torch.equal(batch["stage2_aligned"], aligned)
+    assert not torch.allclose(batch["stage2_latents"], aligned, atol=1e-3)  # the sampler's, from noise
+    with torch.no_grad():
+        rec = (from_vae_output(task.decoder(aligned)) - batch["target"]).abs().mean()
+        fake = from_vae_output(task.decoder(batch["stage2_latents"]))
+        g_loss = -task.discriminator(fake).mean()
+    assert logs["rec"] == pytest.approx(rec.item(), rel=1e-5)
+    assert logs["g_loss"] == pytest.approx(g_loss.item(), rel=1e-5)
+    d_loss, d_logs = task.loss(batch, 0, torch.Generator().manual_seed(1), "discriminator")
+    with torch.no_grad():
+        assert d_logs["d_fake"] == pytest.approx(task.discriminator(fake).mean().item(), rel=1e-5)
+    assert torch.isfinite(loss) and torch.isfinite(d_loss)

@@ -262,7 +262,7 @@ class Stage2Config(TrainConfig):
     """Stage 2: fine-tune only the VAE decoder (L1 + LPIPS + adaptive-weight PatchGAN)."""
 
     # what the decoder learns to decode (stage2.py); "sampler": the U-Net's samples, best on the shared UWF pairs
-    latents: Literal["encoder", "unet", "mix", "sampler"] = "sampler"
+    latents: Literal["encoder", "unet", "mix", "sampler", "split"] = "sampler"
     unet_max_timestep: int = 500  # the one-step U-Net estimate is drawn from t in [0, this)
     sampler_steps: int = 10  # DPM-Solver++ steps of the "sampler" latents (10 also where translate takes 4: README)
     # each sampled batch of latents trains the decoder about this many steps: one step in `latent_reuse`

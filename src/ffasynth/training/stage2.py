@@ -8,6 +8,9 @@ Latents to decode (`stage2.latents`), each paired with the real FFA crop x it sh
   "mix"      per item, "encoder" or "unet" with probability ½ each;
   "sampler"  what `translate` decodes: the frozen U-Net sampling from noise, conditioned on the photo
              crop, `sampler_steps` DPM-Solver++ (2nd order) steps with the run's image guidance.
+  "split"    L1 and LPIPS on "encoder" latents, which line up with x pixel for pixel; the discriminator
+             and the decoder's adversarial term on "sampler" latents (taming's recipe, with the sampler's
+             latents as the fakes): the detail a sample draws afresh is not pulled to the mean by L1.
 Only "sampler" (the default) shows the decoder the latents inference produces; "unet"'s estimates
 from t < 500 start from the target's own latent, so they stay close to it. Measured on the shared UWF
 pairs (tiny preset, 128² crops, one stage-1 run, 200 stage-2 steps per mode, six test angiograms,
@@ -123,7 +126,7 @@ class Stage2Task(Task):
     def latents(self, batch: dict, generator: torch.Generator, mode: str | None = None) -> torch.Tensor:
         """The latents the decoder learns from, per `mode` (default `stage2.latents`; see the module docstring)."""
         mode = mode or self.config.latents
-        if mode == "sampler":
+        if mode in ("sampler", "split"):  # split: these are the adversarial term's; see prepare
             return self.sampled_latents(batch, generator)
         components = self.stage1.components
         latents = encode_latents(components.vae, batch["target"]).float()
@@ -197,6 +200,8 @@ class Stage2Task(Task):
             batch.update(self.pool[index])
         else:
             batch["stage2_latents"] = self.latents(batch, generator)
+            if self.config.latents == "split":  # the reconstruction's latents: the real FFA's own
+                batch["stage2_aligned"] = encode_latents(self.stage1.components.vae, batch["target"]).float()
             if reuse > 1:
                 self.pool = [*self.pool, dict(batch)][-reuse:]
         self.draws += 1
@@ -222,13 +227,15 @@ class Stage2Task(Task):
             real_logits, fake_logits = discriminator(target.float()), discriminator(fake)
             loss = hinge_d_loss(real_logits, fake_logits)
             return loss, {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
-        decoded = decoder(latents)
+        aligned = batch.get("stage2_aligned", latents)  # "split": L1 and LPIPS on the real FFA's own latents
+        decoded = decoder(aligned)
         terms = self.reconstruction_terms(decoded, target)
         reconstruction = terms["rec"] + self.config.lpips_weight * terms.get("lpips", 0.0)
         logs = {k: v.item() for k, v in terms.items()}
         if not adversarial:
             return reconstruction, logs
-        generator_loss = -discriminator(from_vae_output(decoded.float())).mean()
+        fake = decoded if aligned is latents else decoder(latents)  # what the discriminator judges
+        generator_loss = -discriminator(from_vae_output(fake.float())).mean()
         weight = adaptive_weight(reconstruction, generator_loss, self.decoder.last_layer) * self.config.adv_weight
         logs.update(g_loss=generator_loss.item(), adv_weight=float(weight))
         return reconstruction + weight * generator_loss, logs
