@@ -333,3 +333,34 @@ def test_dark_pathology_inside_the_eye_counts_in_the_paired_metrics(tmp_path):
     scored = field_of_view(levels[0].astype(np.float32), settings.fov_threshold)  # the filled field evaluate uses
     assert -10 * np.log10(squared.mean()) > -10 * np.log10(squared[scored].mean()) + 1.5  # the two differ
     assert method.summary["psnr"]["mean"] == pytest.approx(-10 * np.log10(squared[scored].mean()), abs=0.02)
+
+
+def test_fid_finds_a_generated_images_partner_however_its_path_is_written(ffa_dir, tmp_path):
+    """The partners were looked up by the path as written: a manifest's absolute or "../" path for a generated
+    image the folder lists under another spelling found none, and Inception saw it at its own (half) size."""
+    half = tmp_path / "gen"
+    half.mkdir()
+    save_image(torch.zeros(1, 100, 100), half / "1.1_ffa.png")
+    (tmp_path / "elsewhere").mkdir()
+    spelled = tmp_path / "elsewhere" / ".." / "gen" / "1.1_ffa.png"  # the same file
+    whole = EvalSettings(metrics=("fid",))
+    seen = _distribution_images([half / "1.1_ffa.png"], ["1.1"], whole, {spelled: ffa_dir / "1.1.png"})[0]
+    assert seen[0].shape == (1, 200, 200)
+
+
+def test_evaluate_names_generated_images_of_another_aspect_ratio_and_12_bit_real_images(tmp_path):
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    real.mkdir()
+    fake.mkdir()
+    rng = np.random.default_rng(0)
+    for key in ("1", "2", "3"):
+        Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(real / f"{key}.png")
+    Image.fromarray((rng.integers(0, 4096, (60, 80))).astype(np.uint16)).save(real / "3.png")  # 12-bit in 16
+    Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(fake / "1_ffa.png")
+    Image.fromarray(rng.integers(0, 256, (30, 40), dtype=np.uint8)).save(fake / "2_ffa.png")  # half: same aspect
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(fake / "3_ffa.png")  # squashed to 80x60
+    result = evaluate(real, {"m": fake}, EvalSettings(metrics=("psnr",))).methods[0]
+    said = "\n".join(result.warnings)
+    assert "2 generated images differ in size" in said
+    assert "1 images have another aspect ratio than their real partner and were distorted to its (3_ffa.png)" in said
+    assert "1 images are 16-bit files within 0..4095 (12-bit data?), scored as near black (3.png)" in said

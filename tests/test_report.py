@@ -210,3 +210,18 @@ def test_each_pair_gets_its_own_image_folder_whatever_its_name():
     assert len(set(names)) == len(keys), names
     assert _file_name("7.1") == "7.1" and _file_name("M_ller_OD") == "M_ller_OD"  # plain keys keep their name
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in names)
+
+
+def test_a_zero_spread_left_as_float_round_off_is_shown_as_zero():
+    """KID's std over subsets that all hold every image is 0 by design; it showed as ± 3.4e-16."""
+    from types import SimpleNamespace
+
+    from ffasynth.evaluation.outputs import summary_table
+
+    method = SimpleNamespace(
+        name="m", per_image=[{}], summary={"psnr": {"mean": 20.0, "std": 1e-15}},
+        distribution={"kid": -0.0003519, "kid_std": 3.4e-16}, n_features={"real": 6, "fake": 6},
+    )  # fmt: skip
+    evaluation = SimpleNamespace(methods=[method], settings=SimpleNamespace(metrics=("psnr", "kid")), skipped={})
+    _, rows, _ = summary_table(evaluation)
+    assert [cell.text for cell in rows[0][2:4]] == ["20 ± 0", "-0.0003519 ± 0"]

@@ -118,6 +118,15 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def twelve_bit_data(path: str | os.PathLike) -> bool:
+    """A 16-bit grey file whose values stay within 0..4095: 12-bit data, which reads (÷ 65535) as near black."""
+    try:
+        with Image.open(path) as image:
+            return (image.mode.startswith("I;16") or image.mode == "I") and image.getextrema()[1] <= 4095
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def image_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the header, EXIF orientation applied, without decoding pixels."""
     path = Path(path)

@@ -9,9 +9,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from PIL import Image
-
-from ffasynth.data.io import MIN_SIDE, image_size, read_image
+from ffasynth.data.io import MIN_SIDE, image_size, read_image, twelve_bit_data
 from ffasynth.data.pairs import Pair, PairReport, Problem, discover_pairs
 from ffasynth.errors import ImageReadError, PairError
 
@@ -91,10 +89,8 @@ def flag_suspects(report: PairReport, flag: Callable[..., None]) -> None:
         if first_of.setdefault(digest, path) != path:
             flag("duplicate", path, kept=True, message=f"the same bytes as {first_of[digest]}: one image under two "
                  "names (one eye counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
-        with Image.open(path) as image:
-            deep = image.mode.startswith("I;16") or image.mode == "I"
-            if deep and image.getextrema()[1] <= 4095:
-                flag("low-bit", path, kept=True, message="16-bit data that stays within 0..4095 (12-bit?): it "
+        if twelve_bit_data(path):
+            flag("low-bit", path, kept=True, message="16-bit data that stays within 0..4095 (12-bit?): it "
                      "reads almost black; rescale it to the full 16-bit range")  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ffasynth.data.io import MIN_SIDE, image_size, read_image
+from ffasynth.data.io import MIN_SIDE, image_size, read_image, twelve_bit_data
 from ffasynth.data.registration import field_of_view
 from ffasynth.data.transforms import choose_crop, fov_mask, pad_to
 from ffasynth.errors import FFASynthError, ImageReadError
@@ -141,11 +141,15 @@ def read_grey(path: Path) -> tuple[torch.Tensor, bool]:
 def load_pair(
     real_path: Path, fake_path: Path, resolution: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, bool, list[Path]]:
-    """Real and generated (1, H, W) at the evaluation size, whether the generated one was resized,
-    and which of the two files were colour (compared as luma)."""
+    """Real and generated (1, H, W) at the evaluation size, whether the generated one was resized ("squashed"
+    when its aspect ratio differed by over 1%: the resize then distorts it), and which of the two files were
+    colour (compared as luma)."""
     real, real_colour = read_grey(real_path)
     fake, fake_colour = read_grey(fake_path)
     resized = tuple(fake.shape[-2:]) != tuple(real.shape[-2:])  # before `resolution`: it resizes both alike
+    (real_h, real_w), (fake_h, fake_w) = real.shape[-2:], fake.shape[-2:]
+    if resized and abs(fake_w / fake_h - real_w / real_h) > 0.01 * real_w / real_h:
+        resized = "squashed"
     real = resize_shorter(real, resolution)
     colour = [path for path, flag in ((real_path, real_colour), (fake_path, fake_colour)) if flag]
     return real, resize_to(fake, tuple(real.shape[-2:])), resized, colour
@@ -302,11 +306,13 @@ def _distribution_images(
     """The images (or patches) Inception sees; a generated image with a real partner (`partners`) first
     at that partner's size, as the paired metrics compare it."""
     images, unreadable = [], []
+    # by resolved path: a manifest's absolute or "../" path is the same file as the folder's listing of it
+    partners = {Path(fake).resolve(): real for fake, real in (partners or {}).items()}
     for path, key in zip(paths, keys, strict=True):
         try:
             image = read_grey(path)[0]
             size = tuple(image.shape[-2:])
-            if (partner := (partners or {}).get(path)) is not None:
+            if (partner := partners.get(Path(path).resolve())) is not None:
                 width, height = image_size(partner)
                 size = (height, width)
             image = resize_to(image, shorter_side_size(size, settings.resolution))  # one resampling, as load_pair
@@ -345,13 +351,17 @@ def evaluate_method(
     scorer = AgreementScorer(chosen, settings.fov_threshold, {} if real_maps is None else real_maps)
     resized = empty_fov = 0
     colour: list[str] = []
+    squashed: list[str] = []
+    low_bit: list[str] = []
     for pair in pairing.pairs if paired or chosen else []:
         try:
             real, fake, was_resized, colour_files = load_pair(pair.real, pair.fake, settings.resolution)
         except ImageReadError as error:
             result.warnings.append(f"skipped pair {pair.key}: {error}")
             continue
-        resized += was_resized
+        resized += bool(was_resized)
+        squashed += [pair.fake.name] if was_resized == "squashed" else []
+        low_bit += [path.name for path in (pair.real, pair.fake) if twelve_bit_data(path)]
         colour += [path.name for path in colour_files]
         mask = None
         if settings.fov_mask:  # the field with its holes filled: dark non-perfusion inside the eye is scored
@@ -376,6 +386,11 @@ def evaluate_method(
             progress(f"{name}: {pair.key}")
     if resized:
         result.warnings.append(f"{resized} generated images differ in size from their real partner and were resized")
+    for names, what in ((squashed, "have another aspect ratio than their real partner and were distorted to its"),
+                        (low_bit, "are 16-bit files within 0..4095 (12-bit data?), scored as near black")):  # fmt: skip
+        if names:
+            listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            result.warnings.append(f"{len(names)} images {what} ({listed})")
     if empty_fov:
         result.warnings.append(f"{empty_fov} real images have no field of view above the threshold; scored unmasked")
     if colour:

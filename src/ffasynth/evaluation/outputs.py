@@ -130,12 +130,9 @@ def summary_table(evaluation: Evaluation) -> tuple[list[str], list[list], dict[s
                 row += agreement_report.cells(m, metric)
             elif metric in PAIRED_METRICS and metric in m.summary:
                 mean, std = m.summary[metric]["mean"], m.summary[metric]["std"]
-                text = "inf" if math.isinf(mean) else f"{mean:.4g} ± {std:.2g}"
-                row.append(Cell(mean, text))
+                row.append(Cell(mean, _mean_std(mean, std)))
             elif metric == "kid" and "kid" in m.distribution:
-                row.append(
-                    Cell(m.distribution["kid"], f"{m.distribution['kid']:.4g} ± {m.distribution['kid_std']:.2g}")
-                )
+                row.append(Cell(m.distribution["kid"], _mean_std(m.distribution["kid"], m.distribution["kid_std"])))
             else:
                 row.append(m.distribution.get(metric, math.nan))
         row.append(f"{m.n_features['real']}/{m.n_features['fake']}" if m.n_features else "-")
