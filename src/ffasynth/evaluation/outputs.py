@@ -64,7 +64,9 @@ def conventions(evaluation: Evaluation) -> str:
     size = f"shorter side scaled to {s.resolution} px" if s.resolution else "each real image's own size"
     fov = (
         f"paired metrics inside the real image's field of view (brightness > {s.fov_threshold} after a 7-px box "
-        "blur); MS-SSIM on the mask's bounding box with the outside set to black"
+        "blur, holes filled): PSNR on its pixels; SSIM's and LPIPS's maps averaged over it (their windows, 11 px "
+        "and the network's, also read the generated image just outside it); MS-SSIM on the mask's bounding box "
+        "with the outside set to black in both (black corners count as agreement: higher than SSIM's convention)"
         if s.fov_mask
         else "paired metrics over the whole frame (black borders included)"
     )
@@ -73,6 +75,8 @@ def conventions(evaluation: Evaluation) -> str:
         f"Real: {evaluation.real_dir}. Resolution: {size}; generated images resized to their real partner.\n"
         "Intensity: [0, 1] (8-bit / 255, 16-bit / 65535), data range 1. Channels: grey (one channel) for "
         "PSNR/SSIM/MS-SSIM, colour generated images as luma; repeated to 3 for LPIPS and Inception.\n"
+        "SSIM: torchmetrics' (Gaussian 11 px, σ 1.5), its map's reflect-padded 5-px border included (scikit-image "
+        "leaves it out: up to 0.005 apart on small images).\n"
         f"Field of view: {fov}.\nLPIPS: {s.lpips_net} network, inputs in [-1, 1]. FID/KID: torch-fidelity "
         f"Inception-v3 2048-d pool features of {patches}; KID over {s.kid_subsets} subsets (seed {s.seed}).\n"
         f"Weights folder: {s.weights_dir or '$FFASYNTH_WEIGHTS_DIR or the torch hub cache'}."
