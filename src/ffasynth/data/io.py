@@ -6,7 +6,7 @@ Every failure is an `ImageReadError` whose message names the file and the cause.
 
 Intensity conventions (explicit, as in medical imaging):
 - 8-bit data is divided by 255; 16-bit data (`I;16*`, `I` with values <= 65535, and 16-bit RGB(A), which
-  OpenCV decodes because Pillow keeps only 8 bits of it) by 65535.
+  tifffile or OpenCV decode because Pillow keeps only 8 bits of it) by 65535.
 - 32-bit float images must already lie in [0, 1].
 - Alpha is composited over black (transparent = outside the field of view), then dropped.
 - A 3-channel image whose channels are equal (FFA stored as RGB) is "grey" and, with

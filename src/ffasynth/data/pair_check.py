@@ -91,7 +91,7 @@ def flag_suspects(report: PairReport, flag: Callable[..., None]) -> None:
                  "names (one eye counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
         if twelve_bit_data(path):
             flag("low-bit", path, kept=True, message="16-bit data that stays within 0..4095 (12-bit?): it "
-                     "reads almost black; rescale it to the full 16-bit range")  # fmt: skip
+                 "reads almost black; rescale it to the full 16-bit range")  # fmt: skip
 
 
 def load_pairs(
