@@ -17,7 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ffasynth import weights
+from ffasynth import integrity, weights
 from ffasynth.errors import FFASynthError, WeightsNotFoundError
 from ffasynth.evaluation.metrics import EvalSettings, load_backbones
 from ffasynth.weights import KNOWN_WEIGHTS, TRUSTED_LIST, load_state_dict, locate, trust_file, verify
@@ -208,8 +208,8 @@ def test_a_trusted_file_of_your_own_loads_until_it_changes(tmp_path):
 
 def test_a_file_is_hashed_once_per_process_until_it_changes(pinned, tmp_path, monkeypatch):
     calls = []
-    hash_file = weights._hash_file
-    monkeypatch.setattr(weights, "_hash_file", lambda path: calls.append(path) or hash_file(path))
+    hash_file = integrity.sha256
+    monkeypatch.setattr(integrity, "sha256", lambda path: calls.append(path) or hash_file(path))
     path = tmp_path / FILENAME
     path.write_bytes(PAYLOAD)
     for _ in range(3):
@@ -260,8 +260,8 @@ def test_an_unreadable_weights_file_is_one_line_in_weights_check(pinned, tmp_pat
     def denied(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(weights, "_hash_file", denied)
-    monkeypatch.setattr(weights, "_DIGESTS", {})
+    monkeypatch.setattr(integrity, "sha256", denied)
+    monkeypatch.setattr(integrity, "_DIGESTS", {})
     result = invoke("weights", "check", "--dir", tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"DAMAGED  {tmp_path / FILENAME}: cannot be read (Permission denied)" in result.output

@@ -80,6 +80,21 @@ def sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, computed once a process while it stays the same file (inode, size, modification and
+    change times: a file rewritten in place with its old size and mtime set back is hashed again). For files
+    read more than once a run (weights, training photos); a checkpoint's manifest check hashes afresh (`sha256`)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256(path)
+    return _DIGESTS[key]
+
+
 def write_manifest(folder: str | Path) -> Path:
     """FOLDER/manifest.json: {"files": {name: {"size", "sha256"}}} of every file directly in FOLDER
     (hidden temporary files aside), written atomically; write it last, after every file it lists."""

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
 
 from ffasynth.errors import FFASynthError
 from ffasynth.files import atomic_write_text
-from ffasynth.integrity import sha256
+from ffasynth.integrity import file_sha256
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 PHOTOS_FILE = "training_photos.sha256"  # the sha256 of every photo a run trained on, one per line
@@ -119,7 +119,7 @@ def record_photos(run_dir: str | Path, photos) -> Path:
     """RUN/training_photos.sha256: the sha256 of each training photo's bytes, sorted, one per line. An exported
     pipeline carries them so that `clinical` can tell the eyes it was trained on (a copied or renamed file
     too) from held-out ones, without the training data at hand."""
-    return write_photos(run_dir, {sha256(path) for path in photos})
+    return write_photos(run_dir, {file_sha256(path) for path in photos})
 
 
 def write_photos(folder: str | Path, digests: set[str]) -> Path:

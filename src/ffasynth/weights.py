@@ -37,6 +37,7 @@ from torch import nn
 
 from ffasynth.errors import FFASynthError, WeightsNotFoundError
 from ffasynth.files import atomic_write_text
+from ffasynth.integrity import file_sha256
 
 WEIGHTS_ENV = "FFASYNTH_WEIGHTS_DIR"
 TRUSTED_LIST = "ffasynth-trusted.sha256"
@@ -120,25 +121,6 @@ def locate(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
             f"or put the file from {spec.url} there by hand"
         )
     return path
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256, computed once a process while it stays the same file (inode, size, modification and
-    change times: a file rewritten in place with its old size and mtime set back is hashed again)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _hash_file(path)
-    return _DIGESTS[key]
 
 
 def matches_pin(name: str, digest: str) -> bool:

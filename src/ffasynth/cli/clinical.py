@@ -38,12 +38,12 @@ MODE_HELP = (
 def eyes_seen(eyes, pipeline_dir: Path) -> list[str] | None:
     """The ids of the eyes whose photo (by content: sha256) the pipeline was trained on; None when the
     pipeline does not list its training photos (run_folder.record_photos)."""
-    from ffasynth.integrity import sha256
+    from ffasynth.integrity import file_sha256
 
     trained = run_folder.trained_photos(pipeline_dir)
     if trained is None:
         return None
-    return [eye.id for eye in eyes if "source" in eye.images and sha256(eye.images["source"]) in trained]
+    return [eye.id for eye in eyes if "source" in eye.images and file_sha256(eye.images["source"]) in trained]
 
 
 def _generate(eyes, pipeline_dir: Path, folder: Path, steps: int | None, seed: int, console) -> list[str] | None:

@@ -5,13 +5,13 @@ problem; `load_pairs` gives the usable pairs for training and evaluation."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 from ffasynth.data.io import MIN_SIDE, image_size, read_image, twelve_bit_data
 from ffasynth.data.pairs import Pair, PairReport, Problem, discover_pairs
 from ffasynth.errors import ImageReadError, PairError
+from ffasynth.integrity import file_sha256
 
 
 def check_pairs(
@@ -85,7 +85,7 @@ def flag_suspects(report: PairReport, flag: Callable[..., None]) -> None:
     image read as displayed is what lines up.)"""
     first_of: dict[str, Path] = {}
     for path in sorted({p for pair in report.pairs for p in (pair.source, pair.target)}):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = file_sha256(path)  # once a process: training's record of its photos reuses it
         if first_of.setdefault(digest, path) != path:
             flag("duplicate", path, kept=True, message=f"the same bytes as {first_of[digest]}: one image under two "
                  "names (one eye counted twice; across train/ and test/ a test eye is trained on)")  # fmt: skip
