@@ -73,9 +73,10 @@ def corrected_interval(values, test_fraction: float) -> dict[str, float]:
     if values.size == 0:
         return {"mean": math.nan, "low": math.nan, "high": math.nan}
     mean = float(values.mean())
-    if values.size < 2 or _corrected_error(values, test_fraction) == 0:
+    error = _corrected_error(values, test_fraction) if values.size >= 2 else 0.0
+    if error == 0:
         return {"mean": mean, "low": math.nan, "high": math.nan}
-    half = float(stats.t.ppf(0.5 + LEVEL / 2, values.size - 1)) * _corrected_error(values, test_fraction)
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, values.size - 1)) * error
     return {"mean": mean, "low": mean - half, "high": mean + half}
 
 

@@ -386,16 +386,16 @@ def evaluate_method(
             progress(f"{name}: {pair.key}")
     if resized:
         result.warnings.append(f"{resized} generated images differ in size from their real partner and were resized")
-    for names, what in ((squashed, "have another aspect ratio than their real partner and were distorted to its"),
-                        (low_bit, "are 16-bit files within 0..4095 (12-bit data?), scored as near black")):  # fmt: skip
-        if names:
-            listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            result.warnings.append(f"{len(names)} images {what} ({listed})")
     if empty_fov:
         result.warnings.append(f"{empty_fov} real images have no field of view above the threshold; scored unmasked")
-    if colour:
-        names = ", ".join(colour[:10]) + (", ..." if len(colour) > 10 else "")
-        result.warnings.append(f"{len(colour)} images are colour ({names}); an FFA should be grey; compared as luma")
+    for names, what, then in (
+        (squashed, "have another aspect ratio than their real partner and were distorted to its", ""),
+        (low_bit, "are 16-bit files within 0..4095 (12-bit data?), scored as near black", ""),
+        (colour, "are colour", "; an FFA should be grey; compared as luma"),
+    ):  # the files named, the first ten
+        if names:
+            listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            result.warnings.append(f"{len(names)} images {what} ({listed}){then}")
     if any(math.isnan(row.get("ms_ssim", 0.0)) for row in result.per_image):
         result.warnings.append(f"MS-SSIM skipped for images (or FOV boxes) under {MS_SSIM_MIN_SIDE} px")
     columns = [c for metric in ("vessels", "regions") if metric in chosen for c in agreement.PER_IMAGE[metric]]
