@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
-from ffasynth.data.dataset import PHASES
+from ffasynth.data.dataset import requested_phase
 from ffasynth.data.io import source_tensor, unit_float
 from ffasynth.data.registration import field_of_view
 from ffasynth.data.transforms import whole_view
@@ -226,14 +226,8 @@ class FFASynthesisPipeline(DiffusionPipeline):
         return SourceCondition(tokens, latents, tiles)
 
     def _phase_label(self, phase: str | None, device) -> torch.Tensor | None:
-        num_phases = self.config.num_phases
-        if not num_phases:
-            if phase is not None:
-                raise FFASynthError(f"phase={phase!r}: this model was trained without a phase input; leave it out")
-            return None
-        if phase is not None and phase not in PHASES[:num_phases]:
-            raise FFASynthError(f"phase={phase!r} is not one this model knows ({', '.join(PHASES[:num_phases])})")
-        return torch.tensor([PHASES.index(phase) if phase else 0], device=device)
+        index = requested_phase(phase, self.config.num_phases)
+        return None if index is None else torch.tensor([index], device=device)
 
     def _predict(self, condition: SourceCondition, label, num_samples: int, guidance: float, t):
         """The U-Net's prediction for stacked latent tiles, source-latent tiles alongside (concat path)."""

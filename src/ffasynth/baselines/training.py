@@ -19,7 +19,7 @@ from ffasynth.baselines.pix2pix import (
 )
 from ffasynth.config import Config, Pix2PixConfig, load_config
 from ffasynth.configtree import read_yaml
-from ffasynth.data.dataset import PHASES
+from ffasynth.data.dataset import requested_phase
 from ffasynth.data.io import read_image, save_image
 from ffasynth.data.transforms import denormalise, normalise
 from ffasynth.errors import ConfigError, FFASynthError, OutputError
@@ -129,24 +129,13 @@ def load_generator(run_dir: str | Path) -> tuple[UnetGenerator, Pix2PixConfig]:
     return generator.eval(), config
 
 
-def phase_index(phase: str | None, num_phases: int) -> int:
-    """The phase map to switch on: early when none is named, as `ffasynth translate` does."""
-    if not num_phases:
-        if phase is not None:
-            raise FFASynthError(f"phase={phase!r}: this pix2pix run was trained without a phase input; leave it out")
-        return 0
-    if phase is not None and phase not in PHASES[:num_phases]:
-        raise FFASynthError(f"phase={phase!r} is not one this pix2pix run knows ({', '.join(PHASES[:num_phases])})")
-    return PHASES.index(phase) if phase else 0
-
-
 def generate_folder(
     run_dir: Path, files: list[Path], out_dir: Path, say: Callable = print, phase: str | None = None
 ) -> list[tuple[Path, str]]:
     """`<name>_ffa.png` per photo, like `ffasynth translate` (of `phase`, early by default, when the run
     reads the phase); returns the (file, reason) that failed."""
     generator, config = load_generator(run_dir)
-    index = phase_index(phase, config.num_phases)
+    index = requested_phase(phase, config.num_phases, "pix2pix run") or 0  # 0: unused without phase maps
     stems, notes = output_names(files)
     failed = []
     for note in notes:

@@ -14,7 +14,7 @@ from ffasynth.data.cache import ArrayStore, file_key
 from ffasynth.data.io import read_image, unit_float
 from ffasynth.data.pairs import Pair
 from ffasynth.data.transforms import PairedTransform, as_tensor, fov_mask, normalise, whole_view, window_counts
-from ffasynth.errors import PairError
+from ffasynth.errors import FFASynthError, PairError
 
 PHASES = ("early", "late")
 
@@ -22,6 +22,18 @@ PHASES = ("early", "late")
 def phase_index(phase: str | None) -> int:
     """early → 0, late → 1; pairs with no phase (one angiogram per eye) count as early."""
     return PHASES.index(phase) if phase in PHASES else 0
+
+
+def requested_phase(phase: str | None, num_phases: int, model: str = "model") -> int | None:
+    """The phase input a model with `num_phases` of them is given when `phase` is asked for (early when none
+    is); None for a model without one. A phase it was not trained on is refused in one line."""
+    if not num_phases:
+        if phase is not None:
+            raise FFASynthError(f"phase={phase!r}: this {model} was trained without a phase input; leave it out")
+        return None
+    if phase is not None and phase not in PHASES[:num_phases]:
+        raise FFASynthError(f"phase={phase!r} is not one this {model} knows ({', '.join(PHASES[:num_phases])})")
+    return PHASES.index(phase) if phase else 0
 
 
 def stored_levels(image: torch.Tensor) -> torch.Tensor:
