@@ -153,18 +153,21 @@ def test_diffusers_folder_roundtrip(tmp_path):
         loading.load_unet_and_vae(str(tmp_path / "sd"), model)
 
 
+def _single_file(model, unet, vae) -> dict:
+    """The U-Net and VAE in the original (CompVis) single-file key layout, with a CLIP text key as SD files have."""
+    return {
+        **unet_to_ldm(unet.state_dict(), model.unet_layers_per_block, len(model.unet_channels)),
+        **vae_to_ldm(vae.state_dict(), len(model.vae_channels)),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
+    }
+
+
 def test_single_file_checkpoint_in_the_original_layout_roundtrips(tmp_path):
     layers = ["model.unet_layers_per_block=2", "model.vae_layers_per_block=2"]
     config = micro_config(*layers)
     model = config.model
     unet, vae = _tiny_sd(model)
-    checkpoint = {
-        **unet_to_ldm(unet.state_dict(), model.unet_layers_per_block, len(model.unet_channels)),
-        **vae_to_ldm(vae.state_dict(), len(model.vae_channels)),
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(
-            8
-        ),  # SD files carry CLIP text too
-    }
+    checkpoint = _single_file(model, unet, vae)
     assert any(k.startswith("model.diffusion_model.input_blocks.1.0.in_layers") for k in checkpoint)
     path = tmp_path / "sd15-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
@@ -261,12 +264,7 @@ def test_a_single_file_is_read_for_its_u_net_and_vae_only_and_loads_in_float32(t
     layers = ["model.unet_layers_per_block=2", "model.vae_layers_per_block=2"]
     model = micro_config(*layers).model
     unet, vae = _tiny_sd(model)
-    checkpoint = {
-        **unet_to_ldm(unet.state_dict(), model.unet_layers_per_block, len(model.unet_channels)),
-        **vae_to_ldm(vae.state_dict(), len(model.vae_channels)),
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(8),
-        "model_ema.decay": torch.tensor(0.9999),
-    }
+    checkpoint = {**_single_file(model, unet, vae), "model_ema.decay": torch.tensor(0.9999)}
     path = tmp_path / "sd15-fp16.safetensors"
     save_file({k: v.half().contiguous() if v.is_floating_point() else v for k, v in checkpoint.items()}, str(path))
     read: list[str] = []
